@@ -1,0 +1,37 @@
+"""jkfac: K-FAC natural-gradient optimization for JAX, as optax transformations."""
+
+from jkfac.tags import (
+    APPROX_DIAGONAL_NAME,
+    APPROX_FULL_NAME,
+    APPROX_KRONECKER_NAME,
+    register_categorical_predictive_distribution,
+    register_conv2d,
+    register_dense,
+    register_multi_bernoulli_predictive_distribution,
+    register_normal_predictive_distribution,
+    register_sigmoid_cross_entropy,
+    register_softmax_cross_entropy,
+    register_squared_error,
+)
+from jkfac.transform import PreconditionState, kfac, precondition
+from jkfac import flax
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APPROX_DIAGONAL_NAME",
+    "APPROX_FULL_NAME",
+    "APPROX_KRONECKER_NAME",
+    "PreconditionState",
+    "flax",
+    "kfac",
+    "precondition",
+    "register_categorical_predictive_distribution",
+    "register_conv2d",
+    "register_dense",
+    "register_multi_bernoulli_predictive_distribution",
+    "register_normal_predictive_distribution",
+    "register_sigmoid_cross_entropy",
+    "register_softmax_cross_entropy",
+    "register_squared_error",
+]

@@ -1,0 +1,17 @@
+"""Curvature blocks: one file per approximation of a layer's Fisher block.
+
+Every block works on a layer in its matrix view (see `jkfac/layers.py`): inputs
+`a` of shape `(batch, positions, d_in)`, output gradients `g` of shape
+`(columns, batch, positions, d_out)` and a `(d_in, d_out)` gradient matrix.
+"""
+
+from jkfac.blocks.base import Block
+from jkfac.blocks import diagonal, full, kron
+
+BLOCKS: dict[str, Block] = {
+    "kron": kron.BLOCK,
+    "diagonal": diagonal.BLOCK,
+    "full": full.BLOCK,
+}
+
+__all__ = ["Block", "BLOCKS"]

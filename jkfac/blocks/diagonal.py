@@ -1,0 +1,29 @@
+"""Diagonal block: F = diag(E[dW ⊙ dW]) of the per-example parameter gradients."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jkfac.blocks.base import Arrays, Array, Block, per_example_gradients
+
+
+def zeros(d_in: int, d_out: int) -> Arrays:
+  return {"diagonal": jnp.zeros((d_in, d_out))}
+
+
+def statistics(a: Array, g: Array) -> Arrays:
+  if a.shape[1] == 1:  # one position: (a g^T)^2 = a^2 g^2^T, no per-example product.
+    return {"diagonal": jnp.einsum("na,kng->ag", a[:, 0] ** 2, g[:, :, 0] ** 2)}
+  return {"diagonal": jnp.sum(per_example_gradients(a, g) ** 2, axis=(0, 1))}
+
+
+def inverses(covariances: Arrays, damping: Array, method: str) -> Arrays:
+  del method
+  return {"diagonal": 1.0 / (covariances["diagonal"] + damping)}
+
+
+def precondition(inverses: Arrays, gradient: Array) -> Array:
+  return inverses["diagonal"] * gradient
+
+
+BLOCK = Block(zeros, statistics, inverses, precondition)

@@ -1,0 +1,29 @@
+"""Full block: F = E[vec(dW) vec(dW)^T], exact up to the estimator; for small layers."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jkfac import linalg
+from jkfac.blocks.base import Arrays, Array, Block, per_example_gradients
+
+
+def zeros(d_in: int, d_out: int) -> Arrays:
+  return {"F": jnp.zeros((d_in * d_out, d_in * d_out))}
+
+
+def statistics(a: Array, g: Array) -> Arrays:
+  v = per_example_gradients(a, g)
+  v = v.reshape(-1, v.shape[-2] * v.shape[-1])
+  return {"F": v.T @ v}
+
+
+def inverses(covariances: Arrays, damping: Array, method: str) -> Arrays:
+  return {"F": linalg.damped_inverse(covariances["F"], damping, method)}
+
+
+def precondition(inverses: Arrays, gradient: Array) -> Array:
+  return (inverses["F"] @ gradient.reshape(-1)).reshape(gradient.shape)
+
+
+BLOCK = Block(zeros, statistics, inverses, precondition)

@@ -1,0 +1,39 @@
+"""Kronecker-factored block (K-FAC): F = A ⊗ G.
+
+A = E[a a^T] is the mean over examples and positions of the input outer products;
+G = sum of g g^T over columns, examples and positions of the backpropagated
+cotangents, which carry the 1/batch scale (see `jkfac/losses.py`).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jkfac import linalg
+from jkfac.blocks.base import Arrays, Array, Block
+
+
+def zeros(d_in: int, d_out: int) -> Arrays:
+  return {"A": jnp.zeros((d_in, d_in)), "G": jnp.zeros((d_out, d_out))}
+
+
+def statistics(a: Array, g: Array) -> Arrays:
+  a = a.reshape(-1, a.shape[-1])
+  g = g.reshape(-1, g.shape[-1])
+  return {"A": a.T @ a / a.shape[0], "G": g.T @ g}
+
+
+def inverses(covariances: Arrays, damping: Array, method: str) -> Arrays:
+  """Factored Tikhonov damping: `(A + pi sqrt(damping) I)^-1`, `(G + sqrt(damping)/pi I)^-1`."""
+  a, g = covariances["A"], covariances["G"]
+  pi = linalg.pi_correction(a, g)
+  root = jnp.sqrt(damping)
+  return {"A": linalg.damped_inverse(a, pi * root, method),
+          "G": linalg.damped_inverse(g, root / pi, method)}
+
+
+def precondition(inverses: Arrays, gradient: Array) -> Array:
+  return inverses["A"] @ gradient @ inverses["G"]
+
+
+BLOCK = Block(zeros, statistics, inverses, precondition)

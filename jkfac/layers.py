@@ -1,0 +1,79 @@
+"""Layer kinds as matrices: the view every curvature block works in.
+
+A dense or conv layer computes, at each of its `T` positions (one for a plain dense
+layer, the output pixels for a conv), `y_t = W^T a_t` with `a_t` the input (or input
+patch) with a trailing 1 for the bias and `W` a `(d_in [+1], d_out)` matrix. The
+functions here map a layer's inputs, output gradients and parameters to that view
+and back, so blocks need not know the layer kind.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jkfac.tags import ConvParams
+from jkfac.tracer import LayerInfo
+
+Array = jax.Array
+
+def _append_ones(a: Array) -> Array:
+  return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+
+
+def input_rows(layer: LayerInfo, x: Array) -> Array:
+  """The vectors `a` of every position, `(batch, positions, d_in [+1])`."""
+  if layer.kind == "conv2d":
+    x = conv_patches(x, layer.weight_shape[:2], layer.conv)
+  a = x.reshape(x.shape[0], -1, x.shape[-1])
+  return _append_ones(a) if layer.bias is not None else a
+
+
+def conv_patches(x: Array, kernel_size: tuple[int, ...], conv: ConvParams) -> Array:
+  """The input patch of every output pixel, `(batch, h_out, w_out, k_h * k_w * c_in)`.
+
+  Features are ordered as in an HWIO kernel reshaped to `(-1, c_out)`. Built from
+  strided slices of the padded input: `lax.conv_general_dilated_patches` does the
+  same with a convolution by an identity kernel, which costs a matrix product.
+  """
+  (pad_h, pad_w), (dil_h, dil_w) = conv.padding, conv.lhs_dilation
+  x = jax.lax.pad(x, jnp.zeros((), x.dtype),
+                  ((0, 0, 0), (*pad_h, dil_h - 1), (*pad_w, dil_w - 1), (0, 0, 0)))
+  strides, rhs_dilation = conv.window_strides, conv.rhs_dilation
+  out = [(size - (k - 1) * d - 1) // s + 1
+         for size, k, d, s in zip(x.shape[1:3], kernel_size, rhs_dilation, strides)]
+  slices = []
+  for i in range(kernel_size[0]):
+    for j in range(kernel_size[1]):
+      start = (0, i * rhs_dilation[0], j * rhs_dilation[1], 0)
+      limit = (x.shape[0], start[1] + (out[0] - 1) * strides[0] + 1,
+               start[2] + (out[1] - 1) * strides[1] + 1, x.shape[3])
+      slices.append(jax.lax.slice(x, start, limit, (1, *strides, 1)))
+  patches = jnp.stack(slices, axis=3)  # (batch, h_out, w_out, k_h * k_w, c_in)
+  return patches.reshape(*patches.shape[:3], -1)
+
+
+def output_rows(output_grads: Array) -> Array:
+  """Output gradients as `(columns, batch, positions, d_out)`."""
+  g = output_grads
+  return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
+
+
+def param_matrix(layer: LayerInfo, w: Array, b: Array | None) -> Array:
+  """The layer's parameters (or their gradients) as one `(d_in [+1], d_out)` matrix."""
+  m = w.reshape(-1, w.shape[-1])
+  return m if b is None else jnp.concatenate([m, b[None, :]], axis=0)
+
+
+def split_param_matrix(layer: LayerInfo, m: Array) -> tuple[Array, Array | None]:
+  """Inverse of `param_matrix`."""
+  w, b = (m[:-1], m[-1]) if layer.bias is not None else (m, None)
+  return w.reshape(layer.weight_shape), b
+
+
+def matrix_shape(layer: LayerInfo) -> tuple[int, int]:
+  """`(d_in [+1], d_out)` of the layer's parameter matrix."""
+  d_in = 1
+  for size in layer.weight_shape[:-1]:
+    d_in *= size
+  return d_in + (layer.bias is not None), layer.weight_shape[-1]

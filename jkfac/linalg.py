@@ -1,0 +1,43 @@
+"""Damped inverses of symmetric positive semi-definite matrices."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+INVERSE_METHODS = ("cholesky", "eigh")
+
+
+def damped_inverse(matrix: Array, damping: Array, method: str = "cholesky") -> Array:
+  """`(matrix + damping * I)^-1` for a symmetric PSD `matrix`.
+
+  "cholesky" is the fastest; "eigh" clips negative eigenvalues from round-off to
+  zero first, so it is the more robust on badly conditioned factors.
+  """
+  eye = jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
+  if method == "cholesky":
+    chol = jnp.linalg.cholesky(matrix + damping * eye)
+    return jax.scipy.linalg.cho_solve((chol, True), eye)
+  if method == "eigh":
+    values, vectors = jnp.linalg.eigh(matrix)
+    return (vectors / (jnp.maximum(values, 0) + damping)) @ vectors.T
+  raise ValueError(f"Unknown inverse method {method!r}; expected one of {INVERSE_METHODS}.")
+
+
+def pi_correction(a: Array, g: Array) -> Array:
+  """`pi = sqrt((tr A / dim A) / (tr G / dim G))`, Martens & Grosse (2015) §6.3.
+
+  Splits the damping between the factors in proportion to their scales; falls back
+  to 1 where a factor is zero (a layer that received no gradient).
+  """
+  mean_a = jnp.trace(a) / a.shape[0]
+  mean_g = jnp.trace(g) / g.shape[0]
+  pi = jnp.sqrt(mean_a / mean_g)
+  return jnp.where(jnp.isfinite(pi) & (pi > 0), pi, jnp.ones_like(pi))
+
+
+def keep_if_not_finite(new: Array, old: Array) -> Array:
+  """`new` if every entry is finite, else `old`: no NaN ever reaches the parameters."""
+  return jnp.where(jnp.all(jnp.isfinite(new)), new, old)

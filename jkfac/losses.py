@@ -1,0 +1,93 @@
+"""Loss kinds: what K-FAC backpropagates from a registered loss.
+
+Each registered loss is a negative log-likelihood of a predictive distribution over
+the last axis of its prediction; every other axis indexes data points ("rows"), and
+the user's loss is the mean over rows. The curvature of that loss is a Fisher matrix
+
+    F = sum over losses of (weight / rows) * sum_r J_r^T F_r J_r,
+
+and the tracer estimates it by backpropagating *cotangents* from the prediction:
+for each loss this module returns a stack of cotangents `c` of shape
+`(num_columns, *prediction.shape)` such that `E[sum_k c_k c_k^T] = weight/rows * F_r`
+row by row. Then `G = sum over positions of s s^T`, with `s` the backpropagated
+cotangent, estimates the output factor with the right scale.
+
+- "fisher":    one column, the gradient at targets sampled from the model (MC Fisher).
+- "empirical": one column, the gradient at the true targets (empirical Fisher).
+- "exact":     one column per output unit, the columns of a square root of F_r.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+ESTIMATIONS = ("fisher", "empirical", "exact")
+
+
+def _rows(prediction: Array) -> int:
+  return math.prod(prediction.shape[:-1])
+
+
+def _one_hot(targets: Array, prediction: Array) -> Array:
+  if targets.shape == prediction.shape:
+    return targets.astype(prediction.dtype)
+  return jax.nn.one_hot(targets, prediction.shape[-1], dtype=prediction.dtype)
+
+
+def _mean_grad(kind: str, prediction: Array, targets: Array) -> Array:
+  """Gradient of the per-row NLL with respect to the prediction at `targets`."""
+  if kind == "softmax_cross_entropy":
+    return jax.nn.softmax(prediction) - _one_hot(targets, prediction)
+  if kind == "sigmoid_cross_entropy":
+    return jax.nn.sigmoid(prediction) - targets.astype(prediction.dtype)
+  if kind == "squared_error":
+    return prediction - targets.astype(prediction.dtype)
+  raise ValueError(f"Unknown loss kind {kind!r}.")
+
+
+def _sample_targets(kind: str, prediction: Array, key: Array) -> Array:
+  """Targets drawn from the model's predictive distribution."""
+  if kind == "softmax_cross_entropy":
+    return jax.random.categorical(key, prediction)
+  if kind == "sigmoid_cross_entropy":
+    return jax.random.bernoulli(key, jax.nn.sigmoid(prediction)).astype(prediction.dtype)
+  if kind == "squared_error":
+    return prediction + jax.random.normal(key, prediction.shape, prediction.dtype)
+  raise ValueError(f"Unknown loss kind {kind!r}.")
+
+
+def _sqrt_fisher_columns(kind: str, prediction: Array) -> Array:
+  """Columns `c_k` with `sum_k c_k c_k^T = F_r` per row; shape (C, *prediction.shape)."""
+  num_classes = prediction.shape[-1]
+  eye = jnp.eye(num_classes, dtype=prediction.dtype)
+  if kind == "softmax_cross_entropy":
+    # F = diag(p) - p p^T = sum_k p_k (e_k - p)(e_k - p)^T.
+    p = jax.nn.softmax(prediction)
+    cols = jnp.sqrt(p)[..., :, None] * (eye - p[..., None, :])   # [..., k, :]
+    return jnp.moveaxis(cols, -2, 0)
+  if kind == "sigmoid_cross_entropy":
+    p = jax.nn.sigmoid(prediction)
+    return jnp.moveaxis(jnp.sqrt(p * (1 - p))[..., None, :] * eye, -2, 0)
+  if kind == "squared_error":
+    return jnp.moveaxis(jnp.broadcast_to(eye, prediction.shape[:-1] + eye.shape), -2, 0)
+  raise ValueError(f"Unknown loss kind {kind!r}.")
+
+
+def cotangents(kind: str, prediction: Array, targets: Array, weight: float,
+               estimation: str, key: Array) -> Array:
+  """The stacked cotangents of one loss, shape `(num_columns, *prediction.shape)`."""
+  prediction = jax.lax.stop_gradient(prediction)
+  if estimation == "fisher":
+    cols = _mean_grad(kind, prediction, _sample_targets(kind, prediction, key))[None]
+  elif estimation == "empirical":
+    cols = _mean_grad(kind, prediction, targets)[None]
+  elif estimation == "exact":
+    cols = _sqrt_fisher_columns(kind, prediction)
+  else:
+    raise ValueError(f"Unknown estimation {estimation!r}; expected one of {ESTIMATIONS}.")
+  return cols * jnp.sqrt(weight / _rows(prediction)).astype(prediction.dtype)

@@ -1,0 +1,164 @@
+"""Tag primitives that mark layers and losses in a jaxpr.
+
+A tag is an identity on its first operand: it costs nothing at run time but stays
+visible as an equation in `jax.make_jaxpr`, together with the arrays K-FAC needs
+(a layer's inputs and parameters, a loss's targets). The tracer finds the tags and
+reads those operands.
+
+Two primitives serve every layer and loss kind; what is tagged is said by the
+`kind` parameter, plus hashable metadata (`approx`, conv settings, loss weight).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+Array = jax.Array
+
+LAYER_KINDS = ("dense", "conv2d")
+LOSS_KINDS = ("softmax_cross_entropy", "sigmoid_cross_entropy", "squared_error")
+
+# Approximation names, spelled as in tensorflow/kfac.
+APPROX_KRONECKER_NAME = "kron"
+APPROX_DIAGONAL_NAME = "diagonal"
+APPROX_FULL_NAME = "full"
+APPROXIMATIONS = (APPROX_KRONECKER_NAME, APPROX_DIAGONAL_NAME, APPROX_FULL_NAME)
+
+
+def _make_tag(name: str) -> Primitive:
+  """An identity primitive on operand 0 that survives `jit`, `grad`, `vmap`."""
+  prim = Primitive(name)
+  prim.def_impl(lambda out, *rest, **params: out)
+  prim.def_abstract_eval(lambda out, *rest, **params: out)
+
+  def jvp(primals, tangents, **params):
+    # The output already depends on the other operands, so its tangent is the
+    # tangent of operand 0; the tag stays out of the tangent computation.
+    return prim.bind(*primals, **params), tangents[0]
+
+  def batch(args, dims, **params):
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not batching.not_mapped)
+    args = [batching.moveaxis(a, d, 0) if d is not batching.not_mapped
+            else jnp.broadcast_to(a, (size,) + a.shape) for a, d in zip(args, dims)]
+    return prim.bind(*args, **params), 0
+
+  ad.primitive_jvps[prim] = jvp
+  batching.primitive_batchers[prim] = batch
+  mlir.register_lowering(
+      prim, mlir.lower_fun(lambda out, *rest, **params: [out], multiple_results=True))
+  return prim
+
+
+layer_tag_p = _make_tag("kfac_layer_tag")
+loss_tag_p = _make_tag("kfac_loss_tag")
+
+
+def _check_approx(approx: str | None) -> None:
+  if approx is not None and approx not in APPROXIMATIONS:
+    raise ValueError(f"Unknown K-FAC approximation {approx!r}; expected one of {APPROXIMATIONS}.")
+
+
+def register_dense(y: Array, x: Array, w: Array, b: Array | None = None, *,
+                   approx: str | None = None) -> Array:
+  """Tags `y = x @ w + b` as a dense layer and returns `y` unchanged.
+
+  `x` has shape `(batch, ..., d_in)`, `w` `(d_in, d_out)`, `b` `(d_out,)`. Use the
+  returned array downstream: K-FAC measures gradients at the tag's output.
+  """
+  _check_approx(approx)
+  if w.ndim != 2 or x.shape[-1] != w.shape[0] or y.shape[-1] != w.shape[1]:
+    raise ValueError(f"register_dense: shapes do not match y = x @ w: x {x.shape}, "
+                     f"w {w.shape}, y {y.shape}.")
+  if b is not None and b.shape != (w.shape[1],):
+    raise ValueError(f"register_dense: bias shape {b.shape} does not match w {w.shape}.")
+  operands = (y, x, w) if b is None else (y, x, w, b)
+  return layer_tag_p.bind(*operands, kind="dense", approx=approx, has_bias=b is not None,
+                          conv=None)
+
+
+def register_conv2d(y: Array, x: Array, w: Array, b: Array | None = None, *,
+                    window_strides: Sequence[int] = (1, 1),
+                    padding: str | Sequence[tuple[int, int]] = "SAME",
+                    lhs_dilation: Sequence[int] = (1, 1),
+                    rhs_dilation: Sequence[int] = (1, 1),
+                    approx: str | None = None) -> Array:
+  """Tags a 2-D NHWC convolution with HWIO kernel `w` and returns `y` unchanged.
+
+  The keyword arguments are those of `lax.conv_general_dilated` that produced `y`.
+  """
+  _check_approx(approx)
+  if x.ndim != 4 or w.ndim != 4 or x.shape[-1] != w.shape[2] or y.shape[-1] != w.shape[3]:
+    raise ValueError(f"register_conv2d: expected NHWC input and HWIO kernel, got x {x.shape}, "
+                     f"w {w.shape}, y {y.shape}.")
+  if b is not None and b.shape != (w.shape[3],):
+    raise ValueError(f"register_conv2d: bias shape {b.shape} does not match w {w.shape}.")
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(x.shape[1:3], _dilated(w.shape[:2], rhs_dilation),
+                                      window_strides, padding)
+  conv = ConvParams(tuple(window_strides), tuple(tuple(int(p) for p in pair) for pair in padding),
+                    tuple(lhs_dilation), tuple(rhs_dilation))
+  operands = (y, x, w) if b is None else (y, x, w, b)
+  return layer_tag_p.bind(*operands, kind="conv2d", approx=approx, has_bias=b is not None,
+                          conv=conv)
+
+
+def _dilated(kernel: Sequence[int], dilation: Sequence[int]) -> tuple[int, ...]:
+  return tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation))
+
+
+class ConvParams(tuple):
+  """Hashable conv settings stored on a tag: strides, padding pairs, dilations."""
+
+  def __new__(cls, window_strides, padding, lhs_dilation, rhs_dilation):
+    return super().__new__(cls, (window_strides, padding, lhs_dilation, rhs_dilation))
+
+  window_strides = property(lambda self: self[0])
+  padding = property(lambda self: self[1])
+  lhs_dilation = property(lambda self: self[2])
+  rhs_dilation = property(lambda self: self[3])
+
+
+def _register_loss(kind: str, prediction: Array, targets: Array, weight: float) -> Array:
+  if targets.shape != prediction.shape and targets.shape != prediction.shape[:-1]:
+    raise ValueError(f"{kind} loss: targets of shape {targets.shape} match neither the "
+                     f"prediction shape {prediction.shape} nor its leading dimensions.")
+  if not weight > 0:
+    raise ValueError(f"{kind} loss: weight must be positive, got {weight}.")
+  return loss_tag_p.bind(prediction, targets, kind=kind, weight=float(weight))
+
+
+def register_softmax_cross_entropy(logits: Array, labels: Array, *, weight: float = 1.0) -> Array:
+  """Registers softmax cross-entropy on `logits` (integer or one-hot `labels`).
+
+  The per-example loss is `weight * CE`; the user's loss must be its batch mean.
+  Returns `logits` unchanged.
+  """
+  return _register_loss("softmax_cross_entropy", logits, labels, weight)
+
+
+def register_sigmoid_cross_entropy(logits: Array, targets: Array, *, weight: float = 1.0) -> Array:
+  """Registers sigmoid cross-entropy (independent Bernoulli outputs); returns `logits`."""
+  if targets.shape != logits.shape:
+    raise ValueError(f"sigmoid_cross_entropy loss: targets {targets.shape} must have the "
+                     f"logits' shape {logits.shape}.")
+  return _register_loss("sigmoid_cross_entropy", logits, targets, weight)
+
+
+def register_squared_error(prediction: Array, targets: Array, *, weight: float = 1.0) -> Array:
+  """Registers `weight * 0.5 * ||prediction - targets||^2` per example; returns `prediction`."""
+  if targets.shape != prediction.shape:
+    raise ValueError(f"squared_error loss: targets {targets.shape} must have the prediction's "
+                     f"shape {prediction.shape}.")
+  return _register_loss("squared_error", prediction, targets, weight)
+
+
+# The seed's (tensorflow/kfac) names.
+register_categorical_predictive_distribution = register_softmax_cross_entropy
+register_multi_bernoulli_predictive_distribution = register_sigmoid_cross_entropy
+register_normal_predictive_distribution = register_squared_error
+

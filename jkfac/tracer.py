@@ -1,0 +1,283 @@
+"""Find the tags in a loss function's jaxpr and collect per-layer statistics.
+
+`trace_layers` walks the jaxpr of `loss_fn(params, batch)` once, at trace time, and
+returns a static table: every tagged layer (its kind, approximation and the paths
+of its parameters in `params`) and every registered loss.
+
+`collect_statistics` evaluates the same jaxpr with a small interpreter that, at
+each layer tag, records the layer's inputs and adds a zero "perturbation" to its
+output. Pulling the loss cotangents (see `losses.py`) back to those zeros gives,
+in one forward and one backward pass, the output gradients that the curvature
+blocks need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jcore
+
+from jkfac import losses, tags
+
+Array = jax.Array
+PyTree = Any
+LossFn = Callable[..., Any]
+
+# Call-like primitives whose sub-jaxpr takes the equation's operands one to one.
+_CALL_JAXPR_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+_CALL_PRIMITIVES = frozenset({"jit", "pjit", "closed_call", "core_call", "custom_jvp_call",
+                              "custom_vjp_call", "custom_vjp_call_jaxpr", "remat2",
+                              "checkpoint"})
+# Primitives through which a parameter keeps its identity (dtype casts, copies).
+_TRANSPARENT_PRIMITIVES = frozenset({"convert_element_type", "copy", "copy_p"})
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+  """A tagged layer: static facts, no arrays.
+
+  `weight` and `bias` are indices into the flattened `params` leaves; `name` is the
+  weight's parent path (e.g. "Dense_0"), which keys the layer in the state.
+  """
+  name: str
+  kind: str
+  approx: str
+  weight: int
+  bias: int | None
+  input_shape: tuple[int, ...]
+  output_shape: tuple[int, ...]
+  weight_shape: tuple[int, ...]
+  output_dtype: Any
+  conv: tags.ConvParams | None
+
+
+@dataclasses.dataclass(frozen=True)
+class LossInfo:
+  kind: str
+  weight: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Trace:
+  layers: tuple[LayerInfo, ...]
+  losses: tuple[LossInfo, ...]
+  param_paths: tuple[str, ...]
+
+
+class LayerStatistics(NamedTuple):
+  """What one layer's curvature block is built from, for one batch.
+
+  inputs:       the layer's input `x` as tagged, shape `(batch, ...)`.
+  output_grads: backpropagated loss cotangents at the layer's output, with a leading
+                axis of estimator columns: `(columns, *output_shape)`.
+  """
+  inputs: Array
+  output_grads: Array
+
+
+# --- walking the jaxpr -------------------------------------------------------------
+
+
+def _call_jaxpr(eqn: jcore.JaxprEqn) -> jcore.ClosedJaxpr | None:
+  """The sub-jaxpr of a call-like equation, if its inputs are the equation's."""
+  if eqn.primitive.name not in _CALL_PRIMITIVES:
+    return None
+  for name in _CALL_JAXPR_PARAMS:
+    sub = eqn.params.get(name)
+    if sub is None:
+      continue
+    if isinstance(sub, jcore.Jaxpr):
+      sub = jcore.ClosedJaxpr(sub, ())
+    if len(sub.jaxpr.invars) == len(eqn.invars):
+      return sub
+  return None
+
+
+def _is_tag(eqn: jcore.JaxprEqn) -> bool:
+  return eqn.primitive in (tags.layer_tag_p, tags.loss_tag_p)
+
+
+def _has_tags(jaxpr: jcore.Jaxpr) -> bool:
+  for eqn in jaxpr.eqns:
+    if _is_tag(eqn):
+      return True
+    for sub in jcore.jaxprs_in_params(eqn.params):
+      if _has_tags(sub):
+        return True
+  return False
+
+
+def _inlined(eqn: jcore.JaxprEqn) -> jcore.ClosedJaxpr | None:
+  """The sub-jaxpr to walk into, or None for an equation without tags."""
+  if not any(_has_tags(sub) for sub in jcore.jaxprs_in_params(eqn.params)):
+    return None
+  sub = _call_jaxpr(eqn)
+  if sub is None:
+    raise NotImplementedError(
+        f"jkfac found K-FAC tags inside a `{eqn.primitive.name}` equation; tags inside "
+        "control flow (scan, while, cond) are not supported. Tag the layers outside it.")
+  return sub
+
+
+def _read(env: dict, var: Any) -> Any:
+  return var.val if isinstance(var, jcore.Literal) else env[var]
+
+
+def _find_tags(jaxpr: jcore.Jaxpr, origin: dict) -> list[tuple[jcore.JaxprEqn, list]]:
+  """Tag equations in evaluation order, each with the params-leaf origin of its operands.
+
+  `origin` maps variables to the index of the `params` leaf they are (up to casts).
+  """
+  found = []
+  for eqn in jaxpr.eqns:
+    if _is_tag(eqn):
+      found.append((eqn, [None if isinstance(v, jcore.Literal) else origin.get(v)
+                          for v in eqn.invars]))
+    elif eqn.primitive.name in _TRANSPARENT_PRIMITIVES and eqn.invars[0] in origin:
+      origin[eqn.outvars[0]] = origin[eqn.invars[0]]
+    elif (sub := _inlined(eqn)) is not None:
+      inner = {s: origin[v] for s, v in zip(sub.jaxpr.invars, eqn.invars)
+               if not isinstance(v, jcore.Literal) and v in origin}
+      found += _find_tags(sub.jaxpr, inner)
+  return found
+
+
+def _evaluate(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any],
+              on_tag: Callable[[jcore.JaxprEqn, list], Any]) -> list[Any]:
+  """`jax.core.eval_jaxpr`, with tag equations (also in sub-jaxprs) sent to `on_tag`."""
+  env: dict = {}
+  env.update(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  for eqn in jaxpr.eqns:
+    invals = [_read(env, v) for v in eqn.invars]
+    if _is_tag(eqn):
+      outvals = [on_tag(eqn, invals)]
+    elif (sub := _inlined(eqn)) is not None:
+      outvals = _evaluate(sub.jaxpr, sub.consts, invals, on_tag)
+    else:
+      out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+      outvals = out if eqn.primitive.multiple_results else [out]
+    env.update(zip(eqn.outvars, outvals))
+  return [_read(env, v) for v in jaxpr.outvars]
+
+
+# --- the static layer table ----------------------------------------------------------
+
+
+def _path_str(path: tuple) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                  for k in path)
+
+
+def make_jaxpr(loss_fn: LossFn, params: PyTree, batch: PyTree) -> jcore.ClosedJaxpr:
+  """The jaxpr of `loss_fn(params, batch)` with params and batch leaves as inputs."""
+  return jax.make_jaxpr(loss_fn)(params, batch)
+
+
+def trace_layers(loss_fn: LossFn, params: PyTree, batch: PyTree,
+                 default_approx: str = tags.APPROX_KRONECKER_NAME,
+                 approx_for: Callable[[str, str], str | None] | None = None) -> Trace:
+  """The table of tagged layers and registered losses of `loss_fn`.
+
+  `approx_for(layer_name, kind)` may override the approximation of a layer whose tag
+  names none. Raises `ValueError` for missing losses, weights that are not in
+  `params`, and parameters claimed by two tags.
+  """
+  closed = make_jaxpr(loss_fn, params, batch)
+  leaves_with_paths, _ = jax.tree_util.tree_flatten_with_path(params)
+  param_paths = tuple(_path_str(p) for p, _ in leaves_with_paths)
+  origin = {v: i for i, v in enumerate(closed.jaxpr.invars[:len(param_paths)])}
+
+  layers, loss_infos, owner = [], [], {}
+  for eqn, operand_origin in _find_tags(closed.jaxpr, origin):
+    if eqn.primitive is tags.loss_tag_p:
+      loss_infos.append(LossInfo(eqn.params["kind"], eqn.params["weight"]))
+      continue
+    layer = _layer_info(eqn, operand_origin, param_paths, default_approx, approx_for)
+    for index in (layer.weight, layer.bias):
+      if index is None:
+        continue
+      if index in owner:
+        raise ValueError(f"Parameter {param_paths[index]!r} is used by two K-FAC layer tags "
+                         f"({owner[index]!r} and {layer.name!r}); a parameter may be tagged once.")
+      owner[index] = layer.name
+    layers.append(layer)
+  if not loss_infos:
+    raise ValueError("No loss is registered in loss_fn: call e.g. "
+                     "jkfac.register_softmax_cross_entropy(logits, labels) inside it.")
+  names = [layer.name for layer in layers]
+  if len(set(names)) != len(names):
+    raise ValueError(f"Two tagged layers share a parameter path prefix: {names}.")
+  return Trace(tuple(layers), tuple(loss_infos), param_paths)
+
+
+def _layer_info(eqn, operand_origin, param_paths, default_approx, approx_for) -> LayerInfo:
+  y, x, w = eqn.invars[:3]
+  weight = operand_origin[2]
+  bias = operand_origin[3] if eqn.params["has_bias"] else None
+  if weight is None or (eqn.params["has_bias"] and bias is None):
+    raise ValueError(
+        f"A {eqn.params['kind']} layer tag's weights (shape {w.aval.shape}) are not leaves of "
+        "`params`: pass the parameters themselves (not arrays computed from them) to the tag.")
+  path = param_paths[weight]
+  name = path.rsplit("/", 1)[0] if "/" in path else path
+  approx = eqn.params["approx"] or (approx_for and approx_for(name, eqn.params["kind"])) or (
+      default_approx)
+  return LayerInfo(name=name, kind=eqn.params["kind"], approx=approx, weight=weight, bias=bias,
+                   input_shape=tuple(x.aval.shape), output_shape=tuple(y.aval.shape),
+                   weight_shape=tuple(w.aval.shape), output_dtype=y.aval.dtype,
+                   conv=eqn.params["conv"])
+
+
+# --- statistics for one batch ----------------------------------------------------------
+
+
+def collect_statistics(loss_fn: LossFn, trace: Trace, params: PyTree, batch: PyTree,
+                       key: Array, estimation: str) -> dict[str, LayerStatistics]:
+  """Per-layer inputs and output gradients of the estimated Fisher, for one batch."""
+  closed = make_jaxpr(loss_fn, params, batch)
+  args = jax.tree_util.tree_leaves((params, batch))
+  perturbations = [jnp.zeros(layer.output_shape, layer.output_dtype) for layer in trace.layers]
+
+  def forward(perturbations):
+    layer_inputs, predictions, targets = [], [], []
+
+    def on_tag(eqn, invals):
+      if eqn.primitive is tags.loss_tag_p:
+        predictions.append(invals[0])
+        targets.append(invals[1])
+        return invals[0]
+      layer_inputs.append(invals[1])
+      return invals[0] + perturbations[len(layer_inputs) - 1]
+
+    _evaluate(closed.jaxpr, closed.consts, args, on_tag)
+    return predictions, (layer_inputs, targets)
+
+  predictions, pullback, (layer_inputs, targets) = jax.vjp(forward, perturbations, has_aux=True)
+  keys = jax.random.split(key, len(predictions))
+  cotangents = [losses.cotangents(info.kind, p, t, info.weight, estimation, k)
+                for info, p, t, k in zip(trace.losses, predictions, targets, keys)]
+  if len({c.shape[0] for c in cotangents}) > 1:
+    # Losses with different column counts: give each its own columns.
+    cotangents = _pad_columns(cotangents)
+  if cotangents[0].shape[0] == 1:  # one column: a single backward pass, no vmap.
+    (output_grads,) = pullback([c[0] for c in cotangents])
+    output_grads = [g[None] for g in output_grads]
+  else:
+    (output_grads,) = jax.vmap(pullback)(cotangents)
+  return {layer.name: LayerStatistics(jax.lax.stop_gradient(x), g)
+          for layer, x, g in zip(trace.layers, layer_inputs, output_grads)}
+
+
+def _pad_columns(cotangents: list[Array]) -> list[Array]:
+  """Places each loss's columns in its own slots of a shared column axis."""
+  total = sum(c.shape[0] for c in cotangents)
+  padded, start = [], 0
+  for c in cotangents:
+    pad = [(start, total - start - c.shape[0])] + [(0, 0)] * (c.ndim - 1)
+    padded.append(jnp.pad(c, pad))
+    start += c.shape[0]
+  return padded

@@ -1,0 +1,235 @@
+"""K-FAC as optax gradient transformations with pure pytree state.
+
+`precondition(...)` maps gradients `g` to `F^-1 g` block by block; `kfac(...)` chains
+it with momentum and a learning rate, as `optax.adam` chains `scale_by_adam` with
+`scale_by_learning_rate`. Statistics, EMAs and inverses are refreshed inside
+`update` with `lax.cond`, so a jitted train step does all K-FAC work and compiles
+once. Static configuration lives in the closure, arrays in the state.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import numbers
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jkfac import layers, linalg, losses, tags, tracer
+from jkfac.blocks import BLOCKS
+
+Array = jax.Array
+PyTree = Any
+ScalarOrSchedule = float | Array | Callable[[Array], Array]
+
+SUPPORTED_APPROXIMATIONS = {"dense": ("kron", "diagonal", "full"),
+                            "conv2d": ("kron", "diagonal", "full")}
+
+
+class PreconditionState(NamedTuple):
+  """All K-FAC arrays of `precondition`: a plain pytree.
+
+  count:        steps taken so far.
+  key:          PRNG key for sampling targets (MC Fisher).
+  ema_weight:   accumulated EMA weight; covariances / ema_weight is bias corrected.
+  damping:      the damping the current inverses were computed with.
+  covariances:  per layer name, the raw (not yet bias corrected) EMAs of the block.
+  inverses:     per layer name, the damped inverses of the block.
+  """
+  count: Array
+  key: Array
+  ema_weight: Array
+  damping: Array
+  covariances: dict[str, dict[str, Array]]
+  inverses: dict[str, dict[str, Array]]
+
+
+def _check(ok: bool, message: str) -> None:
+  if not ok:
+    raise ValueError(message)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, numbers.Number) and not isinstance(value, bool)
+
+
+def _validate(damping, cov_ema_decay, cov_update_every, invert_every, estimation,
+              inverse_method, approximations) -> None:
+  if _is_number(damping):
+    _check(damping > 0, f"damping must be positive, got {damping}.")
+  if _is_number(cov_ema_decay):
+    _check(0 <= cov_ema_decay < 1, f"cov_ema_decay must be in [0, 1), got {cov_ema_decay}.")
+  for name, every in (("cov_update_every", cov_update_every), ("invert_every", invert_every)):
+    _check(isinstance(every, int) and every >= 1, f"{name} must be an integer >= 1, got {every!r}.")
+  _check(estimation in losses.ESTIMATIONS,
+         f"Unknown estimation {estimation!r}; expected one of {losses.ESTIMATIONS}.")
+  _check(inverse_method in linalg.INVERSE_METHODS,
+         f"Unknown inverse_method {inverse_method!r}; expected one of {linalg.INVERSE_METHODS}.")
+  for pattern, approx in (approximations or {}).items():
+    _check(approx in tags.APPROXIMATIONS,
+           f"Unknown approximation {approx!r} for {pattern!r}; expected one of {tags.APPROXIMATIONS}.")
+
+
+def _value(hyperparameter: ScalarOrSchedule, count: Array) -> Array:
+  return hyperparameter(count) if callable(hyperparameter) else jnp.asarray(hyperparameter)
+
+
+def _abstract(tree: PyTree) -> PyTree:
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)),
+                                tree)
+
+
+def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
+                 damping: ScalarOrSchedule,
+                 cov_ema_decay: float = 0.95,
+                 cov_update_every: int = 1,
+                 invert_every: int = 10,
+                 estimation: str = "fisher",
+                 inverse_method: str = "cholesky",
+                 approximations: Mapping[str, str] | None = None,
+                 seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """Preconditions gradients with the K-FAC approximation of the inverse Fisher.
+
+  Args:
+    loss_fn: `loss_fn(params, batch)`, the mean over the batch of per-example losses,
+      with its layers tagged (`jkfac.flax.Dense`/`Conv`, `jkfac.register_dense`, ...)
+      and its loss registered (`jkfac.register_softmax_cross_entropy`, ...). It may
+      return `(loss, aux)`; only its tags are used.
+    example_batch: a batch, or `jax.ShapeDtypeStruct`s with its shapes and dtypes.
+    damping: Tikhonov damping λ (float or schedule of the step), > 0.
+    cov_ema_decay: EMA decay of the covariance statistics, in [0, 1).
+    cov_update_every: statistics are computed on every this many steps.
+    invert_every: inverses are recomputed on every this many steps.
+    estimation: "fisher" (sampled targets), "empirical" (true targets) or "exact"
+      (one backward pass per output unit).
+    inverse_method: "cholesky" or "eigh".
+    approximations: glob patterns on layer names (e.g. `{"Conv_0": "diagonal"}`)
+      choosing the approximation of layers whose tag names none; default "kron".
+    seed: seed of the PRNG key that samples targets.
+
+  Returns:
+    An optax transformation: `update(grads, state, params, batch=batch)`.
+  """
+  _validate(damping, cov_ema_decay, cov_update_every, invert_every, estimation,
+            inverse_method, approximations)
+  example_batch = _abstract(example_batch)
+
+  def layer_table(params: PyTree, batch: PyTree) -> tracer.Trace:
+    trace = tracer.trace_layers(loss_fn, params, batch,
+                                approx_for=lambda name, kind: _match(approximations, name))
+    _check_approximations(trace, approximations)
+    return trace
+
+  def init_fn(params: PyTree) -> PreconditionState:
+    trace = layer_table(_abstract(params), example_batch)
+    covariances = {layer.name: BLOCKS[layer.approx].zeros(*layers.matrix_shape(layer))
+                   for layer in trace.layers}
+    inverses = {layer.name: BLOCKS[layer.approx].inverses(covariances[layer.name], 1.0,
+                                                          inverse_method)
+                for layer in trace.layers}
+    return PreconditionState(count=jnp.zeros([], jnp.int32), key=jax.random.PRNGKey(seed),
+                             ema_weight=jnp.zeros([]), damping=jnp.zeros([]),
+                             covariances=covariances, inverses=inverses)
+
+  def update_covariances(state, params, batch, trace):
+    key, sample_key = jax.random.split(state.key)
+    statistics = tracer.collect_statistics(loss_fn, trace, params, batch, sample_key, estimation)
+    decay = jnp.asarray(cov_ema_decay, state.ema_weight.dtype)
+    covariances = {}
+    for layer in trace.layers:
+      stats = statistics[layer.name]
+      a, g = layers.input_rows(layer, stats.inputs), layers.output_rows(stats.output_grads)
+      new = BLOCKS[layer.approx].statistics(a, g)
+      covariances[layer.name] = jax.tree_util.tree_map(
+          lambda old, x: decay * old + (1 - decay) * x.astype(old.dtype),
+          state.covariances[layer.name], new)
+    return state._replace(key=key, covariances=covariances,
+                          ema_weight=decay * state.ema_weight + (1 - decay))
+
+  def update_inverses(state, damping_now, trace):
+    inverses = {}
+    for layer in trace.layers:
+      covariances = jax.tree_util.tree_map(lambda c: c / state.ema_weight,
+                                           state.covariances[layer.name])
+      new = BLOCKS[layer.approx].inverses(covariances, damping_now, inverse_method)
+      inverses[layer.name] = jax.tree_util.tree_map(linalg.keep_if_not_finite, new,
+                                                    state.inverses[layer.name])
+    return state._replace(inverses=inverses, damping=jnp.asarray(damping_now, state.damping.dtype))
+
+  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+    del extra_args
+    _check(params is not None and batch is not None,
+           "jkfac needs the parameters and the batch: tx.update(grads, state, params, batch=batch).")
+    _check(jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(params),
+           "The gradients and the parameters passed to jkfac have different tree structures.")
+    trace = layer_table(params, batch)
+    state = jax.lax.cond(state.count % cov_update_every == 0,
+                         lambda s: update_covariances(s, params, batch, trace), lambda s: s, state)
+    damping_now = _value(damping, state.count)
+    state = jax.lax.cond(state.count % invert_every == 0,
+                         lambda s: update_inverses(s, damping_now, trace), lambda s: s, state)
+    updates = _precondition_gradients(trace, state.inverses, updates)
+    return updates, state._replace(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _precondition_gradients(trace: tracer.Trace, inverses, updates: PyTree) -> PyTree:
+  """Applies each layer's inverse block to its gradients; other leaves pass through."""
+  leaves, treedef = jax.tree_util.tree_flatten(updates)
+  for layer in trace.layers:
+    bias = None if layer.bias is None else leaves[layer.bias]
+    matrix = layers.param_matrix(layer, leaves[layer.weight], bias)
+    matrix = BLOCKS[layer.approx].precondition(inverses[layer.name], matrix.astype(
+        jax.tree_util.tree_leaves(inverses[layer.name])[0].dtype))
+    w, b = layers.split_param_matrix(layer, matrix)
+    leaves[layer.weight] = w.astype(leaves[layer.weight].dtype)
+    if layer.bias is not None:
+      leaves[layer.bias] = b.astype(leaves[layer.bias].dtype)
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _match(approximations: Mapping[str, str] | None, name: str) -> str | None:
+  for pattern, approx in (approximations or {}).items():
+    if fnmatch.fnmatchcase(name, pattern):
+      return approx
+  return None
+
+
+def _check_approximations(trace: tracer.Trace, approximations: Mapping[str, str] | None) -> None:
+  names = [layer.name for layer in trace.layers]
+  for pattern in approximations or {}:
+    _check(any(fnmatch.fnmatchcase(n, pattern) for n in names),
+           f"The approximation pattern {pattern!r} matches no tagged layer; layers: {names}.")
+  for layer in trace.layers:
+    supported = SUPPORTED_APPROXIMATIONS[layer.kind]
+    _check(layer.approx in supported,
+           f"Layer {layer.name!r} ({layer.kind}) does not support the {layer.approx!r} "
+           f"approximation; supported: {supported}.")
+
+
+def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
+         learning_rate: ScalarOrSchedule,
+         damping: ScalarOrSchedule,
+         momentum: float | None = 0.9,
+         momentum_type: str = "regular",
+         **precondition_kwargs: Any) -> optax.GradientTransformationExtraArgs:
+  """The K-FAC optimizer: `-learning_rate * momentum(F^-1 g)`.
+
+  With `momentum_type="regular"` the momentum buffer accumulates preconditioned
+  gradients; with "adam" (the seed's default) it accumulates raw gradients, which
+  are then preconditioned (`v <- momentum v + g`, step `F^-1 v`). Other keyword
+  arguments go to `jkfac.precondition`. Use as any optax optimizer, passing the
+  batch: `tx.update(grads, opt_state, params, batch=batch)`.
+  """
+  _check(momentum_type in ("regular", "adam"),
+         f"momentum_type must be 'regular' or 'adam', got {momentum_type!r}.")
+  if momentum is not None and _is_number(momentum):
+    _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}.")
+  preconditioner = precondition(loss_fn, example_batch, damping=damping, **precondition_kwargs)
+  accumulate = optax.trace(decay=momentum) if momentum else optax.identity()
+  steps = [preconditioner, accumulate] if momentum_type == "regular" else [accumulate,
+                                                                           preconditioner]
+  return optax.chain(*steps, optax.scale_by_learning_rate(learning_rate))
