@@ -13,6 +13,7 @@ from jkfac.tags import (
     register_softmax_cross_entropy,
     register_squared_error,
 )
+from jkfac.tracer import Curvature, value_and_grad
 from jkfac.transform import PreconditionState, kfac, precondition
 from jkfac import flax
 
@@ -22,6 +23,7 @@ __all__ = [
     "APPROX_DIAGONAL_NAME",
     "APPROX_FULL_NAME",
     "APPROX_KRONECKER_NAME",
+    "Curvature",
     "PreconditionState",
     "flax",
     "kfac",
@@ -34,4 +36,5 @@ __all__ = [
     "register_sigmoid_cross_entropy",
     "register_softmax_cross_entropy",
     "register_squared_error",
+    "value_and_grad",
 ]

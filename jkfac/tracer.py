@@ -50,7 +50,6 @@ class LayerInfo:
   input_shape: tuple[int, ...]
   output_shape: tuple[int, ...]
   weight_shape: tuple[int, ...]
-  output_dtype: Any
   conv: tags.ConvParams | None
 
 
@@ -228,48 +227,121 @@ def _layer_info(eqn, operand_origin, param_paths, default_approx, approx_for) ->
       default_approx)
   return LayerInfo(name=name, kind=eqn.params["kind"], approx=approx, weight=weight, bias=bias,
                    input_shape=tuple(x.aval.shape), output_shape=tuple(y.aval.shape),
-                   weight_shape=tuple(w.aval.shape), output_dtype=y.aval.dtype,
-                   conv=eqn.params["conv"])
+                   weight_shape=tuple(w.aval.shape), conv=eqn.params["conv"])
 
 
 # --- statistics for one batch ----------------------------------------------------------
 
 
-def collect_statistics(loss_fn: LossFn, trace: Trace, params: PyTree, batch: PyTree,
-                       key: Array, estimation: str) -> dict[str, LayerStatistics]:
-  """Per-layer inputs and output gradients of the estimated Fisher, for one batch."""
+class Curvature(NamedTuple):
+  """One forward pass, linearized at the layer tags: what the statistics need.
+
+  inputs:      each tagged layer's input, in tag order.
+  predictions: each registered loss's prediction.
+  targets:     each registered loss's targets.
+  pullback:    maps cotangents of the predictions to gradients at every layer's output
+               (a `jax.tree_util.Partial`, so it may cross into `tx.update`).
+  """
+  inputs: list[Array]
+  predictions: list[Array]
+  targets: list[Array]
+  pullback: jax.tree_util.Partial
+
+
+def _forward(closed: jcore.ClosedJaxpr, args: list[Any], perturbations: list[Array]):
+  """Evaluates the loss jaxpr, adding `perturbations` at the layer tags' outputs."""
+  layer_inputs, predictions, targets = [], [], []
+
+  def on_tag(eqn, invals):
+    if eqn.primitive is tags.loss_tag_p:
+      predictions.append(invals[0])
+      targets.append(invals[1])
+      return invals[0]
+    layer_inputs.append(jax.lax.stop_gradient(invals[1]))
+    return invals[0] + perturbations[len(layer_inputs) - 1]
+
+  outputs = _evaluate(closed.jaxpr, closed.consts, args, on_tag)
+  return outputs, predictions, layer_inputs, targets
+
+
+def _zero_perturbations(closed: jcore.ClosedJaxpr) -> list[Array]:
+  """Zeros shaped as each layer tag's output, in tag order."""
+  return [jnp.zeros(eqn.invars[0].aval.shape, eqn.invars[0].aval.dtype)
+          for eqn, _ in _find_tags(closed.jaxpr, {}) if eqn.primitive is tags.layer_tag_p]
+
+
+def _to_perturbations(pullback, output_zeros, cotangents):
+  return pullback((output_zeros, cotangents))[-1]
+
+
+def linearize(loss_fn: LossFn, params: PyTree, batch: PyTree) -> Curvature:
+  """A forward pass of `loss_fn`, linearized in the layer outputs only."""
   closed = make_jaxpr(loss_fn, params, batch)
   args = jax.tree_util.tree_leaves((params, batch))
-  perturbations = [jnp.zeros(layer.output_shape, layer.output_dtype) for layer in trace.layers]
 
   def forward(perturbations):
-    layer_inputs, predictions, targets = [], [], []
+    _, predictions, inputs, targets = _forward(closed, args, perturbations)
+    return ((), predictions), (inputs, targets)
 
-    def on_tag(eqn, invals):
-      if eqn.primitive is tags.loss_tag_p:
-        predictions.append(invals[0])
-        targets.append(invals[1])
-        return invals[0]
-      layer_inputs.append(invals[1])
-      return invals[0] + perturbations[len(layer_inputs) - 1]
+  (_, predictions), pullback, (inputs, targets) = jax.vjp(
+      forward, _zero_perturbations(closed), has_aux=True)
+  return Curvature(inputs, predictions, targets,
+                   jax.tree_util.Partial(_to_perturbations, pullback, ()))
 
-    _evaluate(closed.jaxpr, closed.consts, args, on_tag)
-    return predictions, (layer_inputs, targets)
 
-  predictions, pullback, (layer_inputs, targets) = jax.vjp(forward, perturbations, has_aux=True)
-  keys = jax.random.split(key, len(predictions))
-  cotangents = [losses.cotangents(info.kind, p, t, info.weight, estimation, k)
-                for info, p, t, k in zip(trace.losses, predictions, targets, keys)]
+def value_and_grad(loss_fn: LossFn, has_aux: bool = False) -> Callable[..., Any]:
+  """`jax.value_and_grad(loss_fn)` that also returns the `Curvature` of the same pass.
+
+  `value, grads, curvature = jkfac.value_and_grad(loss_fn)(params, batch)`; pass
+  `stats=curvature` to `tx.update` and K-FAC's statistics reuse this forward pass
+  instead of running their own.
+  """
+
+  def value_grads_and_curvature(params: PyTree, batch: PyTree):
+    closed, out_shape = jax.make_jaxpr(loss_fn, return_shape=True)(params, batch)
+    out_tree = jax.tree_util.tree_structure(out_shape)
+    batch_leaves = jax.tree_util.tree_leaves(batch)
+    perturbations = _zero_perturbations(closed)
+
+    def forward(params, perturbations):
+      args = jax.tree_util.tree_leaves(params) + batch_leaves
+      outputs, predictions, inputs, targets = _forward(closed, args, perturbations)
+      value = jax.tree_util.tree_unflatten(out_tree, outputs)
+      loss, aux = value if has_aux else (value, None)
+      return (loss, predictions), (aux, inputs, targets)
+
+    (loss, predictions), pullback, (aux, inputs, targets) = jax.vjp(
+        forward, params, perturbations, has_aux=True)
+    zeros = [jnp.zeros_like(p) for p in predictions]
+    grads, _ = pullback((jnp.ones_like(loss), zeros))
+    curvature = Curvature(inputs, predictions, targets, jax.tree_util.Partial(
+        _to_perturbations, pullback, jnp.zeros_like(loss)))
+    return ((loss, aux) if has_aux else loss), grads, curvature
+
+  return value_grads_and_curvature
+
+
+def statistics(trace: Trace, curvature: Curvature, key: Array,
+               estimation: str) -> dict[str, LayerStatistics]:
+  """Per-layer inputs and output gradients of the estimated Fisher."""
+  keys = jax.random.split(key, len(curvature.predictions))
+  cotangents = [losses.cotangents(info.kind, p, t, info.weight, estimation, k) for info, p, t, k
+                in zip(trace.losses, curvature.predictions, curvature.targets, keys)]
   if len({c.shape[0] for c in cotangents}) > 1:
     # Losses with different column counts: give each its own columns.
     cotangents = _pad_columns(cotangents)
   if cotangents[0].shape[0] == 1:  # one column: a single backward pass, no vmap.
-    (output_grads,) = pullback([c[0] for c in cotangents])
-    output_grads = [g[None] for g in output_grads]
+    output_grads = [g[None] for g in curvature.pullback([c[0] for c in cotangents])]
   else:
-    (output_grads,) = jax.vmap(pullback)(cotangents)
-  return {layer.name: LayerStatistics(jax.lax.stop_gradient(x), g)
-          for layer, x, g in zip(trace.layers, layer_inputs, output_grads)}
+    output_grads = jax.vmap(curvature.pullback)(cotangents)
+  return {layer.name: LayerStatistics(x, g)
+          for layer, x, g in zip(trace.layers, curvature.inputs, output_grads)}
+
+
+def collect_statistics(loss_fn: LossFn, trace: Trace, params: PyTree, batch: PyTree,
+                       key: Array, estimation: str) -> dict[str, LayerStatistics]:
+  """Per-layer inputs and output gradients of the estimated Fisher, for one batch."""
+  return statistics(trace, linearize(loss_fn, params, batch), key, estimation)
 
 
 def _pad_columns(cotangents: list[Array]) -> list[Array]:

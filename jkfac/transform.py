@@ -10,6 +10,7 @@ once. Static configuration lives in the closure, arrays in the state.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import numbers
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -17,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jkfac import layers, linalg, losses, tags, tracer
-from jkfac.blocks import BLOCKS
+from jkfac import layers, linalg, losses, parallel, tags, tracer
+from jkfac.blocks import BLOCKS, Block
 
 Array = jax.Array
 PyTree = Any
@@ -56,13 +57,15 @@ def _is_number(value: Any) -> bool:
 
 
 def _validate(damping, cov_ema_decay, cov_update_every, invert_every, estimation,
-              inverse_method, approximations) -> None:
+              inverse_method, approximations, axis_name, placement, mesh) -> None:
   if _is_number(damping):
     _check(damping > 0, f"damping must be positive, got {damping}.")
   if _is_number(cov_ema_decay):
     _check(0 <= cov_ema_decay < 1, f"cov_ema_decay must be in [0, 1), got {cov_ema_decay}.")
   for name, every in (("cov_update_every", cov_update_every), ("invert_every", invert_every)):
-    _check(isinstance(every, int) and every >= 1, f"{name} must be an integer >= 1, got {every!r}.")
+    if not isinstance(every, jax.Array):  # arrays come from optax.inject_hyperparams
+      _check(isinstance(every, int) and not isinstance(every, bool) and every >= 1,
+             f"{name} must be an integer >= 1, got {every!r}.")
   _check(estimation in losses.ESTIMATIONS,
          f"Unknown estimation {estimation!r}; expected one of {losses.ESTIMATIONS}.")
   _check(inverse_method in linalg.INVERSE_METHODS,
@@ -70,6 +73,11 @@ def _validate(damping, cov_ema_decay, cov_update_every, invert_every, estimation
   for pattern, approx in (approximations or {}).items():
     _check(approx in tags.APPROXIMATIONS,
            f"Unknown approximation {approx!r} for {pattern!r}; expected one of {tags.APPROXIMATIONS}.")
+  _check(placement is None or placement in parallel.PLACEMENTS,
+         f"Unknown placement {placement!r}; expected one of {parallel.PLACEMENTS}.")
+  if mesh is not None:
+    _check(axis_name in mesh.axis_names,
+           f"With mesh=, axis_name must name one of its axes {mesh.axis_names}; got {axis_name!r}.")
 
 
 def _value(hyperparameter: ScalarOrSchedule, count: Array) -> Array:
@@ -89,7 +97,10 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
                  estimation: str = "fisher",
                  inverse_method: str = "cholesky",
                  approximations: Mapping[str, str] | None = None,
-                 seed: int = 0) -> optax.GradientTransformationExtraArgs:
+                 seed: int = 0,
+                 axis_name: str | None = None,
+                 placement: str | None = None,
+                 mesh: jax.sharding.Mesh | None = None) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients with the K-FAC approximation of the inverse Fisher.
 
   Args:
@@ -108,13 +119,21 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
     approximations: glob patterns on layer names (e.g. `{"Conv_0": "diagonal"}`)
       choosing the approximation of layers whose tag names none; default "kron".
     seed: seed of the PRNG key that samples targets.
+    axis_name: the `jax.pmap` axis to average gradients and statistics over; with
+      `mesh`, the mesh axis that spreads inverse work under `jax.jit`.
+    placement: "round_robin" (default with an axis) inverts each factor on one device
+      and shares it; "replicated" inverts everything on every device.
+    mesh: for `jax.jit` with a batch sharded over this mesh (data parallel). Arrays
+      are global there, so nothing is averaged by hand.
 
   Returns:
     An optax transformation: `update(grads, state, params, batch=batch)`.
   """
   _validate(damping, cov_ema_decay, cov_update_every, invert_every, estimation,
-            inverse_method, approximations)
+            inverse_method, approximations, axis_name, placement, mesh)
   example_batch = _abstract(example_batch)
+  placement = placement or ("round_robin" if axis_name else "replicated")
+  device_axis = axis_name if mesh is None else None  # the pmap axis, if any
 
   def layer_table(params: PyTree, batch: PyTree) -> tracer.Trace:
     trace = tracer.trace_layers(loss_fn, params, batch,
@@ -133,40 +152,54 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
                              ema_weight=jnp.zeros([]), damping=jnp.zeros([]),
                              covariances=covariances, inverses=inverses)
 
-  def update_covariances(state, params, batch, trace):
+  def update_covariances(state, params, batch, stats, trace):
     key, sample_key = jax.random.split(state.key)
-    statistics = tracer.collect_statistics(loss_fn, trace, params, batch, sample_key, estimation)
+    if device_axis is not None:  # different targets on every device
+      sample_key = jax.random.fold_in(sample_key, jax.lax.axis_index(device_axis))
+    if stats is None:
+      stats = tracer.linearize(loss_fn, params, batch)
+    statistics = tracer.statistics(trace, stats, sample_key, estimation)
+    new = {layer.name: BLOCKS[layer.approx].statistics(
+        layers.input_rows(layer, statistics[layer.name].inputs),
+        layers.output_rows(statistics[layer.name].output_grads)) for layer in trace.layers}
+    new = parallel.pmean(new, device_axis)
     decay = jnp.asarray(cov_ema_decay, state.ema_weight.dtype)
-    covariances = {}
-    for layer in trace.layers:
-      stats = statistics[layer.name]
-      a, g = layers.input_rows(layer, stats.inputs), layers.output_rows(stats.output_grads)
-      new = BLOCKS[layer.approx].statistics(a, g)
-      covariances[layer.name] = jax.tree_util.tree_map(
-          lambda old, x: decay * old + (1 - decay) * x.astype(old.dtype),
-          state.covariances[layer.name], new)
+    covariances = jax.tree_util.tree_map(lambda old, x: decay * old + (1 - decay) * x.astype(
+        old.dtype), state.covariances, new)
     return state._replace(key=key, covariances=covariances,
                           ema_weight=decay * state.ema_weight + (1 - decay))
 
   def update_inverses(state, damping_now, trace):
-    inverses = {}
+    tasks, costs, slots = [], [], []
     for layer in trace.layers:
+      block = BLOCKS[layer.approx]
       covariances = jax.tree_util.tree_map(lambda c: c / state.ema_weight,
                                            state.covariances[layer.name])
-      new = BLOCKS[layer.approx].inverses(covariances, damping_now, inverse_method)
-      inverses[layer.name] = jax.tree_util.tree_map(linalg.keep_if_not_finite, new,
-                                                    state.inverses[layer.name])
+      for factor, (matrix, damping_added) in block.factors(covariances, damping_now).items():
+        invert = functools.partial(_invert_or_keep, block, inverse_method)
+        tasks.append((invert, (matrix, damping_added, state.inverses[layer.name][factor])))
+        costs.append(matrix.size if block.entrywise else matrix.shape[0] ** 3)
+        slots.append((layer.name, factor))
+    results = parallel.run_tasks(tasks, costs, axis_name=axis_name, placement=placement,
+                                 mesh=mesh)
+    inverses = {name: dict(factors) for name, factors in state.inverses.items()}
+    for (name, factor), inverse in zip(slots, results):
+      inverses[name][factor] = inverse
     return state._replace(inverses=inverses, damping=jnp.asarray(damping_now, state.damping.dtype))
 
-  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+  def update_fn(updates, state, params=None, *, batch=None, stats=None, **extra_args):
+    """`stats`, optional: the `Curvature` from `jkfac.value_and_grad`, saving a forward pass."""
     del extra_args
     _check(params is not None and batch is not None,
            "jkfac needs the parameters and the batch: tx.update(grads, state, params, batch=batch).")
     _check(jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(params),
            "The gradients and the parameters passed to jkfac have different tree structures.")
+    if device_axis is not None:
+      parallel.check_axis(device_axis)
+      updates = parallel.pmean(updates, device_axis)
     trace = layer_table(params, batch)
     state = jax.lax.cond(state.count % cov_update_every == 0,
-                         lambda s: update_covariances(s, params, batch, trace), lambda s: s, state)
+                         lambda s: update_covariances(s, params, batch, stats, trace), lambda s: s, state)
     damping_now = _value(damping, state.count)
     state = jax.lax.cond(state.count % invert_every == 0,
                          lambda s: update_inverses(s, damping_now, trace), lambda s: s, state)
@@ -174,6 +207,12 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
     return updates, state._replace(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _invert_or_keep(block: Block, method: str, factor: Array, damping: Array,
+                    previous: Array) -> Array:
+  """The damped inverse of `factor`, or `previous` if it is not finite."""
+  return linalg.keep_if_not_finite(block.invert(factor, damping, method), previous)
 
 
 def _precondition_gradients(trace: tracer.Trace, inverses, updates: PyTree) -> PyTree:
@@ -226,10 +265,10 @@ def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
   """
   _check(momentum_type in ("regular", "adam"),
          f"momentum_type must be 'regular' or 'adam', got {momentum_type!r}.")
-  if momentum is not None and _is_number(momentum):
+  if _is_number(momentum):
     _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}.")
   preconditioner = precondition(loss_fn, example_batch, damping=damping, **precondition_kwargs)
-  accumulate = optax.trace(decay=momentum) if momentum else optax.identity()
+  accumulate = optax.identity() if momentum is None else optax.trace(decay=momentum)
   steps = [preconditioner, accumulate] if momentum_type == "regular" else [accumulate,
                                                                            preconditioner]
   return optax.chain(*steps, optax.scale_by_learning_rate(learning_rate))

@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
+
+from jkfac import linalg
 
 Array = jax.Array
 Arrays = dict[str, Array]
@@ -15,15 +18,30 @@ class Block(NamedTuple):
 
   zeros:        `(d_in, d_out) -> covariances` of zeros, the EMA's start.
   statistics:   `(a, g) -> covariances` of one batch.
-  inverses:     `(covariances, damping, method) -> inverses` (damped).
+  factors:      `(covariances, damping) -> {name: (factor, damping to add)}`, the
+                factors to invert: symmetric matrices, or arrays inverted entrywise
+                when `entrywise` is set. Kept apart from the inversion so the
+                transform can place each inversion on its own device.
   precondition: `(inverses, gradient matrix) -> preconditioned matrix`.
   """
   zeros: Callable[[int, int], Arrays]
   statistics: Callable[[Array, Array], Arrays]
-  inverses: Callable[[Arrays, Array, str], Arrays]
+  factors: Callable[[Arrays, Array], dict[str, tuple[Array, Array]]]
   precondition: Callable[[Arrays, Array], Array]
+  entrywise: bool = False
+
+  def invert(self, factor: Array, damping: Array, method: str = "cholesky") -> Array:
+    """The damped inverse of one factor."""
+    if self.entrywise:
+      return 1.0 / (factor + damping)
+    return linalg.damped_inverse(factor, damping, method)
+
+  def inverses(self, covariances: Arrays, damping: Array, method: str = "cholesky") -> Arrays:
+    """All damped inverses of the block, computed here."""
+    return {name: self.invert(factor, d, method)
+            for name, (factor, d) in self.factors(covariances, damping).items()}
 
 
 def per_example_gradients(a: Array, g: Array) -> Array:
   """`sum_t a_t g_t^T` per column and example: `(columns, batch, d_in, d_out)`."""
-  return jax.numpy.einsum("nta,kntg->knag", a, g)
+  return jnp.einsum("nta,kntg->knag", a, g)

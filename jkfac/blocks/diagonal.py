@@ -17,13 +17,12 @@ def statistics(a: Array, g: Array) -> Arrays:
   return {"diagonal": jnp.sum(per_example_gradients(a, g) ** 2, axis=(0, 1))}
 
 
-def inverses(covariances: Arrays, damping: Array, method: str) -> Arrays:
-  del method
-  return {"diagonal": 1.0 / (covariances["diagonal"] + damping)}
+def factors(covariances: Arrays, damping: Array) -> dict[str, tuple[Array, Array]]:
+  return {"diagonal": (covariances["diagonal"], damping)}
 
 
 def precondition(inverses: Arrays, gradient: Array) -> Array:
   return inverses["diagonal"] * gradient
 
 
-BLOCK = Block(zeros, statistics, inverses, precondition)
+BLOCK = Block(zeros, statistics, factors, precondition, entrywise=True)

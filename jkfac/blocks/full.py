@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jkfac import linalg
 from jkfac.blocks.base import Arrays, Array, Block, per_example_gradients
 
 
@@ -18,12 +17,12 @@ def statistics(a: Array, g: Array) -> Arrays:
   return {"F": v.T @ v}
 
 
-def inverses(covariances: Arrays, damping: Array, method: str) -> Arrays:
-  return {"F": linalg.damped_inverse(covariances["F"], damping, method)}
+def factors(covariances: Arrays, damping: Array) -> dict[str, tuple[Array, Array]]:
+  return {"F": (covariances["F"], damping)}
 
 
 def precondition(inverses: Arrays, gradient: Array) -> Array:
   return (inverses["F"] @ gradient.reshape(-1)).reshape(gradient.shape)
 
 
-BLOCK = Block(zeros, statistics, inverses, precondition)
+BLOCK = Block(zeros, statistics, factors, precondition)

@@ -23,17 +23,16 @@ def statistics(a: Array, g: Array) -> Arrays:
   return {"A": a.T @ a / a.shape[0], "G": g.T @ g}
 
 
-def inverses(covariances: Arrays, damping: Array, method: str) -> Arrays:
-  """Factored Tikhonov damping: `(A + pi sqrt(damping) I)^-1`, `(G + sqrt(damping)/pi I)^-1`."""
+def factors(covariances: Arrays, damping: Array) -> dict[str, tuple[Array, Array]]:
+  """Factored Tikhonov damping: `A + pi sqrt(damping) I` and `G + sqrt(damping)/pi I`."""
   a, g = covariances["A"], covariances["G"]
   pi = linalg.pi_correction(a, g)
   root = jnp.sqrt(damping)
-  return {"A": linalg.damped_inverse(a, pi * root, method),
-          "G": linalg.damped_inverse(g, root / pi, method)}
+  return {"A": (a, pi * root), "G": (g, root / pi)}
 
 
 def precondition(inverses: Arrays, gradient: Array) -> Array:
   return inverses["A"] @ gradient @ inverses["G"]
 
 
-BLOCK = Block(zeros, statistics, inverses, precondition)
+BLOCK = Block(zeros, statistics, factors, precondition)

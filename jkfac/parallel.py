@@ -1,0 +1,85 @@
+"""Data parallelism: averaging over a device axis and spreading inverse work.
+
+Under `jax.pmap(..., axis_name=...)` every device runs the same step on its own
+shard of the batch; `pmean` makes gradients and statistics those of the whole
+batch, so the state stays identical everywhere. Inverses are the expensive part
+that every device would otherwise repeat: with round-robin placement each factor
+is inverted by one device, chosen to balance the cubic cost, and shared by `psum`
+(the other devices contribute zeros, so the sum is the owner's result exactly).
+
+Under `jax.jit` with a batch sharded over a `Mesh`, arrays are global and XLA
+averages by itself; the same placement runs inside `jax.shard_map` over the mesh axis.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+PLACEMENTS = ("round_robin", "replicated")
+
+
+def assign_round_robin(costs: Sequence[float], num_devices: int) -> tuple[int, ...]:
+  """The device of each task: largest first, each to the least loaded device."""
+  load = [0.0] * num_devices
+  owners = [0] * len(costs)
+  for task in sorted(range(len(costs)), key=lambda t: -costs[t]):
+    device = min(range(num_devices), key=lambda d: load[d])
+    owners[task] = device
+    load[device] += costs[task]
+  return tuple(owners)
+
+
+def check_axis(axis_name: str) -> None:
+  """Raises a clear error when `axis_name` is not bound by pmap/shard_map."""
+  try:
+    jax.lax.axis_index(axis_name)
+  except NameError as error:
+    raise ValueError(
+        f"jkfac was given axis_name={axis_name!r}, but no such axis is bound: run the train "
+        f"step under jax.pmap(..., axis_name={axis_name!r}), or pass mesh= for jax.jit with "
+        "a sharded batch.") from error
+
+
+def pmean(tree: Any, axis_name: str | None) -> Any:
+  return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
+Task = tuple[Callable[..., Any], tuple]  # a function and its array arguments
+
+
+def _owned(tasks: Sequence[Task], owners: Sequence[int], axis_name: str) -> list:
+  """Runs task i only on device owners[i]; every device receives every result."""
+  index = jax.lax.axis_index(axis_name)
+  results = []
+  for (fn, args), owner in zip(tasks, owners):
+    zeros = lambda *args, fn=fn: jax.tree_util.tree_map(
+        lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(fn, *args))
+    results.append(jax.lax.cond(index == owner, fn, zeros, *args))
+  return jax.lax.psum(results, axis_name)
+
+
+def run_tasks(tasks: Sequence[Task], costs: Sequence[float], *, axis_name: str | None,
+              placement: str, mesh: Mesh | None = None) -> list:
+  """`[fn(*args) for fn, args in tasks]`, each computed once per device group.
+
+  "replicated" (or no axis): every device computes every task. "round_robin":
+  each task runs on one device of `axis_name` (a pmap axis, or an axis of `mesh`).
+  """
+  if axis_name is None or placement == "replicated":
+    return [fn(*args) for fn, args in tasks]
+  if mesh is None:
+    owners = assign_round_robin(costs, jax.lax.axis_size(axis_name))
+    return _owned(tasks, owners, axis_name)
+  owners = assign_round_robin(costs, mesh.shape[axis_name])
+  functions = [fn for fn, _ in tasks]
+  arguments = [args for _, args in tasks]
+
+  def on_each_device(arguments):
+    return _owned(list(zip(functions, arguments)), owners, axis_name)
+
+  return jax.shard_map(on_each_device, mesh=mesh, in_specs=PartitionSpec(),
+                       out_specs=PartitionSpec())(arguments)

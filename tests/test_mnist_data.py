@@ -1,0 +1,209 @@
+"""Tests for examples/mnist_data.py: IDX parsing, splits, TFDS, fake data, batches."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import pathlib
+import struct
+import sys
+
+import numpy as np
+import pytest
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+# shared/ lies beside the checkout, locally and in CI; the real data stays there.
+_SHARED_MNIST = _REPO.parent / "shared" / "data" / "mnist"
+
+
+def _import_by_path(name: str, path: pathlib.Path):
+  """Imports a module from a file; examples/ is scripts, not a package."""
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+mnist_data = _import_by_path("mnist_data", _REPO / "examples" / "mnist_data.py")
+
+_TYPE_CODES = {">u1": 0x08, ">i1": 0x09, ">i2": 0x0B, ">i4": 0x0C, ">f4": 0x0D, ">f8": 0x0E}
+
+
+def _write_idx(path: pathlib.Path, array: np.ndarray) -> None:
+  """Writes ``array`` as a gzipped big-endian IDX file (independent of the reader)."""
+  big = array.astype(array.dtype.newbyteorder(">"))
+  code = _TYPE_CODES[big.dtype.str.replace("|", ">")]
+  header = struct.pack(">BBBB", 0, 0, code, array.ndim)
+  header += struct.pack(f">{array.ndim}I", *array.shape)
+  with gzip.open(path, "wb") as f:
+    f.write(header + big.tobytes())
+
+
+def _write_pair(folder: pathlib.Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
+  images_name, labels_name = mnist_data.IDX_FILES[split]
+  _write_idx(folder / images_name, images)
+  _write_idx(folder / labels_name, labels)
+
+
+def _tiny(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+  labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+  return images, labels
+
+
+def _check_mnist_split(x: np.ndarray, y: np.ndarray, n: int) -> None:
+  assert x.shape == (n, 28, 28, 1) and x.dtype == np.float32
+  assert y.shape == (n,) and y.dtype == np.int32
+  assert 0.0 <= x.min() and x.max() <= 1.0
+  assert 0 <= y.min() and y.max() < 10
+
+
+@pytest.mark.parametrize("dtype", [">u1", ">i1", ">i2", ">i4", ">f4", ">f8"])
+def test_read_idx_round_trips_every_type_code(tmp_path, dtype):
+  array = (np.arange(24) - 7).reshape(2, 3, 4).astype(dtype)
+  _write_idx(tmp_path / "a.gz", array)
+  out = mnist_data._read_idx(str(tmp_path / "a.gz"))
+  assert out.dtype.isnative and out.shape == (2, 3, 4)
+  np.testing.assert_array_equal(out, array)
+
+
+def test_load_idx_round_trips_both_pairs(tmp_path):
+  train, test = _tiny(5, seed=0), _tiny(3, seed=1)
+  _write_pair(tmp_path, "train", *train)
+  _write_pair(tmp_path, "test", *test)
+  data = mnist_data.load_idx(str(tmp_path))
+  for split, (images, labels) in (("train", train), ("test", test)):
+    x, y = data[split]
+    _check_mnist_split(x, y, len(labels))
+    np.testing.assert_array_equal(x[..., 0], images.astype(np.float32) / 255)
+    np.testing.assert_array_equal(y, labels)
+
+
+def test_load_idx_splits_a_lone_test_pair_in_order(tmp_path):
+  images, labels = _tiny(10, seed=2)
+  _write_pair(tmp_path, "test", images, labels)
+  data = mnist_data.load_idx(str(tmp_path), test_size=3)
+  np.testing.assert_array_equal(data["train"][1], labels[:7])
+  np.testing.assert_array_equal(data["test"][1], labels[7:])
+  np.testing.assert_array_equal(data["test"][0][..., 0], images[7:] / np.float32(255))
+
+
+def test_load_idx_rejects_bad_magic_and_truncated_files(tmp_path):
+  images, labels = _tiny(2, seed=3)
+  _write_pair(tmp_path, "test", images, labels)
+  path = tmp_path / "t10k-images-idx3-ubyte.gz"
+  with gzip.open(path) as f:
+    good = f.read()
+  for raw, match in ((b"\x12\x34" + good[2:], "magic"), (good[:-1], "body"), (good[:10], "header")):
+    with gzip.open(path, "wb") as f:
+      f.write(raw)
+    with pytest.raises(ValueError, match=match):
+      mnist_data.load_idx(str(tmp_path))
+
+
+def test_load_idx_rejects_mismatched_label_count(tmp_path):
+  images, labels = _tiny(2, seed=4)
+  _write_pair(tmp_path, "test", images, labels[:1])
+  with pytest.raises(ValueError, match="labels"):
+    mnist_data.load_idx(str(tmp_path))
+
+
+@pytest.mark.skipif(
+    not (_SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file(),
+    reason=f"real MNIST t10k files not found in {_SHARED_MNIST}",
+)
+def test_load_idx_splits_shared_t10k_into_8000_and_2000():
+  data = mnist_data.load_idx(str(_SHARED_MNIST))
+  _check_mnist_split(*data["train"], 8000)
+  _check_mnist_split(*data["test"], 2000)
+  assert set(np.unique(data["test"][1])) == set(range(10))
+  assert 0.05 < data["train"][0].mean() < 0.3  # Real digits: mostly dark.
+
+
+def test_load_idx_missing_folder_names_folder_and_options(tmp_path):
+  missing = tmp_path / "nowhere"
+  with pytest.raises(FileNotFoundError) as info:
+    mnist_data.load_idx(str(missing))
+  message = str(info.value)
+  assert "\n" not in message
+  assert str(missing) in message and "--fake-data" in message and "--dataset tfds" in message
+
+
+def test_fake_data_has_mnist_shapes_and_is_seeded():
+  data = mnist_data.fake_data(num_train=64, num_test=16, seed=1)
+  _check_mnist_split(*data["train"], 64)
+  _check_mnist_split(*data["test"], 16)
+  again = mnist_data.fake_data(num_train=64, num_test=16, seed=1)
+  np.testing.assert_array_equal(data["train"][0], again["train"][0])
+  other = mnist_data.fake_data(num_train=64, num_test=16, seed=2)
+  assert not np.array_equal(data["train"][1], other["train"][1])
+
+
+def test_batches_cover_each_epoch_and_reshuffle():
+  x = np.arange(12, dtype=np.float32).reshape(12, 1, 1, 1)
+  y = np.arange(12, dtype=np.int32)
+  it = mnist_data.batches(x, y, 4, seed=0)
+  epochs = [[next(it) for _ in range(3)] for _ in range(2)]
+  for epoch in epochs:
+    assert all(b["image"].shape == (4, 1, 1, 1) and b["label"].shape == (4,) for b in epoch)
+    assert all(np.array_equal(b["image"][:, 0, 0, 0], b["label"]) for b in epoch)
+    assert sorted(np.concatenate([b["label"] for b in epoch])) == list(range(12))
+  first, second = (np.concatenate([b["label"] for b in e]) for e in epochs)
+  assert not np.array_equal(first, second)
+
+
+def test_batches_remainder_and_seed():
+  x, y = np.zeros((10, 28, 28, 1), np.float32), np.arange(10, dtype=np.int32)
+  kept = mnist_data.batches(x, y, 4, seed=3, drop_remainder=False)
+  assert [len(next(kept)["label"]) for _ in range(6)] == [4, 4, 2, 4, 4, 2]
+  dropped = mnist_data.batches(x, y, 4, seed=3)
+  assert [len(next(dropped)["label"]) for _ in range(4)] == [4, 4, 4, 4]
+  a, b = mnist_data.batches(x, y, 4, seed=5), mnist_data.batches(x, y, 4, seed=5)
+  assert all(np.array_equal(next(a)["label"], next(b)["label"]) for _ in range(5))
+  with pytest.raises(ValueError):
+    next(mnist_data.batches(x, y, 11, seed=0))
+
+
+def test_load_tfds_reads_mocked_mnist_without_tensorflow(monkeypatch):
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.core.data_sources import array_record
+
+  # TFDS 4.9.10's mock sets `__getitems__` as an unbound partial, so batched
+  # reads raise TypeError under mock_data; read the mock one key at a time.
+  monkeypatch.setattr(
+      array_record.ArrayRecordDataSource, "__getitems__", lambda self, keys: [self[k] for k in keys]
+  )
+  with tfds.testing.mock_data(num_examples=12):
+    data = mnist_data.load_tfds()
+  _check_mnist_split(*data["train"], 12)
+  _check_mnist_split(*data["test"], 12)
+
+
+@pytest.mark.parametrize("has_tensorflow", [False, True])
+def test_load_tfds_failure_is_one_runtime_error_line(monkeypatch, has_tensorflow):
+  import tensorflow_datasets as tfds
+
+  def fail(*args, **kwargs):
+    raise ConnectionError("no route to host\nsecond line of detail")
+
+  monkeypatch.setattr(tfds, "data_source", fail)
+  monkeypatch.setattr(mnist_data, "_has_tensorflow", lambda: has_tensorflow)
+  with pytest.raises(RuntimeError) as info:
+    mnist_data.load_tfds()
+  message = str(info.value)
+  assert "\n" not in message and message.startswith("tfds could not load mnist here")
+  assert "--data-dir" in message and "--fake-data" in message
+  assert ("tensorflow" in message) != has_tensorflow
+  assert info.value.__cause__ is not None
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow") is not None,
+    reason="with tensorflow installed, load_tfds would try to download MNIST",
+)
+def test_load_tfds_unprepared_dir_fails_fast_without_tensorflow(tmp_path):
+  with pytest.raises(RuntimeError, match="needs tensorflow to prepare it"):
+    mnist_data.load_tfds(str(tmp_path))
+  assert not any(tmp_path.rglob("*.gz"))  # Failed before downloading anything.
