@@ -15,7 +15,7 @@ from jkfac.tags import (
 )
 from jkfac.tracer import Curvature, value_and_grad
 from jkfac.transform import PreconditionState, kfac, precondition
-from jkfac import flax
+from jkfac import flax, parallel
 
 __version__ = "0.1.0"
 
@@ -26,6 +26,7 @@ __all__ = [
     "Curvature",
     "PreconditionState",
     "flax",
+    "parallel",
     "kfac",
     "precondition",
     "register_categorical_predictive_distribution",

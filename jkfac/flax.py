@@ -104,5 +104,6 @@ class TrainState(train_state.TrainState):
   def apply_gradients(self, *, grads: Any, batch: Any = None, **kwargs: Any) -> "TrainState":
     extra = {} if batch is None else {"batch": batch}
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **extra)
-    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
-                        opt_state=opt_state, **kwargs)
+    fields = dict(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                  opt_state=opt_state)
+    return self.replace(**{**fields, **kwargs})

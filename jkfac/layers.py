@@ -9,6 +9,8 @@ and back, so blocks need not know the layer kind.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -60,8 +62,11 @@ def output_rows(output_grads: Array) -> Array:
 
 
 def param_matrix(layer: LayerInfo, w: Array, b: Array | None) -> Array:
-  """The layer's parameters (or their gradients) as one `(d_in [+1], d_out)` matrix."""
-  m = w.reshape(-1, w.shape[-1])
+  """The layer's parameters (or their gradients) as one `(d_in [+1], d_out)` matrix.
+
+  A generic parameter is a column: `(size, 1)`.
+  """
+  m = w.reshape(-1, 1) if layer.kind == "generic" else w.reshape(-1, w.shape[-1])
   return m if b is None else jnp.concatenate([m, b[None, :]], axis=0)
 
 
@@ -73,7 +78,9 @@ def split_param_matrix(layer: LayerInfo, m: Array) -> tuple[Array, Array | None]
 
 def matrix_shape(layer: LayerInfo) -> tuple[int, int]:
   """`(d_in [+1], d_out)` of the layer's parameter matrix."""
-  d_in = 1
-  for size in layer.weight_shape[:-1]:
-    d_in *= size
-  return d_in + (layer.bias is not None), layer.weight_shape[-1]
+  size = math.prod(layer.weight_shape)
+  if layer.kind == "generic":
+    return size, 1
+  d_out = layer.weight_shape[-1]
+  return size // d_out + (layer.bias is not None), d_out
+

@@ -83,3 +83,13 @@ def run_tasks(tasks: Sequence[Task], costs: Sequence[float], *, axis_name: str |
 
   return jax.shard_map(on_each_device, mesh=mesh, in_specs=PartitionSpec(),
                        out_specs=PartitionSpec())(arguments)
+
+
+def split_batch(batch: Any, num_devices: int) -> Any:
+  """Reshapes every leaf `(n, ...)` to `(num_devices, n // num_devices, ...)` for `jax.pmap`."""
+  def split(x):
+    if x.shape[0] % num_devices:
+      raise ValueError(f"batch size {x.shape[0]} is not divisible by {num_devices} devices; "
+                       "choose a batch size that is a multiple of the device count.")
+    return x.reshape(num_devices, x.shape[0] // num_devices, *x.shape[1:])
+  return jax.tree_util.tree_map(split, batch)

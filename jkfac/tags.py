@@ -42,9 +42,10 @@ def _make_tag(name: str) -> Primitive:
     return prim.bind(*primals, **params), tangents[0]
 
   def batch(args, dims, **params):
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not batching.not_mapped)
-    args = [batching.moveaxis(a, d, 0) if d is not batching.not_mapped
-            else jnp.broadcast_to(a, (size,) + a.shape) for a, d in zip(args, dims)]
+    # Unmapped operands (dim None) are broadcast, so every operand gains axis 0.
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    args = [jnp.broadcast_to(a, (size,) + a.shape) if d is None else jnp.moveaxis(a, d, 0)
+            for a, d in zip(args, dims)]
     return prim.bind(*args, **params), 0
 
   ad.primitive_jvps[prim] = jvp

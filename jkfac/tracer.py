@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from jkfac import losses, tags
+from jkfac import losses, patterns, tags
 
 Array = jax.Array
 PyTree = Any
@@ -61,17 +61,25 @@ class LossInfo:
 
 @dataclasses.dataclass(frozen=True)
 class Trace:
+  """What `loss_fn` holds: tagged layers, losses, and the parameters of no layer.
+
+  `generic` lists the `params` leaves that no tag covers, each as a layer of kind
+  "generic"; K-FAC gives them a diagonal block estimated from their gradients.
+  """
   layers: tuple[LayerInfo, ...]
   losses: tuple[LossInfo, ...]
   param_paths: tuple[str, ...]
+  generic: tuple[LayerInfo, ...] = ()
 
 
 class LayerStatistics(NamedTuple):
   """What one layer's curvature block is built from, for one batch.
 
-  inputs:       the layer's input `x` as tagged, shape `(batch, ...)`.
+  inputs:       the layer's input `x` as tagged, shape `(batch, ...)`; None for a
+                generic parameter.
   output_grads: backpropagated loss cotangents at the layer's output, with a leading
-                axis of estimator columns: `(columns, *output_shape)`.
+                axis of estimator columns: `(columns, *output_shape)`; for a generic
+                parameter, at the parameter itself: `(columns, *param_shape)`.
   """
   inputs: Array
   output_grads: Array
@@ -171,21 +179,31 @@ def _path_str(path: tuple) -> str:
                   for k in path)
 
 
-def make_jaxpr(loss_fn: LossFn, params: PyTree, batch: PyTree) -> jcore.ClosedJaxpr:
-  """The jaxpr of `loss_fn(params, batch)` with params and batch leaves as inputs."""
-  return jax.make_jaxpr(loss_fn)(params, batch)
+def make_jaxpr(loss_fn: LossFn, params: PyTree, batch: PyTree, auto_register: bool = True):
+  """The jaxpr of `loss_fn(params, batch)` (inputs: the params then batch leaves) and
+  the shape of its output; with `auto_register`, untagged layers get tags too."""
+  closed, out_shape = jax.make_jaxpr(loss_fn, return_shape=True)(params, batch)
+  if auto_register:
+    num_params = len(jax.tree_util.tree_leaves(params))
+    origin = {v: i for i, v in enumerate(closed.jaxpr.invars[:num_params])}
+    claimed = {index for eqn, operand_origin in _find_tags(closed.jaxpr, origin)
+               if eqn.primitive is tags.layer_tag_p
+               for index in operand_origin[2:] if index is not None}
+    closed = patterns.register_layers(closed, num_params, claimed)
+  return closed, out_shape
 
 
 def trace_layers(loss_fn: LossFn, params: PyTree, batch: PyTree,
                  default_approx: str = tags.APPROX_KRONECKER_NAME,
-                 approx_for: Callable[[str, str], str | None] | None = None) -> Trace:
+                 approx_for: Callable[[str, str], str | None] | None = None,
+                 auto_register: bool = True) -> Trace:
   """The table of tagged layers and registered losses of `loss_fn`.
 
   `approx_for(layer_name, kind)` may override the approximation of a layer whose tag
   names none. Raises `ValueError` for missing losses, weights that are not in
   `params`, and parameters claimed by two tags.
   """
-  closed = make_jaxpr(loss_fn, params, batch)
+  closed, _ = make_jaxpr(loss_fn, params, batch, auto_register)
   leaves_with_paths, _ = jax.tree_util.tree_flatten_with_path(params)
   param_paths = tuple(_path_str(p) for p, _ in leaves_with_paths)
   origin = {v: i for i, v in enumerate(closed.jaxpr.invars[:len(param_paths)])}
@@ -210,7 +228,11 @@ def trace_layers(loss_fn: LossFn, params: PyTree, batch: PyTree,
   names = [layer.name for layer in layers]
   if len(set(names)) != len(names):
     raise ValueError(f"Two tagged layers share a parameter path prefix: {names}.")
-  return Trace(tuple(layers), tuple(loss_infos), param_paths)
+  generic = tuple(
+      LayerInfo(name=param_paths[i], kind="generic", approx="diagonal", weight=i, bias=None,
+                input_shape=(), output_shape=(), weight_shape=tuple(v.aval.shape), conv=None)
+      for i, v in enumerate(closed.jaxpr.invars[:len(param_paths)]) if i not in owner)
+  return Trace(tuple(layers), tuple(loss_infos), param_paths, generic)
 
 
 def _layer_info(eqn, operand_origin, param_paths, default_approx, approx_for) -> LayerInfo:
@@ -239,8 +261,9 @@ class Curvature(NamedTuple):
   inputs:      each tagged layer's input, in tag order.
   predictions: each registered loss's prediction.
   targets:     each registered loss's targets.
-  pullback:    maps cotangents of the predictions to gradients at every layer's output
-               (a `jax.tree_util.Partial`, so it may cross into `tx.update`).
+  pullback:    maps cotangents of the predictions to `(gradients of params, gradients
+               at every layer's output)` (a `jax.tree_util.Partial`, so it may cross
+               into `tx.update`).
   """
   inputs: list[Array]
   predictions: list[Array]
@@ -270,35 +293,40 @@ def _zero_perturbations(closed: jcore.ClosedJaxpr) -> list[Array]:
           for eqn, _ in _find_tags(closed.jaxpr, {}) if eqn.primitive is tags.layer_tag_p]
 
 
-def _to_perturbations(pullback, output_zeros, cotangents):
-  return pullback((output_zeros, cotangents))[-1]
+def _from_predictions(pullback, output_zeros, cotangents):
+  """The pullback of the prediction cotangents alone (the loss's own cotangent is 0)."""
+  return pullback((output_zeros, cotangents))
 
 
-def linearize(loss_fn: LossFn, params: PyTree, batch: PyTree) -> Curvature:
+def linearize(loss_fn: LossFn, params: PyTree, batch: PyTree,
+              auto_register: bool = True) -> Curvature:
   """A forward pass of `loss_fn`, linearized in the layer outputs only."""
-  closed = make_jaxpr(loss_fn, params, batch)
-  args = jax.tree_util.tree_leaves((params, batch))
+  closed, _ = make_jaxpr(loss_fn, params, batch, auto_register)
+  batch_leaves = jax.tree_util.tree_leaves(batch)
 
-  def forward(perturbations):
+  def forward(params, perturbations):
+    args = jax.tree_util.tree_leaves(params) + batch_leaves
     _, predictions, inputs, targets = _forward(closed, args, perturbations)
     return ((), predictions), (inputs, targets)
 
+  # Gradients of params are only used for generic parameters; XLA drops the rest.
   (_, predictions), pullback, (inputs, targets) = jax.vjp(
-      forward, _zero_perturbations(closed), has_aux=True)
+      forward, params, _zero_perturbations(closed), has_aux=True)
   return Curvature(inputs, predictions, targets,
-                   jax.tree_util.Partial(_to_perturbations, pullback, ()))
+                   jax.tree_util.Partial(_from_predictions, pullback, ()))
 
 
-def value_and_grad(loss_fn: LossFn, has_aux: bool = False) -> Callable[..., Any]:
+def value_and_grad(loss_fn: LossFn, has_aux: bool = False,
+                   auto_register: bool = True) -> Callable[..., Any]:
   """`jax.value_and_grad(loss_fn)` that also returns the `Curvature` of the same pass.
 
   `value, grads, curvature = jkfac.value_and_grad(loss_fn)(params, batch)`; pass
   `stats=curvature` to `tx.update` and K-FAC's statistics reuse this forward pass
-  instead of running their own.
+  instead of running their own. `auto_register` must match the transform's.
   """
 
   def value_grads_and_curvature(params: PyTree, batch: PyTree):
-    closed, out_shape = jax.make_jaxpr(loss_fn, return_shape=True)(params, batch)
+    closed, out_shape = make_jaxpr(loss_fn, params, batch, auto_register)
     out_tree = jax.tree_util.tree_structure(out_shape)
     batch_leaves = jax.tree_util.tree_leaves(batch)
     perturbations = _zero_perturbations(closed)
@@ -315,7 +343,7 @@ def value_and_grad(loss_fn: LossFn, has_aux: bool = False) -> Callable[..., Any]
     zeros = [jnp.zeros_like(p) for p in predictions]
     grads, _ = pullback((jnp.ones_like(loss), zeros))
     curvature = Curvature(inputs, predictions, targets, jax.tree_util.Partial(
-        _to_perturbations, pullback, jnp.zeros_like(loss)))
+        _from_predictions, pullback, jnp.zeros_like(loss)))
     return ((loss, aux) if has_aux else loss), grads, curvature
 
   return value_grads_and_curvature
@@ -324,6 +352,10 @@ def value_and_grad(loss_fn: LossFn, has_aux: bool = False) -> Callable[..., Any]
 def statistics(trace: Trace, curvature: Curvature, key: Array,
                estimation: str) -> dict[str, LayerStatistics]:
   """Per-layer inputs and output gradients of the estimated Fisher."""
+  if len(curvature.inputs) != len(trace.layers):
+    raise ValueError(f"The curvature has {len(curvature.inputs)} layers but the transform "
+                     f"traced {len(trace.layers)}: use the same auto_register setting in "
+                     "jkfac.value_and_grad and the transform.")
   keys = jax.random.split(key, len(curvature.predictions))
   cotangents = [losses.cotangents(info.kind, p, t, info.weight, estimation, k) for info, p, t, k
                 in zip(trace.losses, curvature.predictions, curvature.targets, keys)]
@@ -331,17 +363,23 @@ def statistics(trace: Trace, curvature: Curvature, key: Array,
     # Losses with different column counts: give each its own columns.
     cotangents = _pad_columns(cotangents)
   if cotangents[0].shape[0] == 1:  # one column: a single backward pass, no vmap.
-    output_grads = [g[None] for g in curvature.pullback([c[0] for c in cotangents])]
+    param_grads, output_grads = jax.tree_util.tree_map(
+        lambda g: g[None], curvature.pullback([c[0] for c in cotangents]))
   else:
-    output_grads = jax.vmap(curvature.pullback)(cotangents)
-  return {layer.name: LayerStatistics(x, g)
-          for layer, x, g in zip(trace.layers, curvature.inputs, output_grads)}
+    param_grads, output_grads = jax.vmap(curvature.pullback)(cotangents)
+  param_grads = jax.tree_util.tree_leaves(param_grads)
+  layer_statistics = {layer.name: LayerStatistics(x, g)
+                      for layer, x, g in zip(trace.layers, curvature.inputs, output_grads)}
+  layer_statistics.update({layer.name: LayerStatistics(None, param_grads[layer.weight])
+                           for layer in trace.generic})
+  return layer_statistics
 
 
 def collect_statistics(loss_fn: LossFn, trace: Trace, params: PyTree, batch: PyTree,
-                       key: Array, estimation: str) -> dict[str, LayerStatistics]:
+                       key: Array, estimation: str,
+                       auto_register: bool = True) -> dict[str, LayerStatistics]:
   """Per-layer inputs and output gradients of the estimated Fisher, for one batch."""
-  return statistics(trace, linearize(loss_fn, params, batch), key, estimation)
+  return statistics(trace, linearize(loss_fn, params, batch, auto_register), key, estimation)
 
 
 def _pad_columns(cotangents: list[Array]) -> list[Array]:

@@ -19,14 +19,15 @@ import jax.numpy as jnp
 import optax
 
 from jkfac import layers, linalg, losses, parallel, tags, tracer
-from jkfac.blocks import BLOCKS, Block
+from jkfac.blocks import BLOCKS, Block, diagonal
 
 Array = jax.Array
 PyTree = Any
 ScalarOrSchedule = float | Array | Callable[[Array], Array]
 
 SUPPORTED_APPROXIMATIONS = {"dense": ("kron", "diagonal", "full"),
-                            "conv2d": ("kron", "diagonal", "full")}
+                            "conv2d": ("kron", "diagonal", "full"),
+                            "generic": ("diagonal",)}
 
 
 class PreconditionState(NamedTuple):
@@ -98,6 +99,7 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
                  inverse_method: str = "cholesky",
                  approximations: Mapping[str, str] | None = None,
                  seed: int = 0,
+                 auto_register: bool = True,
                  axis_name: str | None = None,
                  placement: str | None = None,
                  mesh: jax.sharding.Mesh | None = None) -> optax.GradientTransformationExtraArgs:
@@ -119,6 +121,8 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
     approximations: glob patterns on layer names (e.g. `{"Conv_0": "diagonal"}`)
       choosing the approximation of layers whose tag names none; default "kron".
     seed: seed of the PRNG key that samples targets.
+    auto_register: also precondition untagged dense and conv layers that jkfac
+      recognises in the jaxpr (see `jkfac/patterns.py`). Hand tags win.
     axis_name: the `jax.pmap` axis to average gradients and statistics over; with
       `mesh`, the mesh axis that spreads inverse work under `jax.jit`.
     placement: "round_robin" (default with an axis) inverts each factor on one device
@@ -137,17 +141,19 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
 
   def layer_table(params: PyTree, batch: PyTree) -> tracer.Trace:
     trace = tracer.trace_layers(loss_fn, params, batch,
-                                approx_for=lambda name, kind: _match(approximations, name))
+                                approx_for=lambda name, kind: _match(approximations, name),
+                                auto_register=auto_register)
     _check_approximations(trace, approximations)
     return trace
 
   def init_fn(params: PyTree) -> PreconditionState:
     trace = layer_table(_abstract(params), example_batch)
+    every = trace.layers + trace.generic
     covariances = {layer.name: BLOCKS[layer.approx].zeros(*layers.matrix_shape(layer))
-                   for layer in trace.layers}
+                   for layer in every}
     inverses = {layer.name: BLOCKS[layer.approx].inverses(covariances[layer.name], 1.0,
                                                           inverse_method)
-                for layer in trace.layers}
+                for layer in every}
     return PreconditionState(count=jnp.zeros([], jnp.int32), key=jax.random.PRNGKey(seed),
                              ema_weight=jnp.zeros([]), damping=jnp.zeros([]),
                              covariances=covariances, inverses=inverses)
@@ -157,11 +163,10 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
     if device_axis is not None:  # different targets on every device
       sample_key = jax.random.fold_in(sample_key, jax.lax.axis_index(device_axis))
     if stats is None:
-      stats = tracer.linearize(loss_fn, params, batch)
+      stats = tracer.linearize(loss_fn, params, batch, auto_register)
     statistics = tracer.statistics(trace, stats, sample_key, estimation)
-    new = {layer.name: BLOCKS[layer.approx].statistics(
-        layers.input_rows(layer, statistics[layer.name].inputs),
-        layers.output_rows(statistics[layer.name].output_grads)) for layer in trace.layers}
+    new = {layer.name: _batch_statistics(layer, statistics[layer.name])
+           for layer in trace.layers + trace.generic}
     new = parallel.pmean(new, device_axis)
     decay = jnp.asarray(cov_ema_decay, state.ema_weight.dtype)
     covariances = jax.tree_util.tree_map(lambda old, x: decay * old + (1 - decay) * x.astype(
@@ -171,7 +176,7 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
 
   def update_inverses(state, damping_now, trace):
     tasks, costs, slots = [], [], []
-    for layer in trace.layers:
+    for layer in trace.layers + trace.generic:
       block = BLOCKS[layer.approx]
       covariances = jax.tree_util.tree_map(lambda c: c / state.ema_weight,
                                            state.covariances[layer.name])
@@ -209,6 +214,14 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _batch_statistics(layer: tracer.LayerInfo, statistics: tracer.LayerStatistics):
+  """The block statistics of one layer for one batch."""
+  if layer.kind == "generic":
+    return diagonal.generic_statistics(statistics.output_grads)
+  return BLOCKS[layer.approx].statistics(layers.input_rows(layer, statistics.inputs),
+                                         layers.output_rows(statistics.output_grads))
+
+
 def _invert_or_keep(block: Block, method: str, factor: Array, damping: Array,
                     previous: Array) -> Array:
   """The damped inverse of `factor`, or `previous` if it is not finite."""
@@ -218,7 +231,7 @@ def _invert_or_keep(block: Block, method: str, factor: Array, damping: Array,
 def _precondition_gradients(trace: tracer.Trace, inverses, updates: PyTree) -> PyTree:
   """Applies each layer's inverse block to its gradients; other leaves pass through."""
   leaves, treedef = jax.tree_util.tree_flatten(updates)
-  for layer in trace.layers:
+  for layer in trace.layers + trace.generic:
     bias = None if layer.bias is None else leaves[layer.bias]
     matrix = layers.param_matrix(layer, leaves[layer.weight], bias)
     matrix = BLOCKS[layer.approx].precondition(inverses[layer.name], matrix.astype(
@@ -241,7 +254,7 @@ def _check_approximations(trace: tracer.Trace, approximations: Mapping[str, str]
   names = [layer.name for layer in trace.layers]
   for pattern in approximations or {}:
     _check(any(fnmatch.fnmatchcase(n, pattern) for n in names),
-           f"The approximation pattern {pattern!r} matches no tagged layer; layers: {names}.")
+           f"The approximation pattern {pattern!r} matches no layer; layers: {names}.")
   for layer in trace.layers:
     supported = SUPPORTED_APPROXIMATIONS[layer.kind]
     _check(layer.approx in supported,

@@ -17,6 +17,17 @@ def statistics(a: Array, g: Array) -> Arrays:
   return {"diagonal": jnp.sum(per_example_gradients(a, g) ** 2, axis=(0, 1))}
 
 
+def generic_statistics(param_grads: Array) -> Arrays:
+  """The diagonal block of a parameter that no layer covers, from its gradients.
+
+  `param_grads` `(columns, *shape)` are gradients of the cotangent-weighted loss; their
+  squares estimate the diagonal Fisher without bias for sampled targets ("fisher"),
+  since the cross terms between examples vanish in expectation.
+  """
+  g = param_grads.reshape(param_grads.shape[0], -1, 1)
+  return {"diagonal": jnp.sum(g ** 2, axis=0)}
+
+
 def factors(covariances: Arrays, damping: Array) -> dict[str, tuple[Array, Array]]:
   return {"diagonal": (covariances["diagonal"], damping)}
 

@@ -1,0 +1,164 @@
+"""Automatic registration: tags untagged dense and conv layers in a jaxpr.
+
+A layer is recognised by its structure, not by module names, so it survives
+`jit`, `remat` and dtype promotion: a `dot_general` that contracts the last axis of
+its input with the first axis of a 2-D parameter (a dense layer), or an NHWC/HWIO
+`conv_general_dilated` with a parameter kernel, optionally followed by the `add` of a
+1-D parameter broadcast over the output (the bias). A parameter is one of the
+`params` leaves, seen through casts and copies.
+
+`register_layers` returns the jaxpr with a layer tag after each recognised layer, so
+the tracer treats it exactly like a hand-tagged one. Parameters in a hand tag win,
+and a weight used by several layers is left untagged.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+from jax.extend import core as jcore
+
+from jkfac import tags
+
+_TRANSPARENT = frozenset({"convert_element_type", "copy", "copy_p"})
+_BROADCASTS = frozenset({"reshape", "broadcast_in_dim"}) | _TRANSPARENT
+_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "remat2",
+                    "checkpoint"})
+_NHWC_HWIO = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+
+def _is_var(atom: Any) -> bool:
+  return not isinstance(atom, jcore.Literal)
+
+
+def _layer_kind(eqn: jcore.JaxprEqn, origin: dict, shapes: list) -> str | None:
+  """'dense' or 'conv2d' if `eqn` is such a layer with a parameter as its weights."""
+  if len(eqn.invars) != 2 or not _is_var(eqn.invars[1]) or eqn.invars[1] not in origin:
+    return None
+  x, w = eqn.invars
+  ndim = len(shapes[origin[w]])
+  if eqn.primitive.name == "dot_general" and ndim == 2:
+    (contract_x, contract_w), (batch_x, batch_w) = eqn.params["dimension_numbers"]
+    if (tuple(contract_x) == (x.aval.ndim - 1,) and tuple(contract_w) == (0,)
+        and not batch_x and not batch_w and x.aval.ndim >= 2):
+      return "dense"
+  if eqn.primitive.name == "conv_general_dilated" and ndim == 4:
+    dn = eqn.params["dimension_numbers"]
+    if ((tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) == _NHWC_HWIO
+        and eqn.params["feature_group_count"] == 1 and eqn.params["batch_group_count"] == 1):
+      return "conv2d"
+  return None
+
+
+def _find_layers(jaxpr: jcore.Jaxpr, origin: dict, shapes: list) -> dict[int, dict]:
+  """Recognised layers of one jaxpr level, keyed by the index of their last equation."""
+  uses = collections.Counter(v for eqn in jaxpr.eqns for v in eqn.invars if _is_var(v))
+  uses.update(v for v in jaxpr.outvars if _is_var(v))
+  bias_source: dict = {}  # var -> the 1-D parameter var it broadcasts
+  layers, by_output = [], {}
+  for index, eqn in enumerate(jaxpr.eqns):
+    first = eqn.invars[0] if eqn.invars and _is_var(eqn.invars[0]) else None
+    if eqn.primitive.name in _TRANSPARENT and first in origin:
+      origin[eqn.outvars[0]] = origin[first]
+    if eqn.primitive.name in _BROADCASTS and (
+        first in bias_source or (first in origin and len(shapes[origin[first]]) == 1)):
+      bias_source[eqn.outvars[0]] = bias_source.get(first, first)
+    kind = _layer_kind(eqn, origin, shapes)
+    if kind is not None:
+      layer = dict(kind=kind, eqn=eqn, last=index, bias=None, weight=origin[eqn.invars[1]])
+      layers.append(layer)
+      by_output[eqn.outvars[0]] = layer
+    elif eqn.primitive.name == "add" and all(_is_var(v) for v in eqn.invars):
+      for y, b in (eqn.invars, eqn.invars[::-1]):
+        layer = by_output.get(y)
+        if (layer is not None and uses[y] == 1 and b in bias_source
+            and shapes[origin[bias_source[b]]] == (y.aval.shape[-1],)
+            and eqn.outvars[0].aval.shape == y.aval.shape):
+          layer.update(last=index, bias=bias_source[b])
+          break
+  return {layer["last"]: layer for layer in layers}
+
+
+def _tag(layer: dict, rename: dict, output: jcore.Var, origin: dict,
+         claimed: set) -> jcore.JaxprEqn:
+  """The tag equation of a recognised layer, whose output becomes a new variable."""
+  eqn = layer["eqn"]
+  x, w = (rename.get(v, v) for v in eqn.invars)
+  bias = layer["bias"] if layer["bias"] is not None and origin[layer["bias"]] not in claimed \
+      else None
+  conv = None
+  if layer["kind"] == "conv2d":
+    p = eqn.params
+    conv = tags.ConvParams(tuple(p["window_strides"]),
+                           tuple(tuple(int(v) for v in pair) for pair in p["padding"]),
+                           tuple(p["lhs_dilation"]), tuple(p["rhs_dilation"]))
+  operands = [output, x, w] + ([] if bias is None else [bias])
+  params = dict(kind=layer["kind"], approx=None, has_bias=bias is not None, conv=conv)
+  return jcore.new_jaxpr_eqn(operands, [jcore.Var(output.aval)], tags.layer_tag_p, params,
+                             jcore.no_effects)
+
+
+def _call(eqn: jcore.JaxprEqn) -> tuple[str, Any, jcore.Jaxpr] | None:
+  """(param name, sub-jaxpr, its open jaxpr) of a call-like equation."""
+  if eqn.primitive.name not in _CALLS:
+    return None
+  for name in ("jaxpr", "call_jaxpr"):
+    sub = eqn.params.get(name)
+    inner = sub.jaxpr if isinstance(sub, jcore.ClosedJaxpr) else sub
+    if isinstance(inner, jcore.Jaxpr) and len(inner.invars) == len(eqn.invars):
+      return name, sub, inner
+  return None
+
+
+def _rewrite(jaxpr: jcore.Jaxpr, origin: dict, shapes: list, claimed: set,
+             tagged: collections.Counter) -> jcore.Jaxpr:
+  """`jaxpr` with a tag after each recognised layer whose weight is not `claimed`."""
+  origin = dict(origin)
+  layers = {last: layer for last, layer in _find_layers(jaxpr, dict(origin), shapes).items()
+            if layer["weight"] not in claimed}
+  rename: dict = {}
+  eqns = []
+  for index, eqn in enumerate(jaxpr.eqns):
+    if rename:
+      eqn = eqn.replace(invars=[rename.get(v, v) if _is_var(v) else v for v in eqn.invars])
+    first = eqn.invars[0] if eqn.invars and _is_var(eqn.invars[0]) else None
+    if eqn.primitive.name in _TRANSPARENT and first in origin:
+      origin[eqn.outvars[0]] = origin[first]
+    if (call := _call(eqn)) is not None:
+      name, sub, inner = call
+      inner_origin = {s: origin[v] for s, v in zip(inner.invars, eqn.invars)
+                      if _is_var(v) and v in origin}
+      new_inner = _rewrite(inner, inner_origin, shapes, claimed, tagged)
+      if new_inner is not inner:
+        new_sub = (jcore.ClosedJaxpr(new_inner, sub.consts)
+                   if isinstance(sub, jcore.ClosedJaxpr) else new_inner)
+        eqn = eqn.replace(params={**eqn.params, name: new_sub})
+    eqns.append(eqn)
+    if index in layers:
+      tag = _tag(layers[index], rename, eqn.outvars[0], origin, claimed)
+      tagged[layers[index]["weight"]] += 1
+      rename[eqn.outvars[0]] = tag.outvars[0]
+      eqns.append(tag)
+  if not rename and all(a is b for a, b in zip(eqns, jaxpr.eqns)):
+    return jaxpr
+  outvars = [rename.get(v, v) if _is_var(v) else v for v in jaxpr.outvars]
+  return jaxpr.replace(eqns=eqns, outvars=outvars)
+
+
+def register_layers(closed: jcore.ClosedJaxpr, num_params: int,
+                    claimed: set[int]) -> jcore.ClosedJaxpr:
+  """Tags the untagged dense and conv layers of `loss_fn`'s jaxpr.
+
+  The first `num_params` inputs of `closed` are the `params` leaves; `claimed` holds
+  the indices of leaves already in a hand tag.
+  """
+  shapes = [tuple(v.aval.shape) for v in closed.jaxpr.invars[:num_params]]
+  origin = {v: i for i, v in enumerate(closed.jaxpr.invars[:num_params])}
+  tagged: collections.Counter = collections.Counter()
+  jaxpr = _rewrite(closed.jaxpr, origin, shapes, set(claimed), tagged)
+  shared = {weight for weight, count in tagged.items() if count > 1}
+  if shared:  # weights used by several layers stay untagged
+    jaxpr = _rewrite(closed.jaxpr, origin, shapes, set(claimed) | shared,
+                     collections.Counter())
+  return jcore.ClosedJaxpr(jaxpr, closed.consts)
