@@ -13,9 +13,10 @@ from jkfac.tags import (
     register_softmax_cross_entropy,
     register_squared_error,
 )
+from jkfac.describe import Description, describe
 from jkfac.tracer import Curvature, value_and_grad
 from jkfac.transform import PreconditionState, kfac, precondition
-from jkfac import flax, parallel
+from jkfac import flax, layer_collection, parallel
 
 __version__ = "0.1.0"
 
@@ -24,8 +25,11 @@ __all__ = [
     "APPROX_FULL_NAME",
     "APPROX_KRONECKER_NAME",
     "Curvature",
+    "Description",
     "PreconditionState",
+    "describe",
     "flax",
+    "layer_collection",
     "parallel",
     "kfac",
     "precondition",

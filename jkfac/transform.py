@@ -139,12 +139,8 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
   placement = placement or ("round_robin" if axis_name else "replicated")
   device_axis = axis_name if mesh is None else None  # the pmap axis, if any
 
-  def layer_table(params: PyTree, batch: PyTree) -> tracer.Trace:
-    trace = tracer.trace_layers(loss_fn, params, batch,
-                                approx_for=lambda name, kind: _match(approximations, name),
-                                auto_register=auto_register)
-    _check_approximations(trace, approximations)
-    return trace
+  layer_table = functools.partial(trace_with_approximations, loss_fn,
+                                  approximations=approximations, auto_register=auto_register)
 
   def init_fn(params: PyTree) -> PreconditionState:
     trace = layer_table(_abstract(params), example_batch)
@@ -241,6 +237,17 @@ def _precondition_gradients(trace: tracer.Trace, inverses, updates: PyTree) -> P
     if layer.bias is not None:
       leaves[layer.bias] = b.astype(leaves[layer.bias].dtype)
   return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def trace_with_approximations(loss_fn: Callable[..., Any], params: PyTree, batch: PyTree, *,
+                              approximations: Mapping[str, str] | None = None,
+                              auto_register: bool = True) -> tracer.Trace:
+  """The layer table of `loss_fn`, each layer with its approximation, checked."""
+  trace = tracer.trace_layers(loss_fn, params, batch,
+                              approx_for=lambda name, kind: _match(approximations, name),
+                              auto_register=auto_register)
+  _check_approximations(trace, approximations)
+  return trace
 
 
 def _match(approximations: Mapping[str, str] | None, name: str) -> str | None:

@@ -1,0 +1,84 @@
+"""`jkfac.describe`: what K-FAC will do with every parameter, as a table."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jkfac import layers
+from jkfac.blocks import BLOCKS
+from jkfac.transform import trace_with_approximations
+
+PyTree = Any
+
+
+class ParameterInfo(NamedTuple):
+  """One `params` leaf: its layer, the layer's kind and approximation, and the block.
+
+  `factors` gives the shapes of the layer's block arrays and `state_bytes` the bytes
+  they take in the state (covariances and inverses), on the layer's first leaf.
+  """
+  path: str
+  shape: tuple[int, ...]
+  layer: str
+  kind: str
+  approx: str
+  factors: str
+  state_bytes: int
+
+
+class Description(NamedTuple):
+  parameters: tuple[ParameterInfo, ...]
+
+  @property
+  def state_bytes(self) -> int:
+    return sum(p.state_bytes for p in self.parameters)
+
+  def __str__(self) -> str:
+    header = ("parameter", "shape", "layer", "kind", "approx", "factors", "state")
+    rows = [header] + [(p.path, "x".join(map(str, p.shape)) or "scalar", p.layer, p.kind,
+                        p.approx, p.factors, _size(p.state_bytes) if p.state_bytes else "")
+                       for p in self.parameters]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"K-FAC state: {_size(self.state_bytes)}")
+    return "\n".join(lines)
+
+
+def _size(num_bytes: int) -> str:
+  for unit in ("B", "KiB", "MiB"):
+    if num_bytes < 1024 or unit == "MiB":
+      return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+    num_bytes /= 1024
+  raise AssertionError
+
+
+def describe(loss_fn: Callable[..., Any], params: PyTree, batch: PyTree, *,
+             approximations: Mapping[str, str] | None = None,
+             auto_register: bool = True) -> Description:
+  """Every parameter of `loss_fn` with the block K-FAC gives it; `print` it for a table.
+
+  Takes the arguments `jkfac.kfac` / `jkfac.precondition` take, so it shows what they
+  will do: which layer each parameter belongs to (tagged, recognised, or "generic"
+  for a diagonal block of its own), the approximation and the factor shapes.
+  """
+  trace = trace_with_approximations(loss_fn, params, batch, approximations=approximations,
+                                    auto_register=auto_register)
+  leaves = jax.tree_util.tree_leaves(params)
+  itemsize = jnp.zeros(()).dtype.itemsize
+  rows: dict[int, ParameterInfo] = {}
+  for layer in trace.layers + trace.generic:
+    zeros = jax.eval_shape(lambda layer=layer: BLOCKS[layer.approx].zeros(
+        *layers.matrix_shape(layer)))
+    factors = ", ".join(f"{name} {'x'.join(map(str, x.shape))}" for name, x in zeros.items())
+    state_bytes = 2 * itemsize * sum(math.prod(x.shape) for x in zeros.values())
+    for index in (layer.weight, layer.bias):
+      if index is not None:
+        rows[index] = ParameterInfo(trace.param_paths[index], tuple(jnp.shape(leaves[index])),
+                                    layer.name, layer.kind, layer.approx, factors,
+                                    state_bytes if index == layer.weight else 0)
+  return Description(tuple(rows[i] for i in sorted(rows)))

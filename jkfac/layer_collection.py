@@ -1,0 +1,53 @@
+"""The seed's registration names (tensorflow/kfac's `LayerCollection`), functional.
+
+For porting TF code: `from jkfac import layer_collection` and call the functions
+inside the loss function. Each tags the outputs and returns them; use the returned
+array downstream. `params` is the kernel or a `(kernel, bias)` pair.
+`define_linked_parameters(params, approximation=...)` becomes the transform's
+`approximations={"<layer name pattern>": ...}` argument.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+
+from jkfac import tags
+from jkfac.tags import (  # noqa: F401  (re-exported under the seed's names)
+    APPROX_DIAGONAL_NAME,
+    APPROX_FULL_NAME,
+    APPROX_KRONECKER_NAME,
+    register_categorical_predictive_distribution,
+    register_multi_bernoulli_predictive_distribution,
+    register_normal_predictive_distribution,
+)
+
+Array = jax.Array
+Params = Array | tuple[Array, Array] | tuple[Array]
+
+
+def _kernel_and_bias(params: Params) -> tuple[Array, Array | None]:
+  if isinstance(params, (tuple, list)):
+    if len(params) not in (1, 2):
+      raise ValueError(f"params must be a kernel or (kernel, bias); got {len(params)} arrays.")
+    return params[0], (params[1] if len(params) == 2 else None)
+  return params, None
+
+
+def register_fully_connected(params: Params, inputs: Array, outputs: Array,
+                             approx: str | None = None) -> Array:
+  """Tags `outputs = inputs @ kernel (+ bias)`; returns `outputs`."""
+  kernel, bias = _kernel_and_bias(params)
+  return tags.register_dense(outputs, inputs, kernel, bias, approx=approx)
+
+
+def register_conv2d(params: Params, strides: Sequence[int], padding: str | Sequence,
+                    inputs: Array, outputs: Array, approx: str | None = None,
+                    dilations: Sequence[int] | None = None) -> Array:
+  """Tags an NHWC conv with HWIO kernel; `strides`/`dilations` as in TF (4 or 2 entries)."""
+  kernel, bias = _kernel_and_bias(params)
+  spatial = lambda v: tuple(v[1:3]) if len(v) == 4 else tuple(v)
+  return tags.register_conv2d(outputs, inputs, kernel, bias, window_strides=spatial(strides),
+                              padding=padding, rhs_dilation=spatial(dilations or (1, 1)),
+                              approx=approx)
