@@ -23,21 +23,25 @@ def _append_ones(a: Array) -> Array:
   return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
 
 
-def input_rows(layer: LayerInfo, x: Array) -> Array:
-  """The vectors `a` of every position, `(batch, positions, d_in [+1])`."""
+def input_rows(layer: LayerInfo, x: Array, reduce: bool = False) -> Array:
+  """The vectors `a` of every position, `(batch, positions, d_in [+1])`.
+
+  With `reduce`, their mean over positions instead: `(batch, 1, d_in [+1])`
+  (K-FAC-reduce), computed without building every patch.
+  """
   if layer.kind == "conv2d":
-    x = conv_patches(x, layer.weight_shape[:2], layer.conv)
+    slices = _patch_slices(x, layer.weight_shape[:2], layer.conv)
+    if reduce:
+      slices = [s.mean(axis=(1, 2), keepdims=True) for s in slices]
+    x = _stack_features(slices)
+  elif reduce:
+    x = x.reshape(x.shape[0], -1, x.shape[-1]).mean(axis=1, keepdims=True)
   a = x.reshape(x.shape[0], -1, x.shape[-1])
   return _append_ones(a) if layer.bias is not None else a
 
 
-def conv_patches(x: Array, kernel_size: tuple[int, ...], conv: ConvParams) -> Array:
-  """The input patch of every output pixel, `(batch, h_out, w_out, k_h * k_w * c_in)`.
-
-  Features are ordered as in an HWIO kernel reshaped to `(-1, c_out)`. Built from
-  strided slices of the padded input: `lax.conv_general_dilated_patches` does the
-  same with a convolution by an identity kernel, which costs a matrix product.
-  """
+def _patch_slices(x: Array, kernel_size: tuple[int, ...], conv: ConvParams) -> list[Array]:
+  """For each kernel offset, the input pixels it meets at every output pixel."""
   (pad_h, pad_w), (dil_h, dil_w) = conv.padding, conv.lhs_dilation
   x = jax.lax.pad(x, jnp.zeros((), x.dtype),
                   ((0, 0, 0), (*pad_h, dil_h - 1), (*pad_w, dil_w - 1), (0, 0, 0)))
@@ -51,14 +55,30 @@ def conv_patches(x: Array, kernel_size: tuple[int, ...], conv: ConvParams) -> Ar
       limit = (x.shape[0], start[1] + (out[0] - 1) * strides[0] + 1,
                start[2] + (out[1] - 1) * strides[1] + 1, x.shape[3])
       slices.append(jax.lax.slice(x, start, limit, (1, *strides, 1)))
+  return slices
+
+
+def _stack_features(slices: list[Array]) -> Array:
   patches = jnp.stack(slices, axis=3)  # (batch, h_out, w_out, k_h * k_w, c_in)
   return patches.reshape(*patches.shape[:3], -1)
 
 
-def output_rows(output_grads: Array) -> Array:
-  """Output gradients as `(columns, batch, positions, d_out)`."""
+def conv_patches(x: Array, kernel_size: tuple[int, ...], conv: ConvParams) -> Array:
+  """The input patch of every output pixel, `(batch, h_out, w_out, k_h * k_w * c_in)`.
+
+  Features are ordered as in an HWIO kernel reshaped to `(-1, c_out)`. Built from
+  strided slices of the padded input: `lax.conv_general_dilated_patches` does the
+  same with a convolution by an identity kernel, which costs a matrix product.
+  """
+  return _stack_features(_patch_slices(x, kernel_size, conv))
+
+
+def output_rows(output_grads: Array, reduce: bool = False) -> Array:
+  """Output gradients as `(columns, batch, positions, d_out)`; with `reduce`, their sum
+  over positions, `(columns, batch, 1, d_out)`."""
   g = output_grads
-  return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
+  g = g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
+  return g.sum(axis=2, keepdims=True) if reduce else g
 
 
 def param_matrix(layer: LayerInfo, w: Array, b: Array | None) -> Array:

@@ -27,7 +27,9 @@ LOSS_KINDS = ("softmax_cross_entropy", "sigmoid_cross_entropy", "squared_error")
 APPROX_KRONECKER_NAME = "kron"
 APPROX_DIAGONAL_NAME = "diagonal"
 APPROX_FULL_NAME = "full"
-APPROXIMATIONS = (APPROX_KRONECKER_NAME, APPROX_DIAGONAL_NAME, APPROX_FULL_NAME)
+APPROX_KRONECKER_REDUCE_NAME = "kron_reduce"
+APPROXIMATIONS = (APPROX_KRONECKER_NAME, APPROX_DIAGONAL_NAME, APPROX_FULL_NAME,
+                  APPROX_KRONECKER_REDUCE_NAME)
 
 
 def _make_tag(name: str) -> Primitive:

@@ -243,8 +243,10 @@ def _layer_info(eqn, operand_origin, param_paths, default_approx, approx_for) ->
     raise ValueError(
         f"A {eqn.params['kind']} layer tag's weights (shape {w.aval.shape}) are not leaves of "
         "`params`: pass the parameters themselves (not arrays computed from them) to the tag.")
-  path = param_paths[weight]
-  name = path.rsplit("/", 1)[0] if "/" in path else path
+  parts = param_paths[weight].split("/")
+  if parts[-1] == "value" and len(parts) > 1:  # flax.nnx.Param leaves end in .value
+    parts = parts[:-1]
+  name = "/".join(parts[:-1] or parts)
   approx = eqn.params["approx"] or (approx_for and approx_for(name, eqn.params["kind"])) or (
       default_approx)
   return LayerInfo(name=name, kind=eqn.params["kind"], approx=approx, weight=weight, bias=bias,

@@ -26,7 +26,7 @@ PyTree = Any
 ScalarOrSchedule = float | Array | Callable[[Array], Array]
 
 SUPPORTED_APPROXIMATIONS = {"dense": ("kron", "diagonal", "full"),
-                            "conv2d": ("kron", "diagonal", "full"),
+                            "conv2d": ("kron", "kron_reduce", "diagonal", "full"),
                             "generic": ("diagonal",)}
 
 
@@ -214,8 +214,10 @@ def _batch_statistics(layer: tracer.LayerInfo, statistics: tracer.LayerStatistic
   """The block statistics of one layer for one batch."""
   if layer.kind == "generic":
     return diagonal.generic_statistics(statistics.output_grads)
-  return BLOCKS[layer.approx].statistics(layers.input_rows(layer, statistics.inputs),
-                                         layers.output_rows(statistics.output_grads))
+  reduce = layer.approx == "kron_reduce"
+  return BLOCKS[layer.approx].statistics(
+      layers.input_rows(layer, statistics.inputs, reduce),
+      layers.output_rows(statistics.output_grads, reduce))
 
 
 def _invert_or_keep(block: Block, method: str, factor: Array, damping: Array,

@@ -3,6 +3,9 @@
 Every block works on a layer in its matrix view (see `jkfac/layers.py`): inputs
 `a` of shape `(batch, positions, d_in)`, output gradients `g` of shape
 `(columns, batch, positions, d_out)` and a `(d_in, d_out)` gradient matrix.
+"kron_reduce" (K-FAC-reduce, Eschenhagen et al. 2023) is the Kronecker block fed
+with inputs averaged and output gradients summed over positions per example; the
+transform asks `jkfac/layers.py` for those reduced rows.
 """
 
 from jkfac.blocks.base import Block
@@ -10,6 +13,7 @@ from jkfac.blocks import diagonal, full, kron
 
 BLOCKS: dict[str, Block] = {
     "kron": kron.BLOCK,
+    "kron_reduce": kron.BLOCK,
     "diagonal": diagonal.BLOCK,
     "full": full.BLOCK,
 }
