@@ -361,8 +361,9 @@ def statistics(trace: Trace, curvature: Curvature, key: Array,
   keys = jax.random.split(key, len(curvature.predictions))
   cotangents = [losses.cotangents(info.kind, p, t, info.weight, estimation, k) for info, p, t, k
                 in zip(trace.losses, curvature.predictions, curvature.targets, keys)]
-  if len({c.shape[0] for c in cotangents}) > 1:
-    # Losses with different column counts: give each its own columns.
+  if len(cotangents) > 1 and any(c.shape[0] > 1 for c in cotangents):
+    # Deterministic columns of several losses would cross: give each its own columns.
+    # (Single sampled or empirical columns may share: their sum is the right gradient.)
     cotangents = _pad_columns(cotangents)
   if cotangents[0].shape[0] == 1:  # one column: a single backward pass, no vmap.
     param_grads, output_grads = jax.tree_util.tree_map(

@@ -147,8 +147,7 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
     every = trace.layers + trace.generic
     covariances = {layer.name: BLOCKS[layer.approx].zeros(*layers.matrix_shape(layer))
                    for layer in every}
-    inverses = {layer.name: BLOCKS[layer.approx].inverses(covariances[layer.name], 1.0,
-                                                          inverse_method)
+    inverses = {layer.name: BLOCKS[layer.approx].identity(covariances[layer.name])
                 for layer in every}
     return PreconditionState(count=jnp.zeros([], jnp.int32), key=jax.random.PRNGKey(seed),
                              ema_weight=jnp.zeros([]), damping=jnp.zeros([]),

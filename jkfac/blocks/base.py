@@ -36,6 +36,11 @@ class Block(NamedTuple):
       return 1.0 / (factor + damping)
     return linalg.damped_inverse(factor, damping, method)
 
+  def identity(self, covariances: Arrays) -> Arrays:
+    """Inverses that leave gradients unchanged: the state before the first inversion."""
+    return {name: jnp.ones_like(f) if self.entrywise else jnp.eye(f.shape[0], dtype=f.dtype)
+            for name, (f, _) in self.factors(covariances, 1.0).items()}
+
   def inverses(self, covariances: Arrays, damping: Array, method: str = "cholesky") -> Arrays:
     """All damped inverses of the block, computed here."""
     return {name: self.invert(factor, d, method)

@@ -1,0 +1,274 @@
+"""Small tagged Flax networks and hand-written references for the jkfac tests.
+
+Every reference here is computed without jkfac: the forward pass with plain
+`jnp`/`lax` ops, conv patches with numpy loops over kernel offsets, output and
+parameter gradients with `jax.grad`/`jax.jacfwd`. The tests compare jkfac with them.
+The jax references are jitted (with the static net): on CPU, op-by-op dispatch
+compiles every small op and would dominate the test time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jkfac
+
+NUM_CLASSES = 3
+BATCH = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """One layer of a test network; hidden layers are followed by tanh."""
+  kind: str                       # "dense" or "conv2d"
+  features: int
+  kernel: tuple[int, int] = (1, 1)
+  strides: tuple[int, int] = (1, 1)
+  padding: str = "VALID"
+
+
+@dataclasses.dataclass(frozen=True)
+class Net:
+  name: str
+  layers: tuple[Layer, ...]
+  input_shape: tuple[int, ...]    # without the batch axis
+
+  @property
+  def layer_names(self) -> list[str]:
+    counts, names = {"dense": 0, "conv2d": 0}, []
+    for layer in self.layers:
+      prefix = "Dense" if layer.kind == "dense" else "Conv"
+      names.append(f"{prefix}_{counts[layer.kind]}")
+      counts[layer.kind] += 1
+    return names
+
+
+MLP = Net("mlp", (Layer("dense", 5), Layer("dense", NUM_CLASSES)), (6,))
+# A strided VALID conv, then a SAME conv with a non-square kernel (asymmetric padding).
+CONVNET = Net("convnet", (Layer("conv2d", 3, (3, 3), (2, 2), "VALID"),
+                          Layer("conv2d", 4, (2, 3), (1, 1), "SAME"),
+                          Layer("dense", NUM_CLASSES)), (7, 7, 2))
+NETS = {net.name: net for net in (MLP, CONVNET)}
+
+
+class FlaxNet(nn.Module):
+  """`net` built from jkfac.flax layers.
+
+  `approx` is every layer's `kfac_approx`, or a tuple with one per layer.
+  """
+  net: Net
+  approx: str | None | tuple[str | None, ...] = None
+
+  @nn.compact
+  def __call__(self, x):
+    approx = self.approx if isinstance(self.approx, tuple) else (self.approx,) * len(
+        self.net.layers)
+    for i, layer in enumerate(self.net.layers):
+      if layer.kind == "dense":
+        x = jkfac.flax.Dense(layer.features, kfac_approx=approx[i])(x.reshape(x.shape[0], -1))
+      else:
+        x = jkfac.flax.Conv(layer.features, layer.kernel, strides=layer.strides,
+                            padding=layer.padding, kfac_approx=approx[i])(x)
+      if i < len(self.net.layers) - 1:
+        x = jnp.tanh(x)
+    return x
+
+
+def cross_entropy(logits, labels):
+  """Mean softmax cross-entropy with integer labels."""
+  log_p = jax.nn.log_softmax(logits)
+  return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=1))
+
+
+def make_problem(net: Net, approx: str | None | tuple[str | None, ...] = None,
+                 dtype=jnp.float32, batch: int = BATCH, seed: int = 0):
+  """`(module, params, (x, labels), loss_fn)`; `loss_fn` registers its loss for K-FAC."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((batch,) + net.input_shape), dtype)
+  labels = jnp.asarray(rng.integers(0, NUM_CLASSES, batch), jnp.int32)
+  module = FlaxNet(net, approx)
+  # Flax's initializers are slow to compile on CPU: take only the shapes from `init`
+  # and draw the values with numpy (nonzero biases, so that the bias rows matter).
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(seed), x)["params"]
+  scale = lambda shape: 0.3 if len(shape) == 1 else 1 / np.sqrt(np.prod(shape[:-1]))
+  params = jax.tree_util.tree_map(
+      lambda p: jnp.asarray(scale(p.shape) * rng.standard_normal(p.shape), dtype), shapes)
+
+  def loss_fn(params, batch):
+    inputs, targets = batch
+    logits = module.apply({"params": params}, inputs)
+    logits = jkfac.register_softmax_cross_entropy(logits, targets)
+    return cross_entropy(logits, targets)
+
+  return module, params, (x, labels), loss_fn
+
+
+# --- the hand-written forward pass ----------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward(net: Net, params, x, perturbations: Sequence[Any] | None = None):
+  """`(logits, layer_inputs, layer_outputs)`, with `perturbations[i]` added to layer i's output."""
+  inputs, outputs, h = [], [], x
+  for i, (layer, name) in enumerate(zip(net.layers, net.layer_names)):
+    kernel, bias = params[name]["kernel"], params[name]["bias"]
+    if layer.kind == "dense":
+      h = h.reshape(h.shape[0], -1)
+      z = jnp.dot(h, kernel, precision="highest") + bias
+    else:
+      z = jax.lax.conv_general_dilated(h, kernel, layer.strides, layer.padding,
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                       precision="highest") + bias
+    inputs.append(h)
+    if perturbations is not None:
+      z = z + perturbations[i]
+    outputs.append(z)
+    h = jnp.tanh(z) if i < len(net.layers) - 1 else z
+  return h, inputs, outputs
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def per_example_output_grads(net: Net, params, batch):
+  """Layer inputs and `g_n = N * d(mean loss)/d(output of layer)`: per-example gradients."""
+  x, labels = batch
+  _, inputs, outputs = forward(net, params, x)
+  zeros = [jnp.zeros_like(z) for z in outputs]
+  grads = jax.grad(lambda eps: cross_entropy(forward(net, params, x, eps)[0], labels))(zeros)
+  return inputs, [x.shape[0] * g for g in grads]
+
+
+@jax.jit
+def softmax_fisher(logits):
+  """`diag(p) - p p^T` per example: the Fisher of softmax cross-entropy in the logits."""
+  p = jax.nn.softmax(logits)
+  return jax.vmap(jnp.diag)(p) - p[:, :, None] * p[:, None, :]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def output_jacobians(net: Net, params, x):
+  """Per layer, `d logits_n / d output_n` of every example: `(N, classes, *output[1:])`."""
+  _, _, outputs = forward(net, params, x)
+  zeros = [jnp.zeros_like(z) for z in outputs]
+  jac = jax.jacfwd(lambda eps: forward(net, params, x, eps)[0])(zeros)
+  n = np.arange(x.shape[0])
+  return [j[n, :, n] for j in jac]   # the (example n, example n) blocks
+
+
+# --- layers as matrices, by hand ---------------------------------------------------------------
+
+
+def layer_matrix(params, name):
+  """`[kernel reshaped to (-1, d_out); bias]`, the `(d_in + 1, d_out)` matrix of a layer."""
+  kernel, bias = params[name]["kernel"], params[name]["bias"]
+  return jnp.concatenate([kernel.reshape(-1, kernel.shape[-1]), bias[None]], axis=0)
+
+
+def with_layer_matrix(params, name, flat):
+  """`params` with layer `name` replaced by the row-major flattened matrix `flat`."""
+  kernel = params[name]["kernel"]
+  m = flat.reshape(-1, kernel.shape[-1])
+  new = dict(params)
+  new[name] = {"kernel": m[:-1].reshape(kernel.shape), "bias": m[-1]}
+  return new
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def per_example_param_grads(net: Net, params, batch, name):
+  """`(N, (d_in+1) * d_out)`: each example's loss gradient w.r.t. the layer's flat matrix."""
+  x, labels = batch
+  flat = layer_matrix(params, name).reshape(-1)
+
+  def loss(flat, xn, yn):
+    logits = forward(net, with_layer_matrix(params, name, flat), xn[None])[0]
+    return cross_entropy(logits, yn[None])
+
+  return jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(flat, x, labels)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def param_jacobians(net: Net, params, x, name):
+  """`(N, classes, (d_in+1) * d_out)`: `J_n`, the Jacobian of example n's logits."""
+  flat = layer_matrix(params, name).reshape(-1)
+
+  def logits(flat, xn):
+    return forward(net, with_layer_matrix(params, name, flat), xn[None])[0][0]
+
+  return jax.vmap(jax.jacfwd(logits), in_axes=(None, 0))(flat, x)
+
+
+# --- conv patches, by hand -----------------------------------------------------------------------
+
+
+def same_pads(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+  """TensorFlow's SAME padding: `ceil(size / stride)` outputs, the extra pad at the end."""
+  out = -(-size // stride)
+  total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+  return total // 2, total - total // 2
+
+
+def conv_pads(layer: Layer, spatial: Sequence[int]) -> list[tuple[int, int]]:
+  if layer.padding == "VALID":
+    return [(0, 0), (0, 0)]
+  return [same_pads(s, k, st) for s, k, st in zip(spatial, layer.kernel, layer.strides)]
+
+
+def patches_by_loops(x, kernel: Sequence[int], strides: Sequence[int],
+                     pads: Sequence[tuple[int, int]], rhs_dilation: Sequence[int] = (1, 1),
+                     lhs_dilation: Sequence[int] = (1, 1)) -> np.ndarray:
+  """`(N, h_out, w_out, kh * kw * c_in)` patches, features ordered (i, j, c) like HWIO."""
+  x = np.asarray(x, np.float64)
+  n, h, w, c = x.shape
+  dilated = np.zeros((n, (h - 1) * lhs_dilation[0] + 1, (w - 1) * lhs_dilation[1] + 1, c))
+  dilated[:, ::lhs_dilation[0], ::lhs_dilation[1]] = x
+  padded = np.pad(dilated, [(0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)])
+  spans = [(k - 1) * d + 1 for k, d in zip(kernel, rhs_dilation)]
+  h_out, w_out = [(padded.shape[1 + a] - spans[a]) // strides[a] + 1 for a in range(2)]
+  out = np.zeros((n, h_out, w_out, kernel[0] * kernel[1] * c))
+  for oh in range(h_out):
+    for ow in range(w_out):
+      for i in range(kernel[0]):
+        for j in range(kernel[1]):
+          row = oh * strides[0] + i * rhs_dilation[0]
+          col = ow * strides[1] + j * rhs_dilation[1]
+          out[:, oh, ow, (i * kernel[1] + j) * c:(i * kernel[1] + j + 1) * c] = padded[:, row, col]
+  return out
+
+
+def layer_input_vectors(net: Net, layer_index: int, layer_input) -> np.ndarray:
+  """`(N, positions, d_in + 1)`: each position's input (or patch) with a trailing 1."""
+  layer = net.layers[layer_index]
+  a = np.asarray(layer_input, np.float64)
+  if layer.kind == "conv2d":
+    a = patches_by_loops(a, layer.kernel, layer.strides, conv_pads(layer, a.shape[1:3]))
+  a = a.reshape(a.shape[0], -1, a.shape[-1])
+  return np.concatenate([a, np.ones(a.shape[:-1] + (1,))], axis=-1)
+
+
+def kron_factors_by_hand(net: Net, params, batch, estimation: str):
+  """Per layer name, `(A, G)` from the hand-written pass; "empirical" or "exact" G."""
+  x, labels = batch
+  n = x.shape[0]
+  inputs, grads = per_example_output_grads(net, params, batch)
+  if estimation == "exact":
+    fisher = np.asarray(softmax_fisher(forward(net, params, x)[0]), np.float64)
+    jacobians = output_jacobians(net, params, x)
+  factors = {}
+  for i, name in enumerate(net.layer_names):
+    a = layer_input_vectors(net, i, inputs[i])
+    A = np.einsum("nta,ntb->ab", a, a) / (a.shape[0] * a.shape[1])
+    if estimation == "empirical":
+      g = np.asarray(grads[i], np.float64).reshape(n, -1, grads[i].shape[-1])
+      G = np.einsum("nto,ntp->op", g, g) / n
+    else:
+      jac = np.asarray(jacobians[i], np.float64)
+      jac = jac.reshape(n, jac.shape[1], -1, jac.shape[-1])      # (N, classes, T, d_out)
+      G = np.einsum("ncto,ncd,ndtp->op", jac, fisher, jac) / n
+    factors[name] = (A, G)
+  return factors
