@@ -20,16 +20,10 @@ from typing import Any
 from jax.extend import core as jcore
 
 from jkfac import tags
+from jkfac.jaxprs import call_jaxpr, inner_origin, is_var as _is_var, track_parameters
 
-_TRANSPARENT = frozenset({"convert_element_type", "copy", "copy_p"})
-_BROADCASTS = frozenset({"reshape", "broadcast_in_dim"}) | _TRANSPARENT
-_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "remat2",
-                    "checkpoint"})
+_BROADCASTS = frozenset({"reshape", "broadcast_in_dim", "convert_element_type", "copy"})
 _NHWC_HWIO = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
-
-
-def _is_var(atom: Any) -> bool:
-  return not isinstance(atom, jcore.Literal)
 
 
 def _layer_kind(eqn: jcore.JaxprEqn, origin: dict, shapes: list) -> str | None:
@@ -59,8 +53,7 @@ def _find_layers(jaxpr: jcore.Jaxpr, origin: dict, shapes: list) -> dict[int, di
   layers, by_output = [], {}
   for index, eqn in enumerate(jaxpr.eqns):
     first = eqn.invars[0] if eqn.invars and _is_var(eqn.invars[0]) else None
-    if eqn.primitive.name in _TRANSPARENT and first in origin:
-      origin[eqn.outvars[0]] = origin[first]
+    track_parameters(eqn, origin)
     if eqn.primitive.name in _BROADCASTS and (
         first in bias_source or (first in origin and len(shapes[origin[first]]) == 1)):
       bias_source[eqn.outvars[0]] = bias_source.get(first, first)
@@ -99,18 +92,6 @@ def _tag(layer: dict, rename: dict, output: jcore.Var, origin: dict,
                              jcore.no_effects)
 
 
-def _call(eqn: jcore.JaxprEqn) -> tuple[str, Any, jcore.Jaxpr] | None:
-  """(param name, sub-jaxpr, its open jaxpr) of a call-like equation."""
-  if eqn.primitive.name not in _CALLS:
-    return None
-  for name in ("jaxpr", "call_jaxpr"):
-    sub = eqn.params.get(name)
-    inner = sub.jaxpr if isinstance(sub, jcore.ClosedJaxpr) else sub
-    if isinstance(inner, jcore.Jaxpr) and len(inner.invars) == len(eqn.invars):
-      return name, sub, inner
-  return None
-
-
 def _rewrite(jaxpr: jcore.Jaxpr, origin: dict, shapes: list, claimed: set,
              tagged: collections.Counter) -> jcore.Jaxpr:
   """`jaxpr` with a tag after each recognised layer whose weight is not `claimed`."""
@@ -122,14 +103,10 @@ def _rewrite(jaxpr: jcore.Jaxpr, origin: dict, shapes: list, claimed: set,
   for index, eqn in enumerate(jaxpr.eqns):
     if rename:
       eqn = eqn.replace(invars=[rename.get(v, v) if _is_var(v) else v for v in eqn.invars])
-    first = eqn.invars[0] if eqn.invars and _is_var(eqn.invars[0]) else None
-    if eqn.primitive.name in _TRANSPARENT and first in origin:
-      origin[eqn.outvars[0]] = origin[first]
-    if (call := _call(eqn)) is not None:
+    track_parameters(eqn, origin)
+    if (call := call_jaxpr(eqn)) is not None:
       name, sub, inner = call
-      inner_origin = {s: origin[v] for s, v in zip(inner.invars, eqn.invars)
-                      if _is_var(v) and v in origin}
-      new_inner = _rewrite(inner, inner_origin, shapes, claimed, tagged)
+      new_inner = _rewrite(inner, inner_origin(eqn, inner, origin), shapes, claimed, tagged)
       if new_inner is not inner:
         new_sub = (jcore.ClosedJaxpr(new_inner, sub.consts)
                    if isinstance(sub, jcore.ClosedJaxpr) else new_inner)

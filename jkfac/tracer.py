@@ -20,19 +20,11 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from jkfac import losses, patterns, tags
+from jkfac import jaxprs, losses, patterns, tags
 
 Array = jax.Array
 PyTree = Any
 LossFn = Callable[..., Any]
-
-# Call-like primitives whose sub-jaxpr takes the equation's operands one to one.
-_CALL_JAXPR_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
-_CALL_PRIMITIVES = frozenset({"jit", "pjit", "closed_call", "core_call", "custom_jvp_call",
-                              "custom_vjp_call", "custom_vjp_call_jaxpr", "remat2",
-                              "checkpoint"})
-# Primitives through which a parameter keeps its identity (dtype casts, copies).
-_TRANSPARENT_PRIMITIVES = frozenset({"convert_element_type", "copy", "copy_p"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,21 +80,6 @@ class LayerStatistics(NamedTuple):
 # --- walking the jaxpr -------------------------------------------------------------
 
 
-def _call_jaxpr(eqn: jcore.JaxprEqn) -> jcore.ClosedJaxpr | None:
-  """The sub-jaxpr of a call-like equation, if its inputs are the equation's."""
-  if eqn.primitive.name not in _CALL_PRIMITIVES:
-    return None
-  for name in _CALL_JAXPR_PARAMS:
-    sub = eqn.params.get(name)
-    if sub is None:
-      continue
-    if isinstance(sub, jcore.Jaxpr):
-      sub = jcore.ClosedJaxpr(sub, ())
-    if len(sub.jaxpr.invars) == len(eqn.invars):
-      return sub
-  return None
-
-
 def _is_tag(eqn: jcore.JaxprEqn) -> bool:
   return eqn.primitive in (tags.layer_tag_p, tags.loss_tag_p)
 
@@ -121,16 +98,17 @@ def _inlined(eqn: jcore.JaxprEqn) -> jcore.ClosedJaxpr | None:
   """The sub-jaxpr to walk into, or None for an equation without tags."""
   if not any(_has_tags(sub) for sub in jcore.jaxprs_in_params(eqn.params)):
     return None
-  sub = _call_jaxpr(eqn)
-  if sub is None:
+  call = jaxprs.call_jaxpr(eqn)
+  if call is None:
     raise NotImplementedError(
         f"jkfac found K-FAC tags inside a `{eqn.primitive.name}` equation; tags inside "
         "control flow (scan, while, cond) are not supported. Tag the layers outside it.")
-  return sub
+  _, sub, inner = call
+  return sub if isinstance(sub, jcore.ClosedJaxpr) else jcore.ClosedJaxpr(inner, ())
 
 
 def _read(env: dict, var: Any) -> Any:
-  return var.val if isinstance(var, jcore.Literal) else env[var]
+  return env[var] if jaxprs.is_var(var) else var.val
 
 
 def _find_tags(jaxpr: jcore.Jaxpr, origin: dict) -> list[tuple[jcore.JaxprEqn, list]]:
@@ -141,14 +119,11 @@ def _find_tags(jaxpr: jcore.Jaxpr, origin: dict) -> list[tuple[jcore.JaxprEqn, l
   found = []
   for eqn in jaxpr.eqns:
     if _is_tag(eqn):
-      found.append((eqn, [None if isinstance(v, jcore.Literal) else origin.get(v)
-                          for v in eqn.invars]))
-    elif eqn.primitive.name in _TRANSPARENT_PRIMITIVES and eqn.invars[0] in origin:
-      origin[eqn.outvars[0]] = origin[eqn.invars[0]]
+      found.append((eqn, [origin.get(v) if jaxprs.is_var(v) else None for v in eqn.invars]))
     elif (sub := _inlined(eqn)) is not None:
-      inner = {s: origin[v] for s, v in zip(sub.jaxpr.invars, eqn.invars)
-               if not isinstance(v, jcore.Literal) and v in origin}
-      found += _find_tags(sub.jaxpr, inner)
+      found += _find_tags(sub.jaxpr, jaxprs.inner_origin(eqn, sub.jaxpr, origin))
+    else:
+      jaxprs.track_parameters(eqn, origin)
   return found
 
 
