@@ -115,6 +115,8 @@ def _rewrite(jaxpr: jcore.Jaxpr, origin: dict, shapes: list, claimed: set,
     if index in layers:
       tag = _tag(layers[index], rename, eqn.outvars[0], origin, claimed)
       tagged[layers[index]["weight"]] += 1
+      if layers[index]["bias"] is not None:  # a bias shared by layers is counted too
+        tagged[origin[layers[index]["bias"]]] += 1
       rename[eqn.outvars[0]] = tag.outvars[0]
       eqns.append(tag)
   if not rename and all(a is b for a, b in zip(eqns, jaxpr.eqns)):

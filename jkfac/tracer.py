@@ -333,9 +333,11 @@ def statistics(trace: Trace, curvature: Curvature, key: Array,
     raise ValueError(f"The curvature has {len(curvature.inputs)} layers but the transform "
                      f"traced {len(trace.layers)}: use the same auto_register setting in "
                      "jkfac.value_and_grad and the transform.")
-  keys = jax.random.split(key, len(curvature.predictions))
+  sign_key, *keys = jax.random.split(key, len(curvature.predictions) + 1)
   cotangents = [losses.cotangents(info.kind, p, t, info.weight, estimation, k) for info, p, t, k
                 in zip(trace.losses, curvature.predictions, curvature.targets, keys)]
+  if trace.generic and estimation != "fisher":
+    cotangents = _random_example_signs(cotangents, sign_key)
   if len(cotangents) > 1 and any(c.shape[0] > 1 for c in cotangents):
     # Deterministic columns of several losses would cross: give each its own columns.
     # (Single sampled or empirical columns may share: their sum is the right gradient.)
@@ -358,6 +360,22 @@ def collect_statistics(loss_fn: LossFn, trace: Trace, params: PyTree, batch: PyT
                        auto_register: bool = True) -> dict[str, LayerStatistics]:
   """Per-layer inputs and output gradients of the estimated Fisher, for one batch."""
   return statistics(trace, linearize(loss_fn, params, batch, auto_register), key, estimation)
+
+
+def _random_example_signs(cotangents: list[Array], key: Array) -> list[Array]:
+  """Multiplies each example's cotangents by a random sign, shared across losses.
+
+  Generic parameters square a gradient summed over the batch, whose cross terms
+  between examples vanish in expectation only for sampled targets. Random signs per
+  example make them vanish for "empirical" and "exact" too, and leave every layer
+  statistic unchanged: those are per-example outer products, where the signs cancel.
+  """
+  signs = {}
+  for c in cotangents:
+    if c.shape[1] not in signs:
+      key, sub = jax.random.split(key)
+      signs[c.shape[1]] = jax.random.rademacher(sub, (c.shape[1],), c.dtype)
+  return [c * signs[c.shape[1]].reshape((1, -1) + (1,) * (c.ndim - 2)) for c in cotangents]
 
 
 def _pad_columns(cotangents: list[Array]) -> list[Array]:

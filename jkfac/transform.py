@@ -65,7 +65,7 @@ def _validate(damping, cov_ema_decay, cov_update_every, invert_every, estimation
     _check(0 <= cov_ema_decay < 1, f"cov_ema_decay must be in [0, 1), got {cov_ema_decay}.")
   for name, every in (("cov_update_every", cov_update_every), ("invert_every", invert_every)):
     if not isinstance(every, jax.Array):  # arrays come from optax.inject_hyperparams
-      _check(isinstance(every, int) and not isinstance(every, bool) and every >= 1,
+      _check(isinstance(every, numbers.Integral) and not isinstance(every, bool) and every >= 1,
              f"{name} must be an integer >= 1, got {every!r}.")
   _check(estimation in losses.ESTIMATIONS,
          f"Unknown estimation {estimation!r}; expected one of {losses.ESTIMATIONS}.")
@@ -275,20 +275,35 @@ def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
          damping: ScalarOrSchedule,
          momentum: float | None = 0.9,
          momentum_type: str = "regular",
-         **precondition_kwargs: Any) -> optax.GradientTransformationExtraArgs:
+         cov_ema_decay: float = 0.95,
+         cov_update_every: int = 1,
+         invert_every: int = 10,
+         estimation: str = "fisher",
+         inverse_method: str = "cholesky",
+         approximations: Mapping[str, str] | None = None,
+         seed: int = 0,
+         auto_register: bool = True,
+         axis_name: str | None = None,
+         placement: str | None = None,
+         mesh: jax.sharding.Mesh | None = None) -> optax.GradientTransformationExtraArgs:
   """The K-FAC optimizer: `-learning_rate * momentum(F^-1 g)`.
 
   With `momentum_type="regular"` the momentum buffer accumulates preconditioned
   gradients; with "adam" (the seed's default) it accumulates raw gradients, which
-  are then preconditioned (`v <- momentum v + g`, step `F^-1 v`). Other keyword
-  arguments go to `jkfac.precondition`. Use as any optax optimizer, passing the
-  batch: `tx.update(grads, opt_state, params, batch=batch)`.
+  are then preconditioned (`v <- momentum v + g`, step `F^-1 v`). The other arguments
+  are `jkfac.precondition`'s. Use as any optax optimizer, passing the batch:
+  `tx.update(grads, opt_state, params, batch=batch)`. With `optax.inject_hyperparams`,
+  pass `static_args=("loss_fn", "example_batch")`.
   """
   _check(momentum_type in ("regular", "adam"),
          f"momentum_type must be 'regular' or 'adam', got {momentum_type!r}.")
   if _is_number(momentum):
     _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}.")
-  preconditioner = precondition(loss_fn, example_batch, damping=damping, **precondition_kwargs)
+  preconditioner = precondition(
+      loss_fn, example_batch, damping=damping, cov_ema_decay=cov_ema_decay,
+      cov_update_every=cov_update_every, invert_every=invert_every, estimation=estimation,
+      inverse_method=inverse_method, approximations=approximations, seed=seed,
+      auto_register=auto_register, axis_name=axis_name, placement=placement, mesh=mesh)
   accumulate = optax.identity() if momentum is None else optax.trace(decay=momentum)
   steps = [preconditioner, accumulate] if momentum_type == "regular" else [accumulate,
                                                                            preconditioner]
