@@ -533,3 +533,65 @@ def test_fused_value_and_grad_with_other_auto_register_raises(grad_auto, tx_auto
   _, grads, curvature = jkfac.value_and_grad(loss_fn, auto_register=grad_auto)(params, batch)
   with pytest.raises(ValueError, match="auto_register"):
     tx.update(grads, state, params, batch=batch, stats=curvature)
+
+
+# --- Flax NNX ---------------------------------------------------------------------------------
+
+
+def test_nnx_layers_are_registered():
+  """`nnx.Linear`/`nnx.Conv` in a loss that merges a split model: found like linen's."""
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(2, 4, (3, 3), strides=2, rngs=rngs)
+      self.norm = nnx.LayerNorm(4, rngs=rngs)
+      self.linear = nnx.Linear(4 * 3 * 3, NUM_CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+      x = self.norm(nnx.relu(self.conv(x)))
+      return self.linear(x.reshape(x.shape[0], -1))
+
+  graphdef, params = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
+  batch = _batch((6, 6, 2))
+  loss_fn = _loss(lambda p, x: nnx.merge(graphdef, p)(x))
+  trace = tracer.trace_layers(loss_fn, params, batch)
+  assert [(layer.name, layer.kind, layer.bias is not None) for layer in trace.layers] == [
+      ("conv", "conv2d", True), ("linear", "dense", True)]
+  assert trace.layers[0].conv.window_strides == (2, 2)
+  assert sorted(layer.name for layer in trace.generic) == ["norm/bias/value", "norm/scale/value"]
+  updates, _ = _kfac_steps(loss_fn, params, batch, steps=3)
+  trained = params
+  for u in updates:
+    trained = optax.apply_updates(trained, u)
+  assert float(loss_fn(trained, batch)) < float(loss_fn(params, batch))
+
+
+# --- K-FAC-reduce ------------------------------------------------------------------------------
+
+
+def test_kron_reduce_factors_average_inputs_and_sum_output_gradients():
+  """A = mean_n abar_n abar_n^T with abar the patch mean; G = sum_n gsum_n gsum_n^T."""
+  model = nn.Conv(3, (3, 3), strides=2)
+  batch = _batch((7, 7, 2))
+  params = {"Conv_0": model.init(KEY, batch[0])["params"]}
+  loss_fn = _loss(lambda p, x: model.apply({"params": p["Conv_0"]}, x).reshape(
+      x.shape[0], -1)[:, :3])
+  trace = tracer.trace_layers(loss_fn, params, batch, default_approx="kron_reduce")
+  stats = tracer.collect_statistics(loss_fn, trace, params, batch, KEY, "empirical")["Conv_0"]
+  tx = jkfac.precondition(loss_fn, batch, damping=1e-3, approximations={"Conv_0": "kron_reduce"},
+                          estimation="empirical", cov_ema_decay=0.0)
+  state = tx.init(params)
+  _, state = jax.jit(lambda g, s: tx.update(g, s, params, batch=batch))(
+      jax.grad(loss_fn)(params, batch), state)
+  layer = trace.layers[0]
+  patches = np.asarray(lax.conv_general_dilated_patches(
+      batch[0], (3, 3), (2, 2), "SAME", dimension_numbers=DN))      # features (c, kh, kw)
+  patches = patches.reshape(*patches.shape[:3], 2, 9).swapaxes(-1, -2).reshape(
+      patches.shape[0], -1, 18)                                     # features (kh, kw, c)
+  a = np.concatenate([patches.mean(axis=1), np.ones((patches.shape[0], 1))], axis=1)
+  g = np.asarray(stats.output_grads[0]).reshape(patches.shape[0], -1, 3).sum(axis=1)
+  assert layer.approx == "kron_reduce"
+  np.testing.assert_allclose(state.covariances["Conv_0"]["A"], a.T @ a / len(a), rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(state.covariances["Conv_0"]["G"], g.T @ g, rtol=1e-5, atol=1e-7)
