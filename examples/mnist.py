@@ -1,0 +1,291 @@
+"""Trains the tensorflow/kfac convolutional MNIST example with jkfac (or Adam).
+
+The model is the seed's small convnet: two 5x5 convolutions with 16 channels, each
+followed by ReLU and a 3x3/2 max-pool, then a dense softmax layer. The first
+convolution uses the diagonal K-FAC block, the others the default Kronecker one.
+
+    PYTHONPATH=. python examples/mnist.py --data-dir /path/to/mnist --steps 300
+    PYTHONPATH=. python examples/mnist.py --fake-data --steps 20
+    PYTHONPATH=. python examples/mnist.py --data-dir DIR --optimizer both --plot out.png
+
+jkfac is used as any optax optimizer, with two differences: `jkfac.kfac` needs the
+loss function (with its layers tagged and its loss registered) and an example
+batch, and its `update` takes the batch (`jkfac.flax.TrainState` forwards it).
+All K-FAC work -- statistics, EMAs, periodic inverses -- happens inside the one
+jitted train step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jkfac
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # mnist_data sits beside us.
+import mnist_data  # noqa: E402
+
+OPTIMIZERS = ("kfac", "adam")
+EVAL_BATCH_SIZE = 1000
+DIVERGED_LOSS = 1e3  # The cross-entropy starts near ln(10) = 2.3.
+
+
+class ConvNet(nn.Module):
+  """The convnet of tensorflow/kfac's convolutional MNIST example."""
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = jkfac.flax.Conv(16, (5, 5), padding="SAME", kfac_approx="diagonal")(x)
+    x = nn.max_pool(nn.relu(x), window_shape=(3, 3), strides=(2, 2), padding="SAME")
+    x = jkfac.flax.Conv(16, (5, 5), padding="SAME")(x)
+    x = nn.max_pool(nn.relu(x), window_shape=(3, 3), strides=(2, 2), padding="SAME")
+    x = x.reshape((x.shape[0], -1))
+    return jkfac.flax.Dense(self.num_classes)(x)
+
+
+def make_loss_fn(model: nn.Module):
+  """`loss_fn(params, batch) -> (mean cross-entropy, batch accuracy)`."""
+
+  def loss_fn(params, batch):
+    logits = model.apply({"params": params}, batch["image"])
+    # Tells K-FAC the model's predictive distribution; use the returned logits.
+    logits = jkfac.register_softmax_cross_entropy(logits, batch["label"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == batch["label"])
+    return loss, accuracy
+
+  return loss_fn
+
+
+def make_optimizer(name: str, args: argparse.Namespace, loss_fn,
+                   example_batch) -> optax.GradientTransformation:
+  if name == "kfac":
+    return jkfac.kfac(loss_fn, example_batch,
+                      learning_rate=args.learning_rate,
+                      damping=args.damping,
+                      momentum=args.momentum,
+                      cov_update_every=args.cov_update_every,
+                      invert_every=args.invert_every,
+                      seed=args.seed)
+  return optax.adam(args.adam_learning_rate)
+
+
+def make_train_step(loss_fn):
+  """The whole step -- gradients, optimizer update, new parameters -- in one jit."""
+
+  @jax.jit
+  def train_step(state: jkfac.flax.TrainState, batch):
+    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    state = state.apply_gradients(grads=grads, batch=batch)  # K-FAC needs the batch.
+    return state, loss, accuracy
+
+  return train_step
+
+
+def make_evaluate(model: nn.Module, batch_size: int = EVAL_BATCH_SIZE):
+  """`evaluate(params, x, y) -> (mean loss, accuracy)`, in fixed-size jitted batches."""
+
+  @jax.jit
+  def eval_step(params, images, labels, mask):
+    logits = model.apply({"params": params}, images)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = jnp.argmax(logits, axis=-1) == labels
+    return jnp.sum(losses * mask), jnp.sum(correct * mask)
+
+  def evaluate(params, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    size = min(batch_size, len(x))
+    total_loss, total_correct = 0.0, 0
+    for start in range(0, len(x), size):
+      images, labels = x[start:start + size], y[start:start + size]
+      mask = np.ones(size, np.float32)
+      if len(images) < size:  # Pad the last batch so eval_step compiles once.
+        pad = size - len(images)
+        mask[len(images):] = 0
+        images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+        labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+      loss, correct = eval_step(params, images, labels, mask)
+      total_loss += float(loss)
+      total_correct += int(correct)
+    return total_loss / len(x), total_correct / len(x)
+
+  return evaluate
+
+
+def train(name: str, args: argparse.Namespace, data) -> dict[str, Any]:
+  """Trains one optimizer for `args.steps` steps; returns its history and test metrics."""
+  (x_train, y_train), (x_test, y_test) = data["train"], data["test"]
+  model = ConvNet()
+  loss_fn = make_loss_fn(model)
+  example_batch = {"image": x_train[:args.batch_size], "label": y_train[:args.batch_size]}
+  params = model.init(jax.random.PRNGKey(args.seed), example_batch["image"])["params"]
+  tx = make_optimizer(name, args, loss_fn, example_batch)
+  state = jkfac.flax.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  train_step = make_train_step(loss_fn)
+  evaluate = make_evaluate(model)
+  batches = mnist_data.batches(x_train, y_train, args.batch_size, seed=args.seed)
+
+  print(f"--- {name}: {args.steps} steps of batch {args.batch_size} on "
+        f"{len(x_train)} training images", flush=True)
+  steps, seconds, losses = [], [], []
+  window_loss, window_acc = [], []
+  start = last_time = None
+  last_step, diverged = 1, False
+  for step in range(1, args.steps + 1):
+    state, loss, accuracy = train_step(state, next(batches))
+    # Fetching the loss waits for the step; it costs little and times every step.
+    loss, accuracy = float(loss), float(accuracy)
+    now = time.perf_counter()
+    if step == 1:  # Step 1 compiles; the clock starts after it.
+      start = last_time = now
+    steps.append(step)
+    seconds.append(now - start)
+    losses.append(loss)
+    window_loss.append(loss)
+    window_acc.append(accuracy)
+    if not loss < DIVERGED_LOSS:  # Also catches NaN.
+      print(f"{name}: step {step}: loss {loss:.3g}, diverged; stopping (lower the learning "
+            "rate or raise --damping)", flush=True)
+      diverged = True
+      break
+    if step % args.log_every == 0 or step == args.steps:
+      rate = (f"{(step - last_step) / (now - last_time):7.1f}" if step > last_step else "      -")
+      print(f"{name} step {step:5d}  loss {np.mean(window_loss):.4f}  "
+            f"batch acc {np.mean(window_acc):.3f}  steps/s {rate}", flush=True)
+      window_loss, window_acc = [], []
+      last_step, last_time = step, now
+
+  timed_steps = steps[-1] - 1
+  steps_per_second = timed_steps / seconds[-1] if timed_steps and seconds[-1] > 0 else float("nan")
+  test_loss, test_accuracy = evaluate(state.params, x_test, y_test)
+  final_loss = float(np.mean(losses[-min(len(losses), args.log_every):]))
+  print(f"{name}: final train loss {final_loss:.4f} (mean of the last "
+        f"{min(len(losses), args.log_every)} steps), {steps_per_second:.1f} steps/s "
+        f"(excluding the compiling first step)", flush=True)
+  print(f"{name}: test loss {test_loss:.4f}, test accuracy {test_accuracy:.4f} "
+        f"({len(x_test)} images)", flush=True)
+  return {"steps": steps, "seconds": seconds, "losses": losses, "final_loss": final_loss,
+          "steps_per_second": steps_per_second, "test_loss": test_loss,
+          "test_accuracy": test_accuracy, "diverged": diverged}
+
+
+def plot(results: dict[str, dict[str, Any]], path: str) -> None:
+  """Training loss against step and against wall-clock seconds, one line per optimizer."""
+  import matplotlib  # Lazy: only --plot needs it.
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4))
+  for name, result in results.items():
+    by_step.plot(result["steps"], result["losses"], label=name, linewidth=1)
+    by_time.plot(result["seconds"], result["losses"], label=name, linewidth=1)
+  by_step.set_xlabel("step")
+  by_time.set_xlabel("seconds (after the compiling first step)")
+  for ax in (by_step, by_time):
+    ax.set_ylabel("training loss (batch)")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+  fig.suptitle("MNIST convnet: K-FAC vs Adam")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  print(f"wrote {path}", flush=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+  parser = argparse.ArgumentParser(prog="mnist.py", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--optimizer", choices=OPTIMIZERS + ("both",), default="kfac",
+                      help="'both' runs K-FAC, then Adam, from the same start (default: kfac)")
+  parser.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
+  parser.add_argument("--batch-size", type=int, default=128, help="(default: 128)")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="seeds the initialization, the batch order and K-FAC's sampling "
+                           "(default: 0)")
+  parser.add_argument("--log-every", type=int, default=25,
+                      help="print the mean loss and batch accuracy of every this many steps "
+                           "(default: 25)")
+  parser.add_argument("--plot", metavar="PNG",
+                      help="save the training loss against step and against seconds here")
+  kfac = parser.add_argument_group("K-FAC")
+  kfac.add_argument("--learning-rate", type=float, default=5e-4, help="(default: 5e-4)")
+  kfac.add_argument("--damping", type=float, default=1e-3,
+                    help="Tikhonov damping; keep --learning-rate at most about --damping, "
+                         "there is no KL clipping yet (default: 1e-3)")
+  kfac.add_argument("--momentum", type=float, default=0.9, help="(default: 0.9)")
+  kfac.add_argument("--cov-update-every", type=int, default=1,
+                    help="update the curvature statistics every this many steps (default: 1)")
+  kfac.add_argument("--invert-every", type=int, default=10,
+                    help="recompute the inverses every this many steps (default: 10)")
+  adam = parser.add_argument_group("Adam")
+  adam.add_argument("--adam-learning-rate", type=float, default=3e-3, help="(default: 3e-3)")
+  data = parser.add_argument_group("data")
+  data.add_argument("--dataset", choices=("tfds", "idx", "fake"),
+                    help="where MNIST comes from (default: idx with --data-dir, else tfds)")
+  data.add_argument("--data-dir", metavar="DIR",
+                    help="a folder of MNIST IDX .gz files (the TFDS data_dir with "
+                         "--dataset tfds)")
+  data.add_argument("--fake-data", action="store_true",
+                    help="random MNIST-shaped data, for smoke runs (same as --dataset fake)")
+  args = parser.parse_args(argv)
+  if args.fake_data:
+    if args.dataset not in (None, "fake"):
+      parser.error(f"--fake-data conflicts with --dataset {args.dataset}")
+    args.dataset = "fake"
+  elif args.dataset is None:
+    args.dataset = "idx" if args.data_dir else "tfds"
+  if args.dataset == "idx" and not args.data_dir:
+    parser.error("--dataset idx needs --data-dir DIR")
+  for flag in ("steps", "batch_size", "log_every", "cov_update_every", "invert_every"):
+    if getattr(args, flag) < 1:
+      parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+  return parser, args
+
+
+def load_data(args: argparse.Namespace):
+  if args.dataset == "fake":
+    return mnist_data.fake_data(seed=args.seed)
+  if args.dataset == "idx":
+    return mnist_data.load_idx(args.data_dir)
+  absl_logger = logging.getLogger("absl")  # TFDS warns on its way to failing; quiet it.
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    return mnist_data.load_tfds(args.data_dir)
+  finally:
+    absl_logger.setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+  parser, args = parse_args(argv)
+  try:
+    data = load_data(args)
+  except (OSError, RuntimeError, ValueError) as e:
+    message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2) from None
+  if len(data["train"][0]) < args.batch_size:
+    parser.error(f"--batch-size {args.batch_size} exceeds the {len(data['train'][0])} "
+                 "training images")
+  print(f"jkfac {jkfac.__version__}, jax {jax.__version__} on {jax.default_backend()}; "
+        f"data: {args.dataset} ({len(data['train'][0])} train / {len(data['test'][0])} test)",
+        flush=True)
+  names = OPTIMIZERS if args.optimizer == "both" else (args.optimizer,)
+  results = {name: train(name, args, data) for name in names}
+  if args.plot:
+    plot(results, args.plot)
+  return results
+
+
+if __name__ == "__main__":
+  main()
