@@ -24,11 +24,13 @@ import sys
 import time
 from typing import Any, Sequence
 
+import flax.jax_utils
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 import jkfac
 
@@ -36,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # mnist_data sit
 import mnist_data  # noqa: E402
 
 OPTIMIZERS = ("kfac", "adam")
+DATA_AXIS = "data"
 EVAL_BATCH_SIZE = 1000
 DIVERGED_LOSS = 1e3  # The cross-entropy starts near ln(10) = 2.3.
 
@@ -68,29 +71,64 @@ def make_loss_fn(model: nn.Module):
   return loss_fn
 
 
-def make_optimizer(name: str, args: argparse.Namespace, loss_fn,
-                   example_batch) -> optax.GradientTransformation:
+def make_optimizer(name: str, args: argparse.Namespace, loss_fn, example_batch,
+                   mesh=None) -> optax.GradientTransformation:
+  """K-FAC or Adam; K-FAC averages over the pmap axis, or spreads inverses over `mesh`."""
   if name == "kfac":
+    parallel = {}
+    if mesh is not None:
+      parallel = dict(axis_name=DATA_AXIS, mesh=mesh)
+    elif args.devices > 1:
+      parallel = dict(axis_name=DATA_AXIS)
     return jkfac.kfac(loss_fn, example_batch,
                       learning_rate=args.learning_rate,
                       damping=args.damping,
                       momentum=args.momentum,
                       cov_update_every=args.cov_update_every,
                       invert_every=args.invert_every,
-                      seed=args.seed)
+                      seed=args.seed, **parallel)
   return optax.adam(args.adam_learning_rate)
 
 
-def make_train_step(loss_fn):
-  """The whole step -- gradients, optimizer update, new parameters -- in one jit."""
+def make_train_step(loss_fn, axis_name: str | None = None):
+  """The whole step -- gradients, optimizer update, new parameters -- to jit or pmap.
 
-  @jax.jit
+  Under `jax.pmap(..., axis_name=axis_name)` gradients and metrics are averaged over
+  the devices (K-FAC averages its statistics too, given the same axis name).
+  """
+
   def train_step(state: jkfac.flax.TrainState, batch):
     (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    if axis_name is not None:
+      grads, loss, accuracy = jax.lax.pmean((grads, loss, accuracy), axis_name)
     state = state.apply_gradients(grads=grads, batch=batch)  # K-FAC needs the batch.
     return state, loss, accuracy
 
   return train_step
+
+
+def data_parallel(args: argparse.Namespace, state: jkfac.flax.TrainState, loss_fn):
+  """`(state, step, place_batch, params_of)` for one device, pmap, or jit over a mesh.
+
+  pmap: the state is replicated and each batch split into `(devices, batch/devices, ...)`.
+  mesh: the batch is sharded over the mesh's data axis and jit partitions the step.
+  """
+  if args.devices == 1:
+    return state, jax.jit(make_train_step(loss_fn)), lambda batch: batch, lambda s: s.params
+  if args.sharding:
+    replicated = NamedSharding(args.mesh, PartitionSpec())
+    sharded = NamedSharding(args.mesh, PartitionSpec(DATA_AXIS))
+    return (jax.device_put(state, replicated), jax.jit(make_train_step(loss_fn)),
+            lambda batch: jax.device_put(batch, sharded), lambda s: s.params)
+  step = jax.pmap(make_train_step(loss_fn, DATA_AXIS), axis_name=DATA_AXIS)
+
+  def first_device(state, batch):
+    state, loss, accuracy = step(state, batch)
+    return state, loss[0], accuracy[0]
+
+  return (flax.jax_utils.replicate(state), first_device,
+          lambda batch: jkfac.parallel.split_batch(batch, args.devices),
+          lambda s: flax.jax_utils.unreplicate(s).params)
 
 
 def make_evaluate(model: nn.Module, batch_size: int = EVAL_BATCH_SIZE):
@@ -129,9 +167,12 @@ def train(name: str, args: argparse.Namespace, data) -> dict[str, Any]:
   loss_fn = make_loss_fn(model)
   example_batch = {"image": x_train[:args.batch_size], "label": y_train[:args.batch_size]}
   params = model.init(jax.random.PRNGKey(args.seed), example_batch["image"])["params"]
-  tx = make_optimizer(name, args, loss_fn, example_batch)
+  if args.devices > 1 and not args.sharding:  # K-FAC sees one device's share under pmap
+    example_batch = jkfac.parallel.split_batch(example_batch, args.devices)
+    example_batch = jax.tree_util.tree_map(lambda x: x[0], example_batch)
+  tx = make_optimizer(name, args, loss_fn, example_batch, args.mesh)
   state = jkfac.flax.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-  train_step = make_train_step(loss_fn)
+  state, train_step, place_batch, params_of = data_parallel(args, state, loss_fn)
   evaluate = make_evaluate(model)
   batches = mnist_data.batches(x_train, y_train, args.batch_size, seed=args.seed)
 
@@ -142,7 +183,7 @@ def train(name: str, args: argparse.Namespace, data) -> dict[str, Any]:
   start = last_time = None
   last_step, diverged = 1, False
   for step in range(1, args.steps + 1):
-    state, loss, accuracy = train_step(state, next(batches))
+    state, loss, accuracy = train_step(state, place_batch(next(batches)))
     # Fetching the loss waits for the step; it costs little and times every step.
     loss, accuracy = float(loss), float(accuracy)
     now = time.perf_counter()
@@ -167,7 +208,7 @@ def train(name: str, args: argparse.Namespace, data) -> dict[str, Any]:
 
   timed_steps = steps[-1] - 1
   steps_per_second = timed_steps / seconds[-1] if timed_steps and seconds[-1] > 0 else float("nan")
-  test_loss, test_accuracy = evaluate(state.params, x_test, y_test)
+  test_loss, test_accuracy = evaluate(params_of(state), x_test, y_test)
   final_loss = float(np.mean(losses[-min(len(losses), args.log_every):]))
   print(f"{name}: final train loss {final_loss:.4f} (mean of the last "
         f"{min(len(losses), args.log_every)} steps), {steps_per_second:.1f} steps/s "
@@ -229,6 +270,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
                     help="recompute the inverses every this many steps (default: 10)")
   adam = parser.add_argument_group("Adam")
   adam.add_argument("--adam-learning-rate", type=float, default=3e-3, help="(default: 3e-3)")
+  devices = parser.add_argument_group(
+      "data parallel", "on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=8 gives 8 devices")
+  devices.add_argument("--devices", type=int, default=1,
+                       help="split each batch over this many devices with jax.pmap (default: 1)")
+  devices.add_argument("--sharding", action="store_true",
+                       help="with --devices N: jax.jit over a mesh with the batch sharded, "
+                            "instead of pmap")
   data = parser.add_argument_group("data")
   data.add_argument("--dataset", choices=("tfds", "idx", "fake"),
                     help="where MNIST comes from (default: idx with --data-dir, else tfds)")
@@ -246,9 +294,19 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
     args.dataset = "idx" if args.data_dir else "tfds"
   if args.dataset == "idx" and not args.data_dir:
     parser.error("--dataset idx needs --data-dir DIR")
-  for flag in ("steps", "batch_size", "log_every", "cov_update_every", "invert_every"):
+  for flag in ("steps", "batch_size", "log_every", "cov_update_every", "invert_every", "devices"):
     if getattr(args, flag) < 1:
       parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+  if args.devices > jax.device_count():
+    parser.error(f"--devices {args.devices}, but JAX sees {jax.device_count()}; on CPU set "
+                 f"XLA_FLAGS=--xla_force_host_platform_device_count={args.devices}")
+  if args.batch_size % args.devices:
+    parser.error(f"--batch-size {args.batch_size} is not divisible by --devices {args.devices}")
+  if args.sharding and args.devices == 1:
+    parser.error("--sharding needs --devices N with N > 1")
+  args.mesh = (jax.make_mesh((args.devices,), (DATA_AXIS,),
+                             axis_types=(jax.sharding.AxisType.Auto,))
+               if args.sharding else None)
   return parser, args
 
 

@@ -66,3 +66,27 @@ def test_missing_data_dir_is_one_line_error(mnist, capsys, tmp_path):
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and err.startswith("mnist.py: error: ")
   assert "--fake-data" in err and "Traceback" not in err
+
+
+@pytest.mark.multidevice
+@pytest.mark.parametrize("mode", [[], ["--sharding"]], ids=["pmap", "sharding"])
+def test_data_parallel_runs(mode):
+  """`--devices 4` (pmap) and `--devices 4 --sharding` (jit over a mesh) train and report.
+
+  Runs in a subprocess: the host-device flag must be set before JAX starts.
+  """
+  import subprocess
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "PYTHONPATH": str(ROOT)}
+  run = subprocess.run([sys.executable, str(ROOT / "examples" / "mnist.py"), "--fake-data",
+                        *SMOKE, "--devices", "4", *mode], env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "kfac step     3" in run.stdout and "test accuracy" in run.stdout
+
+
+def test_devices_beyond_what_jax_sees_is_a_clear_error(mnist, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    mnist.main(["--fake-data", *SMOKE, "--devices", "64"])
+  assert exit_info.value.code == 2
+  assert "xla_force_host_platform_device_count" in capsys.readouterr().err
