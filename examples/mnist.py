@@ -126,7 +126,7 @@ def data_parallel(args: argparse.Namespace, state: jkfac.flax.TrainState, loss_f
     state, loss, accuracy = step(state, batch)
     return state, loss[0], accuracy[0]
 
-  return (flax.jax_utils.replicate(state), first_device,
+  return (flax.jax_utils.replicate(state, axis_name=DATA_AXIS), first_device,
           lambda batch: jkfac.parallel.split_batch(batch, args.devices),
           lambda s: flax.jax_utils.unreplicate(s).params)
 

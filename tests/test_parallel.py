@@ -1,0 +1,207 @@
+"""`jkfac.parallel` and data-parallel K-FAC: pmap, jit with a sharded batch, round robin.
+
+The `multidevice` tests run `tests/_multidevice.py` in a subprocess with 8 host
+devices (the XLA flag must be set before JAX starts); its checks are assertions, so
+a non-zero exit fails the test and shows the subprocess output. The others run here.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jkfac
+from jkfac.parallel import assign_round_robin, split_batch
+
+REPO = Path(__file__).resolve().parents[1]
+HELPER = Path(__file__).resolve().parent / "_multidevice.py"
+
+
+# --- multi-device, in a subprocess ---------------------------------------------------------
+
+
+def run_multidevice(*groups: str) -> str:
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(flags + ["--xla_force_host_platform_device_count=8"])
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+  result = subprocess.run([sys.executable, str(HELPER), *groups], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+  output = f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr[-20000:]}"
+  assert result.returncode == 0, f"{HELPER.name} {' '.join(groups)} failed:\n{output}"
+  return result.stdout
+
+
+@pytest.mark.multidevice
+def test_pmap_matches_single_device_and_inverts_each_factor_once():
+  """pmap on 8 (and 3) devices, round robin and replicated, against one jitted device.
+
+  Over 5 steps with inverses every 2, on a conv (kron) + dense kron / diagonal / full
+  net with empirical statistics: parameters, covariances and inverses equal the
+  single-device step on the whole batch; every device holds the same state bit for
+  bit; each factor's inverse ran on exactly the device `assign_round_robin` chose
+  (on all devices with "replicated"), recorded by a callback; the step was traced
+  once; state goes through `flax.jax_utils.replicate`/`unreplicate`. With "fisher"
+  the devices sample different targets but still end with identical state.
+  """
+  out = run_multidevice("pmap")
+  for name in ("pmap-8-round_robin-empirical", "pmap-8-replicated-empirical",
+               "pmap-3-default-empirical", "pmap-8-round_robin-fisher"):
+    assert f"ok {name}" in out, out
+
+
+@pytest.mark.multidevice
+def test_jit_with_sharded_batch_matches_single_device():
+  """jit on a batch sharded over an 8-device mesh equals the single-device step.
+
+  Without an axis (XLA partitions alone), and with `mesh=`/`axis_name=` in both
+  placements; with round robin each inverse runs on its one owner inside shard_map.
+  """
+  out = run_multidevice("mesh")
+  for name in ("jit-sharded-batch", "jit-mesh-round_robin", "jit-mesh-replicated"):
+    assert f"ok {name}" in out, out
+
+
+# --- assign_round_robin ----------------------------------------------------------------------
+
+
+def _loads(costs, owners, num_devices):
+  loads = [0.0] * num_devices
+  for cost, owner in zip(costs, owners):
+    loads[owner] += cost
+  return loads
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("num_devices", [1, 2, 3, 8])
+def test_round_robin_assigns_every_task_once_and_balances(seed, num_devices):
+  rng = np.random.default_rng(seed)
+  costs = [float(c) for c in rng.integers(1, 40, size=rng.integers(1, 20)) ** 3]
+  owners = assign_round_robin(costs, num_devices)
+  assert len(owners) == len(costs)                      # one owner per task
+  assert all(0 <= o < num_devices and isinstance(o, int) for o in owners)
+  loads = _loads(costs, owners, num_devices)
+  assert sum(loads) == pytest.approx(sum(costs))        # every task counted exactly once
+  # Greedy largest-first: the most loaded device exceeds the least loaded by at
+  # most one task, so it is within one task of the average.
+  assert max(loads) - min(loads) <= max(costs)
+  assert max(loads) <= sum(costs) / num_devices + max(costs)
+  if len(costs) >= num_devices:
+    assert min(loads) > 0                               # no device idles
+
+
+def test_round_robin_is_deterministic():
+  costs = [27.0, 6859.0, 21952.0, 125.0, 24.0, 3375.0]
+  first = assign_round_robin(costs, 4)
+  assert all(assign_round_robin(list(costs), 4) == first for _ in range(5))
+  assert assign_round_robin(tuple(costs), 4) == first
+  assert isinstance(first, tuple)
+
+
+def test_round_robin_spreads_the_largest_tasks():
+  costs = [1.0, 1000.0, 2.0, 999.0, 3.0, 998.0, 997.0]
+  owners = assign_round_robin(costs, 4)
+  largest = sorted(range(len(costs)), key=lambda t: -costs[t])[:4]
+  assert len({owners[t] for t in largest}) == 4        # the 4 largest on 4 devices
+  # The small tasks go where the load is least, not onto the largest task's device.
+  loads = _loads(costs, owners, 4)
+  assert max(loads) == 1000.0
+
+
+def test_round_robin_equal_costs_is_round_robin():
+  owners = assign_round_robin([5.0] * 10, 4)
+  assert sorted(np.bincount(owners, minlength=4)) == [2, 2, 3, 3]
+  assert owners[:4] == (0, 1, 2, 3)                     # ties keep task order
+
+
+def test_round_robin_edge_cases():
+  assert assign_round_robin([], 3) == ()
+  assert assign_round_robin([8.0, 1.0, 5.0], 1) == (0, 0, 0)
+  owners = assign_round_robin([1.0, 2.0, 3.0], 8)       # more devices than tasks
+  assert len(set(owners)) == 3
+
+
+# --- split_batch -------------------------------------------------------------------------------
+
+
+def test_split_batch_reshapes_leading_axis():
+  batch = {"x": jnp.arange(24.0).reshape(12, 2), "y": jnp.arange(12)}
+  split = split_batch(batch, 4)
+  assert split["x"].shape == (4, 3, 2) and split["y"].shape == (4, 3)
+  # Device d gets examples [3d, 3d + 3): concatenating the shards gives the batch back.
+  np.testing.assert_array_equal(split["x"].reshape(12, 2), batch["x"])
+  np.testing.assert_array_equal(split["y"][1], [3, 4, 5])
+
+
+def test_split_batch_rejects_indivisible_batch():
+  with pytest.raises(ValueError, match="batch size 10 is not divisible by 4 devices"):
+    split_batch({"x": jnp.zeros((10, 3))}, 4)
+
+
+# --- bad configurations, on one device ------------------------------------------------------------
+
+
+class _MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return jkfac.flax.Dense(3)(jnp.tanh(jkfac.flax.Dense(4)(x)))
+
+
+_model = _MLP()
+
+
+def _loss_fn(params, batch):
+  logits = _model.apply({"params": params}, batch["x"])
+  logits = jkfac.register_softmax_cross_entropy(logits, batch["y"])
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+
+_BATCH = {"x": jnp.ones((4, 5)), "y": jnp.array([0, 1, 2, 0])}
+
+
+def _step(tx):
+  def step(params, state, batch):
+    grads = jax.grad(_loss_fn)(params, batch)
+    updates, state = tx.update(grads, state, params, batch=batch)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+def _params():
+  return _model.init(jax.random.PRNGKey(0), _BATCH["x"])["params"]
+
+
+def test_unbound_axis_under_jit_raises():
+  tx = jkfac.kfac(_loss_fn, _BATCH, learning_rate=0.1, damping=1e-2, axis_name="nope")
+  params = _params()
+  with pytest.raises(ValueError, match="axis_name='nope'"):
+    jax.jit(_step(tx))(params, tx.init(params), _BATCH)
+
+
+def test_axis_name_other_than_the_pmap_axis_raises():
+  tx = jkfac.kfac(_loss_fn, _BATCH, learning_rate=0.1, damping=1e-2, axis_name="nope")
+  params = _params()
+  stack = lambda tree: jax.tree_util.tree_map(lambda x: x[None], tree)
+  with pytest.raises(ValueError, match="nope"):
+    jax.pmap(_step(tx), axis_name="batch")(stack(params), stack(tx.init(params)), stack(_BATCH))
+
+
+def test_mesh_axis_must_name_a_mesh_axis():
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  with pytest.raises(ValueError, match="'nope'"):
+    jkfac.kfac(_loss_fn, _BATCH, learning_rate=0.1, damping=1e-2, axis_name="nope", mesh=mesh)
+
+
+def test_unknown_placement_raises():
+  with pytest.raises(ValueError, match="placement"):
+    jkfac.kfac(_loss_fn, _BATCH, learning_rate=0.1, damping=1e-2, axis_name="data",
+               placement="everywhere")
