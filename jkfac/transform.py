@@ -215,7 +215,7 @@ def _batch_statistics(layer: tracer.LayerInfo, statistics: tracer.LayerStatistic
     return diagonal.generic_statistics(statistics.output_grads)
   reduce = layer.approx == "kron_reduce"
   return BLOCKS[layer.approx].statistics(
-      layers.input_rows(layer, statistics.inputs, reduce),
+      layers.layer_inputs(layer, statistics.inputs, reduce),
       layers.output_rows(statistics.output_grads, reduce))
 
 

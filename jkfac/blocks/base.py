@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jkfac import linalg
+from jkfac.layers import LayerInputs
 
 Array = jax.Array
 Arrays = dict[str, Array]
@@ -17,7 +18,8 @@ class Block(NamedTuple):
   """The pure functions of one approximation; the transform holds their arrays.
 
   zeros:        `(d_in, d_out) -> covariances` of zeros, the EMA's start.
-  statistics:   `(a, g) -> covariances` of one batch.
+  statistics:   `(a, g) -> covariances` of one batch; `a` is `LayerInputs` (or the
+                array of input vectors), `g` the output gradients.
   factors:      `(covariances, damping) -> {name: (factor, damping to add)}`, the
                 factors to invert: symmetric matrices, or arrays inverted entrywise
                 when `entrywise` is set. Kept apart from the inversion so the
@@ -47,6 +49,16 @@ class Block(NamedTuple):
             for name, (factor, d) in self.factors(covariances, damping).items()}
 
 
-def per_example_gradients(a: Array, g: Array) -> Array:
+def rows(a: LayerInputs | Array) -> Array:
+  """The input vectors `(batch, positions, d_in)`, from `LayerInputs` or as given."""
+  return a.rows() if isinstance(a, LayerInputs) else a
+
+
+def covariance(a: LayerInputs | Array) -> Array:
+  """The mean of `a a^T` over examples and positions."""
+  return (a if isinstance(a, LayerInputs) else LayerInputs([a], bias=False)).covariance()
+
+
+def per_example_gradients(a: LayerInputs | Array, g: Array) -> Array:
   """`sum_t a_t g_t^T` per column and example: `(columns, batch, d_in, d_out)`."""
-  return jnp.einsum("nta,kntg->knag", a, g)
+  return jnp.einsum("nta,kntg->knag", rows(a), g)

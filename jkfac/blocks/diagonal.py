@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jkfac.blocks.base import Arrays, Array, Block, per_example_gradients
+from jkfac.blocks.base import Arrays, Array, Block, per_example_gradients, rows
+from jkfac.layers import LayerInputs
 
 
 def zeros(d_in: int, d_out: int) -> Arrays:
   return {"diagonal": jnp.zeros((d_in, d_out))}
 
 
-def statistics(a: Array, g: Array) -> Arrays:
+def statistics(a: LayerInputs | Array, g: Array) -> Arrays:
+  a = rows(a)
   if a.shape[1] == 1:  # one position: (a g^T)^2 = a^2 g^2^T, no per-example product.
     return {"diagonal": jnp.einsum("na,kng->ag", a[:, 0] ** 2, g[:, :, 0] ** 2)}
   return {"diagonal": jnp.sum(per_example_gradients(a, g) ** 2, axis=(0, 1))}

@@ -10,17 +10,17 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jkfac import linalg
-from jkfac.blocks.base import Arrays, Array, Block
+from jkfac.blocks.base import Arrays, Array, Block, covariance
+from jkfac.layers import LayerInputs
 
 
 def zeros(d_in: int, d_out: int) -> Arrays:
   return {"A": jnp.zeros((d_in, d_in)), "G": jnp.zeros((d_out, d_out))}
 
 
-def statistics(a: Array, g: Array) -> Arrays:
-  a = a.reshape(-1, a.shape[-1])
+def statistics(a: LayerInputs | Array, g: Array) -> Arrays:
   g = g.reshape(-1, g.shape[-1])
-  return {"A": a.T @ a / a.shape[0], "G": g.T @ g}
+  return {"A": covariance(a), "G": g.T @ g}
 
 
 def factors(covariances: Arrays, damping: Array) -> dict[str, tuple[Array, Array]]:
