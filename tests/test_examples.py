@@ -8,7 +8,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MNIST_DIR = os.environ.get("JKFAC_MNIST_DIR", "/work/shared/data/mnist")
+MNIST_DIR = os.environ.get("JKFAC_MNIST_DIR", str(ROOT.parent / "shared" / "data" / "mnist"))
 SMOKE = ["--steps", "3", "--batch-size", "32", "--log-every", "1"]
 
 

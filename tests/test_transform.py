@@ -9,6 +9,7 @@ import functools
 import gzip
 import math
 import os
+import pathlib
 import time
 
 import flax.linen as nn
@@ -23,7 +24,7 @@ import jkfac
 SIZES = (5, 4, 3)  # input, hidden, classes
 BATCH = 8
 LAYERS = ("dense0", "dense1")
-MNIST_DIR = "/work/shared/data/mnist"
+MNIST_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 
 # --- a tiny tagged MLP and its data ----------------------------------------------------------
