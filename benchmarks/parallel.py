@@ -57,7 +57,6 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import flax.jax_utils  # noqa: E402
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -67,31 +66,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import jkfac  # noqa: E402
 from jkfac.blocks import BLOCKS  # noqa: E402
 from mnist import ConvNet  # noqa: E402  (the example's model: the seed convnet)
+from step_time import MLP, make_loss  # noqa: E402
 
 AXIS = "batch"
 NO_INVERSION = 10 ** 9
 PLACEMENTS = ("round_robin", "replicated")
 # The block of each factor name in `state.inverses[layer]`.
 FACTOR_BLOCKS = {"A": "kron", "G": "kron", "F": "full", "diagonal": "diagonal"}
-
-
-class MLP(nn.Module):
-  """784-512-256-10 with tanh."""
-
-  @nn.compact
-  def __call__(self, x):
-    x = x.reshape(x.shape[0], -1)
-    for width in (512, 256):
-      x = jnp.tanh(jkfac.flax.Dense(width)(x))
-    return jkfac.flax.Dense(10)(x)
-
-
-def make_loss(model: nn.Module):
-  def loss_fn(params, batch):
-    logits = model.apply({"params": params}, batch["image"])
-    jkfac.register_softmax_cross_entropy(logits, batch["label"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-  return loss_fn
 
 
 def make_step(loss_fn, tx):

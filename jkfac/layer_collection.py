@@ -52,3 +52,12 @@ def register_conv2d(params: Params, strides: Sequence[int], padding: str | Seque
   return tags.register_conv2d(outputs, inputs, kernel, bias, window_strides=spatial(strides),
                               padding=padding, rhs_dilation=spatial(dilations or (1, 1)),
                               approx=approx)
+
+
+def register_embedding(params: Array | tuple[Array], ids: Array, outputs: Array,
+                       approx: str | None = None) -> Array:
+  """Tags `outputs = table[ids]` for a `(vocab, d)` table; returns `outputs`."""
+  table, bias = _kernel_and_bias(params)
+  if bias is not None:
+    raise ValueError("register_embedding: an embedding has no bias; pass the table alone.")
+  return tags.register_embedding(outputs, ids, table, approx=approx)

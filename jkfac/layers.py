@@ -5,6 +5,10 @@ layer, the output pixels for a conv), `y_t = W^T a_t` with `a_t` the input (or i
 patch) with a trailing 1 for the bias and `W` a `(d_in [+1], d_out)` matrix. The
 functions here map a layer's inputs, output gradients and parameters to that view
 and back, so blocks need not know the layer kind.
+
+An embedding `y_t = table[id_t]` is the same with `a_t` the one-hot vector of `id_t`
+and `W` the `(vocab, d)` table; its inputs are never built as one-hot vectors, only
+counted (`embedding_counts`), since their covariance is diagonal.
 """
 
 from __future__ import annotations
@@ -69,6 +73,16 @@ def layer_inputs(layer: LayerInfo, x: Array, reduce: bool = False) -> LayerInput
     groups = [x.mean(axis=tuple(range(1, x.ndim - 1)), keepdims=True) if reduce else x]
   return LayerInputs([g.reshape(g.shape[0], -1, g.shape[-1]) for g in groups],
                      layer.bias is not None)
+
+
+def embedding_counts(layer: LayerInfo, ids: Array) -> Array:
+  """The diagonal of the mean one-hot outer product of `ids`: `(vocab,)` id frequencies.
+
+  Negative ids wrap as in `jnp.take`; out-of-range ids count nowhere (their lookup
+  gives the table no gradient).
+  """
+  vocab = layer.weight_shape[0]
+  return jnp.zeros(vocab).at[ids.ravel()].add(1.0, mode="drop") / ids.size
 
 
 def input_rows(layer: LayerInfo, x: Array, reduce: bool = False) -> Array:

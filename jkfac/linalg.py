@@ -30,12 +30,17 @@ def pi_correction(a: Array, g: Array) -> Array:
   """`pi = sqrt((tr A / dim A) / (tr G / dim G))`, Martens & Grosse (2015) §6.3.
 
   Splits the damping between the factors in proportion to their scales; falls back
-  to 1 where a factor is zero (a layer that received no gradient).
+  to 1 where a factor is zero (a layer that received no gradient). A 1-D factor is a
+  diagonal matrix given by its diagonal.
   """
-  mean_a = jnp.trace(a) / a.shape[0]
-  mean_g = jnp.trace(g) / g.shape[0]
+  mean_a = _mean_diagonal(a)
+  mean_g = _mean_diagonal(g)
   pi = jnp.sqrt(mean_a / mean_g)
   return jnp.where(jnp.isfinite(pi) & (pi > 0), pi, jnp.ones_like(pi))
+
+
+def _mean_diagonal(x: Array) -> Array:
+  return (jnp.sum(x) if x.ndim == 1 else jnp.trace(x)) / x.shape[0]
 
 
 def keep_if_not_finite(new: Array, old: Array) -> Array:

@@ -1,15 +1,19 @@
-"""Automatic registration: tags untagged dense and conv layers in a jaxpr.
+"""Automatic registration: tags untagged dense, conv and embedding layers in a jaxpr.
 
 A layer is recognised by its structure, not by module names, so it survives
 `jit`, `remat` and dtype promotion: a `dot_general` that contracts the last axis of
 its input with the first axis of a 2-D parameter (a dense layer), or an NHWC/HWIO
 `conv_general_dilated` with a parameter kernel, optionally followed by the `add` of a
-1-D parameter broadcast over the output (the bias). A parameter is one of the
-`params` leaves, seen through casts and copies.
+1-D parameter broadcast over the output (the bias). An embedding is a `gather` of
+whole rows of a 2-D parameter at integer indices (what `jnp.take(table, ids, axis=0)`
+and `flax.linen.Embed` emit). A parameter is one of the `params` leaves, seen
+through casts and copies.
 
 `register_layers` returns the jaxpr with a layer tag after each recognised layer, so
 the tracer treats it exactly like a hand-tagged one. Parameters in a hand tag win,
-and a weight used by several layers is left untagged.
+and a weight used by several layers is left untagged. An embedding table counts once
+per equation that uses it anywhere, so a table tied to an output projection
+(`x @ table.T`) stays untagged too.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ from __future__ import annotations
 import collections
 from typing import Any
 
+import jax.numpy as jnp
 from jax.extend import core as jcore
 
 from jkfac import tags
-from jkfac.jaxprs import call_jaxpr, inner_origin, is_var as _is_var, track_parameters
+from jkfac.jaxprs import (TRANSPARENT_PRIMITIVES, call_jaxpr, inner_origin, is_var as _is_var,
+                          track_parameters)
 
 _BROADCASTS = frozenset({"reshape", "broadcast_in_dim", "convert_element_type", "copy"})
 _NHWC_HWIO = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
@@ -45,11 +51,27 @@ def _layer_kind(eqn: jcore.JaxprEqn, origin: dict, shapes: list) -> str | None:
   return None
 
 
+def _is_row_lookup(eqn: jcore.JaxprEqn, origin: dict, shapes: list) -> bool:
+  """Whether `eqn` gathers whole rows of a 2-D parameter at integer indices `(..., 1)`."""
+  if eqn.primitive.name != "gather" or not all(_is_var(v) for v in eqn.invars):
+    return False
+  table, indices = eqn.invars
+  if table not in origin or len(shapes[origin[table]]) != 2:
+    return False
+  dn, idx = eqn.params["dimension_numbers"], indices.aval
+  return (jnp.issubdtype(idx.dtype, jnp.integer) and idx.ndim >= 1 and idx.shape[-1] == 1
+          and tuple(dn.offset_dims) == (idx.ndim - 1,) and tuple(dn.collapsed_slice_dims) == (0,)
+          and tuple(dn.start_index_map) == (0,)
+          and not tuple(getattr(dn, "operand_batching_dims", ()))
+          and tuple(eqn.params["slice_sizes"]) == (1, table.aval.shape[1]))
+
+
 def _find_layers(jaxpr: jcore.Jaxpr, origin: dict, shapes: list) -> dict[int, dict]:
   """Recognised layers of one jaxpr level, keyed by the index of their last equation."""
   uses = collections.Counter(v for eqn in jaxpr.eqns for v in eqn.invars if _is_var(v))
   uses.update(v for v in jaxpr.outvars if _is_var(v))
   bias_source: dict = {}  # var -> the 1-D parameter var it broadcasts
+  ids_source: dict = {}  # gather indices `(..., 1)` -> the ids `(...)` they were reshaped from
   layers, by_output = [], {}
   for index, eqn in enumerate(jaxpr.eqns):
     first = eqn.invars[0] if eqn.invars and _is_var(eqn.invars[0]) else None
@@ -57,11 +79,18 @@ def _find_layers(jaxpr: jcore.Jaxpr, origin: dict, shapes: list) -> dict[int, di
     if eqn.primitive.name in _BROADCASTS and (
         first in bias_source or (first in origin and len(shapes[origin[first]]) == 1)):
       bias_source[eqn.outvars[0]] = bias_source.get(first, first)
+    if (eqn.primitive.name in ("broadcast_in_dim", "reshape") and first is not None
+        and eqn.outvars[0].aval.shape == first.aval.shape + (1,)):
+      ids_source[eqn.outvars[0]] = first
     kind = _layer_kind(eqn, origin, shapes)
     if kind is not None:
       layer = dict(kind=kind, eqn=eqn, last=index, bias=None, weight=origin[eqn.invars[1]])
       layers.append(layer)
       by_output[eqn.outvars[0]] = layer
+    elif _is_row_lookup(eqn, origin, shapes):  # no bias: a later add is not the lookup's
+      table, indices = eqn.invars
+      layers.append(dict(kind="embedding", eqn=eqn, last=index, bias=None, weight=origin[table],
+                         ids=ids_source.get(indices, indices)))
     elif eqn.primitive.name == "add" and all(_is_var(v) for v in eqn.invars):
       for y, b in (eqn.invars, eqn.invars[::-1]):
         layer = by_output.get(y)
@@ -77,6 +106,11 @@ def _tag(layer: dict, rename: dict, output: jcore.Var, origin: dict,
          claimed: set) -> jcore.JaxprEqn:
   """The tag equation of a recognised layer, whose output becomes a new variable."""
   eqn = layer["eqn"]
+  if layer["kind"] == "embedding":
+    ids, table = (rename.get(v, v) for v in (layer["ids"], eqn.invars[0]))
+    return jcore.new_jaxpr_eqn([output, ids, table], [jcore.Var(output.aval)], tags.layer_tag_p,
+                               dict(kind="embedding", approx=None, has_bias=False, conv=None),
+                               jcore.no_effects)
   x, w = (rename.get(v, v) for v in eqn.invars)
   bias = layer["bias"] if layer["bias"] is not None and origin[layer["bias"]] not in claimed \
       else None
@@ -93,8 +127,11 @@ def _tag(layer: dict, rename: dict, output: jcore.Var, origin: dict,
 
 
 def _rewrite(jaxpr: jcore.Jaxpr, origin: dict, shapes: list, claimed: set,
-             tagged: collections.Counter) -> jcore.Jaxpr:
-  """`jaxpr` with a tag after each recognised layer whose weight is not `claimed`."""
+             tagged: collections.Counter, uses: collections.Counter) -> jcore.Jaxpr:
+  """`jaxpr` with a tag after each recognised layer whose weight is not `claimed`.
+
+  Counts in `tagged` the layers of each weight; an embedding counts its table's `uses`.
+  """
   origin = dict(origin)
   layers = {last: layer for last, layer in _find_layers(jaxpr, dict(origin), shapes).items()
             if layer["weight"] not in claimed}
@@ -106,7 +143,8 @@ def _rewrite(jaxpr: jcore.Jaxpr, origin: dict, shapes: list, claimed: set,
     track_parameters(eqn, origin)
     if (call := call_jaxpr(eqn)) is not None:
       name, sub, inner = call
-      new_inner = _rewrite(inner, inner_origin(eqn, inner, origin), shapes, claimed, tagged)
+      new_inner = _rewrite(inner, inner_origin(eqn, inner, origin), shapes, claimed, tagged,
+                           uses)
       if new_inner is not inner:
         new_sub = (jcore.ClosedJaxpr(new_inner, sub.consts)
                    if isinstance(sub, jcore.ClosedJaxpr) else new_inner)
@@ -114,7 +152,8 @@ def _rewrite(jaxpr: jcore.Jaxpr, origin: dict, shapes: list, claimed: set,
     eqns.append(eqn)
     if index in layers:
       tag = _tag(layers[index], rename, eqn.outvars[0], origin, claimed)
-      tagged[layers[index]["weight"]] += 1
+      weight = layers[index]["weight"]
+      tagged[weight] += uses[weight] if layers[index]["kind"] == "embedding" else 1
       if layers[index]["bias"] is not None:  # a bias shared by layers is counted too
         tagged[origin[layers[index]["bias"]]] += 1
       rename[eqn.outvars[0]] = tag.outvars[0]
@@ -125,9 +164,21 @@ def _rewrite(jaxpr: jcore.Jaxpr, origin: dict, shapes: list, claimed: set,
   return jaxpr.replace(eqns=eqns, outvars=outvars)
 
 
+def _parameter_uses(jaxpr: jcore.Jaxpr, origin: dict, uses: collections.Counter) -> None:
+  """Counts, at every level, the equations that use each params leaf (casts and calls aside)."""
+  origin = dict(origin)
+  for eqn in jaxpr.eqns:
+    if (call := call_jaxpr(eqn)) is not None:
+      _parameter_uses(call[2], inner_origin(eqn, call[2], origin), uses)
+    elif eqn.primitive.name in TRANSPARENT_PRIMITIVES:
+      track_parameters(eqn, origin)
+    else:
+      uses.update({origin[v] for v in eqn.invars if _is_var(v) and v in origin})
+
+
 def register_layers(closed: jcore.ClosedJaxpr, num_params: int,
                     claimed: set[int]) -> jcore.ClosedJaxpr:
-  """Tags the untagged dense and conv layers of `loss_fn`'s jaxpr.
+  """Tags the untagged dense, conv and embedding layers of `loss_fn`'s jaxpr.
 
   The first `num_params` inputs of `closed` are the `params` leaves; `claimed` holds
   the indices of leaves already in a hand tag.
@@ -135,9 +186,11 @@ def register_layers(closed: jcore.ClosedJaxpr, num_params: int,
   shapes = [tuple(v.aval.shape) for v in closed.jaxpr.invars[:num_params]]
   origin = {v: i for i, v in enumerate(closed.jaxpr.invars[:num_params])}
   tagged: collections.Counter = collections.Counter()
-  jaxpr = _rewrite(closed.jaxpr, origin, shapes, set(claimed), tagged)
+  uses: collections.Counter = collections.Counter()
+  _parameter_uses(closed.jaxpr, origin, uses)
+  jaxpr = _rewrite(closed.jaxpr, origin, shapes, set(claimed), tagged, uses)
   shared = {weight for weight, count in tagged.items() if count > 1}
   if shared:  # weights used by several layers stay untagged
     jaxpr = _rewrite(closed.jaxpr, origin, shapes, set(claimed) | shared,
-                     collections.Counter())
+                     collections.Counter(), uses)
   return jcore.ClosedJaxpr(jaxpr, closed.consts)

@@ -20,7 +20,7 @@ from jax.interpreters import ad, batching, mlir
 
 Array = jax.Array
 
-LAYER_KINDS = ("dense", "conv2d")
+LAYER_KINDS = ("dense", "conv2d", "embedding")
 LOSS_KINDS = ("softmax_cross_entropy", "sigmoid_cross_entropy", "squared_error")
 
 # Approximation names, spelled as in tensorflow/kfac.
@@ -108,6 +108,23 @@ def register_conv2d(y: Array, x: Array, w: Array, b: Array | None = None, *,
   operands = (y, x, w) if b is None else (y, x, w, b)
   return layer_tag_p.bind(*operands, kind="conv2d", approx=approx, has_bias=b is not None,
                           conv=conv)
+
+
+def register_embedding(y: Array, ids: Array, table: Array, *,
+                       approx: str | None = None) -> Array:
+  """Tags `y = table[ids]` (a `(vocab, d)` lookup table) and returns `y` unchanged.
+
+  `ids` are the integer ids of shape `(batch, ...)`, `y` has shape `ids.shape + (d,)`.
+  K-FAC keeps the input factor of the table diagonal: the one-hot inputs are never built.
+  """
+  _check_approx(approx)
+  if table.ndim != 2 or y.shape != ids.shape + (table.shape[1],):
+    raise ValueError(f"register_embedding: shapes do not match y = table[ids]: ids {ids.shape}, "
+                     f"table {table.shape}, y {y.shape}.")
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"register_embedding: ids must be integers, got {ids.dtype}.")
+  return layer_tag_p.bind(y, ids, table, kind="embedding", approx=approx, has_bias=False,
+                          conv=None)
 
 
 def _dilated(kernel: Sequence[int], dilation: Sequence[int]) -> tuple[int, ...]:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from jkfac import layers, linalg, losses, parallel, tags, tracer
-from jkfac.blocks import BLOCKS, Block, diagonal
+from jkfac.blocks import Block, block, diagonal
 
 Array = jax.Array
 PyTree = Any
@@ -27,6 +27,7 @@ ScalarOrSchedule = float | Array | Callable[[Array], Array]
 
 SUPPORTED_APPROXIMATIONS = {"dense": ("kron", "diagonal", "full"),
                             "conv2d": ("kron", "kron_reduce", "diagonal", "full"),
+                            "embedding": ("kron",),
                             "generic": ("diagonal",)}
 
 
@@ -145,9 +146,9 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
   def init_fn(params: PyTree) -> PreconditionState:
     trace = layer_table(_abstract(params), example_batch)
     every = trace.layers + trace.generic
-    covariances = {layer.name: BLOCKS[layer.approx].zeros(*layers.matrix_shape(layer))
+    covariances = {layer.name: block(layer.kind, layer.approx).zeros(*layers.matrix_shape(layer))
                    for layer in every}
-    inverses = {layer.name: BLOCKS[layer.approx].identity(covariances[layer.name])
+    inverses = {layer.name: block(layer.kind, layer.approx).identity(covariances[layer.name])
                 for layer in every}
     return PreconditionState(count=jnp.zeros([], jnp.int32), key=jax.random.PRNGKey(seed),
                              ema_weight=jnp.zeros([]), damping=jnp.zeros([]),
@@ -172,13 +173,13 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
   def update_inverses(state, damping_now, trace):
     tasks, costs, slots = [], [], []
     for layer in trace.layers + trace.generic:
-      block = BLOCKS[layer.approx]
+      layer_block = block(layer.kind, layer.approx)
       covariances = jax.tree_util.tree_map(lambda c: c / state.ema_weight,
                                            state.covariances[layer.name])
-      for factor, (matrix, damping_added) in block.factors(covariances, damping_now).items():
-        invert = functools.partial(_invert_or_keep, block, inverse_method)
+      for factor, (matrix, damping_added) in layer_block.factors(covariances, damping_now).items():
+        invert = functools.partial(_invert_or_keep, layer_block, inverse_method)
         tasks.append((invert, (matrix, damping_added, state.inverses[layer.name][factor])))
-        costs.append(matrix.size if block.entrywise else matrix.shape[0] ** 3)
+        costs.append(matrix.size if layer_block.is_entrywise(matrix) else matrix.shape[0] ** 3)
         slots.append((layer.name, factor))
     results = parallel.run_tasks(tasks, costs, axis_name=axis_name, placement=placement,
                                  mesh=mesh)
@@ -213,8 +214,12 @@ def _batch_statistics(layer: tracer.LayerInfo, statistics: tracer.LayerStatistic
   """The block statistics of one layer for one batch."""
   if layer.kind == "generic":
     return diagonal.generic_statistics(statistics.output_grads)
+  if layer.kind == "embedding":  # id counts: the one-hot inputs are never built
+    return block(layer.kind, layer.approx).statistics(
+        layers.embedding_counts(layer, statistics.inputs),
+        layers.output_rows(statistics.output_grads))
   reduce = layer.approx == "kron_reduce"
-  return BLOCKS[layer.approx].statistics(
+  return block(layer.kind, layer.approx).statistics(
       layers.layer_inputs(layer, statistics.inputs, reduce),
       layers.output_rows(statistics.output_grads, reduce))
 
@@ -231,7 +236,7 @@ def _precondition_gradients(trace: tracer.Trace, inverses, updates: PyTree) -> P
   for layer in trace.layers + trace.generic:
     bias = None if layer.bias is None else leaves[layer.bias]
     matrix = layers.param_matrix(layer, leaves[layer.weight], bias)
-    matrix = BLOCKS[layer.approx].precondition(inverses[layer.name], matrix.astype(
+    matrix = block(layer.kind, layer.approx).precondition(inverses[layer.name], matrix.astype(
         jax.tree_util.tree_leaves(inverses[layer.name])[0].dtype))
     w, b = layers.split_param_matrix(layer, matrix)
     leaves[layer.weight] = w.astype(leaves[layer.weight].dtype)

@@ -6,10 +6,14 @@ Every block works on a layer in its matrix view (see `jkfac/layers.py`): inputs
 "kron_reduce" (K-FAC-reduce, Eschenhagen et al. 2023) is the Kronecker block fed
 with inputs averaged and output gradients summed over positions per example; the
 transform asks `jkfac/layers.py` for those reduced rows.
+
+An embedding layer's "kron" is `embedding.BLOCK`, whose input factor is diagonal: a
+block is looked up by layer kind and approximation with `block`, so an approximation
+keeps one name across kinds.
 """
 
 from jkfac.blocks.base import Block
-from jkfac.blocks import diagonal, full, kron
+from jkfac.blocks import diagonal, embedding, full, kron
 
 BLOCKS: dict[str, Block] = {
     "kron": kron.BLOCK,
@@ -18,4 +22,15 @@ BLOCKS: dict[str, Block] = {
     "full": full.BLOCK,
 }
 
-__all__ = ["Block", "BLOCKS"]
+# Blocks that differ from `BLOCKS[approx]` for a layer kind.
+KIND_BLOCKS: dict[tuple[str, str], Block] = {
+    ("embedding", "kron"): embedding.BLOCK,
+}
+
+
+def block(kind: str, approx: str) -> Block:
+  """The block of a layer of `kind` under the approximation `approx`."""
+  return KIND_BLOCKS.get((kind, approx)) or BLOCKS[approx]
+
+
+__all__ = ["Block", "BLOCKS", "block"]

@@ -22,8 +22,9 @@ class Block(NamedTuple):
                 array of input vectors), `g` the output gradients.
   factors:      `(covariances, damping) -> {name: (factor, damping to add)}`, the
                 factors to invert: symmetric matrices, or arrays inverted entrywise
-                when `entrywise` is set. Kept apart from the inversion so the
-                transform can place each inversion on its own device.
+                when `entrywise` is set; a 1-D factor (a diagonal matrix kept as
+                its diagonal) is always inverted entrywise. Kept apart from the
+                inversion so the transform can place each inversion on its own device.
   precondition: `(inverses, gradient matrix) -> preconditioned matrix`.
   """
   zeros: Callable[[int, int], Arrays]
@@ -32,15 +33,20 @@ class Block(NamedTuple):
   precondition: Callable[[Arrays, Array], Array]
   entrywise: bool = False
 
+  def is_entrywise(self, factor: Array) -> bool:
+    """Whether `factor` is inverted entrywise: all of an entrywise block, or a vector."""
+    return self.entrywise or factor.ndim == 1
+
   def invert(self, factor: Array, damping: Array, method: str = "cholesky") -> Array:
     """The damped inverse of one factor."""
-    if self.entrywise:
+    if self.is_entrywise(factor):
       return 1.0 / (factor + damping)
     return linalg.damped_inverse(factor, damping, method)
 
   def identity(self, covariances: Arrays) -> Arrays:
     """Inverses that leave gradients unchanged: the state before the first inversion."""
-    return {name: jnp.ones_like(f) if self.entrywise else jnp.eye(f.shape[0], dtype=f.dtype)
+    return {name: jnp.ones_like(f) if self.is_entrywise(f)
+            else jnp.eye(f.shape[0], dtype=f.dtype)
             for name, (f, _) in self.factors(covariances, 1.0).items()}
 
   def inverses(self, covariances: Arrays, damping: Array, method: str = "cholesky") -> Arrays:
