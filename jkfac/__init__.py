@@ -3,7 +3,9 @@
 from jkfac.tags import (
     APPROX_DIAGONAL_NAME,
     APPROX_FULL_NAME,
+    APPROX_KRONECKER_IN_DIAG_NAME,
     APPROX_KRONECKER_NAME,
+    APPROX_KRONECKER_OUT_DIAG_NAME,
     APPROX_KRONECKER_REDUCE_NAME,
     register_categorical_predictive_distribution,
     register_conv2d,
@@ -25,7 +27,9 @@ __version__ = "0.1.0"
 __all__ = [
     "APPROX_DIAGONAL_NAME",
     "APPROX_FULL_NAME",
+    "APPROX_KRONECKER_IN_DIAG_NAME",
     "APPROX_KRONECKER_NAME",
+    "APPROX_KRONECKER_OUT_DIAG_NAME",
     "APPROX_KRONECKER_REDUCE_NAME",
     "Curvature",
     "Description",

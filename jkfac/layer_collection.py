@@ -17,7 +17,9 @@ from jkfac import tags
 from jkfac.tags import (  # noqa: F401  (re-exported under the seed's names)
     APPROX_DIAGONAL_NAME,
     APPROX_FULL_NAME,
+    APPROX_KRONECKER_IN_DIAG_NAME,
     APPROX_KRONECKER_NAME,
+    APPROX_KRONECKER_OUT_DIAG_NAME,
     APPROX_KRONECKER_REDUCE_NAME,
     register_categorical_predictive_distribution,
     register_multi_bernoulli_predictive_distribution,

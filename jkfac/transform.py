@@ -25,8 +25,10 @@ Array = jax.Array
 PyTree = Any
 ScalarOrSchedule = float | Array | Callable[[Array], Array]
 
-SUPPORTED_APPROXIMATIONS = {"dense": ("kron", "diagonal", "full"),
-                            "conv2d": ("kron", "kron_reduce", "diagonal", "full"),
+SUPPORTED_APPROXIMATIONS = {"dense": ("kron", "kron_in_diag", "kron_out_diag", "diagonal",
+                                      "full"),
+                            "conv2d": ("kron", "kron_reduce", "kron_in_diag", "kron_out_diag",
+                                       "diagonal", "full"),
                             "embedding": ("kron",),
                             "generic": ("diagonal",)}
 

@@ -495,3 +495,39 @@ def test_singular_factor_never_produces_nan_updates(method):
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(updates))
   # ... so the damped inverse of step 1 is kept.
   _assert_close(state2.inverses["Dense_0"]["A"], state.inverses["Dense_0"]["A"])
+
+
+# --- Kronecker blocks with a diagonal factor -------------------------------------------------
+
+
+@pytest.mark.parametrize("approx", ["kron_in_diag", "kron_out_diag"])
+def test_kron_with_a_diagonal_factor_matches_dense_formula(approx):
+  """The kept factor equals kron's; the other is the diagonal of kron's; the step is
+  `(A' + pi sqrt(λ) I)^-1 M (G' + sqrt(λ)/pi I)^-1` with pi from the diagonals used."""
+  _, params, batch, loss_fn = _problem("mlp")
+  damping = 1e-2
+  grads = jax.grad(loss_fn)(params, batch)
+
+  def step(approx):
+    tx = jkfac.precondition(loss_fn, batch, damping=damping, estimation="empirical",
+                            invert_every=1, approximations={"*": approx})
+    return jax.jit(lambda g: tx.update(g, tx.init(params), params, batch=batch))(grads)
+
+  _, kron_state = step("kron")
+  updates, state = step(approx)
+  trace = tracer.trace_layers(loss_fn, params, batch)
+  leaves = jax.tree_util.tree_leaves(grads)
+  out = jax.tree_util.tree_leaves(updates)
+  for layer in trace.layers:
+    A, G = (np.asarray(kron_state.covariances[layer.name][k] / kron_state.ema_weight)
+            for k in ("A", "G"))   # bias-corrected: the batch statistics on step 1
+    A, G = (np.diag(np.diag(A)), G) if approx == "kron_in_diag" else (A, np.diag(np.diag(G)))
+    kept = {k: v / state.ema_weight for k, v in state.covariances[layer.name].items()}
+    _assert_close(kept["A"] if kept["A"].ndim == 2 else np.diag(kept["A"]), A)
+    _assert_close(kept["G"] if kept["G"].ndim == 2 else np.diag(kept["G"]), G)
+    pi = np.sqrt((np.trace(A) / len(A)) / (np.trace(G) / len(G)))
+    M = layers.param_matrix(layer, leaves[layer.weight], leaves[layer.bias])
+    expected = (np.linalg.inv(A + pi * np.sqrt(damping) * np.eye(len(A))) @ np.asarray(M)
+                @ np.linalg.inv(G + np.sqrt(damping) / pi * np.eye(len(G))))
+    _assert_close(layers.param_matrix(layer, out[layer.weight], out[layer.bias]), expected,
+                  rtol=1e-7, atol=1e-10)

@@ -13,11 +13,13 @@ keeps one name across kinds.
 """
 
 from jkfac.blocks.base import Block
-from jkfac.blocks import diagonal, embedding, full, kron
+from jkfac.blocks import diagonal, embedding, full, kron, kron_diag
 
 BLOCKS: dict[str, Block] = {
     "kron": kron.BLOCK,
     "kron_reduce": kron.BLOCK,
+    "kron_in_diag": kron_diag.IN_DIAG,
+    "kron_out_diag": kron_diag.OUT_DIAG,
     "diagonal": diagonal.BLOCK,
     "full": full.BLOCK,
 }
