@@ -8,8 +8,9 @@ statistics every 10 / inverses every 100, each with the plain `tx.update` (its o
 forward pass for the statistics) and with the fused `jkfac.value_and_grad` path.
 Every configuration is timed over whole inverse periods, so the periodic work is
 included at its real rate, at fixed parameters (the optimizer state evolves, the
-parameters stay put, so a long run on one batch cannot drift into divergence). Rounds interleave the configurations and the figures
-are medians over rounds; ratios to Adam are what to compare across machines.
+parameters stay put, so a long run on one batch cannot drift into divergence).
+Rounds interleave the configurations and the figures are medians over rounds;
+ratios to Adam are what to compare across machines.
 """
 
 from __future__ import annotations

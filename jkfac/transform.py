@@ -76,7 +76,8 @@ def _validate(damping, cov_ema_decay, cov_update_every, invert_every, estimation
          f"Unknown inverse_method {inverse_method!r}; expected one of {linalg.INVERSE_METHODS}.")
   for pattern, approx in (approximations or {}).items():
     _check(approx in tags.APPROXIMATIONS,
-           f"Unknown approximation {approx!r} for {pattern!r}; expected one of {tags.APPROXIMATIONS}.")
+           f"Unknown approximation {approx!r} for {pattern!r}; expected one of "
+           f"{tags.APPROXIMATIONS}.")
   _check(placement is None or placement in parallel.PLACEMENTS,
          f"Unknown placement {placement!r}; expected one of {parallel.PLACEMENTS}.")
   if mesh is not None:
@@ -188,13 +189,15 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
     inverses = {name: dict(factors) for name, factors in state.inverses.items()}
     for (name, factor), inverse in zip(slots, results):
       inverses[name][factor] = inverse
-    return state._replace(inverses=inverses, damping=jnp.asarray(damping_now, state.damping.dtype))
+    return state._replace(inverses=inverses,
+                          damping=jnp.asarray(damping_now, state.damping.dtype))
 
   def update_fn(updates, state, params=None, *, batch=None, stats=None, **extra_args):
     """`stats`, optional: the `Curvature` from `jkfac.value_and_grad`, saving a forward pass."""
     del extra_args
     _check(params is not None and batch is not None,
-           "jkfac needs the parameters and the batch: tx.update(grads, state, params, batch=batch).")
+           "jkfac needs the parameters and the batch: "
+           "tx.update(grads, state, params, batch=batch).")
     _check(jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(params),
            "The gradients and the parameters passed to jkfac have different tree structures.")
     if device_axis is not None:
@@ -202,7 +205,8 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       updates = parallel.pmean(updates, device_axis)
     trace = layer_table(params, batch)
     state = jax.lax.cond(state.count % cov_update_every == 0,
-                         lambda s: update_covariances(s, params, batch, stats, trace), lambda s: s, state)
+                         lambda s: update_covariances(s, params, batch, stats, trace),
+                         lambda s: s, state)
     damping_now = _value(damping, state.count)
     state = jax.lax.cond(state.count % invert_every == 0,
                          lambda s: update_inverses(s, damping_now, trace), lambda s: s, state)
@@ -226,14 +230,14 @@ def _batch_statistics(layer: tracer.LayerInfo, statistics: tracer.LayerStatistic
       layers.output_rows(statistics.output_grads, reduce))
 
 
-def _invert_or_keep(block: Block, method: str, factor: Array, damping: Array,
+def _invert_or_keep(layer_block: Block, method: str, factor: Array, damping: Array,
                     previous: Array) -> Array:
   """The damped inverse of `factor`, or `previous` if it is not finite."""
-  return linalg.keep_if_not_finite(block.invert(factor, damping, method), previous)
+  return linalg.keep_if_not_finite(layer_block.invert(factor, damping, method), previous)
 
 
 def _precondition_gradients(trace: tracer.Trace, inverses, updates: PyTree) -> PyTree:
-  """Applies each layer's inverse block to its gradients; other leaves pass through."""
+  """Applies each layer's inverse block (generic parameters' too) to its gradients."""
   leaves, treedef = jax.tree_util.tree_flatten(updates)
   for layer in trace.layers + trace.generic:
     bias = None if layer.bias is None else leaves[layer.bias]
