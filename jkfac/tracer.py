@@ -2,13 +2,15 @@
 
 `trace_layers` walks the jaxpr of `loss_fn(params, batch)` once, at trace time, and
 returns a static table: every tagged layer (its kind, approximation and the paths
-of its parameters in `params`) and every registered loss.
+of its parameters in `params`), every registered loss, and the "generic" parameters
+no layer covers. With `auto_register`, untagged layers are tagged first
+(`jkfac/patterns.py`).
 
-`collect_statistics` evaluates the same jaxpr with a small interpreter that, at
-each layer tag, records the layer's inputs and adds a zero "perturbation" to its
-output. Pulling the loss cotangents (see `losses.py`) back to those zeros gives,
-in one forward and one backward pass, the output gradients that the curvature
-blocks need.
+`linearize` evaluates the same jaxpr with a small interpreter that, at each layer
+tag, records the layer's inputs and adds a zero "perturbation" to its output;
+`value_and_grad` does the same inside the user's gradient pass. `statistics` pulls
+the loss cotangents (see `losses.py`) back to those zeros: in one backward pass,
+the output gradients that the curvature blocks need.
 """
 
 from __future__ import annotations
