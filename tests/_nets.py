@@ -272,3 +272,20 @@ def kron_factors_by_hand(net: Net, params, batch, estimation: str):
       G = np.einsum("ncto,ncd,ndtp->op", jac, fisher, jac) / n
     factors[name] = (A, G)
   return factors
+
+
+def train_losses(loss_fn, tx, params, batch, steps: int) -> tuple[list[float], Any, Any]:
+  """`(losses, params, opt_state)` after `steps` jitted optax steps of `tx` on one batch."""
+  import optax  # noqa: PLC0415  (only the training helpers need it)
+
+  @jax.jit
+  def step(params, state):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, state = tx.update(grads, state, params, batch=batch)
+    return optax.apply_updates(params, updates), state, loss
+
+  state, losses = tx.init(params), []
+  for _ in range(steps):
+    params, state, loss = step(params, state)
+    losses.append(float(loss))
+  return losses, params, state

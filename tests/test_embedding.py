@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import jkfac
+from tests import _nets
 from jkfac import layer_collection
 
 KEY = jax.random.PRNGKey(0)
@@ -187,17 +188,6 @@ def test_training_lowers_the_loss():
   model, params, batch = _setup(vocab=20, n=32, seed=3)
   loss_fn = _loss(model.apply)
   tx = jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-2, invert_every=5)
-  state = tx.init(params)
-
-  @jax.jit
-  def step(params, state):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, state = tx.update(grads, state, params, batch=batch)
-    return optax.apply_updates(params, updates), state, loss
-
-  losses = []
-  for _ in range(30):
-    params, state, loss = step(params, state)
-    losses.append(float(loss))
+  losses, _, _ = _nets.train_losses(loss_fn, tx, params, batch, steps=30)
   assert np.all(np.isfinite(losses))
   assert losses[-1] < 0.5 * losses[0], losses

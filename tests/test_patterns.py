@@ -366,19 +366,8 @@ def test_weight_used_twice_is_not_registered():
                   "Dense_1/kernel": ("Dense_1", "dense", "kron")}
 
   tx = jkfac.kfac(loss_fn, batch, learning_rate=0.05, damping=1e-1, invert_every=1)
-  state = tx.init(params)
-  assert state[0].covariances["Dense_0/kernel"]["diagonal"].shape == (16, 1)
-
-  @jax.jit
-  def step(params, state):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, state = tx.update(grads, state, params, batch=batch)
-    return optax.apply_updates(params, updates), state, loss
-
-  losses = []
-  for _ in range(4):
-    params, state, loss = step(params, state)
-    losses.append(float(loss))
+  assert tx.init(params)[0].covariances["Dense_0/kernel"]["diagonal"].shape == (16, 1)
+  losses, params, state = _nets.train_losses(loss_fn, tx, params, batch, steps=4)
   assert all(np.isfinite(losses)) and losses[-1] < losses[0]
   assert all(np.isfinite(p).all() for p in jax.tree_util.tree_leaves((params, state)))
   assert np.abs(state[0].covariances["Dense_0/kernel"]["diagonal"]).max() > 0
