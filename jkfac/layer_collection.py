@@ -63,3 +63,19 @@ def register_embedding(params: Array | tuple[Array], ids: Array, outputs: Array,
   if bias is not None:
     raise ValueError("register_embedding: an embedding has no bias; pass the table alone.")
   return tags.register_embedding(outputs, ids, table, approx=approx)
+
+
+__all__ = [
+    "APPROX_DIAGONAL_NAME",
+    "APPROX_FULL_NAME",
+    "APPROX_KRONECKER_IN_DIAG_NAME",
+    "APPROX_KRONECKER_NAME",
+    "APPROX_KRONECKER_OUT_DIAG_NAME",
+    "APPROX_KRONECKER_REDUCE_NAME",
+    "register_categorical_predictive_distribution",
+    "register_conv2d",
+    "register_embedding",
+    "register_fully_connected",
+    "register_multi_bernoulli_predictive_distribution",
+    "register_normal_predictive_distribution",
+]

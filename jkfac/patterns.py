@@ -19,7 +19,6 @@ per equation that uses it anywhere, so a table tied to an output projection
 from __future__ import annotations
 
 import collections
-from typing import Any
 
 import jax.numpy as jnp
 from jax.extend import core as jcore
