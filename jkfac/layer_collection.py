@@ -56,6 +56,17 @@ def register_conv2d(params: Params, strides: Sequence[int], padding: str | Seque
                               approx=approx)
 
 
+def register_conv1d(params: Params, strides: Sequence[int], padding: str | Sequence,
+                    inputs: Array, outputs: Array, approx: str | None = None,
+                    dilations: Sequence[int] | None = None) -> Array:
+  """Tags an NWC conv with WIO kernel; `strides`/`dilations` as in TF (3 or 1 entries)."""
+  kernel, bias = _kernel_and_bias(params)
+  spatial = lambda v: tuple(v[1:2]) if len(v) == 3 else tuple(v)
+  return tags.register_conv1d(outputs, inputs, kernel, bias, window_strides=spatial(strides),
+                              padding=padding, rhs_dilation=spatial(dilations or (1,)),
+                              approx=approx)
+
+
 def register_embedding(params: Array | tuple[Array], ids: Array, outputs: Array,
                        approx: str | None = None) -> Array:
   """Tags `outputs = table[ids]` for a `(vocab, d)` table; returns `outputs`."""
@@ -73,6 +84,7 @@ __all__ = [
     "APPROX_KRONECKER_OUT_DIAG_NAME",
     "APPROX_KRONECKER_REDUCE_NAME",
     "register_categorical_predictive_distribution",
+    "register_conv1d",
     "register_conv2d",
     "register_embedding",
     "register_fully_connected",

@@ -63,16 +63,23 @@ def layer_inputs(layer: LayerInfo, x: Array, reduce: bool = False) -> LayerInput
   With `reduce`, their mean over positions instead: one position (K-FAC-reduce),
   computed without building every patch.
   """
-  if layer.kind == "conv2d":
-    slices = _patch_slices(x, layer.weight_shape[:2], layer.conv)
+  if layer.kind in ("conv1d", "conv2d"):
+    if layer.kind == "conv1d":  # a 2-D conv of height 1
+      x = x[:, None]
+    slices = _patch_slices(x, conv_kernel_size(layer), layer.conv)
     if reduce:
       slices = [s.mean(axis=(1, 2), keepdims=True) for s in slices]
-    width = layer.weight_shape[1]
+    width = conv_kernel_size(layer)[1]
     groups = [_stack_features(slices[row:row + width]) for row in range(0, len(slices), width)]
   else:
     groups = [x.mean(axis=tuple(range(1, x.ndim - 1)), keepdims=True) if reduce else x]
   return LayerInputs([g.reshape(g.shape[0], -1, g.shape[-1]) for g in groups],
                      layer.bias is not None)
+
+
+def conv_kernel_size(layer: LayerInfo) -> tuple[int, int]:
+  """`(k_h, k_w)` of a conv layer; a 1-D conv has height 1."""
+  return (1, layer.weight_shape[0]) if layer.kind == "conv1d" else layer.weight_shape[:2]
 
 
 def embedding_counts(layer: LayerInfo, ids: Array) -> Array:

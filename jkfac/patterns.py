@@ -3,7 +3,7 @@
 A layer is recognised by its structure, not by module names, so it survives
 `jit`, `remat` and dtype promotion: a `dot_general` that contracts the last axis of
 its input with the first axis of a 2-D parameter (a dense layer), or an NHWC/HWIO
-`conv_general_dilated` with a parameter kernel, optionally followed by the `add` of a
+(or 1-D NWC/WIO) `conv_general_dilated` with a parameter kernel, optionally followed by the `add` of a
 1-D parameter broadcast over the output (the bias). An embedding is a `gather` of
 whole rows of a 2-D parameter at integer indices (what `jnp.take(table, ids, axis=0)`
 and `flax.linen.Embed` emit). A parameter is one of the `params` leaves, seen
@@ -28,7 +28,9 @@ from jkfac.jaxprs import (TRANSPARENT_PRIMITIVES, call_jaxpr, inner_origin, is_v
                           track_parameters)
 
 _BROADCASTS = frozenset({"reshape", "broadcast_in_dim", "convert_element_type", "copy"})
-_NHWC_HWIO = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+# Dimension numbers of NWC/WIO and NHWC/HWIO convolutions, by kernel rank.
+_CHANNELS_LAST = {3: ((0, 2, 1), (2, 1, 0), (0, 2, 1)),
+                  4: ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))}
 
 
 def _layer_kind(eqn: jcore.JaxprEqn, origin: dict, shapes: list) -> str | None:
@@ -42,11 +44,11 @@ def _layer_kind(eqn: jcore.JaxprEqn, origin: dict, shapes: list) -> str | None:
     if (tuple(contract_x) == (x.aval.ndim - 1,) and tuple(contract_w) == (0,)
         and not batch_x and not batch_w and x.aval.ndim >= 2):
       return "dense"
-  if eqn.primitive.name == "conv_general_dilated" and ndim == 4:
+  if eqn.primitive.name == "conv_general_dilated" and ndim in _CHANNELS_LAST:
     dn = eqn.params["dimension_numbers"]
-    if ((tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) == _NHWC_HWIO
+    if ((tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) == _CHANNELS_LAST[ndim]
         and eqn.params["feature_group_count"] == 1 and eqn.params["batch_group_count"] == 1):
-      return "conv2d"
+      return f"conv{ndim - 2}d"
   return None
 
 
@@ -114,11 +116,10 @@ def _tag(layer: dict, rename: dict, output: jcore.Var, origin: dict,
   bias = layer["bias"] if layer["bias"] is not None and origin[layer["bias"]] not in claimed \
       else None
   conv = None
-  if layer["kind"] == "conv2d":
+  if layer["kind"] in ("conv1d", "conv2d"):
     p = eqn.params
-    conv = tags.ConvParams(tuple(p["window_strides"]),
-                           tuple(tuple(int(v) for v in pair) for pair in p["padding"]),
-                           tuple(p["lhs_dilation"]), tuple(p["rhs_dilation"]))
+    conv = tags.conv_params_2d(p["window_strides"], p["padding"], p["lhs_dilation"],
+                               p["rhs_dilation"])
   operands = [output, x, w] + ([] if bias is None else [bias])
   params = dict(kind=layer["kind"], approx=None, has_bias=bias is not None, conv=conv)
   return jcore.new_jaxpr_eqn(operands, [jcore.Var(output.aval)], tags.layer_tag_p, params,

@@ -20,7 +20,7 @@ from jax.interpreters import ad, batching, mlir
 
 Array = jax.Array
 
-LAYER_KINDS = ("dense", "conv2d", "embedding")
+LAYER_KINDS = ("dense", "conv1d", "conv2d", "embedding")
 LOSS_KINDS = ("softmax_cross_entropy", "sigmoid_cross_entropy", "squared_error")
 
 # Approximation names, spelled as in tensorflow/kfac.
@@ -106,11 +106,45 @@ def register_conv2d(y: Array, x: Array, w: Array, b: Array | None = None, *,
   if isinstance(padding, str):
     padding = jax.lax.padtype_to_pads(x.shape[1:3], _dilated(w.shape[:2], rhs_dilation),
                                       window_strides, padding)
-  conv = ConvParams(tuple(window_strides), tuple(tuple(int(p) for p in pair) for pair in padding),
-                    tuple(lhs_dilation), tuple(rhs_dilation))
   operands = (y, x, w) if b is None else (y, x, w, b)
   return layer_tag_p.bind(*operands, kind="conv2d", approx=approx, has_bias=b is not None,
-                          conv=conv)
+                          conv=conv_params_2d(window_strides, padding, lhs_dilation,
+                                              rhs_dilation))
+
+
+def register_conv1d(y: Array, x: Array, w: Array, b: Array | None = None, *,
+                    window_strides: Sequence[int] = (1,),
+                    padding: str | Sequence[tuple[int, int]] = "SAME",
+                    lhs_dilation: Sequence[int] = (1,),
+                    rhs_dilation: Sequence[int] = (1,),
+                    approx: str | None = None) -> Array:
+  """Tags a 1-D NWC convolution with WIO kernel `w` and returns `y` unchanged.
+
+  K-FAC treats it as a 2-D convolution of height 1; the keyword arguments are those
+  of `lax.conv_general_dilated` that produced `y`.
+  """
+  _check_approx(approx)
+  if x.ndim != 3 or w.ndim != 3 or x.shape[-1] != w.shape[1] or y.shape[-1] != w.shape[2]:
+    raise ValueError(f"register_conv1d: expected NWC input and WIO kernel, got x {x.shape}, "
+                     f"w {w.shape}, y {y.shape}.")
+  if b is not None and b.shape != (w.shape[2],):
+    raise ValueError(f"register_conv1d: bias shape {b.shape} does not match w {w.shape}.")
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(x.shape[1:2], _dilated(w.shape[:1], rhs_dilation),
+                                      window_strides, padding)
+  operands = (y, x, w) if b is None else (y, x, w, b)
+  return layer_tag_p.bind(*operands, kind="conv1d", approx=approx, has_bias=b is not None,
+                          conv=conv_params_2d(window_strides, padding, lhs_dilation,
+                                              rhs_dilation))
+
+
+def conv_params_2d(window_strides, padding, lhs_dilation, rhs_dilation) -> "ConvParams":
+  """`ConvParams` of a 2-D conv; a 1-D conv's become those of height 1."""
+  lift = (lambda v, one: (one,) + tuple(v)) if len(window_strides) == 1 else (
+      lambda v, one: tuple(v))
+  return ConvParams(lift(window_strides, 1),
+                    lift((tuple(int(p) for p in pair) for pair in padding), (0, 0)),
+                    lift(lhs_dilation, 1), lift(rhs_dilation, 1))
 
 
 def register_embedding(y: Array, ids: Array, table: Array, *,

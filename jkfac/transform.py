@@ -27,6 +27,8 @@ ScalarOrSchedule = float | Array | Callable[[Array], Array]
 
 SUPPORTED_APPROXIMATIONS = {"dense": ("kron", "kron_in_diag", "kron_out_diag", "diagonal",
                                       "full"),
+                            "conv1d": ("kron", "kron_reduce", "kron_in_diag", "kron_out_diag",
+                                       "diagonal", "full"),
                             "conv2d": ("kron", "kron_reduce", "kron_in_diag", "kron_out_diag",
                                        "diagonal", "full"),
                             "embedding": ("kron",),

@@ -20,7 +20,7 @@ from jax import lax
 from jax.extend import core as jcore
 
 import jkfac
-from jkfac import layer_collection, tags, tracer
+from jkfac import layer_collection, layers, tags, tracer
 from tests import _nets
 
 KEY = jax.random.PRNGKey(0)
@@ -584,3 +584,40 @@ def test_kron_reduce_factors_average_inputs_and_sum_output_gradients():
   np.testing.assert_allclose(state.covariances["Conv_0"]["A"], a.T @ a / len(a), rtol=1e-5,
                              atol=1e-6)
   np.testing.assert_allclose(state.covariances["Conv_0"]["G"], g.T @ g, rtol=1e-5, atol=1e-7)
+
+
+# --- 1-D convolutions ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strides,padding,dilation", [(2, "SAME", 1), (1, "VALID", 2)])
+def test_conv1d_is_registered_as_hand_tagged(strides, padding, dilation):
+  """`nn.Conv` with a 1-D kernel is found as "conv1d" (a 2-D conv of height 1), with the
+  same statistics and updates as `layer_collection.register_conv1d` by hand; its
+  patches times the kernel matrix reproduce the conv."""
+  conv = nn.Conv(5, (3,), strides=strides, padding=padding, kernel_dilation=dilation)
+  batch = _batch((11, 4))
+  params = {"Conv_0": _random_like(jax.eval_shape(conv.init, KEY, batch[0])["params"])}
+
+  def auto_apply(p, x):
+    return conv.apply({"params": p["Conv_0"]}, x).reshape(x.shape[0], -1)[:, :NUM_CLASSES]
+
+  def hand_apply(p, x):
+    y = conv.apply({"params": p["Conv_0"]}, x)
+    y = layer_collection.register_conv1d((p["Conv_0"]["kernel"], p["Conv_0"]["bias"]),
+                                         (1, strides, 1), padding, x, y,
+                                         dilations=(1, dilation, 1))
+    return y.reshape(x.shape[0], -1)[:, :NUM_CLASSES]
+
+  auto, hand = _loss(auto_apply), _loss(hand_apply)
+  auto_trace = tracer.trace_layers(auto, params, batch)
+  hand_trace = tracer.trace_layers(hand, params, batch)
+  assert auto_trace == hand_trace and auto_trace.layers[0].kind == "conv1d"
+  auto_stats = _statistics(auto, auto_trace, params, batch)
+  _assert_trees_close(auto_stats, _statistics(hand, hand_trace, params, batch))
+  layer = auto_trace.layers[0]
+  rows = layers.input_rows(layer, auto_stats["Conv_0"].inputs)
+  matrix = layers.param_matrix(layer, params["Conv_0"]["kernel"], params["Conv_0"]["bias"])
+  expected = conv.apply({"params": params["Conv_0"]}, batch[0])
+  np.testing.assert_allclose(rows @ matrix, expected.reshape(rows.shape[0], -1, 5), rtol=1e-5,
+                             atol=1e-5)
+  _assert_trees_close(_kfac_steps(auto, params, batch)[0], _kfac_steps(hand, params, batch)[0])
