@@ -45,26 +45,29 @@ def register_fully_connected(params: Params, inputs: Array, outputs: Array,
   return tags.register_dense(outputs, inputs, kernel, bias, approx=approx)
 
 
+def _register_conv(register, rank: int, params: Params, strides: Sequence[int],
+                   padding: str | Sequence, inputs: Array, outputs: Array, approx: str | None,
+                   dilations: Sequence[int] | None) -> Array:
+  kernel, bias = _kernel_and_bias(params)
+  spatial = lambda v: tuple(v[1:rank + 1]) if len(v) == rank + 2 else tuple(v)
+  return register(outputs, inputs, kernel, bias, window_strides=spatial(strides),
+                  padding=padding, rhs_dilation=spatial(dilations or (1,) * rank), approx=approx)
+
+
 def register_conv2d(params: Params, strides: Sequence[int], padding: str | Sequence,
                     inputs: Array, outputs: Array, approx: str | None = None,
                     dilations: Sequence[int] | None = None) -> Array:
   """Tags an NHWC conv with HWIO kernel; `strides`/`dilations` as in TF (4 or 2 entries)."""
-  kernel, bias = _kernel_and_bias(params)
-  spatial = lambda v: tuple(v[1:3]) if len(v) == 4 else tuple(v)
-  return tags.register_conv2d(outputs, inputs, kernel, bias, window_strides=spatial(strides),
-                              padding=padding, rhs_dilation=spatial(dilations or (1, 1)),
-                              approx=approx)
+  return _register_conv(tags.register_conv2d, 2, params, strides, padding, inputs, outputs,
+                        approx, dilations)
 
 
 def register_conv1d(params: Params, strides: Sequence[int], padding: str | Sequence,
                     inputs: Array, outputs: Array, approx: str | None = None,
                     dilations: Sequence[int] | None = None) -> Array:
   """Tags an NWC conv with WIO kernel; `strides`/`dilations` as in TF (3 or 1 entries)."""
-  kernel, bias = _kernel_and_bias(params)
-  spatial = lambda v: tuple(v[1:2]) if len(v) == 3 else tuple(v)
-  return tags.register_conv1d(outputs, inputs, kernel, bias, window_strides=spatial(strides),
-                              padding=padding, rhs_dilation=spatial(dilations or (1,)),
-                              approx=approx)
+  return _register_conv(tags.register_conv1d, 1, params, strides, padding, inputs, outputs,
+                        approx, dilations)
 
 
 def register_embedding(params: Array | tuple[Array], ids: Array, outputs: Array,

@@ -87,6 +87,26 @@ def register_dense(y: Array, x: Array, w: Array, b: Array | None = None, *,
                           conv=None)
 
 
+def _register_conv(rank: int, y: Array, x: Array, w: Array, b: Array | None, window_strides,
+                   padding, lhs_dilation, rhs_dilation, approx: str | None) -> Array:
+  """Checks and tags a channels-last convolution of `rank` spatial dimensions."""
+  _check_approx(approx)
+  name, layout = f"register_conv{rank}d", ("NWC", "WIO") if rank == 1 else ("NHWC", "HWIO")
+  if (x.ndim != rank + 2 or w.ndim != rank + 2 or x.shape[-1] != w.shape[-2]
+      or y.shape[-1] != w.shape[-1]):
+    raise ValueError(f"{name}: expected {layout[0]} input and {layout[1]} kernel, got "
+                     f"x {x.shape}, w {w.shape}, y {y.shape}.")
+  if b is not None and b.shape != (w.shape[-1],):
+    raise ValueError(f"{name}: bias shape {b.shape} does not match w {w.shape}.")
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(x.shape[1:rank + 1], _dilated(w.shape[:rank], rhs_dilation),
+                                      window_strides, padding)
+  operands = (y, x, w) if b is None else (y, x, w, b)
+  return layer_tag_p.bind(*operands, kind=f"conv{rank}d", approx=approx, has_bias=b is not None,
+                          conv=conv_params_2d(window_strides, padding, lhs_dilation,
+                                              rhs_dilation))
+
+
 def register_conv2d(y: Array, x: Array, w: Array, b: Array | None = None, *,
                     window_strides: Sequence[int] = (1, 1),
                     padding: str | Sequence[tuple[int, int]] = "SAME",
@@ -97,19 +117,8 @@ def register_conv2d(y: Array, x: Array, w: Array, b: Array | None = None, *,
 
   The keyword arguments are those of `lax.conv_general_dilated` that produced `y`.
   """
-  _check_approx(approx)
-  if x.ndim != 4 or w.ndim != 4 or x.shape[-1] != w.shape[2] or y.shape[-1] != w.shape[3]:
-    raise ValueError(f"register_conv2d: expected NHWC input and HWIO kernel, got x {x.shape}, "
-                     f"w {w.shape}, y {y.shape}.")
-  if b is not None and b.shape != (w.shape[3],):
-    raise ValueError(f"register_conv2d: bias shape {b.shape} does not match w {w.shape}.")
-  if isinstance(padding, str):
-    padding = jax.lax.padtype_to_pads(x.shape[1:3], _dilated(w.shape[:2], rhs_dilation),
-                                      window_strides, padding)
-  operands = (y, x, w) if b is None else (y, x, w, b)
-  return layer_tag_p.bind(*operands, kind="conv2d", approx=approx, has_bias=b is not None,
-                          conv=conv_params_2d(window_strides, padding, lhs_dilation,
-                                              rhs_dilation))
+  return _register_conv(2, y, x, w, b, window_strides, padding, lhs_dilation, rhs_dilation,
+                        approx)
 
 
 def register_conv1d(y: Array, x: Array, w: Array, b: Array | None = None, *,
@@ -123,19 +132,8 @@ def register_conv1d(y: Array, x: Array, w: Array, b: Array | None = None, *,
   K-FAC treats it as a 2-D convolution of height 1; the keyword arguments are those
   of `lax.conv_general_dilated` that produced `y`.
   """
-  _check_approx(approx)
-  if x.ndim != 3 or w.ndim != 3 or x.shape[-1] != w.shape[1] or y.shape[-1] != w.shape[2]:
-    raise ValueError(f"register_conv1d: expected NWC input and WIO kernel, got x {x.shape}, "
-                     f"w {w.shape}, y {y.shape}.")
-  if b is not None and b.shape != (w.shape[2],):
-    raise ValueError(f"register_conv1d: bias shape {b.shape} does not match w {w.shape}.")
-  if isinstance(padding, str):
-    padding = jax.lax.padtype_to_pads(x.shape[1:2], _dilated(w.shape[:1], rhs_dilation),
-                                      window_strides, padding)
-  operands = (y, x, w) if b is None else (y, x, w, b)
-  return layer_tag_p.bind(*operands, kind="conv1d", approx=approx, has_bias=b is not None,
-                          conv=conv_params_2d(window_strides, padding, lhs_dilation,
-                                              rhs_dilation))
+  return _register_conv(1, y, x, w, b, window_strides, padding, lhs_dilation, rhs_dilation,
+                        approx)
 
 
 def conv_params_2d(window_strides, padding, lhs_dilation, rhs_dilation) -> "ConvParams":

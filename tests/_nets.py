@@ -289,3 +289,14 @@ def train_losses(loss_fn, tx, params, batch, steps: int) -> tuple[list[float], A
     params, state, loss = step(params, state)
     losses.append(float(loss))
   return losses, params, state
+
+
+class WithGeneric(nn.Module):
+  """Two untagged Dense layers, a LayerNorm and a free scalar: recognised layers and
+  generic parameters in one model."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.LayerNorm()(jnp.tanh(nn.Dense(6)(x)))
+    return nn.Dense(self.num_classes)(x) * self.param("temp", nn.initializers.ones, ())

@@ -167,16 +167,8 @@ def test_describe_str_is_a_table():
 # --- generic parameters ------------------------------------------------------------------
 
 
-class WithGeneric(nn.Module):
-  """Two untagged Dense layers, a LayerNorm and a free scalar."""
-  @nn.compact
-  def __call__(self, x):
-    x = nn.LayerNorm()(jnp.tanh(nn.Dense(6)(x)))
-    return nn.Dense(NUM_CLASSES)(x) * self.param("temp", nn.initializers.ones, ())
-
-
 def _generic_problem(n=16):
-  model, batch = WithGeneric(), _batch((5,), n=n)
+  model, batch = _nets.WithGeneric(NUM_CLASSES), _batch((5,), n=n)
   params = _init(model, batch)
   params["temp"] = jnp.asarray(1.3, jnp.float32)
   return model, params, batch

@@ -471,16 +471,8 @@ def test_seed_flow_with_layer_collection_matches_flax_and_auto_registration():
 # --- jkfac.value_and_grad --------------------------------------------------------------------
 
 
-class WithGeneric(nn.Module):
-  """Untagged Dense layers, a LayerNorm and a free scalar: auto and generic parameters."""
-  @nn.compact
-  def __call__(self, x):
-    x = nn.LayerNorm()(jnp.tanh(nn.Dense(6)(x)))
-    return nn.Dense(NUM_CLASSES)(x) * self.param("temp", nn.initializers.ones, ())
-
-
 def _generic_problem(n=16):
-  model, batch = WithGeneric(), _batch((5,), n=n)
+  model, batch = _nets.WithGeneric(NUM_CLASSES), _batch((5,), n=n)
   params = _random_like(jax.eval_shape(model.init, KEY, batch[0])["params"])
   params["temp"] = jnp.asarray(1.3, jnp.float32)
   return model, params, batch
