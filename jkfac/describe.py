@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jkfac import layers
-from jkfac.blocks import block
+from jkfac import blocks
 from jkfac.transform import trace_with_approximations
 
 PyTree = Any
@@ -72,7 +72,7 @@ def describe(loss_fn: Callable[..., Any], params: PyTree, batch: PyTree, *,
   itemsize = jnp.zeros(()).dtype.itemsize
   rows: dict[int, ParameterInfo] = {}
   for layer in trace.layers + trace.generic:
-    zeros = jax.eval_shape(lambda layer=layer: block(layer.kind, layer.approx).zeros(
+    zeros = jax.eval_shape(lambda layer=layer: blocks.for_layer(layer).zeros(
         *layers.matrix_shape(layer)))
     factors = ", ".join(f"{name} {'x'.join(map(str, x.shape))}" for name, x in zeros.items())
     state_bytes = 2 * itemsize * sum(math.prod(x.shape) for x in zeros.values())

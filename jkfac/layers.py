@@ -130,6 +130,70 @@ def conv_patches(x: Array, kernel_size: tuple[int, ...], conv: ConvParams) -> Ar
   return _stack_features(_patch_slices(x, kernel_size, conv))
 
 
+def scan_axes_first(scans: tuple[str, ...], x: Array, skip: int = 0) -> Array:
+  """`x` of shape `(*skip axes, *scan lengths, ...)` as `(*skip axes, S, R, ...)`: the
+  axes of scans that "stack" the layer merged into S, those that "repeat" it into R."""
+  axes = range(skip, skip + len(scans))
+  stack = [a for a, kind in zip(axes, scans) if kind == "stack"]
+  repeat = [a for a, kind in zip(axes, scans) if kind == "repeat"]
+  x = jnp.transpose(x, [*range(skip), *stack, *repeat, *range(skip + len(scans), x.ndim)])
+  sizes = (math.prod(x.shape[skip:skip + len(stack)]),
+           math.prod(x.shape[skip + len(stack):skip + len(scans)]))
+  return x.reshape(x.shape[:skip] + sizes + x.shape[skip + len(scans):])
+
+
+def _repeats_to_positions(x: Array, repeats: int, axis: int) -> Array:
+  """`(..., repeats * batch, positions, d)` (repeats outermost, at `axis`) as
+  `(..., batch, repeats * positions, d)`."""
+  x = x.reshape(x.shape[:axis] + (repeats, -1) + x.shape[axis + 1:])
+  return jnp.moveaxis(x, axis, axis + 1).reshape(
+      x.shape[:axis] + (x.shape[axis + 1], -1, x.shape[-1]))
+
+
+def _use_rows(layer: LayerInfo, x: Array, g: Array,
+              reduce: bool) -> tuple[LayerInputs | Array, Array]:
+  """The inputs and output rows of one use, whose scan repeats `R` become positions.
+
+  `x` is `(R, batch, ...)`, `g` `(columns, R, batch, ...)`. An embedding's "inputs"
+  are its ids, flattened.
+  """
+  repeats = x.shape[0]
+  x = x.reshape((-1,) + x.shape[2:])
+  rows = _repeats_to_positions(output_rows(g.reshape((g.shape[0], -1) + g.shape[3:]), reduce),
+                               repeats, axis=1)
+  if layer.kind == "embedding":
+    return x.ravel(), rows
+  inputs = layer_inputs(layer, x, reduce)
+  return inputs._replace(groups=[_repeats_to_positions(group, repeats, axis=0)
+                                 for group in inputs.groups]), rows
+
+
+def block_inputs(layer: LayerInfo, xs: list[Array], gs: list[Array],
+                 reduce: bool = False) -> tuple[LayerInputs | Array, Array]:
+  """What a block's `statistics` take, from every use of the layer: `(inputs, rows)`.
+
+  `xs[u]` `(R_u, batch, ...)` and `gs[u]` `(columns, R_u, batch, ...)` are use u's
+  inputs and output gradients, repeated `R_u` times by scans. Every use and repeat
+  adds positions ("kron_indep": A averages over them, G sums); with `reduce`, the
+  inputs are averaged and the gradients summed over all of them. An embedding's
+  inputs are its id counts.
+  """
+  uses = [_use_rows(layer, x, g, reduce) for x, g in zip(xs, gs)]
+  rows = uses[0][1] if len(uses) == 1 else jnp.concatenate([r for _, r in uses], axis=2)
+  if layer.kind == "embedding":
+    return embedding_counts(layer, jnp.concatenate([ids for ids, _ in uses])), rows
+  if len(uses) == 1 and (not reduce or xs[0].shape[0] == 1):
+    return uses[0][0], rows
+  groups = [jnp.concatenate(parts, axis=1) for parts in zip(*(u.groups for u, _ in uses))]
+  if reduce:  # mean over every position of every use: weigh each use's means by its count
+    weights = jnp.concatenate([jnp.full(x.shape[0], math.prod(g.shape[3:-1]), groups[0].dtype)
+                               for x, g in zip(xs, gs)])
+    groups = [jnp.einsum("r,brd->bd", weights, group)[:, None] / weights.sum()
+              for group in groups]
+    rows = rows.sum(axis=2, keepdims=True)
+  return LayerInputs(groups, uses[0][0].bias), rows
+
+
 def output_rows(output_grads: Array, reduce: bool = False) -> Array:
   """Output gradients as `(columns, batch, positions, d_out)`; with `reduce`, their sum
   over positions, `(columns, batch, 1, d_out)`."""

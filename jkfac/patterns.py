@@ -33,12 +33,12 @@ _CHANNELS_LAST = {3: ((0, 2, 1), (2, 1, 0), (0, 2, 1)),
                   4: ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))}
 
 
-def _layer_kind(eqn: jcore.JaxprEqn, origin: dict, shapes: list) -> str | None:
+def _layer_kind(eqn: jcore.JaxprEqn, origin: dict) -> str | None:
   """'dense' or 'conv2d' if `eqn` is such a layer with a parameter as its weights."""
   if len(eqn.invars) != 2 or not _is_var(eqn.invars[1]) or eqn.invars[1] not in origin:
     return None
   x, w = eqn.invars
-  ndim = len(shapes[origin[w]])
+  ndim = w.aval.ndim  # a parameter, or its slice inside a scan over stacked layers
   if eqn.primitive.name == "dot_general" and ndim == 2:
     (contract_x, contract_w), (batch_x, batch_w) = eqn.params["dimension_numbers"]
     if (tuple(contract_x) == (x.aval.ndim - 1,) and tuple(contract_w) == (0,)
@@ -52,12 +52,12 @@ def _layer_kind(eqn: jcore.JaxprEqn, origin: dict, shapes: list) -> str | None:
   return None
 
 
-def _is_row_lookup(eqn: jcore.JaxprEqn, origin: dict, shapes: list) -> bool:
+def _is_row_lookup(eqn: jcore.JaxprEqn, origin: dict) -> bool:
   """Whether `eqn` gathers whole rows of a 2-D parameter at integer indices `(..., 1)`."""
   if eqn.primitive.name != "gather" or not all(_is_var(v) for v in eqn.invars):
     return False
   table, indices = eqn.invars
-  if table not in origin or len(shapes[origin[table]]) != 2:
+  if table not in origin or table.aval.ndim != 2:
     return False
   dn, idx = eqn.params["dimension_numbers"], indices.aval
   return (jnp.issubdtype(idx.dtype, jnp.integer) and idx.ndim >= 1 and idx.shape[-1] == 1
@@ -67,7 +67,7 @@ def _is_row_lookup(eqn: jcore.JaxprEqn, origin: dict, shapes: list) -> bool:
           and tuple(eqn.params["slice_sizes"]) == (1, table.aval.shape[1]))
 
 
-def _find_layers(jaxpr: jcore.Jaxpr, origin: dict, shapes: list) -> dict[int, dict]:
+def _find_layers(jaxpr: jcore.Jaxpr, origin: dict) -> dict[int, dict]:
   """Recognised layers of one jaxpr level, keyed by the index of their last equation."""
   uses = collections.Counter(v for eqn in jaxpr.eqns for v in eqn.invars if _is_var(v))
   uses.update(v for v in jaxpr.outvars if _is_var(v))
@@ -78,17 +78,17 @@ def _find_layers(jaxpr: jcore.Jaxpr, origin: dict, shapes: list) -> dict[int, di
     first = eqn.invars[0] if eqn.invars and _is_var(eqn.invars[0]) else None
     track_parameters(eqn, origin)
     if eqn.primitive.name in _BROADCASTS and (
-        first in bias_source or (first in origin and len(shapes[origin[first]]) == 1)):
+        first in bias_source or (first in origin and first.aval.ndim == 1)):
       bias_source[eqn.outvars[0]] = bias_source.get(first, first)
     if (eqn.primitive.name in ("broadcast_in_dim", "reshape") and first is not None
         and eqn.outvars[0].aval.shape == first.aval.shape + (1,)):
       ids_source[eqn.outvars[0]] = first
-    kind = _layer_kind(eqn, origin, shapes)
+    kind = _layer_kind(eqn, origin)
     if kind is not None:
       layer = dict(kind=kind, eqn=eqn, last=index, bias=None, weight=origin[eqn.invars[1]])
       layers.append(layer)
       by_output[eqn.outvars[0]] = layer
-    elif _is_row_lookup(eqn, origin, shapes):  # no bias: a later add is not the lookup's
+    elif _is_row_lookup(eqn, origin):  # no bias: a later add is not the lookup's
       table, indices = eqn.invars
       layers.append(dict(kind="embedding", eqn=eqn, last=index, bias=None, weight=origin[table],
                          ids=ids_source.get(indices, indices)))
@@ -96,15 +96,14 @@ def _find_layers(jaxpr: jcore.Jaxpr, origin: dict, shapes: list) -> dict[int, di
       for y, b in (eqn.invars, eqn.invars[::-1]):
         layer = by_output.get(y)
         if (layer is not None and uses[y] == 1 and b in bias_source
-            and shapes[origin[bias_source[b]]] == (y.aval.shape[-1],)
+            and bias_source[b].aval.shape == (y.aval.shape[-1],)
             and eqn.outvars[0].aval.shape == y.aval.shape):
           layer.update(last=index, bias=bias_source[b])
           break
   return {layer["last"]: layer for layer in layers}
 
 
-def _tag(layer: dict, rename: dict, output: jcore.Var, origin: dict,
-         claimed: set) -> jcore.JaxprEqn:
+def _tag(layer: dict, rename: dict, output: jcore.Var) -> jcore.JaxprEqn:
   """The tag equation of a recognised layer, whose output becomes a new variable."""
   eqn = layer["eqn"]
   if layer["kind"] == "embedding":
@@ -113,8 +112,7 @@ def _tag(layer: dict, rename: dict, output: jcore.Var, origin: dict,
                                dict(kind="embedding", approx=None, has_bias=False, conv=None),
                                jcore.no_effects)
   x, w = (rename.get(v, v) for v in eqn.invars)
-  bias = layer["bias"] if layer["bias"] is not None and origin[layer["bias"]] not in claimed \
-      else None
+  bias = layer["bias"]
   conv = None
   if layer["kind"] in ("conv1d", "conv2d"):
     p = eqn.params
@@ -126,14 +124,15 @@ def _tag(layer: dict, rename: dict, output: jcore.Var, origin: dict,
                              jcore.no_effects)
 
 
-def _rewrite(jaxpr: jcore.Jaxpr, origin: dict, shapes: list, claimed: set,
-             tagged: collections.Counter, uses: collections.Counter) -> jcore.Jaxpr:
+def _rewrite(jaxpr: jcore.Jaxpr, origin: dict, claimed: set, dropped_biases: set,
+             found: collections.defaultdict) -> jcore.Jaxpr:
   """`jaxpr` with a tag after each recognised layer whose weight is not `claimed`.
 
-  Counts in `tagged` the layers of each weight; an embedding counts its table's `uses`.
+  Biases in `dropped_biases` are left out of the tags. Records in `found[weight]`
+  each layer's `(kind, bias, weight shape)`, to find weights that cannot be tagged.
   """
   origin = dict(origin)
-  layers = {last: layer for last, layer in _find_layers(jaxpr, dict(origin), shapes).items()
+  layers = {last: layer for last, layer in _find_layers(jaxpr, dict(origin)).items()
             if layer["weight"] not in claimed}
   rename: dict = {}
   eqns = []
@@ -143,19 +142,20 @@ def _rewrite(jaxpr: jcore.Jaxpr, origin: dict, shapes: list, claimed: set,
     track_parameters(eqn, origin)
     if (call := call_jaxpr(eqn)) is not None:
       name, sub, inner = call
-      new_inner = _rewrite(inner, inner_origin(eqn, inner, origin), shapes, claimed, tagged,
-                           uses)
+      new_inner = _rewrite(inner, inner_origin(eqn, inner, origin), claimed, dropped_biases,
+                           found)
       if new_inner is not inner:
         new_sub = (jcore.ClosedJaxpr(new_inner, sub.consts)
                    if isinstance(sub, jcore.ClosedJaxpr) else new_inner)
         eqn = eqn.replace(params={**eqn.params, name: new_sub})
     eqns.append(eqn)
     if index in layers:
-      tag = _tag(layers[index], rename, eqn.outvars[0], origin, claimed)
-      weight = layers[index]["weight"]
-      tagged[weight] += uses[weight] if layers[index]["kind"] == "embedding" else 1
-      if layers[index]["bias"] is not None:  # a bias shared by layers is counted too
-        tagged[origin[layers[index]["bias"]]] += 1
+      layer = layers[index]
+      if layer["bias"] is not None and origin[layer["bias"]] in claimed | dropped_biases:
+        layer = dict(layer, bias=None)
+      tag = _tag(layer, rename, eqn.outvars[0])
+      bias = None if layer["bias"] is None else origin[layer["bias"]]
+      found[layer["weight"]].append((layer["kind"], bias, tag.invars[2].aval.shape))
       rename[eqn.outvars[0]] = tag.outvars[0]
       eqns.append(tag)
   if not rename and all(a is b for a, b in zip(eqns, jaxpr.eqns)):
@@ -176,21 +176,40 @@ def _parameter_uses(jaxpr: jcore.Jaxpr, origin: dict, uses: collections.Counter)
       uses.update({origin[v] for v in eqn.invars if _is_var(v) and v in origin})
 
 
+def _untaggable(found: dict, uses: collections.Counter) -> tuple[set[int], set[int]]:
+  """Weights whose recognised layers cannot form one (multi-use) layer, and biases shared
+  by several weights.
+
+  The layers of one weight must agree on kind, bias and weight shape (a scan over
+  stacked layers slices it); an embedding table must have no use besides its lookups
+  (a table tied to an output projection stays generic).
+  """
+  weights = {weight for weight, records in found.items()
+             if len(set(records)) > 1
+             or (records[0][0] == "embedding" and uses[weight] != len(records))}
+  owners = collections.defaultdict(set)
+  for weight, records in found.items():
+    for _, bias, _ in records:
+      if bias is not None:
+        owners[bias].add(weight)
+  return weights, {bias for bias, ws in owners.items() if len(ws) > 1}
+
+
 def register_layers(closed: jcore.ClosedJaxpr, num_params: int,
                     claimed: set[int]) -> jcore.ClosedJaxpr:
   """Tags the untagged dense, conv and embedding layers of `loss_fn`'s jaxpr.
 
   The first `num_params` inputs of `closed` are the `params` leaves; `claimed` holds
-  the indices of leaves already in a hand tag.
+  the indices of leaves already in a hand tag. A weight used by several layers of
+  the same kind is tagged at every use (the tracer makes it one multi-use layer).
   """
-  shapes = [tuple(v.aval.shape) for v in closed.jaxpr.invars[:num_params]]
   origin = {v: i for i, v in enumerate(closed.jaxpr.invars[:num_params])}
-  tagged: collections.Counter = collections.Counter()
   uses: collections.Counter = collections.Counter()
   _parameter_uses(closed.jaxpr, origin, uses)
-  jaxpr = _rewrite(closed.jaxpr, origin, shapes, set(claimed), tagged, uses)
-  shared = {weight for weight, count in tagged.items() if count > 1}
-  if shared:  # weights used by several layers stay untagged
-    jaxpr = _rewrite(closed.jaxpr, origin, shapes, set(claimed) | shared,
-                     collections.Counter(), uses)
+  found: collections.defaultdict = collections.defaultdict(list)
+  jaxpr = _rewrite(closed.jaxpr, origin, set(claimed), set(), found)
+  weights, biases = _untaggable(found, uses)
+  if weights or biases:
+    jaxpr = _rewrite(closed.jaxpr, origin, set(claimed) | weights, biases,
+                     collections.defaultdict(list))
   return jcore.ClosedJaxpr(jaxpr, closed.consts)

@@ -30,9 +30,12 @@ APPROX_FULL_NAME = "full"
 APPROX_KRONECKER_REDUCE_NAME = "kron_reduce"
 APPROX_KRONECKER_IN_DIAG_NAME = "kron_in_diag"
 APPROX_KRONECKER_OUT_DIAG_NAME = "kron_out_diag"
+# A layer applied several times per example (shared weights, a scan over time): the
+# Kronecker block with the uses taken as independent (Martens, Ba & Johnson 2018).
+APPROX_KRON_INDEP_NAME = "kron_indep"
 APPROXIMATIONS = (APPROX_KRONECKER_NAME, APPROX_DIAGONAL_NAME, APPROX_FULL_NAME,
                   APPROX_KRONECKER_REDUCE_NAME, APPROX_KRONECKER_IN_DIAG_NAME,
-                  APPROX_KRONECKER_OUT_DIAG_NAME)
+                  APPROX_KRONECKER_OUT_DIAG_NAME, APPROX_KRON_INDEP_NAME)
 
 
 def _make_tag(name: str) -> Primitive:

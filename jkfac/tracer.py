@@ -35,6 +35,13 @@ class LayerInfo:
 
   `weight` and `bias` are indices into the flattened `params` leaves; `name` is the
   weight's parent path (e.g. "Dense_0"), which keys the layer in the state.
+
+  A layer may have several uses (tags of the same weight, or a tag inside a `scan`):
+  `tags` are their indices among all layer tags, in evaluation order, and `scans` say,
+  per use, what each enclosing scan does with the weight: "repeat" (the whole weight
+  at every step, e.g. a scan over time) or "stack" (one slice per step, e.g.
+  `nn.scan` over layers). A stacked layer is `stack` independent layers: the params
+  leaves have shape `stack + weight_shape`. Shapes are those of one step's tag.
   """
   name: str
   kind: str
@@ -45,6 +52,14 @@ class LayerInfo:
   output_shape: tuple[int, ...]
   weight_shape: tuple[int, ...]
   conv: tags.ConvParams | None
+  tags: tuple[int, ...] = (0,)
+  scans: tuple[tuple[str, ...], ...] = ((),)
+  stack: tuple[int, ...] = ()
+
+  @property
+  def multi_use(self) -> bool:
+    """Whether the weight is applied more than once per example."""
+    return len(self.tags) > 1 or any("repeat" in kinds for kinds in self.scans)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,16 +82,18 @@ class Trace:
 
 
 class LayerStatistics(NamedTuple):
-  """What one layer's curvature block is built from, for one batch.
+  """What one layer's curvature block is built from, for one batch; per use of the layer
+  (see `LayerInfo.tags`), so a layer of one use has tuples of one array.
 
-  inputs:       the layer's input `x` as tagged, shape `(batch, ...)`; None for a
-                generic parameter.
-  output_grads: backpropagated loss cotangents at the layer's output, with a leading
-                axis of estimator columns: `(columns, *output_shape)`; for a generic
-                parameter, at the parameter itself: `(columns, *param_shape)`.
+  inputs:       the input `x` of each use as tagged, `(*scan lengths, batch, ...)`;
+                empty for a generic parameter.
+  output_grads: backpropagated loss cotangents at each use's output, with a leading
+                axis of estimator columns: `(columns, *scan lengths, *output_shape)`;
+                for a generic parameter, one array at the parameter itself:
+                `(columns, *param_shape)`.
   """
-  inputs: Array
-  output_grads: Array
+  inputs: tuple[Array, ...]
+  output_grads: tuple[Array, ...]
 
 
 # --- walking the jaxpr -------------------------------------------------------------
@@ -97,14 +114,14 @@ def _has_tags(jaxpr: jcore.Jaxpr) -> bool:
 
 
 def _inlined(eqn: jcore.JaxprEqn) -> jcore.ClosedJaxpr | None:
-  """The sub-jaxpr to walk into, or None for an equation without tags."""
+  """The sub-jaxpr (of a call or a scan) to walk into, or None for one without tags."""
   if not any(_has_tags(sub) for sub in jcore.jaxprs_in_params(eqn.params)):
     return None
   call = jaxprs.call_jaxpr(eqn)
   if call is None:
     raise NotImplementedError(
         f"jkfac found K-FAC tags inside a `{eqn.primitive.name}` equation; tags inside "
-        "control flow (scan, while, cond) are not supported. Tag the layers outside it.")
+        "while loops and conditionals are not supported (scan is). Tag the layers outside it.")
   _, sub, inner = call
   return sub if isinstance(sub, jcore.ClosedJaxpr) else jcore.ClosedJaxpr(inner, ())
 
@@ -113,39 +130,109 @@ def _read(env: dict, var: Any) -> Any:
   return env[var] if jaxprs.is_var(var) else var.val
 
 
-def _find_tags(jaxpr: jcore.Jaxpr, origin: dict) -> list[tuple[jcore.JaxprEqn, list]]:
-  """Tag equations in evaluation order, each with the params-leaf origin of its operands.
+class _TagSite(NamedTuple):
+  """A tag equation; `origin` per operand: `(params leaf, scans)` or None (not a
+  parameter), with `scans` what each enclosing scan does with it ("repeat"/"stack")."""
+  eqn: jcore.JaxprEqn
+  origin: list
+  scan_lengths: tuple[int, ...]
 
-  `origin` maps variables to the index of the `params` leaf they are (up to casts).
+
+def _enter_scan(value: tuple[int, tuple[str, ...]], sliced: bool) -> tuple[int, tuple[str, ...]]:
+  leaf, scans = value
+  return leaf, scans + ("stack" if sliced else "repeat",)
+
+
+def _find_tags(jaxpr: jcore.Jaxpr, origin: dict,
+               scan_lengths: tuple[int, ...] = ()) -> list[_TagSite]:
+  """Tag equations in evaluation order, with the params-leaf origin of their operands.
+
+  `origin` maps variables to `(params leaf index, scans)` (up to casts).
   """
   found = []
   for eqn in jaxpr.eqns:
     if _is_tag(eqn):
-      found.append((eqn, [origin.get(v) if jaxprs.is_var(v) else None for v in eqn.invars]))
+      found.append(_TagSite(eqn, [origin.get(v) if jaxprs.is_var(v) else None
+                                  for v in eqn.invars], scan_lengths))
     elif (sub := _inlined(eqn)) is not None:
-      found += _find_tags(sub.jaxpr, jaxprs.inner_origin(eqn, sub.jaxpr, origin))
+      inner = jaxprs.inner_origin(eqn, sub.jaxpr, origin, _enter_scan)
+      lengths = scan_lengths + ((eqn.params["length"],) if eqn.primitive.name == "scan" else ())
+      found += _find_tags(sub.jaxpr, inner, lengths)
     else:
       jaxprs.track_parameters(eqn, origin)
   return found
 
 
+def _layer_sites(jaxpr: jcore.Jaxpr) -> list[_TagSite]:
+  return [site for site in _find_tags(jaxpr, {}) if site.eqn.primitive is tags.layer_tag_p]
+
+
+class _Recorded(NamedTuple):
+  """What a forward pass saw at the tags: each layer tag's input (stacked over the
+  steps of enclosing scans) and each loss's prediction and targets."""
+  inputs: list[Array]
+  predictions: list[Array]
+  targets: list[Array]
+
+
 def _evaluate(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any],
-              on_tag: Callable[[jcore.JaxprEqn, list], Any]) -> list[Any]:
-  """`jax.core.eval_jaxpr`, with tag equations (also in sub-jaxprs) sent to `on_tag`."""
+              perturbations: Sequence[Array]) -> tuple[list[Any], _Recorded]:
+  """`jax.core.eval_jaxpr` that adds `perturbations` at the layer tags' outputs (in tag
+  order, also in sub-jaxprs) and records what the tags see."""
   env: dict = {}
   env.update(zip(jaxpr.constvars, consts))
   env.update(zip(jaxpr.invars, args))
+  recorded = _Recorded([], [], [])
+  perturbations = iter(perturbations)
   for eqn in jaxpr.eqns:
     invals = [_read(env, v) for v in eqn.invars]
-    if _is_tag(eqn):
-      outvals = [on_tag(eqn, invals)]
+    if eqn.primitive is tags.loss_tag_p:
+      recorded.predictions.append(invals[0])
+      recorded.targets.append(invals[1])
+      outvals = [invals[0]]
+    elif eqn.primitive is tags.layer_tag_p:
+      recorded.inputs.append(jax.lax.stop_gradient(invals[1]))
+      outvals = [invals[0] + next(perturbations)]
     elif (sub := _inlined(eqn)) is not None:
-      outvals = _evaluate(sub.jaxpr, sub.consts, invals, on_tag)
+      inner_perturbations = [next(perturbations) for _ in _layer_sites(sub.jaxpr)]
+      if eqn.primitive.name == "scan":
+        outvals, inner = _evaluate_scan(sub.jaxpr, sub.consts, invals, inner_perturbations, eqn)
+      else:
+        outvals, inner = _evaluate(sub.jaxpr, sub.consts, invals, inner_perturbations)
+      for mine, theirs in zip(recorded, inner):
+        mine.extend(theirs)
     else:
       out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
       outvals = out if eqn.primitive.multiple_results else [out]
     env.update(zip(eqn.outvars, outvals))
-  return [_read(env, v) for v in jaxpr.outvars]
+  return [_read(env, v) for v in jaxpr.outvars], recorded
+
+
+def _evaluate_scan(body: jcore.Jaxpr, body_consts: Sequence[Any], args: Sequence[Any],
+                   perturbations: Sequence[Array], eqn: jcore.JaxprEqn
+                   ) -> tuple[list[Any], _Recorded]:
+  """A scan equation whose body has layer tags, as `jax.lax.scan` over `_evaluate`.
+
+  Each step takes its slice of the perturbations and returns the inputs its tags
+  saw, which come out stacked along a leading axis of the scan's length.
+  """
+  num_consts, num_carry = jaxprs.scan_operands(eqn)
+  consts, carry, xs = (list(args[:num_consts]), list(args[num_consts:num_consts + num_carry]),
+                       list(args[num_consts + num_carry:]))
+
+  def step(carry, step_xs):
+    xs_now, perturbations_now = step_xs
+    outs, recorded = _evaluate(body, body_consts, consts + list(carry) + list(xs_now),
+                               perturbations_now)
+    if recorded.predictions:
+      raise NotImplementedError("jkfac found a registered loss inside a scan; register the "
+                                "loss on the scan's stacked outputs instead.")
+    return outs[:num_carry], (outs[num_carry:], recorded.inputs)
+
+  carry, (ys, inputs) = jax.lax.scan(step, carry, (xs, list(perturbations)),
+                                     length=eqn.params["length"], reverse=eqn.params["reverse"],
+                                     unroll=eqn.params["unroll"])
+  return list(carry) + list(ys), _Recorded(list(inputs), [], [])
 
 
 # --- the static layer table ----------------------------------------------------------
@@ -156,16 +243,19 @@ def _path_str(path: tuple) -> str:
                   for k in path)
 
 
+def _leaf_origin(closed: jcore.ClosedJaxpr, num_params: int) -> dict:
+  return {v: (i, ()) for i, v in enumerate(closed.jaxpr.invars[:num_params])}
+
+
 def make_jaxpr(loss_fn: LossFn, params: PyTree, batch: PyTree, auto_register: bool = True):
   """The jaxpr of `loss_fn(params, batch)` (inputs: the params then batch leaves) and
   the shape of its output; with `auto_register`, untagged layers get tags too."""
   closed, out_shape = jax.make_jaxpr(loss_fn, return_shape=True)(params, batch)
   if auto_register:
     num_params = len(jax.tree_util.tree_leaves(params))
-    origin = {v: i for i, v in enumerate(closed.jaxpr.invars[:num_params])}
-    claimed = {index for eqn, operand_origin in _find_tags(closed.jaxpr, origin)
-               if eqn.primitive is tags.layer_tag_p
-               for index in operand_origin[2:] if index is not None}
+    claimed = {origin[0] for site in _find_tags(closed.jaxpr, _leaf_origin(closed, num_params))
+               if site.eqn.primitive is tags.layer_tag_p
+               for origin in site.origin[2:] if origin is not None}
     closed = patterns.register_layers(closed, num_params, claimed)
   return closed, out_shape
 
@@ -176,59 +266,94 @@ def trace_layers(loss_fn: LossFn, params: PyTree, batch: PyTree,
                  auto_register: bool = True) -> Trace:
   """The table of tagged layers and registered losses of `loss_fn`.
 
-  `approx_for(layer_name, kind)` may override the approximation of a layer whose tag
-  names none. Raises `ValueError` for missing losses, weights that are not in
-  `params`, and parameters claimed by two tags.
+  Tags of the same weight make one multi-use layer. `approx_for(layer_name, kind)`
+  may override the approximation of a layer whose tags name none; "kron" on a
+  multi-use layer is "kron_indep". Raises `ValueError` for missing losses, weights
+  that are not in `params`, and tags of one weight that disagree.
   """
   closed, _ = make_jaxpr(loss_fn, params, batch, auto_register)
   leaves_with_paths, _ = jax.tree_util.tree_flatten_with_path(params)
   param_paths = tuple(_path_str(p) for p, _ in leaves_with_paths)
-  origin = {v: i for i, v in enumerate(closed.jaxpr.invars[:len(param_paths)])}
-
-  layers, loss_infos, owner = [], [], {}
-  for eqn, operand_origin in _find_tags(closed.jaxpr, origin):
-    if eqn.primitive is tags.loss_tag_p:
-      loss_infos.append(LossInfo(eqn.params["kind"], eqn.params["weight"]))
-      continue
-    layer = _layer_info(eqn, operand_origin, param_paths, default_approx, approx_for)
-    for index in (layer.weight, layer.bias):
-      if index is None:
-        continue
-      if index in owner:
-        raise ValueError(f"Parameter {param_paths[index]!r} is used by two K-FAC layer tags "
-                         f"({owner[index]!r} and {layer.name!r}); a parameter may be tagged once.")
-      owner[index] = layer.name
-    layers.append(layer)
+  sites = _find_tags(closed.jaxpr, _leaf_origin(closed, len(param_paths)))
+  loss_infos = [LossInfo(site.eqn.params["kind"], site.eqn.params["weight"])
+                for site in sites if site.eqn.primitive is tags.loss_tag_p]
   if not loss_infos:
     raise ValueError("No loss is registered in loss_fn: call e.g. "
                      "jkfac.register_softmax_cross_entropy(logits, labels) inside it.")
+  uses: dict[int, list] = {}  # weight leaf -> [(tag index, site)], in evaluation order
+  layer_sites = [site for site in sites if site.eqn.primitive is tags.layer_tag_p]
+  for index, site in enumerate(layer_sites):
+    weight = _check_weights(site, param_paths)
+    uses.setdefault(weight, []).append((index, site))
+  layers = [_layer_info(weight_uses, param_paths, default_approx, approx_for)
+            for weight_uses in uses.values()]
+  owner: dict[int, str] = {layer.weight: layer.name for layer in layers}
+  for layer in layers:
+    if layer.bias is not None:
+      if layer.bias in owner:
+        raise ValueError(f"Parameter {param_paths[layer.bias]!r} is used by two K-FAC layers "
+                         f"({owner[layer.bias]!r} and {layer.name!r}); a parameter may belong "
+                         "to one layer.")
+      owner[layer.bias] = layer.name
   names = [layer.name for layer in layers]
   if len(set(names)) != len(names):
     raise ValueError(f"Two tagged layers share a parameter path prefix: {names}.")
   generic = tuple(
       LayerInfo(name=param_paths[i], kind="generic", approx="diagonal", weight=i, bias=None,
-                input_shape=(), output_shape=(), weight_shape=tuple(v.aval.shape), conv=None)
+                input_shape=(), output_shape=(), weight_shape=tuple(v.aval.shape), conv=None,
+                tags=(), scans=())
       for i, v in enumerate(closed.jaxpr.invars[:len(param_paths)]) if i not in owner)
   return Trace(tuple(layers), tuple(loss_infos), param_paths, generic)
 
 
-def _layer_info(eqn, operand_origin, param_paths, default_approx, approx_for) -> LayerInfo:
-  y, x, w = eqn.invars[:3]
-  weight = operand_origin[2]
-  bias = operand_origin[3] if eqn.params["has_bias"] else None
-  if weight is None or (eqn.params["has_bias"] and bias is None):
+def _check_weights(site: _TagSite, param_paths: Sequence[str]) -> int:
+  """The weight's params leaf of a layer tag, after checking weight and bias are leaves."""
+  has_bias = site.eqn.params["has_bias"]
+  if site.origin[2] is None or (has_bias and site.origin[3] is None):
     raise ValueError(
-        f"A {eqn.params['kind']} layer tag's weights (shape {w.aval.shape}) are not leaves of "
-        "`params`: pass the parameters themselves (not arrays computed from them) to the tag.")
+        f"A {site.eqn.params['kind']} layer tag's weights (shape "
+        f"{site.eqn.invars[2].aval.shape}) are not leaves of `params`: pass the parameters "
+        "themselves (not arrays computed from them) to the tag.")
+  if has_bias and site.origin[3][1] != site.origin[2][1]:
+    raise ValueError(f"The weight and bias of layer {param_paths[site.origin[2][0]]!r} enter "
+                     "the enclosing scans differently (one stacked, one repeated).")
+  return site.origin[2][0]
+
+
+def _agreement(site: _TagSite) -> tuple:
+  """What the tags of one weight must share: settings, weight shape, bias and stacking."""
+  _, scans = site.origin[2]
+  bias = site.origin[3][0] if site.eqn.params["has_bias"] else None
+  stack = tuple(n for n, kind in zip(site.scan_lengths, scans) if kind == "stack")
+  return (tuple(sorted(site.eqn.params.items())), site.eqn.invars[2].aval.shape, bias, stack)
+
+
+def _layer_info(weight_uses: list, param_paths: Sequence[str], default_approx: str,
+                approx_for) -> LayerInfo:
+  """One layer from the tags of its weight, checked to agree with each other."""
+  index, site = weight_uses[0]
+  eqn = site.eqn
+  weight, scans = site.origin[2]
   parts = param_paths[weight].split("/")
   if parts[-1] == "value" and len(parts) > 1:  # flax.nnx.Param leaves end in .value
     parts = parts[:-1]
   name = "/".join(parts[:-1] or parts)
-  approx = eqn.params["approx"] or (approx_for and approx_for(name, eqn.params["kind"])) or (
-      default_approx)
-  return LayerInfo(name=name, kind=eqn.params["kind"], approx=approx, weight=weight, bias=bias,
-                   input_shape=tuple(x.aval.shape), output_shape=tuple(y.aval.shape),
-                   weight_shape=tuple(w.aval.shape), conv=eqn.params["conv"])
+  first = _agreement(site)
+  for _, other in weight_uses[1:]:
+    if _agreement(other) != first:
+      raise ValueError(f"The weight {param_paths[weight]!r} is tagged several times with "
+                       "different kinds, settings, biases or stacking; its tags must agree.")
+  layer = LayerInfo(
+      name=name, kind=eqn.params["kind"], approx="", weight=weight,
+      bias=site.origin[3][0] if eqn.params["has_bias"] else None,
+      input_shape=tuple(eqn.invars[1].aval.shape), output_shape=tuple(eqn.invars[0].aval.shape),
+      weight_shape=tuple(eqn.invars[2].aval.shape), conv=eqn.params["conv"],
+      tags=tuple(i for i, _ in weight_uses), scans=tuple(s.origin[2][1] for _, s in weight_uses),
+      stack=tuple(n for n, kind in zip(site.scan_lengths, scans) if kind == "stack"))
+  approx = eqn.params["approx"] or (approx_for and approx_for(name, layer.kind)) or default_approx
+  if approx == tags.APPROX_KRONECKER_NAME and layer.multi_use:
+    approx = tags.APPROX_KRON_INDEP_NAME
+  return dataclasses.replace(layer, approx=approx)
 
 
 # --- statistics for one batch ----------------------------------------------------------
@@ -252,24 +377,14 @@ class Curvature(NamedTuple):
 
 def _forward(closed: jcore.ClosedJaxpr, args: list[Any], perturbations: list[Array]):
   """Evaluates the loss jaxpr, adding `perturbations` at the layer tags' outputs."""
-  layer_inputs, predictions, targets = [], [], []
-
-  def on_tag(eqn, invals):
-    if eqn.primitive is tags.loss_tag_p:
-      predictions.append(invals[0])
-      targets.append(invals[1])
-      return invals[0]
-    layer_inputs.append(jax.lax.stop_gradient(invals[1]))
-    return invals[0] + perturbations[len(layer_inputs) - 1]
-
-  outputs = _evaluate(closed.jaxpr, closed.consts, args, on_tag)
-  return outputs, predictions, layer_inputs, targets
+  outputs, recorded = _evaluate(closed.jaxpr, closed.consts, args, perturbations)
+  return outputs, recorded.predictions, recorded.inputs, recorded.targets
 
 
 def _zero_perturbations(closed: jcore.ClosedJaxpr) -> list[Array]:
-  """Zeros shaped as each layer tag's output, in tag order."""
-  return [jnp.zeros(eqn.invars[0].aval.shape, eqn.invars[0].aval.dtype)
-          for eqn, _ in _find_tags(closed.jaxpr, {}) if eqn.primitive is tags.layer_tag_p]
+  """Zeros shaped as each layer tag's output (stacked over enclosing scans), in tag order."""
+  return [jnp.zeros(site.scan_lengths + site.eqn.invars[0].aval.shape,
+                    site.eqn.invars[0].aval.dtype) for site in _layer_sites(closed.jaxpr)]
 
 
 def _from_predictions(pullback, output_zeros, cotangents):
@@ -331,9 +446,10 @@ def value_and_grad(loss_fn: LossFn, has_aux: bool = False,
 def statistics(trace: Trace, curvature: Curvature, key: Array,
                estimation: str) -> dict[str, LayerStatistics]:
   """Per-layer inputs and output gradients of the estimated Fisher."""
-  if len(curvature.inputs) != len(trace.layers):
-    raise ValueError(f"The curvature has {len(curvature.inputs)} layers but the transform "
-                     f"traced {len(trace.layers)}: use the same auto_register setting in "
+  num_tags = sum(len(layer.tags) for layer in trace.layers)
+  if len(curvature.inputs) != num_tags:
+    raise ValueError(f"The curvature has {len(curvature.inputs)} layer tags but the transform "
+                     f"traced {num_tags}: use the same auto_register setting in "
                      "jkfac.value_and_grad and the transform.")
   sign_key, *keys = jax.random.split(key, len(curvature.predictions) + 1)
   cotangents = [losses.cotangents(info.kind, p, t, info.weight, estimation, k) for info, p, t, k
@@ -350,9 +466,10 @@ def statistics(trace: Trace, curvature: Curvature, key: Array,
   else:
     param_grads, output_grads = jax.vmap(curvature.pullback)(cotangents)
   param_grads = jax.tree_util.tree_leaves(param_grads)
-  layer_statistics = {layer.name: LayerStatistics(x, g)
-                      for layer, x, g in zip(trace.layers, curvature.inputs, output_grads)}
-  layer_statistics.update({layer.name: LayerStatistics(None, param_grads[layer.weight])
+  layer_statistics = {layer.name: LayerStatistics(tuple(curvature.inputs[i] for i in layer.tags),
+                                                   tuple(output_grads[i] for i in layer.tags))
+                      for layer in trace.layers}
+  layer_statistics.update({layer.name: LayerStatistics((), (param_grads[layer.weight],))
                            for layer in trace.generic})
   return layer_statistics
 

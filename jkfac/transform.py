@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import math
 import numbers
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -18,20 +19,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jkfac import layers, linalg, losses, parallel, tags, tracer
+from jkfac import blocks, layers, linalg, losses, parallel, tags, tracer
 from jkfac.blocks import Block, block, diagonal
 
 Array = jax.Array
 PyTree = Any
 ScalarOrSchedule = float | Array | Callable[[Array], Array]
 
-SUPPORTED_APPROXIMATIONS = {"dense": ("kron", "kron_in_diag", "kron_out_diag", "diagonal",
-                                      "full"),
-                            "conv1d": ("kron", "kron_reduce", "kron_in_diag", "kron_out_diag",
-                                       "diagonal", "full"),
-                            "conv2d": ("kron", "kron_reduce", "kron_in_diag", "kron_out_diag",
-                                       "diagonal", "full"),
-                            "embedding": ("kron",),
+_CONV_APPROXIMATIONS = ("kron", "kron_indep", "kron_reduce", "kron_in_diag", "kron_out_diag",
+                        "diagonal", "full")
+SUPPORTED_APPROXIMATIONS = {"dense": ("kron", "kron_indep", "kron_in_diag", "kron_out_diag",
+                                      "diagonal", "full"),
+                            "conv1d": _CONV_APPROXIMATIONS,
+                            "conv2d": _CONV_APPROXIMATIONS,
+                            "embedding": ("kron", "kron_indep"),
                             "generic": ("diagonal",)}
 
 
@@ -151,9 +152,9 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
   def init_fn(params: PyTree) -> PreconditionState:
     trace = layer_table(_abstract(params), example_batch)
     every = trace.layers + trace.generic
-    covariances = {layer.name: block(layer.kind, layer.approx).zeros(*layers.matrix_shape(layer))
+    covariances = {layer.name: blocks.for_layer(layer).zeros(*layers.matrix_shape(layer))
                    for layer in every}
-    inverses = {layer.name: block(layer.kind, layer.approx).identity(covariances[layer.name])
+    inverses = {layer.name: blocks.for_layer(layer).identity(covariances[layer.name])
                 for layer in every}
     return PreconditionState(count=jnp.zeros([], jnp.int32), key=jax.random.PRNGKey(seed),
                              ema_weight=jnp.zeros([]), damping=jnp.zeros([]),
@@ -178,13 +179,13 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
   def update_inverses(state, damping_now, trace):
     tasks, costs, slots = [], [], []
     for layer in trace.layers + trace.generic:
-      layer_block = block(layer.kind, layer.approx)
+      layer_block = blocks.for_layer(layer)
       covariances = jax.tree_util.tree_map(lambda c: c / state.ema_weight,
                                            state.covariances[layer.name])
       for factor, (matrix, damping_added) in layer_block.factors(covariances, damping_now).items():
         invert = functools.partial(_invert_or_keep, layer_block, inverse_method)
         tasks.append((invert, (matrix, damping_added, state.inverses[layer.name][factor])))
-        costs.append(matrix.size if layer_block.is_entrywise(matrix) else matrix.shape[0] ** 3)
+        costs.append(matrix.size * (1 if layer_block.is_entrywise(matrix) else matrix.shape[-1]))
         slots.append((layer.name, factor))
     results = parallel.run_tasks(tasks, costs, axis_name=axis_name, placement=placement,
                                  mesh=mesh)
@@ -219,17 +220,20 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
 
 
 def _batch_statistics(layer: tracer.LayerInfo, statistics: tracer.LayerStatistics):
-  """The block statistics of one layer for one batch."""
+  """The block statistics of one layer for one batch, from every use of the layer."""
   if layer.kind == "generic":
-    return diagonal.generic_statistics(statistics.output_grads)
-  if layer.kind == "embedding":  # id counts: the one-hot inputs are never built
-    return block(layer.kind, layer.approx).statistics(
-        layers.embedding_counts(layer, statistics.inputs),
-        layers.output_rows(statistics.output_grads))
+    return diagonal.generic_statistics(statistics.output_grads[0])
   reduce = layer.approx == "kron_reduce"
-  return block(layer.kind, layer.approx).statistics(
-      layers.layer_inputs(layer, statistics.inputs, reduce),
-      layers.output_rows(statistics.output_grads, reduce))
+  xs = [layers.scan_axes_first(scans, x) for scans, x in zip(layer.scans, statistics.inputs)]
+  gs = [layers.scan_axes_first(scans, g, skip=1)
+        for scans, g in zip(layer.scans, statistics.output_grads)]
+
+  def one_layer(xs, gs):
+    return block(layer.kind, layer.approx).statistics(*layers.block_inputs(layer, xs, gs, reduce))
+
+  if layer.stack:  # independent layers: one block each
+    return jax.vmap(one_layer, in_axes=(0, 1))(xs, gs)
+  return one_layer([x[0] for x in xs], [g[:, 0] for g in gs])
 
 
 def _invert_or_keep(layer_block: Block, method: str, factor: Array, damping: Array,
@@ -238,18 +242,29 @@ def _invert_or_keep(layer_block: Block, method: str, factor: Array, damping: Arr
   return linalg.keep_if_not_finite(layer_block.invert(factor, damping, method), previous)
 
 
+def _precondition_layer(layer: tracer.LayerInfo, inverses, w: Array, b: Array | None):
+  """One layer's (unstacked) gradients `w`, `b` times its inverse block."""
+  matrix = layers.param_matrix(layer, w, b)
+  matrix = block(layer.kind, layer.approx).precondition(inverses, matrix.astype(
+      jax.tree_util.tree_leaves(inverses)[0].dtype))
+  return layers.split_param_matrix(layer, matrix)
+
+
 def _precondition_gradients(trace: tracer.Trace, inverses, updates: PyTree) -> PyTree:
   """Applies each layer's inverse block (generic parameters' too) to its gradients."""
   leaves, treedef = jax.tree_util.tree_flatten(updates)
   for layer in trace.layers + trace.generic:
-    bias = None if layer.bias is None else leaves[layer.bias]
-    matrix = layers.param_matrix(layer, leaves[layer.weight], bias)
-    matrix = block(layer.kind, layer.approx).precondition(inverses[layer.name], matrix.astype(
-        jax.tree_util.tree_leaves(inverses[layer.name])[0].dtype))
-    w, b = layers.split_param_matrix(layer, matrix)
-    leaves[layer.weight] = w.astype(leaves[layer.weight].dtype)
-    if layer.bias is not None:
-      leaves[layer.bias] = b.astype(leaves[layer.bias].dtype)
+    indices = [i for i in (layer.weight, layer.bias) if i is not None]
+    grads = [leaves[i] for i in indices] + [None] * (2 - len(indices))
+    precondition = functools.partial(_precondition_layer, layer)
+    if layer.stack:  # flatten the stack axes into one and map over it
+      size = math.prod(layer.stack)
+      grads = [g if g is None else g.reshape((size,) + g.shape[len(layer.stack):])
+               for g in grads]
+      precondition = jax.vmap(precondition)
+    new = precondition(inverses[layer.name], *grads)
+    for i, g in zip(indices, new):
+      leaves[i] = g.reshape(leaves[i].shape).astype(leaves[i].dtype)
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 

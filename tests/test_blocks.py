@@ -44,8 +44,8 @@ def _block_statistics(loss_fn, params, batch, estimation, approx):
   def run(params, batch):
     stats = tracer.collect_statistics(loss_fn, trace, params, batch, KEY, estimation)
     return {layer.name: BLOCKS[approx].statistics(
-        layers.input_rows(layer, stats[layer.name].inputs),
-        layers.output_rows(stats[layer.name].output_grads)) for layer in trace.layers}
+        layers.input_rows(layer, stats[layer.name].inputs[0]),
+        layers.output_rows(stats[layer.name].output_grads[0])) for layer in trace.layers}
 
   return run(params, batch), trace
 

@@ -226,7 +226,7 @@ def _exact_diagonal_fisher(model, params, batch):
 
 def _generic_diagonals(trace, curvature, key, estimation):
   stats = tracer.statistics(trace, curvature, key, estimation)
-  return {path: diagonal.generic_statistics(stats[path].output_grads)["diagonal"][:, 0]
+  return {path: diagonal.generic_statistics(stats[path].output_grads[0])["diagonal"][:, 0]
           for path in GENERIC}
 
 

@@ -5,19 +5,24 @@ Every block works on a layer in its matrix view (see `jkfac/layers.py`): inputs
 `(columns, batch, positions, d_out)` and a `(d_in, d_out)` gradient matrix.
 "kron_reduce" (K-FAC-reduce, Eschenhagen et al. 2023) is the Kronecker block fed
 with inputs averaged and output gradients summed over positions per example; the
-transform asks `jkfac/layers.py` for those reduced rows.
+transform asks `jkfac/layers.py` for those reduced rows. "kron_indep" is the
+Kronecker block of a multi-use layer, whose uses `layers.py` turns into positions.
 
 An embedding layer's "kron" is `embedding.BLOCK`, whose input factor is diagonal: a
 block is looked up by layer kind and approximation with `block`, so an approximation
 keeps one name across kinds.
 """
 
+import math
+
 from jkfac.blocks.base import Block
 from jkfac.blocks import diagonal, embedding, full, kron, kron_diag
+from jkfac.blocks.stacked import StackedBlock
 
 BLOCKS: dict[str, Block] = {
     "kron": kron.BLOCK,
     "kron_reduce": kron.BLOCK,
+    "kron_indep": kron.BLOCK,  # the uses of a multi-use layer enter as extra positions
     "kron_in_diag": kron_diag.IN_DIAG,
     "kron_out_diag": kron_diag.OUT_DIAG,
     "diagonal": diagonal.BLOCK,
@@ -27,6 +32,7 @@ BLOCKS: dict[str, Block] = {
 # Blocks that differ from `BLOCKS[approx]` for a layer kind.
 KIND_BLOCKS: dict[tuple[str, str], Block] = {
     ("embedding", "kron"): embedding.BLOCK,
+    ("embedding", "kron_indep"): embedding.BLOCK,
 }
 
 
@@ -35,4 +41,10 @@ def block(kind: str, approx: str) -> Block:
   return KIND_BLOCKS.get((kind, approx)) or BLOCKS[approx]
 
 
-__all__ = ["Block", "BLOCKS", "block"]
+def for_layer(layer) -> Block | StackedBlock:
+  """The block of a `tracer.LayerInfo`: stacked when the layer is (see `LayerInfo.stack`)."""
+  layer_block = block(layer.kind, layer.approx)
+  return StackedBlock(layer_block, math.prod(layer.stack)) if layer.stack else layer_block
+
+
+__all__ = ["Block", "BLOCKS", "StackedBlock", "block", "for_layer"]
