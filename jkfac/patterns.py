@@ -1,7 +1,7 @@
 """Automatic registration: tags untagged dense, conv and embedding layers in a jaxpr.
 
 A layer is recognised by its structure, not by module names, so it survives
-`jit`, `remat` and dtype promotion: a `dot_general` that contracts the last axis of
+`jit`, `remat`, `scan` and dtype promotion: a `dot_general` that contracts the last axis of
 its input with the first axis of a 2-D parameter (a dense layer), or an NHWC/HWIO
 (or 1-D NWC/WIO) `conv_general_dilated` with a parameter kernel, optionally followed by the `add` of a
 1-D parameter broadcast over the output (the bias). An embedding is a `gather` of
@@ -10,10 +10,13 @@ and `flax.linen.Embed` emit). A parameter is one of the `params` leaves, seen
 through casts and copies.
 
 `register_layers` returns the jaxpr with a layer tag after each recognised layer, so
-the tracer treats it exactly like a hand-tagged one. Parameters in a hand tag win,
-and a weight used by several layers is left untagged. An embedding table counts once
-per equation that uses it anywhere, so a table tied to an output projection
-(`x @ table.T`) stays untagged too.
+the tracer treats it exactly like a hand-tagged one. Layers inside `scan` bodies are
+found too: the body's parameter is then a parameter (a scan over time) or a slice of
+a stacked one (`nn.scan` over layers). Parameters in a hand tag win. A weight used
+by several layers of one kind is tagged at each use, and the tracer makes one
+multi-use layer of them; weights whose uses disagree (kind, bias, shape) stay
+untagged, as does an embedding table with any use besides its lookups (a table tied
+to an output projection, `x @ table.T`).
 """
 
 from __future__ import annotations

@@ -6,8 +6,13 @@ of its parameters in `params`), every registered loss, and the "generic" paramet
 no layer covers. With `auto_register`, untagged layers are tagged first
 (`jkfac/patterns.py`).
 
+Tags inside `jit`, `remat` and `scan` are found; several tags of one weight, or a
+tag inside a scan over time, make one multi-use layer, and a tag inside a scan
+over stacked parameters (`nn.scan` over layers) a stacked layer (see `LayerInfo`).
+
 `linearize` evaluates the same jaxpr with a small interpreter that, at each layer
-tag, records the layer's inputs and adds a zero "perturbation" to its output;
+tag, records the layer's inputs and adds a zero "perturbation" to its output (in a
+scan, one per step: the scan runs the interpreter on its body);
 `value_and_grad` does the same inside the user's gradient pass. `statistics` pulls
 the loss cotangents (see `losses.py`) back to those zeros: in one backward pass,
 the output gradients that the curvature blocks need.
