@@ -262,7 +262,72 @@ def group_mesh():
            placement="replicated")
 
 
-GROUPS = {"pmap": group_pmap, "mesh": group_mesh}
+# --- scanned layers ------------------------------------------------------------------------------
+
+
+class _Cell(nn.Module):
+  @nn.compact
+  def __call__(self, h, x):
+    return jnp.tanh(nn.Dense(6, name="hh")(h) + nn.Dense(6, use_bias=False, name="xh")(x)), None
+
+
+class _Block(nn.Module):
+  @nn.compact
+  def __call__(self, h, _):
+    return jnp.tanh(nn.Dense(6)(h)), None
+
+
+class ScanNet(nn.Module):
+  """A recurrence over time (multi-use weights), then layers stacked by `nn.scan`."""
+
+  @nn.compact
+  def __call__(self, x):
+    xs = x.reshape(x.shape[0], 7, 14)
+    cell = nn.scan(_Cell, variable_broadcast="params", split_rngs={"params": False},
+                   in_axes=1)
+    h, _ = cell()(jnp.zeros((x.shape[0], 6)), xs)
+    h, _ = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                   length=3)()(h, None)
+    return nn.Dense(3)(h)
+
+
+def group_scan():
+  """pmap with round robin equals one device for scanned (multi-use and stacked) layers."""
+  scan_model = ScanNet()
+
+  def scan_loss(params, batch):
+    logits = jkfac.register_softmax_cross_entropy(scan_model.apply({"params": params},
+                                                                   batch["x"]), batch["y"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+  def step_fn(tx):
+    def step(params, state, batch):
+      grads = jax.grad(scan_loss)(params, batch)
+      updates, state = tx.update(grads, state, params, batch=batch)
+      return optax.apply_updates(params, updates), state
+    return step
+
+  params0 = scan_model.init(jax.random.PRNGKey(0), BATCH["x"])["params"]
+  tx = jkfac.kfac(scan_loss, BATCH, **KW)
+  step = jax.jit(step_fn(tx))
+  expected = [(params0, tx.init(params0))]
+  for _ in range(3):
+    expected.append(step(*expected[-1], BATCH))
+  batch = jkfac.parallel.split_batch(BATCH, DEVICES)
+  local = jax.tree_util.tree_map(lambda x: x[0], batch)
+  tx = jkfac.kfac(scan_loss, local, axis_name=AXIS, **KW)
+  step = jax.pmap(step_fn(tx), axis_name=AXIS)
+  params = flax.jax_utils.replicate(params0, axis_name=AXIS)
+  state = flax.jax_utils.replicate(tx.init(params0), axis_name=AXIS)
+  for i in range(3):
+    params, state = step(params, state, batch)
+    assert_same_on_every_device((params, state), f"scan step {i}")
+    assert_close(flax.jax_utils.unreplicate((params, state)), expected[i + 1], f"scan step {i}")
+  take_calls()
+  print("ok pmap-scanned-layers")
+
+
+GROUPS = {"pmap": group_pmap, "mesh": group_mesh, "scan": group_scan}
 
 if __name__ == "__main__":
   assert jax.device_count() >= DEVICES, (

@@ -71,6 +71,14 @@ def test_jit_with_sharded_batch_matches_single_device():
     assert f"ok {name}" in out, out
 
 
+@pytest.mark.multidevice
+def test_pmap_with_scanned_layers_matches_single_device():
+  """A recurrence (multi-use weights) and `nn.scan`-stacked layers under pmap with round
+  robin: stacked factors are inverted as one task, and 3 steps equal one device's."""
+  out = run_multidevice("scan")
+  assert "ok pmap-scanned-layers" in out, out
+
+
 # --- assign_round_robin ----------------------------------------------------------------------
 
 

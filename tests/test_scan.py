@@ -312,3 +312,16 @@ def test_weight_stacked_and_bias_repeated_raise():
 
   with pytest.raises(ValueError, match="enter the enclosing scans differently"):
     tracer.trace_layers(_loss(apply), params, batch)
+
+
+def test_fused_value_and_grad_through_a_scan_matches_the_plain_step():
+  params, batch = _rnn_params(), _batch((5, 3))
+  loss_fn = _loss(_rnn_scan)
+  tx = jkfac.precondition(loss_fn, batch, damping=1e-2, invert_every=1, estimation="empirical")
+  state = tx.init(params)
+  loss, grads, curvature = jax.jit(jkfac.value_and_grad(loss_fn))(params, batch)
+  _close(loss, loss_fn(params, batch))
+  _close_trees(grads, jax.grad(loss_fn)(params, batch))
+  fused = jax.jit(lambda g, s, c: tx.update(g, s, params, batch=batch, stats=c))
+  plain = jax.jit(lambda g, s: tx.update(g, s, params, batch=batch))
+  _close_trees(fused(grads, state, curvature), plain(grads, state))
