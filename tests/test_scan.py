@@ -325,3 +325,61 @@ def test_fused_value_and_grad_through_a_scan_matches_the_plain_step():
   fused = jax.jit(lambda g, s, c: tx.update(g, s, params, batch=batch, stats=c))
   plain = jax.jit(lambda g, s: tx.update(g, s, params, batch=batch))
   _close_trees(fused(grads, state, curvature), plain(grads, state))
+
+
+def test_hand_tags_inside_a_scan_equal_auto_registration():
+  params = {"kernel": jnp.asarray(np.random.default_rng(6).standard_normal((DEPTH, 4, 4)) * 0.5,
+                                  jnp.float32),
+            "bias": jnp.full((DEPTH, 4), 0.1, jnp.float32)}
+  batch = _batch((4,))
+
+  def apply(tag):
+    def body(h, p):
+      y = h @ p["kernel"] + p["bias"]
+      y = jkfac.register_dense(y, h, p["kernel"], p["bias"]) if tag else y
+      return jnp.tanh(y), None
+    return lambda params, x: lax.scan(body, x, params)[0][:, :NUM_CLASSES]
+
+  hand, auto = _loss(apply(True)), _loss(apply(False))
+  assert tracer.trace_layers(hand, params, batch) == tracer.trace_layers(auto, params, batch)
+  _close_trees(_one_step(hand, params, batch), _one_step(auto, params, batch))
+
+
+def test_nnx_scan_over_stacked_layers():
+  from flax import nnx  # noqa: PLC0415
+
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.linear = nnx.Linear(4, 4, rngs=rngs)
+
+    def __call__(self, x):
+      return jnp.tanh(self.linear(x))
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.first = nnx.Linear(4, 4, rngs=rngs)
+      make = nnx.split_rngs(splits=DEPTH)(nnx.vmap(Block, in_axes=(0,), out_axes=0))
+      self.blocks = make(rngs)
+      self.head = nnx.Linear(4, NUM_CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+      forward = nnx.scan(lambda x, block: block(x), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+      return self.head(forward(self.first(x), self.blocks))
+
+  graphdef, params = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
+  loss_fn = _loss(lambda params, x: nnx.merge(graphdef, params)(x))
+  batch = _batch((4,))
+  rows = {p.path: (p.layer, p.kind, p.factors) for p in
+          jkfac.describe(loss_fn, params, batch).parameters}
+  assert rows["blocks/linear/kernel/value"] == ("blocks/linear", "dense", "A 3x5x5, G 3x4x4")
+  assert {kind for _, kind, _ in rows.values()} == {"dense"}
+  # Slice i of the stacked blocks equals an unrolled layer with slice i's parameters.
+  flat = nnx.to_pure_dict(params)
+  unrolled = {"first": flat["first"], "head": flat["head"],
+              **{f"block_{i}": jax.tree_util.tree_map(lambda p, i=i: p[i], flat["blocks"]["linear"])
+                 for i in range(DEPTH)}}
+  _, state = _one_step(loss_fn, params, batch)
+  _, unrolled_state = _one_step(_loss(_unrolled(False)), unrolled, batch)
+  for i in range(DEPTH):
+    _close(state.covariances["blocks/linear"]["A"][i],
+           unrolled_state.covariances[f"block_{i}"]["A"])
