@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jkfac import layers
-from jkfac.blocks import block
-from jkfac.transform import trace_with_approximations
+from jkfac.transform import block_of, trace_with_approximations
 
 PyTree = Any
 
@@ -18,8 +17,9 @@ PyTree = Any
 class ParameterInfo(NamedTuple):
   """One `params` leaf: its layer, the layer's kind and approximation, and the block.
 
-  `factors` gives the shapes of the layer's block arrays and `state_bytes` the bytes
-  they take in the state (covariances and inverses), on the layer's first leaf.
+  `factors` gives the shapes of the layer's block arrays (a grouped conv's have a
+  leading group axis: `A 4x10x10` is 4 groups' 10x10 factors) and `state_bytes` the
+  bytes they take in the state (covariances and inverses), on the layer's first leaf.
   """
   path: str
   shape: tuple[int, ...]
@@ -72,8 +72,7 @@ def describe(loss_fn: Callable[..., Any], params: PyTree, batch: PyTree, *,
   itemsize = jnp.zeros(()).dtype.itemsize
   rows: dict[int, ParameterInfo] = {}
   for layer in trace.layers + trace.generic:
-    zeros = jax.eval_shape(lambda layer=layer: block(layer.kind, layer.approx).zeros(
-        *layers.matrix_shape(layer)))
+    zeros = jax.eval_shape(lambda layer=layer: block_of(layer).zeros(*layers.matrix_shape(layer)))
     factors = ", ".join(f"{name} {'x'.join(map(str, x.shape))}" for name, x in zeros.items())
     state_bytes = 2 * itemsize * sum(math.prod(x.shape) for x in zeros.values())
     for index in (layer.weight, layer.bias):

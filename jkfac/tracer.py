@@ -35,6 +35,7 @@ class LayerInfo:
 
   `weight` and `bias` are indices into the flattened `params` leaves; `name` is the
   weight's parent path (e.g. "Dense_0"), which keys the layer in the state.
+  `in_axes` is a dense layer's number of contracted input axes (> 1 for `DenseGeneral`).
   """
   name: str
   kind: str
@@ -45,6 +46,7 @@ class LayerInfo:
   output_shape: tuple[int, ...]
   weight_shape: tuple[int, ...]
   conv: tags.ConvParams | None
+  in_axes: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +230,8 @@ def _layer_info(eqn, operand_origin, param_paths, default_approx, approx_for) ->
       default_approx)
   return LayerInfo(name=name, kind=eqn.params["kind"], approx=approx, weight=weight, bias=bias,
                    input_shape=tuple(x.aval.shape), output_shape=tuple(y.aval.shape),
-                   weight_shape=tuple(w.aval.shape), conv=eqn.params["conv"])
+                   weight_shape=tuple(w.aval.shape), conv=eqn.params["conv"],
+                   in_axes=eqn.params.get("in_axes", 1))
 
 
 # --- statistics for one batch ----------------------------------------------------------

@@ -7,12 +7,15 @@ Every block works on a layer in its matrix view (see `jkfac/layers.py`): inputs
 with inputs averaged and output gradients summed over positions per example; the
 transform asks `jkfac/layers.py` for those reduced rows.
 
+A grouped conv's block is its approximation's block `stacked` over the feature
+groups: K-FAC is block diagonal over groups.
+
 An embedding layer's "kron" is `embedding.BLOCK`, whose input factor is diagonal: a
 block is looked up by layer kind and approximation with `block`, so an approximation
 keeps one name across kinds.
 """
 
-from jkfac.blocks.base import Block
+from jkfac.blocks.base import Block, stacked
 from jkfac.blocks import diagonal, embedding, full, kron, kron_diag
 
 BLOCKS: dict[str, Block] = {
@@ -30,9 +33,11 @@ KIND_BLOCKS: dict[tuple[str, str], Block] = {
 }
 
 
-def block(kind: str, approx: str) -> Block:
-  """The block of a layer of `kind` under the approximation `approx`."""
-  return KIND_BLOCKS.get((kind, approx)) or BLOCKS[approx]
+def block(kind: str, approx: str, groups: int = 1) -> Block:
+  """The block of a layer of `kind` under the approximation `approx`; with `groups` > 1
+  (a grouped conv), one such block per feature group, stacked."""
+  base = KIND_BLOCKS.get((kind, approx)) or BLOCKS[approx]
+  return base if groups == 1 else stacked(base, groups)
 
 
-__all__ = ["Block", "BLOCKS", "block"]
+__all__ = ["Block", "BLOCKS", "block", "stacked"]
