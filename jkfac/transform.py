@@ -272,8 +272,10 @@ def _inverse_cost(layer_block: Block, factor: Array) -> int:
 
 def _invert_or_keep(layer_block: Block, method: str, factor: Array, damping: Array,
                     previous: Array) -> Array:
-  """The damped inverse of `factor`, or `previous` if it is not finite."""
-  return linalg.keep_if_not_finite(layer_block.invert(factor, damping, method), previous)
+  """The damped inverse of `factor`, or `previous` if it is not finite (group by group
+  for a stacked factor)."""
+  keep = jax.vmap(linalg.keep_if_not_finite) if layer_block.stacked else linalg.keep_if_not_finite
+  return keep(layer_block.invert(factor, damping, method), previous)
 
 
 def _precondition_gradients(trace: tracer.Trace, inverses, updates: PyTree) -> PyTree:

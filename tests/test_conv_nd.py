@@ -228,8 +228,9 @@ def _lax_apply(tagged: bool):
     c1, c2, dg, c3, out = (params[k] for k in ("c1", "c2", "dg", "c3", "out"))
     y = lax.conv_general_dilated(x, c1["w"], (1, 2, 1), "SAME", dimension_numbers=DN[3])
     y = c1["b"] + y
-    x = jnp.tanh(tag(layer_collection.register_conv3d, (c1["w"], c1["b"]), (1, 1, 2, 1, 1),
-                     "SAME", x, y) if tagged else y)                       # (N, 4, 3, 4, 4)
+    if tagged:  # the seed's argument order and TF-style strides
+      y = layer_collection.register_conv3d((c1["w"], c1["b"]), (1, 1, 2, 1, 1), "SAME", x, y)
+    x = jnp.tanh(y)                                                        # (N, 4, 3, 4, 4)
     y = lax.conv_general_dilated(x, c2["w"], (1, 1, 1), "VALID", rhs_dilation=(1, 1, 2),
                                  dimension_numbers=DN[3], feature_group_count=2)
     x = jnp.tanh(tag(jkfac.register_conv3d, y, x, c2["w"], padding="VALID",
@@ -239,8 +240,10 @@ def _lax_apply(tagged: bool):
     x = x.reshape(x.shape[0], 6, 6)
     y = lax.conv_general_dilated(x, c3["w"], (2,), ((1, 1),), dimension_numbers=DN[1],
                                  feature_group_count=3) + c3["b"]
-    x = jnp.tanh(tag(layer_collection.register_conv1d, (c3["w"], c3["b"]), (2,), ((1, 1),),
-                     x, y, feature_group_count=3) if tagged else y)        # (N, 3, 6)
+    if tagged:
+      y = layer_collection.register_conv1d((c3["w"], c3["b"]), (2,), ((1, 1),), x, y,
+                                           feature_group_count=3)
+    x = jnp.tanh(y)                                                        # (N, 3, 6)
     x = x.reshape(x.shape[0], -1)[:, :12]
     return tag(jkfac.register_dense, x @ out["w"] + out["b"], x, out["w"], out["b"])
 
@@ -294,11 +297,10 @@ def test_nnx_3d_grouped_and_linear_general_are_registered_as_hand_tagged():
     graphdef, params = nnx.split(Nnx3d(tagged, nnx.Rngs(0)), nnx.Param)
     losses.append(_loss(lambda p, x, graphdef=graphdef: nnx.merge(graphdef, p)(x)))
   params = _random_like(params)
-  trace, steps = _assert_same_as_hand_tagged(
+  _, steps = _assert_same_as_hand_tagged(
       *losses, params, batch,
       [("conv", "conv3d", 1, 1), ("grouped", "conv3d", 1, 2), ("general", "dense", 2, 1),
        ("linear", "dense", 1, 1)])
-  updates, _ = steps[-1]
   trained = params
   for u, _ in steps:
     trained = optax.apply_updates(trained, u)
@@ -563,6 +565,13 @@ def test_stacked_block_inverts_each_slice(method, x64):
   assert in_diag.is_entrywise(diag) and not in_diag.is_entrywise(covs["G"])
   damping = jnp.asarray([0.1, 0.2, 0.3])
   np.testing.assert_allclose(in_diag.invert(diag, damping), 1 / (diag + damping[:, None]))
+  # A non-finite group keeps its previous inverse; the other groups are updated.
+  poisoned = covs["A"].at[1, 0, 0].set(jnp.nan)
+  previous = jnp.zeros_like(covs["A"])
+  kept = transform._invert_or_keep(block, method, poisoned, factors["A"][1], previous)
+  np.testing.assert_array_equal(kept[1], previous[1])
+  np.testing.assert_allclose(np.asarray(kept)[[0, 2]], np.asarray(inverses["A"])[[0, 2]],
+                             rtol=1e-9)
   assert transform._inverse_cost(block, covs["A"]) == 3 * 4 ** 3
   assert transform._inverse_cost(in_diag, diag) == 12
 
