@@ -18,8 +18,9 @@ PyTree = Any
 class ParameterInfo(NamedTuple):
   """One `params` leaf: its layer, the layer's kind and approximation, and the block.
 
-  `factors` gives the shapes of the layer's block arrays and `state_bytes` the bytes
-  they take in the state (covariances and inverses), on the layer's first leaf.
+  `factors` gives the shapes of the layer's block arrays (a grouped conv's have a
+  leading group axis: `A 4x10x10` is 4 groups' 10x10 factors) and `state_bytes` the
+  bytes they take in the state (covariances and inverses), on the layer's first leaf.
   """
   path: str
   shape: tuple[int, ...]

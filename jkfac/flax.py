@@ -51,7 +51,8 @@ class Conv(nn.Conv):
   """`flax.linen.Conv` (2-D, NHWC), tagged for K-FAC.
 
   Supports strides, every padding mode, input and kernel dilation and one batch
-  axis; grouped, masked and non-2-D convolutions raise `NotImplementedError`.
+  axis; grouped, masked and non-2-D convolutions raise `NotImplementedError` (plain
+  `flax.linen.Conv` is registered automatically for grouped, 1-D and 3-D ones).
   """
   kfac_approx: str | None = None
 

@@ -40,35 +40,55 @@ def _kernel_and_bias(params: Params) -> tuple[Array, Array | None]:
 
 
 def register_fully_connected(params: Params, inputs: Array, outputs: Array,
-                             approx: str | None = None) -> Array:
-  """Tags `outputs = inputs @ kernel (+ bias)`; returns `outputs`."""
+                             approx: str | None = None, in_axes: int = 1) -> Array:
+  """Tags `outputs = inputs @ kernel (+ bias)`; returns `outputs`.
+
+  `in_axes` > 1: a `DenseGeneral` kernel whose leading `in_axes` axes contract the
+  trailing axes of `inputs` (see `jkfac.register_dense`).
+  """
   kernel, bias = _kernel_and_bias(params)
-  return tags.register_dense(outputs, inputs, kernel, bias, approx=approx)
+  return tags.register_dense(outputs, inputs, kernel, bias, approx=approx, in_axes=in_axes)
 
 
 def _register_conv(register, rank: int, params: Params, strides: Sequence[int],
                    padding: str | Sequence, inputs: Array, outputs: Array, approx: str | None,
-                   dilations: Sequence[int] | None) -> Array:
+                   dilations: Sequence[int] | None, feature_group_count: int) -> Array:
   kernel, bias = _kernel_and_bias(params)
   spatial = lambda v: tuple(v[1:rank + 1]) if len(v) == rank + 2 else tuple(v)
   return register(outputs, inputs, kernel, bias, window_strides=spatial(strides),
-                  padding=padding, rhs_dilation=spatial(dilations or (1,) * rank), approx=approx)
+                  padding=padding, rhs_dilation=spatial(dilations or (1,) * rank),
+                  feature_group_count=feature_group_count, approx=approx)
 
 
 def register_conv2d(params: Params, strides: Sequence[int], padding: str | Sequence,
                     inputs: Array, outputs: Array, approx: str | None = None,
-                    dilations: Sequence[int] | None = None) -> Array:
-  """Tags an NHWC conv with HWIO kernel; `strides`/`dilations` as in TF (4 or 2 entries)."""
+                    dilations: Sequence[int] | None = None,
+                    feature_group_count: int = 1) -> Array:
+  """Tags an NHWC conv with HWIO kernel; `strides`/`dilations` as in TF (4 or 2 entries).
+
+  `feature_group_count` as in `lax.conv_general_dilated`: a grouped or depthwise conv,
+  kernel `(k_h, k_w, c_in / groups, c_out)`.
+  """
   return _register_conv(tags.register_conv2d, 2, params, strides, padding, inputs, outputs,
-                        approx, dilations)
+                        approx, dilations, feature_group_count)
 
 
 def register_conv1d(params: Params, strides: Sequence[int], padding: str | Sequence,
                     inputs: Array, outputs: Array, approx: str | None = None,
-                    dilations: Sequence[int] | None = None) -> Array:
+                    dilations: Sequence[int] | None = None,
+                    feature_group_count: int = 1) -> Array:
   """Tags an NWC conv with WIO kernel; `strides`/`dilations` as in TF (3 or 1 entries)."""
   return _register_conv(tags.register_conv1d, 1, params, strides, padding, inputs, outputs,
-                        approx, dilations)
+                        approx, dilations, feature_group_count)
+
+
+def register_conv3d(params: Params, strides: Sequence[int], padding: str | Sequence,
+                    inputs: Array, outputs: Array, approx: str | None = None,
+                    dilations: Sequence[int] | None = None,
+                    feature_group_count: int = 1) -> Array:
+  """Tags an NDHWC conv with DHWIO kernel; `strides`/`dilations` as in TF (5 or 3 entries)."""
+  return _register_conv(tags.register_conv3d, 3, params, strides, padding, inputs, outputs,
+                        approx, dilations, feature_group_count)
 
 
 def register_embedding(params: Array | tuple[Array], ids: Array, outputs: Array,
@@ -91,6 +111,7 @@ __all__ = [
     "register_categorical_predictive_distribution",
     "register_conv1d",
     "register_conv2d",
+    "register_conv3d",
     "register_embedding",
     "register_fully_connected",
     "register_multi_bernoulli_predictive_distribution",

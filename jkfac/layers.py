@@ -2,7 +2,11 @@
 
 A dense or conv layer computes, at each of its `T` positions (one for a plain dense
 layer, the output pixels for a conv), `y_t = W^T a_t` with `a_t` the input (or input
-patch) with a trailing 1 for the bias and `W` a `(d_in [+1], d_out)` matrix. The
+patch) with a trailing 1 for the bias and `W` a `(d_in [+1], d_out)` matrix. A
+`DenseGeneral` flattens its contracted input axes into `d_in` and its output
+features into `d_out`. A grouped conv is `groups` such layers side by side (group j
+maps input channels j*c_in/G.. to output channels j*c_out/G..): its arrays carry a
+leading group axis and its blocks are stacked (`jkfac.blocks.stacked`). The
 functions here map a layer's inputs, output gradients and parameters to that view
 and back, so blocks need not know the layer kind.
 
@@ -13,13 +17,14 @@ counted (`embedding_counts`), since their covariance is diagonal.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jkfac.tags import ConvParams
+from jkfac.tags import CONV_KINDS, ConvParams
 from jkfac.tracer import LayerInfo
 
 Array = jax.Array
@@ -31,9 +36,11 @@ def _append_ones(a: Array) -> Array:
 class LayerInputs(NamedTuple):
   """A layer's input vectors `a`, kept as column groups: `a = [*groups, 1 if bias]`.
 
-  Conv patches come as one group per kernel row, so `covariance` multiplies each pair
-  of groups once and uses the symmetry for the rest (about 60% of the products for a
-  5x5 kernel), and adds the bias row from column sums instead of a column of ones.
+  Conv patches come as one column group per index of the first kernel axis (a 1-D
+  conv: per kernel offset), so `covariance` multiplies each pair of groups once and
+  uses the symmetry for the rest (about 60% of the products for a 5x5 kernel), and
+  adds the bias row from column sums instead of a column of ones. (Column groups are
+  not a grouped conv's feature groups: those are a leading axis of every array.)
   """
   groups: list[Array]   # each (batch, positions, d_i)
   bias: bool
@@ -57,29 +64,49 @@ class LayerInputs(NamedTuple):
     return a / count
 
 
-def layer_inputs(layer: LayerInfo, x: Array, reduce: bool = False) -> LayerInputs:
+def layer_inputs(layer: LayerInfo, x: Array, reduce: bool = False,
+                 sample: Array | None = None) -> LayerInputs:
   """The input vectors `a` of every position, as `LayerInputs` of `(batch, positions, d)`.
 
   With `reduce`, their mean over positions instead: one position (K-FAC-reduce),
-  computed without building every patch.
+  computed without building every patch. With `sample` (indices into the
+  `batch * positions` rows, see `sample_rows`), only those conv patches, as
+  `(len(sample), 1, d)`: the others are never built. A grouped conv's arrays gain a
+  leading group axis, each group's patches over its own input channels.
   """
-  if layer.kind in ("conv1d", "conv2d"):
-    if layer.kind == "conv1d":  # a 2-D conv of height 1
-      x = x[:, None]
-    slices = _patch_slices(x, conv_kernel_size(layer), layer.conv)
-    if reduce:
-      slices = [s.mean(axis=(1, 2), keepdims=True) for s in slices]
-    width = conv_kernel_size(layer)[1]
-    groups = [_stack_features(slices[row:row + width]) for row in range(0, len(slices), width)]
-  else:
-    groups = [x.mean(axis=tuple(range(1, x.ndim - 1)), keepdims=True) if reduce else x]
-  return LayerInputs([g.reshape(g.shape[0], -1, g.shape[-1]) for g in groups],
-                     layer.bias is not None)
+  groups = feature_groups(layer)
+  if groups == 1:
+    return LayerInputs(_input_parts(layer, x, reduce, sample), layer.bias is not None)
+  x = jnp.moveaxis(x.reshape(*x.shape[:-1], groups, -1), -2, 0)
+  parts = jax.vmap(lambda x: _input_parts(layer, x, reduce, sample))(x)
+  return LayerInputs(parts, layer.bias is not None)
 
 
-def conv_kernel_size(layer: LayerInfo) -> tuple[int, int]:
-  """`(k_h, k_w)` of a conv layer; a 1-D conv has height 1."""
-  return (1, layer.weight_shape[0]) if layer.kind == "conv1d" else layer.weight_shape[:2]
+def _input_parts(layer: LayerInfo, x: Array, reduce: bool, sample: Array | None) -> list[Array]:
+  """`LayerInputs.groups` of one layer (one group of a grouped conv)."""
+  if layer.kind not in CONV_KINDS:
+    x = x.reshape(x.shape[0], -1, math.prod(x.shape[x.ndim - layer.in_axes:]))
+    return [x.mean(axis=1, keepdims=True) if reduce else x]
+  kernel_size = conv_kernel_size(layer)
+  if sample is not None:
+    patches = _sampled_patches(x, kernel_size, layer.conv, sample)  # (rows, *kernel, c_in)
+    return [p.reshape(p.shape[0], 1, -1) for p in jnp.moveaxis(patches, 1, 0)]
+  slices = _patch_slices(x, kernel_size, layer.conv)
+  if reduce:
+    slices = [s.mean(axis=tuple(range(1, s.ndim - 1)), keepdims=True) for s in slices]
+  per_row = len(slices) // kernel_size[0]   # one group per index of the first kernel axis
+  parts = [_stack_features(slices[i:i + per_row]) for i in range(0, len(slices), per_row)]
+  return [p.reshape(p.shape[0], -1, p.shape[-1]) for p in parts]
+
+
+def feature_groups(layer: LayerInfo) -> int:
+  """The independent groups of a grouped conv (`feature_group_count`); 1 otherwise."""
+  return layer.conv.feature_group_count if layer.conv is not None else 1
+
+
+def conv_kernel_size(layer: LayerInfo) -> tuple[int, ...]:
+  """The spatial kernel size of a conv layer: `(k_w,)`, `(k_h, k_w)` or `(k_d, k_h, k_w)`."""
+  return tuple(layer.weight_shape[:-2])
 
 
 def embedding_counts(layer: LayerInfo, ids: Array) -> Array:
@@ -97,35 +124,73 @@ def input_rows(layer: LayerInfo, x: Array, reduce: bool = False) -> Array:
   return layer_inputs(layer, x, reduce).rows()
 
 
+def sample_rows(layer: LayerInfo, per_dimension: float, key: Array) -> Array | None:
+  """Random patch rows for a conv's input factor: at most `int(per_dimension * d_in)`.
+
+  Indices into the `batch * positions` rows, uniform without replacement (`d_in` the
+  patch size of one group, bias aside); None where that keeps every row.
+  """
+  total = math.prod(layer.output_shape[:-1])
+  count = max(1, int(per_dimension * (matrix_shape(layer)[0] - (layer.bias is not None))))
+  if count >= total:
+    return None
+  return jax.random.choice(key, total, (count,), replace=False)
+
+
+def _padded(x: Array, conv: ConvParams) -> Array:
+  """`x` with the conv's padding and input dilation applied."""
+  pads = [(lo, hi, d - 1) for (lo, hi), d in zip(conv.padding, conv.lhs_dilation)]
+  return jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *pads, (0, 0, 0)])
+
+
+def _output_size(x: Array, kernel_size: tuple[int, ...], conv: ConvParams) -> list[int]:
+  """The output's spatial size, from the padded input `x`."""
+  return [(size - (k - 1) * d - 1) // s + 1 for size, k, d, s in
+          zip(x.shape[1:-1], kernel_size, conv.rhs_dilation, conv.window_strides)]
+
+
 def _patch_slices(x: Array, kernel_size: tuple[int, ...], conv: ConvParams) -> list[Array]:
-  """For each kernel offset, the input pixels it meets at every output pixel."""
-  (pad_h, pad_w), (dil_h, dil_w) = conv.padding, conv.lhs_dilation
-  x = jax.lax.pad(x, jnp.zeros((), x.dtype),
-                  ((0, 0, 0), (*pad_h, dil_h - 1), (*pad_w, dil_w - 1), (0, 0, 0)))
-  strides, rhs_dilation = conv.window_strides, conv.rhs_dilation
-  out = [(size - (k - 1) * d - 1) // s + 1
-         for size, k, d, s in zip(x.shape[1:3], kernel_size, rhs_dilation, strides)]
+  """For each kernel offset (row-major), the input pixels it meets at every output pixel."""
+  x = _padded(x, conv)
+  out, strides = _output_size(x, kernel_size, conv), conv.window_strides
   slices = []
-  for i in range(kernel_size[0]):
-    for j in range(kernel_size[1]):
-      start = (0, i * rhs_dilation[0], j * rhs_dilation[1], 0)
-      limit = (x.shape[0], start[1] + (out[0] - 1) * strides[0] + 1,
-               start[2] + (out[1] - 1) * strides[1] + 1, x.shape[3])
-      slices.append(jax.lax.slice(x, start, limit, (1, *strides, 1)))
+  for offset in itertools.product(*map(range, kernel_size)):
+    start = [o * d for o, d in zip(offset, conv.rhs_dilation)]
+    limit = [b + (n - 1) * s + 1 for b, n, s in zip(start, out, strides)]
+    slices.append(jax.lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]),
+                                (1, *strides, 1)))
   return slices
 
 
+def _sampled_patches(x: Array, kernel_size: tuple[int, ...], conv: ConvParams,
+                     sample: Array) -> Array:
+  """The patches of the `sample` rows (flat `(example, output pixel)` indices):
+  `(rows, *kernel_size, c_in)`, gathered without building the others."""
+  x = _padded(x, conv)
+  out = _output_size(x, kernel_size, conv)
+  example, *pixel = jnp.unravel_index(sample, (x.shape[0], *out))
+  index = [example.reshape((-1,) + (1,) * len(kernel_size))]
+  for axis, (p, k, s, d) in enumerate(zip(pixel, kernel_size, conv.window_strides,
+                                          conv.rhs_dilation)):
+    shape = [1] * len(kernel_size)
+    shape[axis] = k
+    index.append(p.reshape((-1,) + (1,) * len(kernel_size)) * s
+                 + (jnp.arange(k) * d).reshape(shape))
+  return x[tuple(index)]
+
+
 def _stack_features(slices: list[Array]) -> Array:
-  patches = jnp.stack(slices, axis=3)  # (batch, h_out, w_out, k_h * k_w, c_in)
-  return patches.reshape(*patches.shape[:3], -1)
+  patches = jnp.stack(slices, axis=-2)  # (batch, *out, offsets, c_in)
+  return patches.reshape(*patches.shape[:-2], -1)
 
 
 def conv_patches(x: Array, kernel_size: tuple[int, ...], conv: ConvParams) -> Array:
-  """The input patch of every output pixel, `(batch, h_out, w_out, k_h * k_w * c_in)`.
+  """The input patch of every output pixel, `(batch, *out, prod(kernel_size) * c_in)`.
 
-  Features are ordered as in an HWIO kernel reshaped to `(-1, c_out)`. Built from
-  strided slices of the padded input: `lax.conv_general_dilated_patches` does the
-  same with a convolution by an identity kernel, which costs a matrix product.
+  Features are ordered as in a channels-last kernel (HWIO, DHWIO, ...) reshaped to
+  `(-1, c_out)`. Built from strided slices of the padded input:
+  `lax.conv_general_dilated_patches` does the same with a convolution by an identity
+  kernel, which costs a matrix product.
   """
   return _stack_features(_patch_slices(x, kernel_size, conv))
 
@@ -150,78 +215,104 @@ def _repeats_to_positions(x: Array, repeats: int, axis: int) -> Array:
       x.shape[:axis] + (x.shape[axis + 1], -1, x.shape[-1]))
 
 
-def _use_rows(layer: LayerInfo, x: Array, g: Array,
-              reduce: bool) -> tuple[LayerInputs | Array, Array]:
+def _use_rows(layer: LayerInfo, x: Array, g: Array, reduce: bool,
+              sample: Array | None) -> tuple[LayerInputs | Array, Array]:
   """The inputs and output rows of one use, whose scan repeats `R` become positions.
 
   `x` is `(R, batch, ...)`, `g` `(columns, R, batch, ...)`. An embedding's "inputs"
-  are its ids, flattened.
+  are its ids, flattened. (A grouped conv's arrays lead with the group axis.)
   """
-  repeats = x.shape[0]
+  repeats, lead = x.shape[0], int(feature_groups(layer) > 1)
   x = x.reshape((-1,) + x.shape[2:])
-  rows = _repeats_to_positions(output_rows(g.reshape((g.shape[0], -1) + g.shape[3:]), reduce),
-                               repeats, axis=1)
+  rows = output_rows(g.reshape((g.shape[0], -1) + g.shape[3:]), reduce, layer)
+  rows = _repeats_to_positions(rows, repeats, axis=lead + 1)
   if layer.kind == "embedding":
     return x.ravel(), rows
-  inputs = layer_inputs(layer, x, reduce)
-  return inputs._replace(groups=[_repeats_to_positions(group, repeats, axis=0)
+  inputs = layer_inputs(layer, x, reduce, sample)
+  return inputs._replace(groups=[_repeats_to_positions(group, repeats, axis=lead)
                                  for group in inputs.groups]), rows
 
 
-def block_inputs(layer: LayerInfo, xs: list[Array], gs: list[Array],
-                 reduce: bool = False) -> tuple[LayerInputs | Array, Array]:
+def block_inputs(layer: LayerInfo, xs: list[Array], gs: list[Array], reduce: bool = False,
+                 sample: Array | None = None) -> tuple[LayerInputs | Array, Array]:
   """What a block's `statistics` take, from every use of the layer: `(inputs, rows)`.
 
   `xs[u]` `(R_u, batch, ...)` and `gs[u]` `(columns, R_u, batch, ...)` are use u's
   inputs and output gradients, repeated `R_u` times by scans. Every use and repeat
   adds positions ("kron_indep": A averages over them, G sums); with `reduce`, the
   inputs are averaged and the gradients summed over all of them. An embedding's
-  inputs are its id counts.
+  inputs are its id counts. `sample` (see `layer_inputs`) is for a single use.
   """
-  uses = [_use_rows(layer, x, g, reduce) for x, g in zip(xs, gs)]
-  rows = uses[0][1] if len(uses) == 1 else jnp.concatenate([r for _, r in uses], axis=2)
+  if sample is not None and (len(xs) > 1 or xs[0].shape[0] > 1):
+    raise ValueError(f"Layer {layer.name!r}: patch sampling needs a layer of one use.")
+  lead = int(feature_groups(layer) > 1)  # a grouped conv's group axis
+  uses = [_use_rows(layer, x, g, reduce, sample) for x, g in zip(xs, gs)]
+  rows = (uses[0][1] if len(uses) == 1
+          else jnp.concatenate([r for _, r in uses], axis=lead + 2))
   if layer.kind == "embedding":
     return embedding_counts(layer, jnp.concatenate([ids for ids, _ in uses])), rows
   if len(uses) == 1 and (not reduce or xs[0].shape[0] == 1):
     return uses[0][0], rows
-  groups = [jnp.concatenate(parts, axis=1) for parts in zip(*(u.groups for u, _ in uses))]
+  parts = [jnp.concatenate(part, axis=lead + 1) for part in zip(*(u.groups for u, _ in uses))]
   if reduce:  # mean over every position of every use: weigh each use's means by its count
-    weights = jnp.concatenate([jnp.full(x.shape[0], math.prod(g.shape[3:-1]), groups[0].dtype)
+    weights = jnp.concatenate([jnp.full(x.shape[0], math.prod(g.shape[3:-1]), parts[0].dtype)
                                for x, g in zip(xs, gs)])
-    groups = [jnp.einsum("r,brd->bd", weights, group)[:, None] / weights.sum()
-              for group in groups]
-    rows = rows.sum(axis=2, keepdims=True)
-  return LayerInputs(groups, uses[0][0].bias), rows
+    parts = [jnp.einsum("r,...rd->...d", weights, part)[..., None, :] / weights.sum()
+             for part in parts]
+    rows = rows.sum(axis=lead + 2, keepdims=True)
+  return LayerInputs(parts, uses[0][0].bias), rows
 
 
-def output_rows(output_grads: Array, reduce: bool = False) -> Array:
+def output_rows(output_grads: Array, reduce: bool = False,
+                layer: LayerInfo | None = None) -> Array:
   """Output gradients as `(columns, batch, positions, d_out)`; with `reduce`, their sum
-  over positions, `(columns, batch, 1, d_out)`."""
+  over positions, `(columns, batch, 1, d_out)`.
+
+  With `layer`, its output features (all trailing weight axes of a `DenseGeneral`) form
+  `d_out`, and a grouped conv's rows gain a leading group axis, `d_out` per group.
+  """
   g = output_grads
-  g = g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
-  return g.sum(axis=2, keepdims=True) if reduce else g
+  d_out = g.shape[-1] if layer is None else math.prod(layer.weight_shape[_row_axes(layer):])
+  g = g.reshape(g.shape[0], g.shape[1], -1, d_out)
+  g = g.sum(axis=2, keepdims=True) if reduce else g
+  groups = 1 if layer is None else feature_groups(layer)
+  return g if groups == 1 else jnp.moveaxis(g.reshape(*g.shape[:-1], groups, -1), -2, 0)
+
+
+def _row_axes(layer: LayerInfo) -> int:
+  """How many leading weight axes index the rows (`d_in`) of the parameter matrix."""
+  if layer.kind == "dense":
+    return layer.in_axes
+  return len(layer.weight_shape) - (layer.kind != "generic")
 
 
 def param_matrix(layer: LayerInfo, w: Array, b: Array | None) -> Array:
   """The layer's parameters (or their gradients) as one `(d_in [+1], d_out)` matrix.
 
-  A generic parameter is a column: `(size, 1)`.
+  A generic parameter is a column: `(size, 1)`. A grouped conv gives one matrix per
+  group, `(groups, d_in [+1], d_out / groups)`.
   """
-  m = w.reshape(-1, 1) if layer.kind == "generic" else w.reshape(-1, w.shape[-1])
-  return m if b is None else jnp.concatenate([m, b[None, :]], axis=0)
+  rows = math.prod(w.shape[:_row_axes(layer)])
+  m = w.reshape(rows, -1)
+  groups = feature_groups(layer)
+  if groups > 1:
+    m = m.reshape(rows, groups, -1).swapaxes(0, 1)
+  if b is None:
+    return m
+  return jnp.concatenate([m, b.reshape(m.shape[:-2] + (1, m.shape[-1]))], axis=-2)
 
 
 def split_param_matrix(layer: LayerInfo, m: Array) -> tuple[Array, Array | None]:
   """Inverse of `param_matrix`."""
-  w, b = (m[:-1], m[-1]) if layer.bias is not None else (m, None)
-  return w.reshape(layer.weight_shape), b
+  w, b = (m[..., :-1, :], m[..., -1, :]) if layer.bias is not None else (m, None)
+  if feature_groups(layer) > 1:
+    w = w.swapaxes(0, 1)
+  bias_shape = layer.weight_shape[_row_axes(layer):]
+  return w.reshape(layer.weight_shape), None if b is None else b.reshape(bias_shape)
 
 
 def matrix_shape(layer: LayerInfo) -> tuple[int, int]:
-  """`(d_in [+1], d_out)` of the layer's parameter matrix."""
-  size = math.prod(layer.weight_shape)
-  if layer.kind == "generic":
-    return size, 1
-  d_out = layer.weight_shape[-1]
-  return size // d_out + (layer.bias is not None), d_out
-
+  """`(d_in [+1], d_out)` of the layer's parameter matrix (of one group, if grouped)."""
+  k = _row_axes(layer)
+  d_in, d_out = math.prod(layer.weight_shape[:k]), math.prod(layer.weight_shape[k:])
+  return d_in + (layer.bias is not None), d_out // feature_groups(layer)

@@ -2,12 +2,14 @@
 
 A layer is recognised by its structure, not by module names, so it survives
 `jit`, `remat`, `scan` and dtype promotion: a `dot_general` that contracts the last axis of
-its input with the first axis of a 2-D parameter (a dense layer), or an NHWC/HWIO
-(or 1-D NWC/WIO) `conv_general_dilated` with a parameter kernel, optionally followed by the `add` of a
-1-D parameter broadcast over the output (the bias). An embedding is a `gather` of
-whole rows of a 2-D parameter at integer indices (what `jnp.take(table, ids, axis=0)`
-and `flax.linen.Embed` emit). A parameter is one of the `params` leaves, seen
-through casts and copies.
+its input with the first axis of a 2-D parameter (a dense layer), or its trailing `k`
+axes with the leading `k` of an N-D parameter without batch dimensions
+(`DenseGeneral`), or a channels-last `conv_general_dilated` (NWC/WIO, NHWC/HWIO,
+NDHWC/DHWIO, any `feature_group_count`) with a parameter kernel, optionally followed
+by the `add` of a parameter of the output's feature shape broadcast over the output
+(the bias). An embedding is a `gather` of whole rows of a 2-D parameter at integer
+indices (what `jnp.take(table, ids, axis=0)` and `flax.linen.Embed` emit). A
+parameter is one of the `params` leaves, seen through casts and copies.
 
 `register_layers` returns the jaxpr with a layer tag after each recognised layer, so
 the tracer treats it exactly like a hand-tagged one. Layers inside `scan` bodies are
@@ -31,27 +33,42 @@ from jkfac.jaxprs import (TRANSPARENT_PRIMITIVES, call_jaxpr, inner_origin, is_v
                           track_parameters)
 
 _BROADCASTS = frozenset({"reshape", "broadcast_in_dim", "convert_element_type", "copy"})
-# Dimension numbers of NWC/WIO and NHWC/HWIO convolutions, by kernel rank.
-_CHANNELS_LAST = {3: ((0, 2, 1), (2, 1, 0), (0, 2, 1)),
-                  4: ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))}
 
 
-def _layer_kind(eqn: jcore.JaxprEqn, origin: dict) -> str | None:
-  """'dense' or 'conv2d' if `eqn` is such a layer with a parameter as its weights."""
+def _channels_last(ndim: int) -> tuple[tuple[int, ...], ...]:
+  """Dimension numbers of a channels-last conv (NWC/WIO, NHWC/HWIO, NDHWC/DHWIO)."""
+  spatial = tuple(range(1, ndim - 1))
+  return (0, ndim - 1) + spatial, (ndim - 1, ndim - 2) + tuple(range(ndim - 2)), (
+      0, ndim - 1) + spatial
+
+
+def _dense_in_axes(eqn: jcore.JaxprEqn, w_ndim: int) -> int | None:
+  """`k` if the `dot_general` contracts the trailing `k` axes of its input (which has a
+  batch axis besides) with the leading `k` of an N-D weight, with no batch dimensions."""
+  (contract_x, contract_w), (batch_x, batch_w) = eqn.params["dimension_numbers"]
+  x_ndim, k = eqn.invars[0].aval.ndim, len(contract_w)
+  if batch_x or batch_w or not 0 < k < w_ndim or x_ndim <= k:
+    return None
+  if tuple(contract_x) != tuple(range(x_ndim - k, x_ndim)) or tuple(contract_w) != tuple(
+      range(k)):
+    return None
+  return k
+
+
+def _layer_kind(eqn: jcore.JaxprEqn, origin: dict) -> tuple[str, int] | None:
+  """`(kind, in_axes)` if `eqn` is a dense (or `DenseGeneral`, in_axes > 1) or
+  channels-last conv layer with a parameter as its weights."""
   if len(eqn.invars) != 2 or not _is_var(eqn.invars[1]) or eqn.invars[1] not in origin:
     return None
-  x, w = eqn.invars
-  ndim = w.aval.ndim  # a parameter, or its slice inside a scan over stacked layers
-  if eqn.primitive.name == "dot_general" and ndim == 2:
-    (contract_x, contract_w), (batch_x, batch_w) = eqn.params["dimension_numbers"]
-    if (tuple(contract_x) == (x.aval.ndim - 1,) and tuple(contract_w) == (0,)
-        and not batch_x and not batch_w and x.aval.ndim >= 2):
-      return "dense"
-  if eqn.primitive.name == "conv_general_dilated" and ndim in _CHANNELS_LAST:
+  w_ndim = eqn.invars[1].aval.ndim  # a parameter, or its slice in a scan over layers
+  if eqn.primitive.name == "dot_general":
+    in_axes = _dense_in_axes(eqn, w_ndim)
+    return None if in_axes is None else ("dense", in_axes)
+  if eqn.primitive.name == "conv_general_dilated" and 3 <= w_ndim <= 5:
     dn = eqn.params["dimension_numbers"]
-    if ((tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) == _CHANNELS_LAST[ndim]
-        and eqn.params["feature_group_count"] == 1 and eqn.params["batch_group_count"] == 1):
-      return f"conv{ndim - 2}d"
+    if ((tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) == _channels_last(w_ndim)
+        and eqn.params["batch_group_count"] == 1):
+      return f"conv{w_ndim - 2}d", 1
   return None
 
 
@@ -80,15 +97,18 @@ def _find_layers(jaxpr: jcore.Jaxpr, origin: dict) -> dict[int, dict]:
   for index, eqn in enumerate(jaxpr.eqns):
     first = eqn.invars[0] if eqn.invars and _is_var(eqn.invars[0]) else None
     track_parameters(eqn, origin)
-    if eqn.primitive.name in _BROADCASTS and (
-        first in bias_source or (first in origin and first.aval.ndim == 1)):
+    if eqn.primitive.name in _BROADCASTS and (first in bias_source or first in origin):
       bias_source[eqn.outvars[0]] = bias_source.get(first, first)
     if (eqn.primitive.name in ("broadcast_in_dim", "reshape") and first is not None
         and eqn.outvars[0].aval.shape == first.aval.shape + (1,)):
       ids_source[eqn.outvars[0]] = first
-    kind = _layer_kind(eqn, origin)
-    if kind is not None:
-      layer = dict(kind=kind, eqn=eqn, last=index, bias=None, weight=origin[eqn.invars[1]])
+    found = _layer_kind(eqn, origin)
+    if found is not None:
+      kind, in_axes = found
+      w_shape = eqn.invars[1].aval.shape
+      features = tuple(w_shape[in_axes:]) if kind == "dense" else (w_shape[-1],)
+      layer = dict(kind=kind, eqn=eqn, last=index, bias=None, weight=origin[eqn.invars[1]],
+                   in_axes=in_axes, features=features)
       layers.append(layer)
       by_output[eqn.outvars[0]] = layer
     elif _is_row_lookup(eqn, origin):  # no bias: a later add is not the lookup's
@@ -99,11 +119,17 @@ def _find_layers(jaxpr: jcore.Jaxpr, origin: dict) -> dict[int, dict]:
       for y, b in (eqn.invars, eqn.invars[::-1]):
         layer = by_output.get(y)
         if (layer is not None and uses[y] == 1 and b in bias_source
-            and bias_source[b].aval.shape == (y.aval.shape[-1],)
+            and bias_source[b].aval.shape == layer["features"]
+            and _broadcasts_over_positions(b.aval.shape, layer["features"])
             and eqn.outvars[0].aval.shape == y.aval.shape):
           layer.update(last=index, bias=bias_source[b])
           break
   return {layer["last"]: layer for layer in layers}
+
+
+def _broadcasts_over_positions(shape: tuple[int, ...], features: tuple[int, ...]) -> bool:
+  """Whether an array of `shape` is the bias of `features` broadcast over leading axes."""
+  return tuple(shape[len(shape) - len(features):]) == features
 
 
 def _tag(layer: dict, rename: dict, output: jcore.Var) -> jcore.JaxprEqn:
@@ -116,13 +142,14 @@ def _tag(layer: dict, rename: dict, output: jcore.Var) -> jcore.JaxprEqn:
                                jcore.no_effects)
   x, w = (rename.get(v, v) for v in eqn.invars)
   bias = layer["bias"]
-  conv = None
-  if layer["kind"] in ("conv1d", "conv2d"):
-    p = eqn.params
-    conv = tags.conv_params_2d(p["window_strides"], p["padding"], p["lhs_dilation"],
-                               p["rhs_dilation"])
   operands = [output, x, w] + ([] if bias is None else [bias])
-  params = dict(kind=layer["kind"], approx=None, has_bias=bias is not None, conv=conv)
+  params = dict(kind=layer["kind"], approx=None, has_bias=bias is not None, conv=None)
+  if layer["kind"] == "dense":
+    params["in_axes"] = layer["in_axes"]
+  else:
+    p = eqn.params
+    params["conv"] = tags.conv_params(p["window_strides"], p["padding"], p["lhs_dilation"],
+                                      p["rhs_dilation"], p["feature_group_count"])
   return jcore.new_jaxpr_eqn(operands, [jcore.Var(output.aval)], tags.layer_tag_p, params,
                              jcore.no_effects)
 

@@ -20,7 +20,8 @@ from jax.interpreters import ad, batching, mlir
 
 Array = jax.Array
 
-LAYER_KINDS = ("dense", "conv1d", "conv2d", "embedding")
+CONV_KINDS = ("conv1d", "conv2d", "conv3d")
+LAYER_KINDS = ("dense", *CONV_KINDS, "embedding")
 LOSS_KINDS = ("softmax_cross_entropy", "sigmoid_cross_entropy", "squared_error")
 
 # Approximation names, spelled as in tensorflow/kfac.
@@ -73,41 +74,67 @@ def _check_approx(approx: str | None) -> None:
 
 
 def register_dense(y: Array, x: Array, w: Array, b: Array | None = None, *,
-                   approx: str | None = None) -> Array:
+                   approx: str | None = None, in_axes: int = 1) -> Array:
   """Tags `y = x @ w + b` as a dense layer and returns `y` unchanged.
 
   `x` has shape `(batch, ..., d_in)`, `w` `(d_in, d_out)`, `b` `(d_out,)`. Use the
   returned array downstream: K-FAC measures gradients at the tag's output.
+
+  `in_axes` > 1 (or an N-D `w`) tags a `DenseGeneral`-like layer that contracts the
+  trailing `in_axes` axes of `x` with the leading `in_axes` axes of `w`: `x`
+  `(batch, ..., *w.shape[:in_axes])`, `y` `(batch, ..., *w.shape[in_axes:])`, `b` of
+  shape `w.shape[in_axes:]`. K-FAC treats it as a dense layer with
+  `d_in = prod(w.shape[:in_axes])` and `d_out = prod(w.shape[in_axes:])`.
   """
   _check_approx(approx)
-  if w.ndim != 2 or x.shape[-1] != w.shape[0] or y.shape[-1] != w.shape[1]:
-    raise ValueError(f"register_dense: shapes do not match y = x @ w: x {x.shape}, "
-                     f"w {w.shape}, y {y.shape}.")
-  if b is not None and b.shape != (w.shape[1],):
-    raise ValueError(f"register_dense: bias shape {b.shape} does not match w {w.shape}.")
+  if not isinstance(in_axes, int) or isinstance(in_axes, bool) or in_axes < 1:
+    raise ValueError(f"register_dense: in_axes must be an integer >= 1, got {in_axes!r}.")
+  k, features = in_axes, tuple(w.shape[in_axes:])
+  if (w.ndim <= k or x.ndim < k or tuple(x.shape[x.ndim - k:]) != tuple(w.shape[:k])
+      or y.ndim < len(features) or tuple(y.shape[y.ndim - len(features):]) != features
+      or tuple(y.shape[:y.ndim - len(features)]) != tuple(x.shape[:x.ndim - k])):
+    raise ValueError(f"register_dense: shapes do not match y = x @ w with {in_axes} contracted "
+                     f"axes: x {x.shape}, w {w.shape}, y {y.shape}.")
+  if b is not None and tuple(b.shape) != features:
+    raise ValueError(f"register_dense: bias shape {b.shape} does not match w {w.shape} "
+                     f"(expected {features}).")
   operands = (y, x, w) if b is None else (y, x, w, b)
   return layer_tag_p.bind(*operands, kind="dense", approx=approx, has_bias=b is not None,
-                          conv=None)
+                          conv=None, in_axes=in_axes)
+
+
+_CONV_LAYOUTS = {1: ("NWC", "WIO"), 2: ("NHWC", "HWIO"), 3: ("NDHWC", "DHWIO")}
 
 
 def _register_conv(rank: int, y: Array, x: Array, w: Array, b: Array | None, window_strides,
-                   padding, lhs_dilation, rhs_dilation, approx: str | None) -> Array:
+                   padding, lhs_dilation, rhs_dilation, feature_group_count: int,
+                   approx: str | None) -> Array:
   """Checks and tags a channels-last convolution of `rank` spatial dimensions."""
   _check_approx(approx)
-  name, layout = f"register_conv{rank}d", ("NWC", "WIO") if rank == 1 else ("NHWC", "HWIO")
-  if (x.ndim != rank + 2 or w.ndim != rank + 2 or x.shape[-1] != w.shape[-2]
-      or y.shape[-1] != w.shape[-1]):
-    raise ValueError(f"{name}: expected {layout[0]} input and {layout[1]} kernel, got "
+  name, layout = f"register_conv{rank}d", _CONV_LAYOUTS[rank]
+  groups = feature_group_count
+  if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+    raise ValueError(f"{name}: feature_group_count must be an integer >= 1, got {groups!r}.")
+  if (x.ndim != rank + 2 or w.ndim != rank + 2 or x.shape[-1] != w.shape[-2] * groups
+      or y.shape[-1] != w.shape[-1] or w.shape[-1] % groups):
+    grouped = f" with {groups} feature groups" if groups > 1 else ""
+    raise ValueError(f"{name}: expected {layout[0]} input and {layout[1]} kernel{grouped}, got "
                      f"x {x.shape}, w {w.shape}, y {y.shape}.")
   if b is not None and b.shape != (w.shape[-1],):
     raise ValueError(f"{name}: bias shape {b.shape} does not match w {w.shape}.")
+  settings = (window_strides, lhs_dilation, rhs_dilation)
+  if any(len(v) != rank for v in settings) or (not isinstance(padding, str)
+                                               and len(padding) != rank):
+    raise ValueError(f"{name}: window_strides, padding, lhs_dilation and rhs_dilation need "
+                     f"{rank} entries each, got {window_strides}, {padding}, {lhs_dilation}, "
+                     f"{rhs_dilation}.")
   if isinstance(padding, str):
     padding = jax.lax.padtype_to_pads(x.shape[1:rank + 1], _dilated(w.shape[:rank], rhs_dilation),
                                       window_strides, padding)
   operands = (y, x, w) if b is None else (y, x, w, b)
   return layer_tag_p.bind(*operands, kind=f"conv{rank}d", approx=approx, has_bias=b is not None,
-                          conv=conv_params_2d(window_strides, padding, lhs_dilation,
-                                              rhs_dilation))
+                          conv=conv_params(window_strides, padding, lhs_dilation, rhs_dilation,
+                                           feature_group_count))
 
 
 def register_conv2d(y: Array, x: Array, w: Array, b: Array | None = None, *,
@@ -115,13 +142,16 @@ def register_conv2d(y: Array, x: Array, w: Array, b: Array | None = None, *,
                     padding: str | Sequence[tuple[int, int]] = "SAME",
                     lhs_dilation: Sequence[int] = (1, 1),
                     rhs_dilation: Sequence[int] = (1, 1),
+                    feature_group_count: int = 1,
                     approx: str | None = None) -> Array:
   """Tags a 2-D NHWC convolution with HWIO kernel `w` and returns `y` unchanged.
 
   The keyword arguments are those of `lax.conv_general_dilated` that produced `y`.
+  With `feature_group_count=G` (grouped or depthwise conv), `w` is
+  `(k_h, k_w, c_in / G, c_out)` and K-FAC keeps one block per group.
   """
   return _register_conv(2, y, x, w, b, window_strides, padding, lhs_dilation, rhs_dilation,
-                        approx)
+                        feature_group_count, approx)
 
 
 def register_conv1d(y: Array, x: Array, w: Array, b: Array | None = None, *,
@@ -129,23 +159,37 @@ def register_conv1d(y: Array, x: Array, w: Array, b: Array | None = None, *,
                     padding: str | Sequence[tuple[int, int]] = "SAME",
                     lhs_dilation: Sequence[int] = (1,),
                     rhs_dilation: Sequence[int] = (1,),
+                    feature_group_count: int = 1,
                     approx: str | None = None) -> Array:
   """Tags a 1-D NWC convolution with WIO kernel `w` and returns `y` unchanged.
 
-  K-FAC treats it as a 2-D convolution of height 1; the keyword arguments are those
-  of `lax.conv_general_dilated` that produced `y`.
+  The keyword arguments are those of `lax.conv_general_dilated` that produced `y`.
   """
   return _register_conv(1, y, x, w, b, window_strides, padding, lhs_dilation, rhs_dilation,
-                        approx)
+                        feature_group_count, approx)
 
 
-def conv_params_2d(window_strides, padding, lhs_dilation, rhs_dilation) -> "ConvParams":
-  """`ConvParams` of a 2-D conv; a 1-D conv's become those of height 1."""
-  lift = (lambda v, one: (one,) + tuple(v)) if len(window_strides) == 1 else (
-      lambda v, one: tuple(v))
-  return ConvParams(lift(window_strides, 1),
-                    lift((tuple(int(p) for p in pair) for pair in padding), (0, 0)),
-                    lift(lhs_dilation, 1), lift(rhs_dilation, 1))
+def register_conv3d(y: Array, x: Array, w: Array, b: Array | None = None, *,
+                    window_strides: Sequence[int] = (1, 1, 1),
+                    padding: str | Sequence[tuple[int, int]] = "SAME",
+                    lhs_dilation: Sequence[int] = (1, 1, 1),
+                    rhs_dilation: Sequence[int] = (1, 1, 1),
+                    feature_group_count: int = 1,
+                    approx: str | None = None) -> Array:
+  """Tags a 3-D NDHWC convolution with DHWIO kernel `w` and returns `y` unchanged.
+
+  The keyword arguments are those of `lax.conv_general_dilated` that produced `y`.
+  """
+  return _register_conv(3, y, x, w, b, window_strides, padding, lhs_dilation, rhs_dilation,
+                        feature_group_count, approx)
+
+
+def conv_params(window_strides, padding, lhs_dilation, rhs_dilation,
+                feature_group_count: int = 1) -> "ConvParams":
+  """`ConvParams` from `lax.conv_general_dilated`'s arguments (padding as pairs)."""
+  ints = lambda v: tuple(int(i) for i in v)
+  return ConvParams(ints(window_strides), tuple(ints(pair) for pair in padding),
+                    ints(lhs_dilation), ints(rhs_dilation), int(feature_group_count))
 
 
 def register_embedding(y: Array, ids: Array, table: Array, *,
@@ -170,15 +214,21 @@ def _dilated(kernel: Sequence[int], dilation: Sequence[int]) -> tuple[int, ...]:
 
 
 class ConvParams(tuple):
-  """Hashable conv settings stored on a tag: strides, padding pairs, dilations."""
+  """Hashable conv settings stored on a tag: strides, padding pairs, dilations, groups.
 
-  def __new__(cls, window_strides, padding, lhs_dilation, rhs_dilation):
-    return super().__new__(cls, (window_strides, padding, lhs_dilation, rhs_dilation))
+  One entry per spatial dimension (1, 2 or 3); `feature_group_count` as in
+  `lax.conv_general_dilated` (1 for an ordinary conv).
+  """
+
+  def __new__(cls, window_strides, padding, lhs_dilation, rhs_dilation, feature_group_count=1):
+    return super().__new__(cls, (window_strides, padding, lhs_dilation, rhs_dilation,
+                                 feature_group_count))
 
   window_strides = property(lambda self: self[0])
   padding = property(lambda self: self[1])
   lhs_dilation = property(lambda self: self[2])
   rhs_dilation = property(lambda self: self[3])
+  feature_group_count = property(lambda self: self[4])
 
 
 def _register_loss(kind: str, prediction: Array, targets: Array, weight: float) -> Array:

@@ -47,6 +47,8 @@ class LayerInfo:
   at every step, e.g. a scan over time) or "stack" (one slice per step, e.g.
   `nn.scan` over layers). A stacked layer is `stack` independent layers: the params
   leaves have shape `stack + weight_shape`. Shapes are those of one step's tag.
+
+  `in_axes` is a dense layer's number of contracted input axes (> 1 for `DenseGeneral`).
   """
   name: str
   kind: str
@@ -57,6 +59,7 @@ class LayerInfo:
   output_shape: tuple[int, ...]
   weight_shape: tuple[int, ...]
   conv: tags.ConvParams | None
+  in_axes: int = 1
   tags: tuple[int, ...] = (0,)
   scans: tuple[tuple[str, ...], ...] = ((),)
   stack: tuple[int, ...] = ()
@@ -353,7 +356,7 @@ def _layer_info(weight_uses: list, param_paths: Sequence[str], default_approx: s
       bias=site.origin[3][0] if eqn.params["has_bias"] else None,
       input_shape=tuple(eqn.invars[1].aval.shape), output_shape=tuple(eqn.invars[0].aval.shape),
       weight_shape=tuple(eqn.invars[2].aval.shape), conv=eqn.params["conv"],
-      tags=tuple(i for i, _ in weight_uses), scans=tuple(s.origin[2][1] for _, s in weight_uses),
+      in_axes=eqn.params.get("in_axes", 1), tags=tuple(i for i, _ in weight_uses), scans=tuple(s.origin[2][1] for _, s in weight_uses),
       stack=tuple(n for n, kind in zip(site.scan_lengths, scans) if kind == "stack"))
   approx = eqn.params["approx"] or (approx_for and approx_for(name, layer.kind)) or default_approx
   if approx == tags.APPROX_KRONECKER_NAME and layer.multi_use:

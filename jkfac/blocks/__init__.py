@@ -8,6 +8,10 @@ with inputs averaged and output gradients summed over positions per example; the
 transform asks `jkfac/layers.py` for those reduced rows. "kron_indep" is the
 Kronecker block of a multi-use layer, whose uses `layers.py` turns into positions.
 
+A grouped conv's block is its approximation's block stacked over the feature groups
+(`stacked.StackedBlock`): K-FAC is block diagonal over groups; so is a layer stacked
+by a scan.
+
 An embedding layer's "kron" is `embedding.BLOCK`, whose input factor is diagonal: a
 block is looked up by layer kind and approximation with `block`, so an approximation
 keeps one name across kinds.
@@ -18,6 +22,7 @@ import math
 from jkfac.blocks.base import Block
 from jkfac.blocks import diagonal, embedding, full, kron, kron_diag
 from jkfac.blocks.stacked import StackedBlock
+from jkfac import layers
 
 BLOCKS: dict[str, Block] = {
     "kron": kron.BLOCK,
@@ -36,15 +41,22 @@ KIND_BLOCKS: dict[tuple[str, str], Block] = {
 }
 
 
-def block(kind: str, approx: str) -> Block:
-  """The block of a layer of `kind` under the approximation `approx`."""
-  return KIND_BLOCKS.get((kind, approx)) or BLOCKS[approx]
+def block(kind: str, approx: str, groups: int = 1) -> Block | StackedBlock:
+  """The block of a layer of `kind` under the approximation `approx`; with `groups` > 1
+  (a grouped conv), one such block per feature group, stacked."""
+  base = KIND_BLOCKS.get((kind, approx)) or BLOCKS[approx]
+  return base if groups == 1 else StackedBlock(base, groups)
+
+
+def for_slice(layer) -> Block | StackedBlock:
+  """The block of one `tracer.LayerInfo` (of one slice, if the layer is stacked by a scan)."""
+  return block(layer.kind, layer.approx, layers.feature_groups(layer))
 
 
 def for_layer(layer) -> Block | StackedBlock:
-  """The block of a `tracer.LayerInfo`: stacked when the layer is (see `LayerInfo.stack`)."""
-  layer_block = block(layer.kind, layer.approx)
+  """The block of a `tracer.LayerInfo`, stacked when the layer is (see `LayerInfo.stack`)."""
+  layer_block = for_slice(layer)
   return StackedBlock(layer_block, math.prod(layer.stack)) if layer.stack else layer_block
 
 
-__all__ = ["Block", "BLOCKS", "StackedBlock", "block", "for_layer"]
+__all__ = ["Block", "BLOCKS", "StackedBlock", "block", "for_layer", "for_slice"]

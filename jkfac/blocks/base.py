@@ -49,6 +49,10 @@ class Block(NamedTuple):
             else jnp.eye(f.shape[0], dtype=f.dtype)
             for name, (f, _) in self.factors(covariances, 1.0).items()}
 
+  def keep_finite(self, new: Array, previous: Array) -> Array:
+    """`new` inverse if it is finite everywhere, else `previous`."""
+    return linalg.keep_if_not_finite(new, previous)
+
   def inverses(self, covariances: Arrays, damping: Array, method: str = "cholesky") -> Arrays:
     """All damped inverses of the block, computed here."""
     return {name: self.invert(factor, d, method)

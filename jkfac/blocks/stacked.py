@@ -1,7 +1,9 @@
-"""A block applied to layers stacked along a leading axis (e.g. `nn.scan` over layers).
+"""A block applied to independent layers stacked along a leading axis.
 
-The layers are independent: each slice of the stacked parameters gets its own block,
-so every array of the block gains a leading axis and every function is `jax.vmap`ed.
+Two things stack: the layers of a scan over stacked parameters (`nn.scan` over
+layers), and the feature groups of a grouped conv (K-FAC is block diagonal over
+groups). Each slice gets its own block, so every array of the block gains a leading
+axis and every function is `jax.vmap`ed; stacks nest (a grouped conv in `nn.scan`).
 """
 
 from __future__ import annotations
@@ -13,17 +15,24 @@ import jax
 import jax.numpy as jnp
 
 from jkfac.blocks.base import Arrays, Array, Block
+from jkfac.layers import LayerInputs
 
 
 class StackedBlock(NamedTuple):
-  """`block` for `size` stacked layers; `Block`'s interface but `statistics`, which the
-  caller maps over the layers itself (it builds the block's inputs per layer)."""
-  block: Block
+  """`block` for `size` stacked layers, with `Block`'s interface."""
+  block: "Block | StackedBlock"
   size: int
 
   def zeros(self, d_in: int, d_out: int) -> Arrays:
     return jax.tree_util.tree_map(lambda z: jnp.broadcast_to(z, (self.size,) + z.shape),
                                   self.block.zeros(d_in, d_out))
+
+  def statistics(self, a: LayerInputs | Array, g: Array) -> Arrays:
+    """From inputs and output gradients whose arrays lead with the stack axis."""
+    if isinstance(a, LayerInputs):  # map over the arrays; the bias flag is static
+      return jax.vmap(lambda parts, g: self.block.statistics(LayerInputs(parts, a.bias), g))(
+          a.groups, g)
+    return jax.vmap(self.block.statistics)(a, g)
 
   def factors(self, covariances: Arrays, damping: Array) -> dict[str, tuple[Array, Array]]:
     return jax.vmap(self.block.factors, in_axes=(0, None))(covariances, damping)
@@ -35,10 +44,14 @@ class StackedBlock(NamedTuple):
     return self.block.is_entrywise(factor[0])
 
   def invert(self, factor: Array, damping: Array, method: str = "cholesky") -> Array:
+    damping = jnp.broadcast_to(damping, factor.shape[:1])  # one per slice, or shared
     return jax.vmap(functools.partial(self.block.invert, method=method))(factor, damping)
 
   def identity(self, covariances: Arrays) -> Arrays:
     return jax.vmap(self.block.identity)(covariances)
+
+  def keep_finite(self, new: Array, previous: Array) -> Array:
+    return jax.vmap(self.block.keep_finite)(new, previous)
 
   def inverses(self, covariances: Arrays, damping: Array, method: str = "cholesky") -> Arrays:
     return jax.vmap(functools.partial(self.block.inverses, method=method),
