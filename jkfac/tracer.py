@@ -57,8 +57,9 @@ class LossInfo:
 class Trace:
   """What `loss_fn` holds: tagged layers, losses, and the parameters of no layer.
 
-  `generic` lists the `params` leaves that no tag covers, each as a layer of kind
-  "generic"; K-FAC gives them a diagonal block estimated from their gradients.
+  `generic` lists the `params` leaves that no layer tag covers (among them those
+  marked by `register_generic`), each as a layer of kind "generic"; K-FAC gives them a
+  diagonal block estimated from their gradients.
   """
   layers: tuple[LayerInfo, ...]
   losses: tuple[LossInfo, ...]
@@ -84,6 +85,16 @@ class LayerStatistics(NamedTuple):
 
 def _is_tag(eqn: jcore.JaxprEqn) -> bool:
   return eqn.primitive in (tags.layer_tag_p, tags.loss_tag_p)
+
+
+def _is_generic_tag(eqn: jcore.JaxprEqn) -> bool:
+  """A `jkfac.register_generic` tag: it claims its parameter and is no layer."""
+  return eqn.primitive is tags.layer_tag_p and eqn.params["kind"] == "generic"
+
+
+def _claimed(eqn: jcore.JaxprEqn, operand_origin: list) -> list:
+  """The `params` leaves a layer tag claims: its parameter operands (a generic tag's own)."""
+  return operand_origin[:1] if _is_generic_tag(eqn) else operand_origin[2:]
 
 
 def _has_tags(jaxpr: jcore.Jaxpr) -> bool:
@@ -165,30 +176,34 @@ def make_jaxpr(loss_fn: LossFn, params: PyTree, batch: PyTree, auto_register: bo
     origin = {v: i for i, v in enumerate(closed.jaxpr.invars[:num_params])}
     claimed = {index for eqn, operand_origin in _find_tags(closed.jaxpr, origin)
                if eqn.primitive is tags.layer_tag_p
-               for index in operand_origin[2:] if index is not None}
+               for index in _claimed(eqn, operand_origin) if index is not None}
     closed = patterns.register_layers(closed, num_params, claimed)
   return closed, out_shape
 
 
 def trace_layers(loss_fn: LossFn, params: PyTree, batch: PyTree,
-                 default_approx: str = tags.APPROX_KRONECKER_NAME,
+                 default_approx: str | None = None,
                  approx_for: Callable[[str, str], str | None] | None = None,
                  auto_register: bool = True) -> Trace:
   """The table of tagged layers and registered losses of `loss_fn`.
 
   `approx_for(layer_name, kind)` may override the approximation of a layer whose tag
-  names none. Raises `ValueError` for missing losses, weights that are not in
-  `params`, and parameters claimed by two tags.
+  names none; then `default_approx`, else `tags.DEFAULT_APPROX[kind]`. Parameters in a
+  `register_generic` tag are generic. Raises `ValueError` for missing losses, weights
+  that are not in `params`, and parameters claimed by two tags.
   """
   closed, _ = make_jaxpr(loss_fn, params, batch, auto_register)
   leaves_with_paths, _ = jax.tree_util.tree_flatten_with_path(params)
   param_paths = tuple(_path_str(p) for p, _ in leaves_with_paths)
   origin = {v: i for i, v in enumerate(closed.jaxpr.invars[:len(param_paths)])}
 
-  layers, loss_infos, owner = [], [], {}
+  layers, loss_infos, owner, marked = [], [], {}, set()
   for eqn, operand_origin in _find_tags(closed.jaxpr, origin):
     if eqn.primitive is tags.loss_tag_p:
       loss_infos.append(LossInfo(eqn.params["kind"], eqn.params["weight"]))
+      continue
+    if _is_generic_tag(eqn):
+      marked.add(_generic_leaf(eqn, operand_origin))
       continue
     layer = _layer_info(eqn, operand_origin, param_paths, default_approx, approx_for)
     for index in (layer.weight, layer.bias):
@@ -199,6 +214,9 @@ def trace_layers(loss_fn: LossFn, params: PyTree, batch: PyTree,
                          f"({owner[index]!r} and {layer.name!r}); a parameter may be tagged once.")
       owner[index] = layer.name
     layers.append(layer)
+  if both := sorted(marked & set(owner)):
+    raise ValueError(f"Parameter {param_paths[both[0]]!r} is marked by register_generic and "
+                     f"used by the K-FAC layer tag {owner[both[0]]!r}; tag it once.")
   if not loss_infos:
     raise ValueError("No loss is registered in loss_fn: call e.g. "
                      "jkfac.register_softmax_cross_entropy(logits, labels) inside it.")
@@ -210,6 +228,13 @@ def trace_layers(loss_fn: LossFn, params: PyTree, batch: PyTree,
                 input_shape=(), output_shape=(), weight_shape=tuple(v.aval.shape), conv=None)
       for i, v in enumerate(closed.jaxpr.invars[:len(param_paths)]) if i not in owner)
   return Trace(tuple(layers), tuple(loss_infos), param_paths, generic)
+
+
+def _generic_leaf(eqn, operand_origin) -> int:
+  if operand_origin[0] is None:
+    raise ValueError(f"register_generic got an array of shape {eqn.invars[0].aval.shape} that "
+                     "is not a leaf of `params`: pass the parameter itself.")
+  return operand_origin[0]
 
 
 def _layer_info(eqn, operand_origin, param_paths, default_approx, approx_for) -> LayerInfo:
@@ -225,7 +250,7 @@ def _layer_info(eqn, operand_origin, param_paths, default_approx, approx_for) ->
     parts = parts[:-1]
   name = "/".join(parts[:-1] or parts)
   approx = eqn.params["approx"] or (approx_for and approx_for(name, eqn.params["kind"])) or (
-      default_approx)
+      default_approx or tags.DEFAULT_APPROX[eqn.params["kind"]])
   return LayerInfo(name=name, kind=eqn.params["kind"], approx=approx, weight=weight, bias=bias,
                    input_shape=tuple(x.aval.shape), output_shape=tuple(y.aval.shape),
                    weight_shape=tuple(w.aval.shape), conv=eqn.params["conv"])
@@ -259,6 +284,8 @@ def _forward(closed: jcore.ClosedJaxpr, args: list[Any], perturbations: list[Arr
       predictions.append(invals[0])
       targets.append(invals[1])
       return invals[0]
+    if _is_generic_tag(eqn):
+      return invals[0]
     layer_inputs.append(jax.lax.stop_gradient(invals[1]))
     return invals[0] + perturbations[len(layer_inputs) - 1]
 
@@ -269,7 +296,8 @@ def _forward(closed: jcore.ClosedJaxpr, args: list[Any], perturbations: list[Arr
 def _zero_perturbations(closed: jcore.ClosedJaxpr) -> list[Array]:
   """Zeros shaped as each layer tag's output, in tag order."""
   return [jnp.zeros(eqn.invars[0].aval.shape, eqn.invars[0].aval.dtype)
-          for eqn, _ in _find_tags(closed.jaxpr, {}) if eqn.primitive is tags.layer_tag_p]
+          for eqn, _ in _find_tags(closed.jaxpr, {})
+          if eqn.primitive is tags.layer_tag_p and not _is_generic_tag(eqn)]
 
 
 def _from_predictions(pullback, output_zeros, cotangents):

@@ -32,6 +32,7 @@ SUPPORTED_APPROXIMATIONS = {"dense": ("kron", "kron_in_diag", "kron_out_diag", "
                             "conv2d": ("kron", "kron_reduce", "kron_in_diag", "kron_out_diag",
                                        "diagonal", "full"),
                             "embedding": ("kron",),
+                            "scale_and_shift": ("diagonal", "full"),
                             "generic": ("diagonal",)}
 
 
@@ -125,10 +126,12 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       (one backward pass per output unit).
     inverse_method: "cholesky" or "eigh".
     approximations: glob patterns on layer names (e.g. `{"Conv_0": "diagonal"}`)
-      choosing the approximation of layers whose tag names none; default "kron".
+      choosing the approximation of layers whose tag names none; default "kron"
+      ("diagonal" for scale-and-shift layers, see `jkfac.tags.DEFAULT_APPROX`).
     seed: seed of the PRNG key that samples targets.
-    auto_register: also precondition untagged dense and conv layers that jkfac
-      recognises in the jaxpr (see `jkfac/patterns.py`). Hand tags win.
+    auto_register: also precondition untagged dense, conv, embedding and norm
+      (scale-and-shift) layers that jkfac recognises in the jaxpr (see
+      `jkfac/patterns.py`). Hand tags win.
     axis_name: the `jax.pmap` axis to average gradients and statistics over; with
       `mesh`, the mesh axis that spreads inverse work under `jax.jit`.
     placement: "round_robin" (default with an axis) inverts each factor on one device
@@ -226,6 +229,8 @@ def _batch_statistics(layer: tracer.LayerInfo, statistics: tracer.LayerStatistic
     return block(layer.kind, layer.approx).statistics(
         layers.embedding_counts(layer, statistics.inputs),
         layers.output_rows(statistics.output_grads))
+  # Dense and conv: input vectors (patches) and output gradients per position; a
+  # scale-and-shift layer: x_hat and output gradient rows `(batch, positions, d)`.
   reduce = layer.approx == "kron_reduce"
   return block(layer.kind, layer.approx).statistics(
       layers.layer_inputs(layer, statistics.inputs, reduce),

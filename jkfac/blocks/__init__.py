@@ -7,13 +7,14 @@ Every block works on a layer in its matrix view (see `jkfac/layers.py`): inputs
 with inputs averaged and output gradients summed over positions per example; the
 transform asks `jkfac/layers.py` for those reduced rows.
 
-An embedding layer's "kron" is `embedding.BLOCK`, whose input factor is diagonal: a
-block is looked up by layer kind and approximation with `block`, so an approximation
-keeps one name across kinds.
+An embedding layer's "kron" is `embedding.BLOCK`, whose input factor is diagonal, and a
+scale-and-shift layer's "diagonal" and "full" are in `scale_and_shift`: a block is
+looked up by layer kind and approximation with `block`, so an approximation keeps one
+name across kinds.
 """
 
 from jkfac.blocks.base import Block
-from jkfac.blocks import diagonal, embedding, full, kron, kron_diag
+from jkfac.blocks import diagonal, embedding, full, kron, kron_diag, scale_and_shift
 
 BLOCKS: dict[str, Block] = {
     "kron": kron.BLOCK,
@@ -27,6 +28,8 @@ BLOCKS: dict[str, Block] = {
 # Blocks that differ from `BLOCKS[approx]` for a layer kind.
 KIND_BLOCKS: dict[tuple[str, str], Block] = {
     ("embedding", "kron"): embedding.BLOCK,
+    ("scale_and_shift", "diagonal"): scale_and_shift.DIAGONAL,
+    ("scale_and_shift", "full"): scale_and_shift.FULL,
 }
 
 
