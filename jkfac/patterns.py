@@ -97,18 +97,21 @@ def _last_axis_source(eqn: jcore.JaxprEqn, origin: dict, shapes: list,
 
 
 def _scale_layer(eqn: jcore.JaxprEqn, index: int, origin: dict, shapes: list, last_axis: dict,
-                 partial: dict, uses: collections.Counter) -> dict | None:
+                 partial: dict, uses: collections.Counter, fixed: set) -> dict | None:
   """The scale-and-shift layer whose scale `mul` is `eqn` (shift not yet seen), or None.
 
   `x_hat * scale` is one if `x_hat` has the output's shape. A product `factor * scale`
   is kept in `partial`: if its only use is `centred * (factor * scale)` (flax's norms),
-  that `mul` ends the layer instead, with `x_hat = centred * factor`.
+  that `mul` ends the layer instead, with `x_hat = centred * factor`. An x_hat computed
+  from parameters alone (`fixed`, e.g. a weight-normed kernel `w * scale`) has no
+  examples, so it is no such layer.
   """
   out = eqn.outvars[0]
   for centred, product in (eqn.invars, eqn.invars[::-1]):
     layer = partial.get(product)
     if (layer is not None and uses[product] == 1 and centred not in last_axis
-        and centred.aval.shape == out.aval.shape):
+        and centred.aval.shape == out.aval.shape
+        and not {centred, layer["x_hat"][0]} <= fixed):
       layer.update(last=index, x_hat=(centred, layer["x_hat"][0]))
       return layer
   for factor, scale in (eqn.invars, eqn.invars[::-1]):
@@ -117,7 +120,7 @@ def _scale_layer(eqn: jcore.JaxprEqn, index: int, origin: dict, shapes: list, la
       layer = dict(kind="scale_and_shift", eqn=eqn, last=index, bias=None,
                    weight=origin[last_axis[scale]], scale=last_axis[scale], x_hat=(factor,))
       partial[out] = layer
-      return layer if factor.aval.shape == out.aval.shape else None
+      return layer if factor.aval.shape == out.aval.shape and factor not in fixed else None
   return None
 
 
@@ -129,10 +132,14 @@ def _find_layers(jaxpr: jcore.Jaxpr, origin: dict, shapes: list) -> dict[int, di
   ids_source: dict = {}  # gather indices `(..., 1)` -> the ids `(...)` they were reshaped from
   last_axis: dict = {}  # var -> the 1-D parameter var it lays along its last axis
   partial: dict = {}  # `factor * scale` -> its scale-and-shift layer, maybe not yet complete
+  fixed = set(origin)  # parameters and the variables computed from them alone
   layers, by_output = [], {}
   for index, eqn in enumerate(jaxpr.eqns):
     first = eqn.invars[0] if eqn.invars and _is_var(eqn.invars[0]) else None
     track_parameters(eqn, origin)
+    operands = [v for v in eqn.invars if _is_var(v)]
+    if operands and all(v in fixed for v in operands):
+      fixed.update(eqn.outvars)
     if (source := _last_axis_source(eqn, origin, shapes, last_axis)) is not None:
       last_axis[eqn.outvars[0]] = source
     if eqn.primitive.name in _BROADCASTS and (
@@ -151,7 +158,7 @@ def _find_layers(jaxpr: jcore.Jaxpr, origin: dict, shapes: list) -> dict[int, di
       layers.append(dict(kind="embedding", eqn=eqn, last=index, bias=None, weight=origin[table],
                          ids=ids_source.get(indices, indices)))
     elif eqn.primitive.name == "mul" and all(_is_var(v) for v in eqn.invars):
-      layer = _scale_layer(eqn, index, origin, shapes, last_axis, partial, uses)
+      layer = _scale_layer(eqn, index, origin, shapes, last_axis, partial, uses, fixed)
       if layer is not None:
         if not any(layer is other for other in layers):  # else it moved to this `mul`
           layers.append(layer)

@@ -13,7 +13,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -63,16 +62,14 @@ def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
     np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
 
 
-def _assert_auto_equals_hand(auto_loss, hand_loss, params, batch, expected, hand_batch=None,
-                             hand_params=None):
-  """Same layer table, statistics and K-FAC step for the untagged and hand-tagged models.
+def _assert_auto_equals_hand(auto_loss, hand_loss, params, batch, expected, hand_batch=None):
+  """Same layer table, covariances and K-FAC step for the untagged and hand-tagged models.
 
   `expected` lists `(name, kind, approx, has_bias)` of the layers, in order.
   """
   hand_batch = batch if hand_batch is None else hand_batch
-  hand_params = params if hand_params is None else hand_params
   auto = tracer.trace_layers(auto_loss, params, batch)
-  hand = tracer.trace_layers(hand_loss, hand_params, hand_batch)
+  hand = tracer.trace_layers(hand_loss, params, hand_batch)
   assert [(l.name, l.kind, l.approx, l.bias is not None) for l in auto.layers] == expected
   assert auto.layers == hand.layers   # kinds, approx, leaf indices, x_hat and output shapes
   assert auto.generic == hand.generic == ()
@@ -82,7 +79,7 @@ def _assert_auto_equals_hand(auto_loss, hand_loss, params, batch, expected, hand
   assert {norm.weight, norm.bias} - {None} <= {l.weight for l in plain.generic}
 
   auto_updates, auto_state = _one_update(auto_loss, params, batch)
-  hand_updates, hand_state = _one_update(hand_loss, hand_params, hand_batch)
+  hand_updates, hand_state = _one_update(hand_loss, params, hand_batch)
   covariances = auto_state[0].covariances[norm.name]["diagonal"]
   assert covariances.shape == (1 + (norm.bias is not None), D)
   assert float(covariances.min()) > 0
@@ -245,6 +242,17 @@ def test_which_norms_are_recognised(case, kinds, generic):
   assert [l.name for l in trace.generic] == generic
   if case == "rms":
     assert trace.layers[1].bias is None
+
+
+def test_a_scaled_parameter_is_no_layer():
+  """`x @ (w * g)` (weight norm): `w * g` has no examples, so `g` is no scale; `x * g` is."""
+  params = {"g": jnp.ones(NUM_CLASSES), "w": jnp.ones((5, NUM_CLASSES))}
+  trace = tracer.trace_layers(_loss(lambda p, b: b[0] @ (p["w"] * p["g"])), params,
+                              _batch((5,)))
+  assert trace.layers == () and [l.name for l in trace.generic] == ["g", "w"]
+  trace = tracer.trace_layers(_loss(lambda p, b: (b[0] @ p["w"]) * p["g"]), params,
+                              _batch((5,)))
+  assert [(l.name, l.kind) for l in trace.layers] == [("w", "dense"), ("g", "scale_and_shift")]
 
 
 def test_hand_scale_and_shift_tag_wins():
@@ -417,9 +425,19 @@ def test_register_generic_forces_a_dense_kernel_to_generic():
   assert state[0].covariances["Dense_0/kernel"]["diagonal"].shape == (20, 1)
   assert float(state[0].covariances["Dense_0/kernel"]["diagonal"].max()) > 0
   assert all(np.isfinite(u).all() for u in jax.tree_util.tree_leaves(updates))
-  # The fused path records no input for a generic tag.
-  _, grads, curvature = jkfac.value_and_grad(loss_fn)(params, batch)
-  assert len(curvature.inputs) == 1
+  # The fused path records no input for a generic tag, and takes the same step.
+  assert len(jkfac.value_and_grad(loss_fn)(params, batch)[2].inputs) == 1
+  tx = jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-2, estimation="empirical",
+                  invert_every=1)
+
+  @jax.jit
+  def fused(params, batch):
+    _, grads, curvature = jkfac.value_and_grad(loss_fn)(params, batch)
+    return tx.update(grads, tx.init(params), params, batch=batch, stats=curvature)
+
+  fused_updates, fused_state = fused(params, batch)
+  _assert_trees_close(fused_updates, updates)
+  _assert_trees_close(fused_state[0].covariances, state[0].covariances)
 
 
 def test_register_generic_keeps_a_norm_generic():
