@@ -182,6 +182,24 @@ def test_nnx_layer_norm_is_registered_as_hand_tagged():
                             ("out", "dense", "kron", True)])
 
 
+def test_nnx_batch_norm_is_recognised():
+  """`nnx.BatchNorm` in train mode, its batch statistics in the batch (merged as a copy)."""
+  class Net(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+      self.linear = nnx.Linear(5, D, rngs=rngs)
+      self.norm = nnx.BatchNorm(D, rngs=rngs)
+
+    def __call__(self, x):
+      return self.norm(self.linear(x))[..., :NUM_CLASSES]
+
+  graphdef, params, stats = nnx.split(Net(nnx.Rngs(0)), nnx.Param, ...)
+  loss_fn = _loss(lambda p, batch: nnx.merge(graphdef, p, batch[2], copy=True)(batch[0]))
+  trace = tracer.trace_layers(loss_fn, params, (*_batch((5,)), stats))
+  assert [(l.name, l.kind, l.approx) for l in trace.layers] == [
+      ("linear", "dense", "kron"), ("norm", "scale_and_shift", "diagonal")]
+  assert trace.generic == ()
+
+
 def _jnp_apply(tagged: bool):
   """dense -> `x_hat * scale + shift` (x_hat normalised by hand) -> tanh -> dense."""
   def apply(params, batch):
