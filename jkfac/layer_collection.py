@@ -100,6 +100,27 @@ def register_embedding(params: Array | tuple[Array], ids: Array, outputs: Array,
   return tags.register_embedding(outputs, ids, table, approx=approx)
 
 
+def register_scale_and_shift(params: Params, inputs: Array, outputs: Array,
+                             approx: str | None = None) -> Array:
+  """Tags `outputs = inputs * scale (+ shift)` over the last axis; returns `outputs`.
+
+  `params` is the scale or a `(scale, shift)` pair; `inputs` is the normalised input.
+  """
+  scale, shift = _kernel_and_bias(params)
+  return tags.register_scale_and_shift(outputs, inputs, scale, shift, approx=approx)
+
+
+def register_generic(params: Array | Sequence[Array],
+                     approx: str | None = None) -> Array | Sequence[Array]:
+  """Marks each parameter in `params` as generic (a diagonal block of its own) and returns
+  them unchanged, in the same structure: use the returned arrays. The seed's `batch_size`
+  is not needed; only the "diagonal" approximation exists (None means it)."""
+  approx = approx or APPROX_DIAGONAL_NAME
+  if isinstance(params, (tuple, list)):
+    return type(params)(tags.register_generic(p, approx=approx) for p in params)
+  return tags.register_generic(params, approx=approx)
+
+
 __all__ = [
     "APPROX_DIAGONAL_NAME",
     "APPROX_FULL_NAME",
@@ -114,6 +135,8 @@ __all__ = [
     "register_conv3d",
     "register_embedding",
     "register_fully_connected",
+    "register_generic",
     "register_multi_bernoulli_predictive_distribution",
     "register_normal_predictive_distribution",
+    "register_scale_and_shift",
 ]

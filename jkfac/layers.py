@@ -13,6 +13,11 @@ and back, so blocks need not know the layer kind.
 An embedding `y_t = table[id_t]` is the same with `a_t` the one-hot vector of `id_t`
 and `W` the `(vocab, d)` table; its inputs are never built as one-hot vectors, only
 counted (`embedding_counts`), since their covariance is diagonal.
+
+A scale-and-shift layer `y_t = x_hat_t * scale + shift` acts channel by channel: its
+matrix is `(2, d)`, a scale row and a shift row (`(1, d)` without shift), and its inputs
+are the `x_hat` rows `(batch, positions, d)`, which its blocks
+(`jkfac/blocks/scale_and_shift.py`) multiply with the output gradients entrywise.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Automatic registration: tags untagged dense, conv and embedding layers in a jaxpr.
+"""Automatic registration: tags untagged dense, conv, embedding and norm layers in a jaxpr.
 
 A layer is recognised by its structure, not by module names, so it survives
 `jit`, `remat`, `scan` and dtype promotion: a `dot_general` that contracts the last axis of
@@ -11,14 +11,24 @@ by the `add` of a parameter of the output's feature shape broadcast over the out
 indices (what `jnp.take(table, ids, axis=0)` and `flax.linen.Embed` emit). A
 parameter is one of the `params` leaves, seen through casts and copies.
 
+A scale-and-shift layer `y = x_hat * scale + shift` is a `mul` by a 1-D parameter laid
+along the last axis (reshaped to `(1, ..., 1, d)` or broadcast there), optionally
+followed by the `add` of another such parameter. Flax's norms (linen and nnx
+`LayerNorm`, `BatchNorm` in train and eval mode, `GroupNorm`, `RMSNorm`) compute
+`(x - mean) * (rsqrt(var + eps) * scale)`, so x_hat is no variable of theirs: the tag is
+preceded by an equation `x_hat = (x - mean) * rsqrt(var + eps)` that only the tag uses
+(XLA drops it from the plain gradient pass). Not recognised, so generic: a shift without
+a scale (`use_scale=False`), and norms over another axis than the last (e.g.
+`BatchNorm(axis=1)` on NCHW).
+
 `register_layers` returns the jaxpr with a layer tag after each recognised layer, so
 the tracer treats it exactly like a hand-tagged one. Layers inside `scan` bodies are
 found too: the body's parameter is then a parameter (a scan over time) or a slice of
-a stacked one (`nn.scan` over layers). Parameters in a hand tag win. A weight used
-by several layers of one kind is tagged at each use, and the tracer makes one
-multi-use layer of them; weights whose uses disagree (kind, bias, shape) stay
-untagged, as does an embedding table with any use besides its lookups (a table tied
-to an output projection, `x @ table.T`).
+a stacked one (`nn.scan` over layers). Parameters in a hand tag (or in
+`register_generic`) win. A weight used by several layers of one kind is tagged at each
+use, and the tracer makes one multi-use layer of them; weights whose uses disagree
+(kind, bias, shape) stay untagged, as does an embedding table with any use besides its
+lookups (a table tied to an output projection, `x @ table.T`).
 """
 
 from __future__ import annotations
@@ -87,6 +97,53 @@ def _is_row_lookup(eqn: jcore.JaxprEqn, origin: dict) -> bool:
           and tuple(eqn.params["slice_sizes"]) == (1, table.aval.shape[1]))
 
 
+def _last_axis_source(eqn: jcore.JaxprEqn, origin: dict, last_axis: dict) -> jcore.Var | None:
+  """The 1-D parameter that `eqn` lays along the last axis of its output, if any: a cast,
+  a `reshape` to `(1, ..., 1, d)`, or a `broadcast_in_dim` that keeps it last."""
+  first = eqn.invars[0] if eqn.invars and _is_var(eqn.invars[0]) else None
+  source = last_axis.get(first)
+  if source is None and first in origin and first.aval.ndim == 1:
+    source = first
+  if source is None or eqn.primitive.name not in _BROADCASTS:
+    return None
+  (d,), out = source.aval.shape, eqn.outvars[0].aval.shape
+  if eqn.primitive.name == "reshape":
+    return source if out == (1,) * (len(out) - 1) + (d,) else None
+  if eqn.primitive.name == "broadcast_in_dim":
+    dims = eqn.params["broadcast_dimensions"]
+    return source if out[-1] == d and dims and dims[-1] == len(out) - 1 else None
+  return source
+
+
+def _scale_layer(eqn: jcore.JaxprEqn, index: int, origin: dict, last_axis: dict, partial: dict,
+                 uses: collections.Counter, fixed: set) -> dict | None:
+  """The scale-and-shift layer whose scale `mul` is `eqn` (shift not yet seen), or None.
+
+  `x_hat * scale` is one if `x_hat` has the output's shape. A product `factor * scale`
+  is kept in `partial`: if its only use is `centred * (factor * scale)` (flax's norms),
+  that `mul` ends the layer instead, with `x_hat = centred * factor`. An x_hat computed
+  from parameters alone (`fixed`, e.g. a weight-normed kernel `w * scale`) has no
+  examples, so it is no such layer.
+  """
+  out = eqn.outvars[0]
+  for centred, product in (eqn.invars, eqn.invars[::-1]):
+    layer = partial.get(product)
+    if (layer is not None and uses[product] == 1 and centred not in last_axis
+        and centred.aval.shape == out.aval.shape
+        and not {centred, layer["x_hat"][0]} <= fixed):
+      layer.update(last=index, x_hat=(centred, layer["x_hat"][0]))
+      return layer
+  for factor, scale in (eqn.invars, eqn.invars[::-1]):
+    if (scale in last_axis and factor not in last_axis and out.aval.ndim >= 2
+        and last_axis[scale].aval.shape == (out.aval.shape[-1],)):
+      layer = dict(kind="scale_and_shift", eqn=eqn, last=index, bias=None,
+                   weight=origin[last_axis[scale]], scale=last_axis[scale], x_hat=(factor,),
+                   features=(out.aval.shape[-1],))
+      partial[out] = layer
+      return layer if factor.aval.shape == out.aval.shape and factor not in fixed else None
+  return None
+
+
 def _find_layers(jaxpr: jcore.Jaxpr, origin: dict) -> dict[int, dict]:
   """Recognised layers of one jaxpr level, keyed by the index of their last equation."""
   uses = collections.Counter(v for eqn in jaxpr.eqns for v in eqn.invars if _is_var(v))
@@ -94,9 +151,17 @@ def _find_layers(jaxpr: jcore.Jaxpr, origin: dict) -> dict[int, dict]:
   bias_source: dict = {}  # var -> the 1-D parameter var it broadcasts
   ids_source: dict = {}  # gather indices `(..., 1)` -> the ids `(...)` they were reshaped from
   layers, by_output = [], {}
+  last_axis: dict = {}  # var -> the 1-D parameter var it lays along its last axis
+  partial: dict = {}  # `factor * scale` -> its scale-and-shift layer, maybe not yet complete
+  fixed = set(origin)  # parameters and the variables computed from them alone
   for index, eqn in enumerate(jaxpr.eqns):
     first = eqn.invars[0] if eqn.invars and _is_var(eqn.invars[0]) else None
     track_parameters(eqn, origin)
+    operands = [v for v in eqn.invars if _is_var(v)]
+    if operands and all(v in fixed for v in operands):
+      fixed.update(eqn.outvars)
+    if (source := _last_axis_source(eqn, origin, last_axis)) is not None:
+      last_axis[eqn.outvars[0]] = source
     if eqn.primitive.name in _BROADCASTS and (first in bias_source or first in origin):
       bias_source[eqn.outvars[0]] = bias_source.get(first, first)
     if (eqn.primitive.name in ("broadcast_in_dim", "reshape") and first is not None
@@ -115,13 +180,21 @@ def _find_layers(jaxpr: jcore.Jaxpr, origin: dict) -> dict[int, dict]:
       table, indices = eqn.invars
       layers.append(dict(kind="embedding", eqn=eqn, last=index, bias=None, weight=origin[table],
                          ids=ids_source.get(indices, indices)))
+    elif eqn.primitive.name == "mul" and all(_is_var(v) for v in eqn.invars):
+      layer = _scale_layer(eqn, index, origin, last_axis, partial, uses, fixed)
+      if layer is not None:
+        if not any(layer is other for other in layers):  # else it moved to this `mul`
+          layers.append(layer)
+        by_output[eqn.outvars[0]] = layer
     elif eqn.primitive.name == "add" and all(_is_var(v) for v in eqn.invars):
       for y, b in (eqn.invars, eqn.invars[::-1]):
         layer = by_output.get(y)
         if (layer is not None and uses[y] == 1 and b in bias_source
             and bias_source[b].aval.shape == layer["features"]
             and _broadcasts_over_positions(b.aval.shape, layer["features"])
-            and eqn.outvars[0].aval.shape == y.aval.shape):
+            and eqn.outvars[0].aval.shape == y.aval.shape
+            and (layer["kind"] != "scale_and_shift"   # a shift lies along the last axis too
+                 or (b in last_axis and origin[last_axis[b]] != layer["weight"]))):
           layer.update(last=index, bias=bias_source[b])
           break
   return {layer["last"]: layer for layer in layers}
@@ -132,26 +205,34 @@ def _broadcasts_over_positions(shape: tuple[int, ...], features: tuple[int, ...]
   return tuple(shape[len(shape) - len(features):]) == features
 
 
-def _tag(layer: dict, rename: dict, output: jcore.Var) -> jcore.JaxprEqn:
-  """The tag equation of a recognised layer, whose output becomes a new variable."""
-  eqn = layer["eqn"]
+def _tag(layer: dict, rename: dict, output: jcore.Var) -> list[jcore.JaxprEqn]:
+  """The equations that tag a recognised layer, the tag last; its output is a new variable."""
+  eqn, before = layer["eqn"], []
   if layer["kind"] == "embedding":
     ids, table = (rename.get(v, v) for v in (layer["ids"], eqn.invars[0]))
-    return jcore.new_jaxpr_eqn([output, ids, table], [jcore.Var(output.aval)], tags.layer_tag_p,
-                               dict(kind="embedding", approx=None, has_bias=False, conv=None),
-                               jcore.no_effects)
-  x, w = (rename.get(v, v) for v in eqn.invars)
+    return [jcore.new_jaxpr_eqn([output, ids, table], [jcore.Var(output.aval)], tags.layer_tag_p,
+                                dict(kind="embedding", approx=None, has_bias=False, conv=None),
+                                jcore.no_effects)]
+  if layer["kind"] == "scale_and_shift":
+    x, *factor = (rename.get(v, v) for v in layer["x_hat"])
+    w = layer["scale"]
+    if factor:  # flax's `centred * (factor * scale)`: x_hat = centred * factor
+      before.append(jcore.new_jaxpr_eqn([x, *factor], [jcore.Var(x.aval)], eqn.primitive,
+                                        eqn.params, jcore.no_effects))
+      x = before[-1].outvars[0]
+  else:
+    x, w = (rename.get(v, v) for v in eqn.invars)
   bias = layer["bias"]
   operands = [output, x, w] + ([] if bias is None else [bias])
   params = dict(kind=layer["kind"], approx=None, has_bias=bias is not None, conv=None)
   if layer["kind"] == "dense":
     params["in_axes"] = layer["in_axes"]
-  else:
+  elif layer["kind"] in tags.CONV_KINDS:
     p = eqn.params
     params["conv"] = tags.conv_params(p["window_strides"], p["padding"], p["lhs_dilation"],
                                       p["rhs_dilation"], p["feature_group_count"])
-  return jcore.new_jaxpr_eqn(operands, [jcore.Var(output.aval)], tags.layer_tag_p, params,
-                             jcore.no_effects)
+  return before + [jcore.new_jaxpr_eqn(operands, [jcore.Var(output.aval)], tags.layer_tag_p,
+                                       params, jcore.no_effects)]
 
 
 def _rewrite(jaxpr: jcore.Jaxpr, origin: dict, claimed: set, dropped_biases: set,
@@ -183,11 +264,11 @@ def _rewrite(jaxpr: jcore.Jaxpr, origin: dict, claimed: set, dropped_biases: set
       layer = layers[index]
       if layer["bias"] is not None and origin[layer["bias"]] in claimed | dropped_biases:
         layer = dict(layer, bias=None)
-      tag = _tag(layer, rename, eqn.outvars[0])
+      tagging = _tag(layer, rename, eqn.outvars[0])
       bias = None if layer["bias"] is None else origin[layer["bias"]]
-      found[layer["weight"]].append((layer["kind"], bias, tag.invars[2].aval.shape))
-      rename[eqn.outvars[0]] = tag.outvars[0]
-      eqns.append(tag)
+      found[layer["weight"]].append((layer["kind"], bias, tagging[-1].invars[2].aval.shape))
+      rename[eqn.outvars[0]] = tagging[-1].outvars[0]
+      eqns += tagging
   if not rename and all(a is b for a, b in zip(eqns, jaxpr.eqns)):
     return jaxpr
   outvars = [rename.get(v, v) if _is_var(v) else v for v in jaxpr.outvars]
@@ -227,7 +308,7 @@ def _untaggable(found: dict, uses: collections.Counter) -> tuple[set[int], set[i
 
 def register_layers(closed: jcore.ClosedJaxpr, num_params: int,
                     claimed: set[int]) -> jcore.ClosedJaxpr:
-  """Tags the untagged dense, conv and embedding layers of `loss_fn`'s jaxpr.
+  """Tags the untagged dense, conv, embedding and scale-and-shift layers of `loss_fn`'s jaxpr.
 
   The first `num_params` inputs of `closed` are the `params` leaves; `claimed` holds
   the indices of leaves already in a hand tag. A weight used by several layers of

@@ -21,7 +21,7 @@ from jax.interpreters import ad, batching, mlir
 Array = jax.Array
 
 CONV_KINDS = ("conv1d", "conv2d", "conv3d")
-LAYER_KINDS = ("dense", *CONV_KINDS, "embedding")
+LAYER_KINDS = ("dense", *CONV_KINDS, "embedding", "scale_and_shift")
 LOSS_KINDS = ("softmax_cross_entropy", "sigmoid_cross_entropy", "squared_error")
 
 # Approximation names, spelled as in tensorflow/kfac.
@@ -37,6 +37,10 @@ APPROX_KRON_INDEP_NAME = "kron_indep"
 APPROXIMATIONS = (APPROX_KRONECKER_NAME, APPROX_DIAGONAL_NAME, APPROX_FULL_NAME,
                   APPROX_KRONECKER_REDUCE_NAME, APPROX_KRONECKER_IN_DIAG_NAME,
                   APPROX_KRONECKER_OUT_DIAG_NAME, APPROX_KRON_INDEP_NAME)
+# The approximation of a layer whose tag and the transform name none, by layer kind. A
+# scale-and-shift layer has nothing to factor: its exact diagonal is as cheap as a gradient.
+DEFAULT_APPROX = {**{kind: APPROX_KRONECKER_NAME for kind in ("dense", *CONV_KINDS, "embedding")},
+                  "scale_and_shift": APPROX_DIAGONAL_NAME, "generic": APPROX_DIAGONAL_NAME}
 
 
 def _make_tag(name: str) -> Primitive:
@@ -207,6 +211,40 @@ def register_embedding(y: Array, ids: Array, table: Array, *,
     raise ValueError(f"register_embedding: ids must be integers, got {ids.dtype}.")
   return layer_tag_p.bind(y, ids, table, kind="embedding", approx=approx, has_bias=False,
                           conv=None)
+
+
+def register_scale_and_shift(y: Array, x: Array, scale: Array, shift: Array | None = None, *,
+                             approx: str | None = None) -> Array:
+  """Tags `y = x * scale + shift` (a norm layer's affine part) and returns `y` unchanged.
+
+  `x` is the normalised input `x_hat`, of shape `(batch, ..., d)` like `y`; `scale` and
+  `shift` have shape `(d,)` and broadcast over the last axis. Approximations: "diagonal"
+  (the default for this kind) or "full".
+  """
+  _check_approx(approx)
+  if scale.ndim != 1 or x.ndim < 2 or x.shape[-1] != scale.shape[0] or y.shape != x.shape:
+    raise ValueError(f"register_scale_and_shift: shapes do not match y = x * scale + shift "
+                     f"over the last axis of a batch: x {x.shape}, scale {scale.shape}, "
+                     f"y {y.shape}.")
+  if shift is not None and shift.shape != scale.shape:
+    raise ValueError(f"register_scale_and_shift: shift shape {shift.shape} does not match "
+                     f"scale {scale.shape}.")
+  operands = (y, x, scale) if shift is None else (y, x, scale, shift)
+  return layer_tag_p.bind(*operands, kind="scale_and_shift", approx=approx,
+                          has_bias=shift is not None, conv=None)
+
+
+def register_generic(param: Array, *, approx: str = APPROX_DIAGONAL_NAME) -> Array:
+  """Marks `param` (a `params` leaf) as a generic parameter and returns it unchanged.
+
+  K-FAC gives it a diagonal block of its own, estimated from its gradients, even where
+  automatic registration would find it in a layer. Call it where the parameter is used,
+  e.g. `w = jkfac.register_generic(params["w"])`; a layer tag on it raises instead.
+  """
+  if approx != APPROX_DIAGONAL_NAME:
+    raise ValueError(f"register_generic: a generic parameter has a diagonal block only; got "
+                     f"approx={approx!r}.")
+  return layer_tag_p.bind(param, kind="generic", approx=approx, has_bias=False, conv=None)
 
 
 def _dilated(kernel: Sequence[int], dilation: Sequence[int]) -> tuple[int, ...]:

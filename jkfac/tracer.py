@@ -80,8 +80,9 @@ class LossInfo:
 class Trace:
   """What `loss_fn` holds: tagged layers, losses, and the parameters of no layer.
 
-  `generic` lists the `params` leaves that no tag covers, each as a layer of kind
-  "generic"; K-FAC gives them a diagonal block estimated from their gradients.
+  `generic` lists the `params` leaves that no layer tag covers (among them those
+  marked by `register_generic`), each as a layer of kind "generic"; K-FAC gives them a
+  diagonal block estimated from their gradients.
   """
   layers: tuple[LayerInfo, ...]
   losses: tuple[LossInfo, ...]
@@ -109,6 +110,17 @@ class LayerStatistics(NamedTuple):
 
 def _is_tag(eqn: jcore.JaxprEqn) -> bool:
   return eqn.primitive in (tags.layer_tag_p, tags.loss_tag_p)
+
+
+def _is_generic_tag(eqn: jcore.JaxprEqn) -> bool:
+  """A `jkfac.register_generic` tag: it claims its parameter and is no layer."""
+  return eqn.primitive is tags.layer_tag_p and eqn.params["kind"] == "generic"
+
+
+def _claimed(site: "_TagSite") -> list:
+  """The origins of the parameters a layer tag claims: its parameter operands (a generic
+  tag's own)."""
+  return site.origin[:1] if _is_generic_tag(site.eqn) else site.origin[2:]
 
 
 def _has_tags(jaxpr: jcore.Jaxpr) -> bool:
@@ -171,8 +183,13 @@ def _find_tags(jaxpr: jcore.Jaxpr, origin: dict,
   return found
 
 
+def _is_layer(site: _TagSite) -> bool:
+  """A layer tag (not a loss, not `register_generic`): it gets a perturbation."""
+  return site.eqn.primitive is tags.layer_tag_p and not _is_generic_tag(site.eqn)
+
+
 def _layer_sites(jaxpr: jcore.Jaxpr) -> list[_TagSite]:
-  return [site for site in _find_tags(jaxpr, {}) if site.eqn.primitive is tags.layer_tag_p]
+  return [site for site in _find_tags(jaxpr, {}) if _is_layer(site)]
 
 
 class _Recorded(NamedTuple):
@@ -197,6 +214,8 @@ def _evaluate(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any],
     if eqn.primitive is tags.loss_tag_p:
       recorded.predictions.append(invals[0])
       recorded.targets.append(invals[1])
+      outvals = [invals[0]]
+    elif _is_generic_tag(eqn):
       outvals = [invals[0]]
     elif eqn.primitive is tags.layer_tag_p:
       recorded.inputs.append(jax.lax.stop_gradient(invals[1]))
@@ -263,21 +282,23 @@ def make_jaxpr(loss_fn: LossFn, params: PyTree, batch: PyTree, auto_register: bo
     num_params = len(jax.tree_util.tree_leaves(params))
     claimed = {origin[0] for site in _find_tags(closed.jaxpr, _leaf_origin(closed, num_params))
                if site.eqn.primitive is tags.layer_tag_p
-               for origin in site.origin[2:] if origin is not None}
+               for origin in _claimed(site) if origin is not None}
     closed = patterns.register_layers(closed, num_params, claimed)
   return closed, out_shape
 
 
 def trace_layers(loss_fn: LossFn, params: PyTree, batch: PyTree,
-                 default_approx: str = tags.APPROX_KRONECKER_NAME,
+                 default_approx: str | None = None,
                  approx_for: Callable[[str, str], str | None] | None = None,
                  auto_register: bool = True) -> Trace:
   """The table of tagged layers and registered losses of `loss_fn`.
 
   Tags of the same weight make one multi-use layer. `approx_for(layer_name, kind)`
-  may override the approximation of a layer whose tags name none; "kron" on a
-  multi-use layer is "kron_indep". Raises `ValueError` for missing losses, weights
-  that are not in `params`, and tags of one weight that disagree.
+  may override the approximation of a layer whose tags name none; then
+  `default_approx`, else `tags.DEFAULT_APPROX[kind]`; "kron" on a multi-use layer is
+  "kron_indep". Parameters in a `register_generic` tag are generic. Raises
+  `ValueError` for missing losses, weights that are not in `params`, tags of one
+  weight that disagree, and parameters claimed by two tags.
   """
   closed, _ = make_jaxpr(loss_fn, params, batch, auto_register)
   leaves_with_paths, _ = jax.tree_util.tree_flatten_with_path(params)
@@ -288,9 +309,9 @@ def trace_layers(loss_fn: LossFn, params: PyTree, batch: PyTree,
   if not loss_infos:
     raise ValueError("No loss is registered in loss_fn: call e.g. "
                      "jkfac.register_softmax_cross_entropy(logits, labels) inside it.")
+  marked = {_generic_leaf(site) for site in sites if _is_generic_tag(site.eqn)}
   uses: dict[int, list] = {}  # weight leaf -> [(tag index, site)], in evaluation order
-  layer_sites = [site for site in sites if site.eqn.primitive is tags.layer_tag_p]
-  for index, site in enumerate(layer_sites):
+  for index, site in enumerate(site for site in sites if _is_layer(site)):
     weight = _check_weights(site, param_paths)
     uses.setdefault(weight, []).append((index, site))
   layers = [_layer_info(weight_uses, param_paths, default_approx, approx_for)
@@ -303,6 +324,9 @@ def trace_layers(loss_fn: LossFn, params: PyTree, batch: PyTree,
                          f"({owner[layer.bias]!r} and {layer.name!r}); a parameter may belong "
                          "to one layer.")
       owner[layer.bias] = layer.name
+  if both := sorted(marked & set(owner)):
+    raise ValueError(f"Parameter {param_paths[both[0]]!r} is marked by register_generic and "
+                     f"used by the K-FAC layer {owner[both[0]]!r}; tag it once.")
   names = [layer.name for layer in layers]
   if len(set(names)) != len(names):
     raise ValueError(f"Two tagged layers share a parameter path prefix: {names}.")
@@ -312,6 +336,13 @@ def trace_layers(loss_fn: LossFn, params: PyTree, batch: PyTree,
                 tags=(), scans=())
       for i, v in enumerate(closed.jaxpr.invars[:len(param_paths)]) if i not in owner)
   return Trace(tuple(layers), tuple(loss_infos), param_paths, generic)
+
+
+def _generic_leaf(site: _TagSite) -> int:
+  if site.origin[0] is None:
+    raise ValueError(f"register_generic got an array of shape {site.eqn.invars[0].aval.shape} "
+                     "that is not a leaf of `params`: pass the parameter itself.")
+  return site.origin[0][0]
 
 
 def _check_weights(site: _TagSite, param_paths: Sequence[str]) -> int:
@@ -356,9 +387,11 @@ def _layer_info(weight_uses: list, param_paths: Sequence[str], default_approx: s
       bias=site.origin[3][0] if eqn.params["has_bias"] else None,
       input_shape=tuple(eqn.invars[1].aval.shape), output_shape=tuple(eqn.invars[0].aval.shape),
       weight_shape=tuple(eqn.invars[2].aval.shape), conv=eqn.params["conv"],
-      in_axes=eqn.params.get("in_axes", 1), tags=tuple(i for i, _ in weight_uses), scans=tuple(s.origin[2][1] for _, s in weight_uses),
+      in_axes=eqn.params.get("in_axes", 1), tags=tuple(i for i, _ in weight_uses),
+      scans=tuple(s.origin[2][1] for _, s in weight_uses),
       stack=tuple(n for n, kind in zip(site.scan_lengths, scans) if kind == "stack"))
-  approx = eqn.params["approx"] or (approx_for and approx_for(name, layer.kind)) or default_approx
+  approx = eqn.params["approx"] or (approx_for and approx_for(name, layer.kind)) or (
+      default_approx or tags.DEFAULT_APPROX[layer.kind])
   if approx == tags.APPROX_KRONECKER_NAME and layer.multi_use:
     approx = tags.APPROX_KRON_INDEP_NAME
   return dataclasses.replace(layer, approx=approx)

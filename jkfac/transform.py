@@ -34,6 +34,7 @@ SUPPORTED_APPROXIMATIONS = {"dense": ("kron", "kron_indep", "kron_in_diag", "kro
                             "conv2d": _CONV_APPROXIMATIONS,
                             "conv3d": _CONV_APPROXIMATIONS,
                             "embedding": ("kron", "kron_indep"),
+                            "scale_and_shift": ("diagonal", "full"),
                             "generic": ("diagonal",)}
 # Approximations whose input factor is estimated apart from G: those `sub_sample_patches` thins.
 _SEPARATE_INPUT_FACTOR = ("kron", "kron_in_diag", "kron_out_diag")
@@ -135,10 +136,12 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       (one backward pass per output unit).
     inverse_method: "cholesky" or "eigh".
     approximations: glob patterns on layer names (e.g. `{"Conv_0": "diagonal"}`)
-      choosing the approximation of layers whose tag names none; default "kron".
+      choosing the approximation of layers whose tag names none; default "kron"
+      ("diagonal" for scale-and-shift layers, see `jkfac.tags.DEFAULT_APPROX`).
     seed: seed of the PRNG key that samples targets.
-    auto_register: also precondition untagged dense and conv layers that jkfac
-      recognises in the jaxpr (see `jkfac/patterns.py`). Hand tags win.
+    auto_register: also precondition untagged dense, conv, embedding and norm
+      (scale-and-shift) layers that jkfac recognises in the jaxpr (see
+      `jkfac/patterns.py`). Hand tags win.
     axis_name: the `jax.pmap` axis to average gradients and statistics over; with
       `mesh`, the mesh axis that spreads inverse work under `jax.jit`.
     placement: "round_robin" (default with an axis) inverts each factor on one device

@@ -291,12 +291,17 @@ def train_losses(loss_fn, tx, params, batch, steps: int) -> tuple[list[float], A
   return losses, params, state
 
 
+def _generic(variables):
+  return jax.tree_util.tree_map(jkfac.register_generic, variables)
+
+
 class WithGeneric(nn.Module):
-  """Two untagged Dense layers, a LayerNorm and a free scalar: recognised layers and
-  generic parameters in one model."""
+  """Two untagged Dense layers, a LayerNorm whose scale and bias `jkfac.register_generic`
+  keeps generic, and a free scalar: recognised layers and generic parameters in one model."""
   num_classes: int
 
   @nn.compact
   def __call__(self, x):
-    x = nn.LayerNorm()(jnp.tanh(nn.Dense(6)(x)))
+    norm = nn.map_variables(nn.LayerNorm, "params", _generic, init=True)(name="LayerNorm_0")
+    x = norm(jnp.tanh(nn.Dense(6)(x)))
     return nn.Dense(self.num_classes)(x) * self.param("temp", nn.initializers.ones, ())

@@ -58,7 +58,8 @@ def _state_bytes(state):
 
 
 class ConvNet(nn.Module):
-  """Untagged linen layers (auto-registered), a jkfac.flax layer, a LayerNorm and a scalar."""
+  """Untagged linen layers and a LayerNorm (auto-registered), a jkfac.flax layer and a
+  scalar."""
   @nn.compact
   def __call__(self, x):
     x = jnp.tanh(nn.Conv(4, (3, 3), strides=2, padding="VALID")(x))         # 7x7x2 -> 3x3x4
@@ -85,8 +86,8 @@ CONVNET_ROWS = [
     ("Dense_1/kernel", (5, 6), "Dense_1", "dense", "diagonal", "diagonal 6x6"),
     ("Dense_2/bias", (3,), "Dense_2", "dense", "kron", "A 7x7, G 3x3"),
     ("Dense_2/kernel", (6, 3), "Dense_2", "dense", "kron", "A 7x7, G 3x3"),
-    ("LayerNorm_0/bias", (5,), "LayerNorm_0/bias", "generic", "diagonal", "diagonal 5x1"),
-    ("LayerNorm_0/scale", (5,), "LayerNorm_0/scale", "generic", "diagonal", "diagonal 5x1"),
+    ("LayerNorm_0/bias", (5,), "LayerNorm_0", "scale_and_shift", "diagonal", "diagonal 2x5"),
+    ("LayerNorm_0/scale", (5,), "LayerNorm_0", "scale_and_shift", "diagonal", "diagonal 2x5"),
     ("temp", (), "temp", "generic", "diagonal", "diagonal 1x1"),
 ]
 
@@ -112,7 +113,8 @@ def test_describe_state_bytes_are_the_state_of_the_transform():
     assert description.state_bytes == sum(actual.values())
     rows = _rows(description)
     for layer, num_bytes in actual.items():   # on the layer's first (weight) leaf
-      weight = layer if layer in rows else f"{layer}/kernel"
+      weight = layer if layer in rows else next(
+          path for path in (f"{layer}/kernel", f"{layer}/scale") if path in rows)
       assert rows[weight].state_bytes == num_bytes > 0
     for row in description.parameters:
       if row.path.endswith("/bias") and row.kind != "generic":
@@ -329,8 +331,8 @@ class ConvBatchNorm(nn.Module):
 
 
 def test_batch_norm_with_mutable_state_is_matched_and_trains():
-  """The running statistics travel in the batch; conv and dense are recognised, the
-  norm's scale and shift are generic diagonals, and K-FAC steps lower the loss."""
+  """The running statistics travel in the batch; conv, dense and the norm's scale and
+  shift are recognised, and K-FAC steps lower the loss."""
   model = ConvBatchNorm()
   x, labels = _batch((5, 5, 2), n=8)
   variables = model.init(KEY, x)
@@ -344,8 +346,8 @@ def test_batch_norm_with_mutable_state_is_matched_and_trains():
   batch = {"x": x, "y": labels, "batch_stats": variables["batch_stats"]}
   rows = {p.path: (p.layer, p.kind, p.approx)
           for p in jkfac.describe(loss_fn, variables["params"], batch).parameters}
-  assert rows == {"BatchNorm_0/bias": ("BatchNorm_0/bias", "generic", "diagonal"),
-                  "BatchNorm_0/scale": ("BatchNorm_0/scale", "generic", "diagonal"),
+  assert rows == {"BatchNorm_0/bias": ("BatchNorm_0", "scale_and_shift", "diagonal"),
+                  "BatchNorm_0/scale": ("BatchNorm_0", "scale_and_shift", "diagonal"),
                   "Conv_0/bias": ("Conv_0", "conv2d", "kron"),
                   "Conv_0/kernel": ("Conv_0", "conv2d", "kron"),
                   "Dense_0/bias": ("Dense_0", "dense", "kron"),
