@@ -136,8 +136,9 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       (one backward pass per output unit).
     inverse_method: "cholesky" or "eigh".
     approximations: glob patterns on layer names (e.g. `{"Conv_0": "diagonal"}`)
-      choosing the approximation of layers whose tag names none; default "kron"
-      ("diagonal" for scale-and-shift layers, see `jkfac.tags.DEFAULT_APPROX`).
+      choosing the approximation of layers whose tag names none (patterns that match
+      one layer must agree); default "kron" ("kron_indep" for a multi-use layer,
+      "diagonal" for a scale-and-shift layer, see `jkfac.tags.DEFAULT_APPROX`).
     seed: seed of the PRNG key that samples targets.
     auto_register: also precondition untagged dense, conv, embedding and norm
       (scale-and-shift) layers that jkfac recognises in the jaxpr (see
@@ -317,10 +318,13 @@ def trace_with_approximations(loss_fn: Callable[..., Any], params: PyTree, batch
 
 
 def _match(approximations: Mapping[str, str] | None, name: str) -> str | None:
-  for pattern, approx in (approximations or {}).items():
-    if fnmatch.fnmatchcase(name, pattern):
-      return approx
-  return None
+  """The approximation the patterns give layer `name`; overlapping patterns must agree."""
+  matches = {pattern: approx for pattern, approx in (approximations or {}).items()
+             if fnmatch.fnmatchcase(name, pattern)}
+  _check(len(set(matches.values())) <= 1,
+         f"Layer {name!r} is matched by approximation patterns that disagree: {matches}; "
+         "make the patterns disjoint.")
+  return next(iter(matches.values()), None)
 
 
 def _check_approximations(trace: tracer.Trace, approximations: Mapping[str, str] | None) -> None:

@@ -366,3 +366,88 @@ def test_batch_norm_with_mutable_state_is_matched_and_trains():
     batch = {**batch, "batch_stats": batch_stats}
     losses.append(float(loss))
   assert np.all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0], losses
+
+
+# --- one model with everything -----------------------------------------------------------------
+
+
+class _Cell(nn.Module):
+  @nn.compact
+  def __call__(self, h, x):
+    return jnp.tanh(nn.Dense(6, name="hh")(h) + x), None
+
+
+class _Block(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return jnp.tanh(nn.Dense(6)(x)), None
+
+
+class Everything(nn.Module):
+  """A tied embedding, a remat Dense, BatchNorm, a scan over time (one weight, many uses),
+  an `nn.scan` over stacked layers, a grouped conv and a free scalar."""
+
+  @nn.compact
+  def __call__(self, ids):                                  # ids: (batch, time)
+    embed = nn.Embed(11, 6)
+    x = nn.remat(nn.Dense)(6)(embed(ids))                   # (batch, time, 6)
+    x = nn.BatchNorm(use_running_average=False)(x)
+    x = nn.Conv(6, (3,), feature_group_count=2)(x)
+    cell = nn.scan(_Cell, variable_broadcast="params", split_rngs={"params": False}, in_axes=1)
+    h, _ = cell()(jnp.zeros((x.shape[0], 6), x.dtype), x)
+    h, _ = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                   length=2)()(h, None)
+    return embed.attend(h) * self.param("temp", nn.initializers.ones, ())
+
+
+@pytest.mark.parametrize("x64", [False, True])
+def test_every_parameter_of_a_mixed_model_gets_its_block(x64):
+  with jax.enable_x64(x64):
+    model = Everything()
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 11, (8, 5)), jnp.int32)
+    labels = jnp.asarray(np.random.default_rng(1).integers(0, 11, 8), jnp.int32)
+    variables = model.init(KEY, ids)
+    if x64:
+      variables = jax.tree_util.tree_map(lambda v: v.astype(jnp.float64), variables)
+
+    def loss_fn(params, batch):
+      logits, updates = model.apply({"params": params, "batch_stats": batch["batch_stats"]},
+                                    batch["ids"], mutable=["batch_stats"])
+      jkfac.register_softmax_cross_entropy(logits, batch["y"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean(), updates
+
+    batch = {"ids": ids, "y": labels, "batch_stats": variables["batch_stats"]}
+    rows = {p.path: (p.layer, p.kind, p.approx, p.factors)
+            for p in jkfac.describe(loss_fn, variables["params"], batch).parameters}
+    scan = "Scan_Cell_0/hh"
+    assert rows == {
+        "BatchNorm_0/bias": ("BatchNorm_0", "scale_and_shift", "diagonal", "diagonal 2x6"),
+        "BatchNorm_0/scale": ("BatchNorm_0", "scale_and_shift", "diagonal", "diagonal 2x6"),
+        "CheckpointDense_0/bias": ("CheckpointDense_0", "dense", "kron", "A 7x7, G 6x6"),
+        "CheckpointDense_0/kernel": ("CheckpointDense_0", "dense", "kron", "A 7x7, G 6x6"),
+        "Conv_0/bias": ("Conv_0", "conv1d", "kron", "A 2x10x10, G 2x3x3"),
+        "Conv_0/kernel": ("Conv_0", "conv1d", "kron", "A 2x10x10, G 2x3x3"),
+        "Embed_0/embedding": ("Embed_0/embedding", "generic", "diagonal", "diagonal 66x1"),
+        f"{scan}/bias": (scan, "dense", "kron_indep", "A 7x7, G 6x6"),
+        f"{scan}/kernel": (scan, "dense", "kron_indep", "A 7x7, G 6x6"),
+        "Scan_Block_0/Dense_0/bias": ("Scan_Block_0/Dense_0", "dense", "kron", "A 2x7x7, G 2x6x6"),
+        "Scan_Block_0/Dense_0/kernel": ("Scan_Block_0/Dense_0", "dense", "kron",
+                                       "A 2x7x7, G 2x6x6"),
+        "temp": ("temp", "generic", "diagonal", "diagonal 1x1")}
+
+    tx = jkfac.kfac(loss_fn, batch, learning_rate=0.05, damping=1e-2, invert_every=2)
+
+    @jax.jit
+    def step(params, state, batch):
+      (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+      steps, state = tx.update(grads, state, params, batch=batch)
+      return optax.apply_updates(params, steps), state, loss, updates["batch_stats"]
+
+    params, state, losses = variables["params"], tx.init(variables["params"]), []
+    for _ in range(4):
+      params, state, loss, batch_stats = step(params, state, batch)
+      batch = {**batch, "batch_stats": batch_stats}
+      losses.append(float(loss))
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    dtype = jnp.float64 if x64 else jnp.float32
+    assert all(x.dtype == dtype for x in jax.tree_util.tree_leaves(state[0].covariances))

@@ -402,6 +402,17 @@ def test_approximation_pattern_matching_no_layer_raises_at_init():
   assert set(tx.init(mlp_params()).covariances["dense1"]) == {"diagonal"}
 
 
+def test_overlapping_approximation_patterns_must_agree():
+  """Patterns may overlap (a default and an override) only where they agree."""
+  disagree = jkfac.precondition(loss_fn, make_batch(), damping=1e-2,
+                                approximations={"dense*": "diagonal", "*1": "full"})
+  with pytest.raises(ValueError, match=r"'dense1' is matched by .*'dense\*': 'diagonal'"):
+    disagree.init(mlp_params())
+  agree = jkfac.precondition(loss_fn, make_batch(), damping=1e-2,
+                             approximations={"dense*": "diagonal", "*1": "diagonal"})
+  assert set(agree.init(mlp_params()).covariances["dense1"]) == {"diagonal"}
+
+
 # --- optax integration -------------------------------------------------------------------------
 
 
