@@ -47,50 +47,64 @@ def _pairs(value: Any, rank: int) -> tuple[int, ...]:
   return (value,) * rank if isinstance(value, int) else tuple(value)
 
 
-class Conv(nn.Conv):
-  """`flax.linen.Conv` (2-D, NHWC), tagged for K-FAC.
+_REGISTER_CONV = {1: tags.register_conv1d, 2: tags.register_conv2d, 3: tags.register_conv3d}
+_LAYOUTS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"),
+            3: ("NDHWC", "DHWIO", "NDHWC")}
 
-  Supports strides, every padding mode, input and kernel dilation and one batch
-  axis; grouped, masked and non-2-D convolutions raise `NotImplementedError` (plain
-  `flax.linen.Conv` is registered automatically for grouped, 1-D and 3-D ones).
+
+class Conv(nn.Conv):
+  """`flax.linen.Conv` (1-D, 2-D or 3-D, channels last), tagged for K-FAC.
+
+  Supports strides, every padding mode, input and kernel dilation, feature groups
+  (grouped and depthwise convs) and one batch axis; a mask, or inputs without a
+  batch axis or with several, raise `NotImplementedError` (plain `flax.linen.Conv`
+  with one batch axis is registered automatically).
   """
   kfac_approx: str | None = None
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
     kernel_size = _pairs(self.kernel_size, 1)  # an int is a 1-D kernel, as in Flax.
-    if len(kernel_size) != 2 or inputs.ndim != 4:
-      raise NotImplementedError("jkfac.flax.Conv supports 2-D convolutions on (batch, height, "
-                                f"width, channels) inputs; got kernel {kernel_size}, "
+    rank = len(kernel_size)
+    if rank not in _REGISTER_CONV or inputs.ndim != rank + 2:
+      raise NotImplementedError(f"jkfac.flax.Conv supports 1-D to 3-D convolutions on (batch, "
+                                f"*spatial, channels) inputs; got kernel {kernel_size}, "
                                 f"inputs {inputs.shape}.")
-    if self.feature_group_count != 1 or self.mask is not None:
-      raise NotImplementedError("jkfac.flax.Conv does not support feature_group_count != 1 "
-                                "or a mask yet.")
+    if self.mask is not None:
+      raise NotImplementedError("jkfac.flax.Conv does not support a kernel mask.")
+    groups = self.feature_group_count
+    if inputs.shape[-1] % groups or self.features % groups:
+      raise ValueError(f"feature_group_count {groups} must divide the input channels "
+                       f"({inputs.shape[-1]}) and the features ({self.features}).")
     strides, input_dilation, kernel_dilation = (
-        _pairs(v, 2) for v in (self.strides, self.input_dilation, self.kernel_dilation))
-    padding = nn.linear.canonicalize_padding(self.padding, 2)
+        _pairs(v, rank) for v in (self.strides, self.input_dilation, self.kernel_dilation))
+    padding = nn.linear.canonicalize_padding(self.padding, rank)
+    dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation)]
     if padding in ("CIRCULAR", "REFLECT"):
-      dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation)]
       pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
       inputs = jnp.pad(inputs, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
       padding = "VALID"
     elif padding == "CAUSAL":
-      raise NotImplementedError("CAUSAL padding is for 1-D convolutions.")
+      if rank != 1:
+        raise ValueError("CAUSAL padding is for 1-D convolutions.")
+      inputs = jnp.pad(inputs, [(0, 0), (dilated[0] - 1, 0), (0, 0)])
+      padding = "VALID"
 
     kernel = self.param("kernel", self.kernel_init,
-                        kernel_size + (inputs.shape[-1], self.features), self.param_dtype)
+                        kernel_size + (inputs.shape[-1] // groups, self.features),
+                        self.param_dtype)
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
     inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     conv = (self.conv_general_dilated_cls() if self.conv_general_dilated_cls is not None
             else self.conv_general_dilated or jax.lax.conv_general_dilated)
     conv_params = dict(window_strides=strides, padding=padding, lhs_dilation=input_dilation,
-                       rhs_dilation=kernel_dilation)
-    y = conv(inputs, kernel, **conv_params, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-             feature_group_count=1, precision=self.precision)
+                       rhs_dilation=kernel_dilation, feature_group_count=groups)
+    y = conv(inputs, kernel, **conv_params, dimension_numbers=_LAYOUTS[rank],
+             precision=self.precision)
     if bias is not None:
       y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    return tags.register_conv2d(y, inputs, kernel, bias, approx=self.kfac_approx, **conv_params)
+    return _REGISTER_CONV[rank](y, inputs, kernel, bias, approx=self.kfac_approx, **conv_params)
 
 
 class TrainState(train_state.TrainState):

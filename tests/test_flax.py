@@ -120,10 +120,31 @@ def test_conv_matches_flax(kwargs):
 
 @pytest.mark.parametrize("kwargs,input_shape", [
     (dict(kernel_size=(3, 3), feature_group_count=2), (2, 6, 6, 4)),
+    (dict(kernel_size=(3, 3), feature_group_count=4, strides=2), (2, 7, 7, 4)),  # depthwise
     (dict(kernel_size=3), (2, 6, 4)),      # an int is a 1-D kernel in Flax
-    (dict(kernel_size=(3,)), (2, 6, 4)),   # 1-D kernel
+    (dict(kernel_size=(3,), kernel_dilation=2, padding="CAUSAL"), (2, 7, 4)),
+    (dict(kernel_size=(2,), padding="CIRCULAR", feature_group_count=2), (2, 6, 4)),
+    (dict(kernel_size=(2, 3, 2), strides=(1, 2, 1), padding="VALID"), (2, 4, 6, 5, 2)),
+    (dict(kernel_size=(3, 3, 3), input_dilation=(1, 2, 1), padding=1), (2, 3, 3, 4, 2)),
+], ids=["grouped", "depthwise", "int_kernel", "1d_causal", "1d_circular_grouped", "3d",
+        "3d_input_dilation"])
+def test_conv_of_any_rank_and_groups_matches_flax(kwargs, input_shape):
+  kind = f"conv{len(input_shape) - 2}d"
+  params, _ = assert_same_as_flax(jkfac.flax.Conv, nn.Conv, _inputs(input_shape), features=4,
+                                  **kwargs)
+  x = _inputs(input_shape)
+  model = jkfac.flax.Conv(features=4, **kwargs)
+  variables = model.init(KEY, x)
+  eqns = [e for e in jax.make_jaxpr(lambda v: model.apply(v, x))(variables).jaxpr.eqns
+          if e.primitive is jkfac.tags.layer_tag_p]
+  assert [e.params["kind"] for e in eqns] == [kind]
+  assert eqns[0].params["conv"].feature_group_count == kwargs.get("feature_group_count", 1)
+
+
+@pytest.mark.parametrize("kwargs,input_shape", [
     (dict(kernel_size=(3, 3)), (6, 6, 4)),  # no batch axis
-], ids=["feature_group_count=2", "int_kernel", "1d_kernel", "unbatched"])
+    (dict(kernel_size=(3, 3), mask=jnp.ones((3, 3, 4, 4))), (2, 6, 6, 4)),
+], ids=["unbatched", "mask"])
 def test_conv_unsupported_configs_raise(kwargs, input_shape):
   x = _inputs(input_shape)
   nn.Conv(features=4, **kwargs).init(KEY, x)  # Flax itself accepts the configuration.
