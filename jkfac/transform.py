@@ -37,7 +37,7 @@ SUPPORTED_APPROXIMATIONS = {"dense": ("kron", "kron_indep", "kron_in_diag", "kro
                             "scale_and_shift": ("diagonal", "full"),
                             "generic": ("diagonal",)}
 # Approximations whose input factor is estimated apart from G: those `sub_sample_patches` thins.
-_SEPARATE_INPUT_FACTOR = ("kron", "kron_in_diag", "kron_out_diag")
+_SEPARATE_INPUT_FACTOR = ("kron", "kron_indep", "kron_in_diag", "kron_out_diag")
 
 
 class PreconditionState(NamedTuple):
@@ -154,7 +154,8 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       (examples times output positions; `d_in` the patch size), drawn uniformly
       without replacement with a fresh key on every statistics step; G still uses
       every position. Cheaper A for large images, unbiased but noisier. Applies to
-      "kron", "kron_in_diag" and "kron_out_diag" conv layers; None uses every patch.
+      conv layers of one use under "kron", "kron_in_diag" and "kron_out_diag"; None
+      uses every patch.
 
   Returns:
     An optax transformation: `update(grads, state, params, batch=batch)`.
