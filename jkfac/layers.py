@@ -18,6 +18,10 @@ A scale-and-shift layer `y_t = x_hat_t * scale + shift` acts channel by channel:
 matrix is `(2, d)`, a scale row and a shift row (`(1, d)` without shift), and its inputs
 are the `x_hat` rows `(batch, positions, d)`, which its blocks
 (`jkfac/blocks/scale_and_shift.py`) multiply with the output gradients entrywise.
+
+A multi-use layer (a weight tagged several times, or inside a scan over time; see
+`tracer.LayerInfo`) is the same with more positions: `block_inputs` turns every use
+and every scan step into positions of each example.
 """
 
 from __future__ import annotations
