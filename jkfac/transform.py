@@ -318,26 +318,33 @@ def trace_with_approximations(loss_fn: Callable[..., Any], params: PyTree, batch
   return trace
 
 
+def _matches(approximations: Mapping[str, str] | None, name: str) -> dict[str, str]:
+  """The `approximations` entries whose pattern matches layer `name`."""
+  return {pattern: approx for pattern, approx in (approximations or {}).items()
+          if fnmatch.fnmatchcase(name, pattern)}
+
+
 def _match(approximations: Mapping[str, str] | None, name: str) -> str | None:
-  """The approximation the patterns give layer `name`; overlapping patterns must agree."""
-  matches = {pattern: approx for pattern, approx in (approximations or {}).items()
-             if fnmatch.fnmatchcase(name, pattern)}
-  _check(len(set(matches.values())) <= 1,
-         f"Layer {name!r} is matched by approximation patterns that disagree: {matches}; "
-         "make the patterns disjoint.")
-  return next(iter(matches.values()), None)
+  return next(iter(_matches(approximations, name).values()), None)
 
 
 def _check_approximations(trace: tracer.Trace, approximations: Mapping[str, str] | None) -> None:
+  """Every pattern matches a layer, overlapping patterns agree, and every layer supports
+  its approximation; errors name the layer's parameters."""
   names = [layer.name for layer in trace.layers]
   for pattern in approximations or {}:
     _check(any(fnmatch.fnmatchcase(n, pattern) for n in names),
            f"The approximation pattern {pattern!r} matches no layer; layers: {names}.")
   for layer in trace.layers:
+    paths = [trace.param_paths[i] for i in (layer.weight, layer.bias) if i is not None]
+    matches = _matches(approximations, layer.name)
+    _check(len(set(matches.values())) <= 1,
+           f"Layer {layer.name!r} (parameters {paths}) is matched by approximation patterns "
+           f"that disagree: {matches}; make the patterns disjoint.")
     supported = SUPPORTED_APPROXIMATIONS[layer.kind]
     _check(layer.approx in supported,
-           f"Layer {layer.name!r} ({layer.kind}) does not support the {layer.approx!r} "
-           f"approximation; supported: {supported}.")
+           f"Layer {layer.name!r} ({layer.kind}, parameters {paths}) does not support the "
+           f"{layer.approx!r} approximation; supported: {supported}.")
 
 
 def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,

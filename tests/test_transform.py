@@ -406,7 +406,8 @@ def test_overlapping_approximation_patterns_must_agree():
   """Patterns may overlap (a default and an override) only where they agree."""
   disagree = jkfac.precondition(loss_fn, make_batch(), damping=1e-2,
                                 approximations={"dense*": "diagonal", "*1": "full"})
-  with pytest.raises(ValueError, match=r"'dense1' is matched by .*'dense\*': 'diagonal'"):
+  with pytest.raises(ValueError, match=r"'dense1' \(parameters \['dense1/kernel', "
+                                       r"'dense1/bias'\]\) is matched by .*'dense\*': 'diagonal'"):
     disagree.init(mlp_params())
   agree = jkfac.precondition(loss_fn, make_batch(), damping=1e-2,
                              approximations={"dense*": "diagonal", "*1": "diagonal"})
