@@ -150,6 +150,10 @@ def _read(env: dict, var: Any) -> Any:
   return env[var] if jaxprs.is_var(var) else var.val
 
 
+_LOSS_IN_SCAN = ("jkfac found a registered loss inside a scan; register the loss on the "
+                 "scan's stacked outputs instead.")
+
+
 class _TagSite(NamedTuple):
   """A tag equation; `origin` per operand: `(params leaf, scans)` or None (not a
   parameter), with `scans` what each enclosing scan does with it ("repeat"/"stack")."""
@@ -252,8 +256,7 @@ def _evaluate_scan(body: jcore.Jaxpr, body_consts: Sequence[Any], args: Sequence
     outs, recorded = _evaluate(body, body_consts, consts + list(carry) + list(xs_now),
                                perturbations_now)
     if recorded.predictions:
-      raise NotImplementedError("jkfac found a registered loss inside a scan; register the "
-                                "loss on the scan's stacked outputs instead.")
+      raise NotImplementedError(_LOSS_IN_SCAN)
     return outs[:num_carry], (outs[num_carry:], recorded.inputs)
 
   carry, (ys, inputs) = jax.lax.scan(step, carry, (xs, list(perturbations)),
@@ -304,8 +307,11 @@ def trace_layers(loss_fn: LossFn, params: PyTree, batch: PyTree,
   leaves_with_paths, _ = jax.tree_util.tree_flatten_with_path(params)
   param_paths = tuple(_path_str(p) for p, _ in leaves_with_paths)
   sites = _find_tags(closed.jaxpr, _leaf_origin(closed, len(param_paths)))
+  loss_sites = [site for site in sites if site.eqn.primitive is tags.loss_tag_p]
+  if any(site.scan_lengths for site in loss_sites):
+    raise NotImplementedError(_LOSS_IN_SCAN)
   loss_infos = [LossInfo(site.eqn.params["kind"], site.eqn.params["weight"])
-                for site in sites if site.eqn.primitive is tags.loss_tag_p]
+                for site in loss_sites]
   if not loss_infos:
     raise ValueError("No loss is registered in loss_fn: call e.g. "
                      "jkfac.register_softmax_cross_entropy(logits, labels) inside it.")

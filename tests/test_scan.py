@@ -299,6 +299,8 @@ def test_loss_inside_scan_raises():
 
   with pytest.raises(NotImplementedError, match="loss inside a scan"):
     jax.jit(lambda p: jkfac.value_and_grad(loss_fn)(p, batch))(params)
+  with pytest.raises(NotImplementedError, match="loss inside a scan"):
+    tracer.trace_layers(loss_fn, params, batch)
 
 
 def test_weight_stacked_and_bias_repeated_raise():
