@@ -278,11 +278,12 @@ class _Block(nn.Module):
 
 
 class ScanNet(nn.Module):
-  """A recurrence over time (multi-use weights), then layers stacked by `nn.scan`."""
+  """A grouped 1-D conv (blocks stacked over groups), a recurrence over time (multi-use
+  weights), then layers stacked by `nn.scan`."""
 
   @nn.compact
   def __call__(self, x):
-    xs = x.reshape(x.shape[0], 7, 14)
+    xs = jnp.tanh(nn.Conv(14, (3,), feature_group_count=2)(x.reshape(x.shape[0], 7, 14)))
     cell = nn.scan(_Cell, variable_broadcast="params", split_rngs={"params": False},
                    in_axes=1)
     h, _ = cell()(jnp.zeros((x.shape[0], 6)), xs)
@@ -292,7 +293,7 @@ class ScanNet(nn.Module):
 
 
 def group_scan():
-  """pmap with round robin equals one device for scanned (multi-use and stacked) layers."""
+  """pmap with round robin equals one device for grouped, multi-use and stacked layers."""
   scan_model = ScanNet()
 
   def scan_loss(params, batch):

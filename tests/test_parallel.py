@@ -73,8 +73,9 @@ def test_jit_with_sharded_batch_matches_single_device():
 
 @pytest.mark.multidevice
 def test_pmap_with_scanned_layers_matches_single_device():
-  """A recurrence (multi-use weights) and `nn.scan`-stacked layers under pmap with round
-  robin: stacked factors are inverted as one task, and 3 steps equal one device's."""
+  """A grouped conv, a recurrence (multi-use weights) and `nn.scan`-stacked layers under
+  pmap with round robin: stacked factors are inverted as one task, and 3 steps equal one
+  device's."""
   out = run_multidevice("scan")
   assert "ok pmap-scanned-layers" in out, out
 
