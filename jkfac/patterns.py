@@ -168,7 +168,8 @@ def _find_layers(jaxpr: jcore.Jaxpr, origin: dict) -> dict[int, dict]:
         and eqn.outvars[0].aval.shape == first.aval.shape + (1,)):
       ids_source[eqn.outvars[0]] = first
     found = _layer_kind(eqn, origin)
-    if found is not None:
+    # An input computed from parameters alone has no examples: that is no layer.
+    if found is not None and not (_is_var(eqn.invars[0]) and eqn.invars[0] in fixed):
       kind, in_axes = found
       w_shape = eqn.invars[1].aval.shape
       features = tuple(w_shape[in_axes:]) if kind == "dense" else (w_shape[-1],)

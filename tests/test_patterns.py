@@ -614,3 +614,15 @@ def test_conv1d_is_registered_as_hand_tagged(strides, padding, dilation):
   np.testing.assert_allclose(rows @ matrix, expected.reshape(rows.shape[0], -1, 5), rtol=1e-5,
                              atol=1e-5)
   _assert_trees_close(_kfac_steps(auto, params, batch)[0], _kfac_steps(hand, params, batch)[0])
+
+
+def test_dense_of_parameters_alone_is_not_a_layer():
+  """`p @ w` with both parameters has no examples: `w` stays generic, the data layer not."""
+  rng = np.random.default_rng(7)
+  params = {"w": jnp.asarray(rng.standard_normal((4, NUM_CLASSES)), jnp.float32),
+            "p": jnp.asarray(rng.standard_normal((2, 5)), jnp.float32),
+            "v": jnp.asarray(rng.standard_normal((5, NUM_CLASSES)), jnp.float32)}
+  apply = lambda params, x: x @ params["w"] + (params["p"] @ params["v"]).sum(axis=0)
+  trace = tracer.trace_layers(_loss(apply), params, _batch((4,)))
+  assert [layer.name for layer in trace.layers] == ["w"]
+  assert sorted(layer.name for layer in trace.generic) == ["p", "v"]
