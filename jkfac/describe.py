@@ -73,10 +73,13 @@ def describe(loss_fn: Callable[..., Any], params: PyTree, batch: PyTree, *,
   itemsize = jnp.zeros(()).dtype.itemsize
   rows: dict[int, ParameterInfo] = {}
   for layer in trace.layers + trace.generic:
-    zeros = jax.eval_shape(lambda layer=layer: blocks.for_layer(layer).zeros(
+    block = blocks.for_layer(layer)
+    zeros = jax.eval_shape(lambda block=block, layer=layer: block.zeros(
         *layers.matrix_shape(layer)))
+    inverses = jax.eval_shape(block.identity, zeros)
     factors = ", ".join(f"{name} {'x'.join(map(str, x.shape))}" for name, x in zeros.items())
-    state_bytes = 2 * itemsize * sum(math.prod(x.shape) for x in zeros.values())
+    state_bytes = itemsize * sum(math.prod(x.shape) for x in (*zeros.values(),
+                                                               *inverses.values()))
     for index in (layer.weight, layer.bias):
       if index is not None:
         rows[index] = ParameterInfo(trace.param_paths[index], tuple(jnp.shape(leaves[index])),

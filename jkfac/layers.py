@@ -14,6 +14,13 @@ An embedding `y_t = table[id_t]` is the same with `a_t` the one-hot vector of `i
 and `W` the `(vocab, d)` table; its inputs are never built as one-hot vectors, only
 counted (`embedding_counts`), since their covariance is diagonal.
 
+A tied embedding (a table used as lookup and as output projection `x @ table.T`) has
+two kinds of uses: the lookups' inputs are one-hot (the vocab side) and their output
+gradients lie on the `d` side; the projections' inputs `x` lie on the `d` side and their
+output gradients (the logits') on the vocab side. `block_inputs` hands its block
+(`jkfac/blocks/tied_embedding.py`) the id counts, the projections' inputs and both kinds
+of output gradients, each as rows.
+
 A scale-and-shift layer `y_t = x_hat_t * scale + shift` acts channel by channel: its
 matrix is `(2, d)`, a scale row and a shift row (`(1, d)` without shift), and its inputs
 are the `x_hat` rows `(batch, positions, d)`, which its blocks
@@ -250,8 +257,11 @@ def block_inputs(layer: LayerInfo, xs: list[Array], gs: list[Array], reduce: boo
   inputs and output gradients, repeated `R_u` times by scans. Every use and repeat
   adds positions ("kron_indep": A averages over them, G sums); with `reduce`, the
   inputs are averaged and the gradients summed over all of them. An embedding's
-  inputs are its id counts. `sample` (see `layer_inputs`) is for a single use.
+  inputs are its id counts; a tied embedding's are `tied_inputs`. `sample` (see
+  `layer_inputs`) is for a single use.
   """
+  if layer.kind == "tied_embedding":
+    return tied_inputs(layer, xs, gs)
   if sample is not None and (len(xs) > 1 or xs[0].shape[0] > 1):
     raise ValueError(f"Layer {layer.name!r}: patch sampling needs a layer of one use.")
   lead = int(feature_groups(layer) > 1)  # a grouped conv's group axis
@@ -270,6 +280,28 @@ def block_inputs(layer: LayerInfo, xs: list[Array], gs: list[Array], reduce: boo
              for part in parts]
     rows = rows.sum(axis=lead + 2, keepdims=True)
   return LayerInputs(parts, uses[0][0].bias), rows
+
+
+def tied_inputs(layer: LayerInfo, xs: list[Array], gs: list[Array]
+                ) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
+  """A tied embedding's `((counts, x), (g1, g2))` from every use (see `block_inputs`).
+
+  `counts` `(vocab,)` are the id frequencies of the lookups (zeros without lookups),
+  `x` `(rows, d)` the projections' inputs at every position, `g1` `(rows, d)` the
+  lookups' and `g2` `(rows, vocab)` the projections' output gradients at every column,
+  position and scan step (their factors are sums over rows, so the layout is free).
+  """
+  vocab, d = layer.weight_shape
+  roles = layer.roles
+  lookups = [(x, g) for role, x, g in zip(roles, xs, gs) if role == "embedding"]
+  projections = [(x, g) for role, x, g in zip(roles, xs, gs) if role != "embedding"]
+  dtype = projections[0][1].dtype
+  counts = (embedding_counts(layer, jnp.concatenate([x.ravel() for x, _ in lookups]))
+            if lookups else jnp.zeros((vocab,), dtype))
+  g1 = jnp.concatenate([jnp.zeros((0, d), dtype), *(g.reshape(-1, d) for _, g in lookups)])
+  x = jnp.concatenate([x.reshape(-1, d) for x, _ in projections])
+  g2 = jnp.concatenate([g.reshape(-1, vocab) for _, g in projections])
+  return (counts, x), (g1, g2)
 
 
 def output_rows(output_grads: Array, reduce: bool = False,

@@ -28,7 +28,14 @@ a stacked one (`nn.scan` over layers). Parameters in a hand tag (or in
 `register_generic`) win. A weight used by several layers of one kind is tagged at each
 use, and the tracer makes one multi-use layer of them; weights whose uses disagree
 (kind, bias, shape) stay untagged, as does an embedding table with any use besides its
-lookups (a table tied to an output projection, `x @ table.T`).
+lookups (see below).
+
+A tied embedding's output projection `logits = x @ table.T` (`flax.linen.Embed.attend`)
+is a `dot_general` that contracts the last axis of `x` with axis 1 of a 2-D parameter
+without batch dimensions, or axis 0 of its `transpose` (used by that `dot_general`
+alone). It is tagged "embedding_projection" when the same table has lookups and no
+other use; the tracer makes them one "tied_embedding" layer. A projection of a weight
+without lookups (e.g. a linear layer stored as `(d_out, d_in)`) stays untagged.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from jkfac import tags
 from jkfac.jaxprs import (TRANSPARENT_PRIMITIVES, call_jaxpr, inner_origin, is_var as _is_var,
                           track_parameters)
 
+_TIED_KINDS = frozenset({"embedding", "embedding_projection"})
 _BROADCASTS = frozenset({"reshape", "broadcast_in_dim", "convert_element_type", "copy"})
 
 
@@ -95,6 +103,23 @@ def _is_row_lookup(eqn: jcore.JaxprEqn, origin: dict) -> bool:
           and tuple(dn.start_index_map) == (0,)
           and not tuple(getattr(dn, "operand_batching_dims", ()))
           and tuple(eqn.params["slice_sizes"]) == (1, table.aval.shape[1]))
+
+
+def _projection_table(eqn: jcore.JaxprEqn, origin: dict, transposed: dict,
+                      uses: collections.Counter) -> jcore.Var | None:
+  """The 2-D parameter `table` if `eqn` is `x @ table.T` (see the module docstring)."""
+  if (eqn.primitive.name != "dot_general" or len(eqn.invars) != 2
+      or not all(_is_var(v) for v in eqn.invars)):
+    return None
+  x, w = eqn.invars
+  (contract_x, contract_w), (batch_x, batch_w) = eqn.params["dimension_numbers"]
+  if batch_x or batch_w or x.aval.ndim < 2 or tuple(contract_x) != (x.aval.ndim - 1,):
+    return None
+  if w in origin and w.aval.ndim == 2 and tuple(contract_w) == (1,):
+    return w
+  if w in transposed and uses[w] == 1 and tuple(contract_w) == (0,):
+    return transposed[w]
+  return None
 
 
 def _last_axis_source(eqn: jcore.JaxprEqn, origin: dict, last_axis: dict) -> jcore.Var | None:
@@ -154,6 +179,7 @@ def _find_layers(jaxpr: jcore.Jaxpr, origin: dict) -> dict[int, dict]:
   last_axis: dict = {}  # var -> the 1-D parameter var it lays along its last axis
   partial: dict = {}  # `factor * scale` -> its scale-and-shift layer, maybe not yet complete
   fixed = set(origin)  # parameters and the variables computed from them alone
+  transposed: dict = {}  # `table.T` -> the 2-D parameter var `table`
   for index, eqn in enumerate(jaxpr.eqns):
     first = eqn.invars[0] if eqn.invars and _is_var(eqn.invars[0]) else None
     track_parameters(eqn, origin)
@@ -167,6 +193,9 @@ def _find_layers(jaxpr: jcore.Jaxpr, origin: dict) -> dict[int, dict]:
     if (eqn.primitive.name in ("broadcast_in_dim", "reshape") and first is not None
         and eqn.outvars[0].aval.shape == first.aval.shape + (1,)):
       ids_source[eqn.outvars[0]] = first
+    if (eqn.primitive.name == "transpose" and first in origin and first.aval.ndim == 2
+        and tuple(eqn.params["permutation"]) == (1, 0)):
+      transposed[eqn.outvars[0]] = first
     found = _layer_kind(eqn, origin)
     # An input computed from parameters alone has no examples: that is no layer.
     if found is not None and not (_is_var(eqn.invars[0]) and eqn.invars[0] in fixed):
@@ -177,6 +206,9 @@ def _find_layers(jaxpr: jcore.Jaxpr, origin: dict) -> dict[int, dict]:
                    in_axes=in_axes, features=features)
       layers.append(layer)
       by_output[eqn.outvars[0]] = layer
+    elif (table := _projection_table(eqn, origin, transposed, uses)) is not None:
+      layers.append(dict(kind="embedding_projection", eqn=eqn, last=index, bias=None,
+                         weight=origin[table], table=table))
     elif _is_row_lookup(eqn, origin):  # no bias: a later add is not the lookup's
       table, indices = eqn.invars
       layers.append(dict(kind="embedding", eqn=eqn, last=index, bias=None, weight=origin[table],
@@ -214,6 +246,11 @@ def _tag(layer: dict, rename: dict, output: jcore.Var) -> list[jcore.JaxprEqn]:
     return [jcore.new_jaxpr_eqn([output, ids, table], [jcore.Var(output.aval)], tags.layer_tag_p,
                                 dict(kind="embedding", approx=None, has_bias=False, conv=None),
                                 jcore.no_effects)]
+  if layer["kind"] == "embedding_projection":
+    x, table = (rename.get(v, v) for v in (eqn.invars[0], layer["table"]))
+    return [jcore.new_jaxpr_eqn([output, x, table], [jcore.Var(output.aval)], tags.layer_tag_p,
+                                dict(kind="embedding_projection", approx=None, has_bias=False,
+                                     conv=None), jcore.no_effects)]
   if layer["kind"] == "scale_and_shift":
     x, *factor = (rename.get(v, v) for v in layer["x_hat"])
     w = layer["scale"]
@@ -237,15 +274,17 @@ def _tag(layer: dict, rename: dict, output: jcore.Var) -> list[jcore.JaxprEqn]:
 
 
 def _rewrite(jaxpr: jcore.Jaxpr, origin: dict, claimed: set, dropped_biases: set,
-             found: collections.defaultdict) -> jcore.Jaxpr:
+             found: collections.defaultdict, untied: frozenset = frozenset()) -> jcore.Jaxpr:
   """`jaxpr` with a tag after each recognised layer whose weight is not `claimed`.
 
-  Biases in `dropped_biases` are left out of the tags. Records in `found[weight]`
-  each layer's `(kind, bias, weight shape)`, to find weights that cannot be tagged.
+  Biases in `dropped_biases` are left out of the tags, and so are the output projections
+  of the weights in `untied`. Records in `found[weight]` each layer's
+  `(kind, bias, weight shape)`, to find weights that cannot be tagged.
   """
   origin = dict(origin)
   layers = {last: layer for last, layer in _find_layers(jaxpr, dict(origin)).items()
-            if layer["weight"] not in claimed}
+            if layer["weight"] not in claimed
+            and not (layer["kind"] == "embedding_projection" and layer["weight"] in untied)}
   rename: dict = {}
   eqns = []
   for index, eqn in enumerate(jaxpr.eqns):
@@ -255,7 +294,7 @@ def _rewrite(jaxpr: jcore.Jaxpr, origin: dict, claimed: set, dropped_biases: set
     if (call := call_jaxpr(eqn)) is not None:
       name, sub, inner = call
       new_inner = _rewrite(inner, inner_origin(eqn, inner, origin), claimed, dropped_biases,
-                           found)
+                           found, untied)
       if new_inner is not inner:
         new_sub = (jcore.ClosedJaxpr(new_inner, sub.consts)
                    if isinstance(sub, jcore.ClosedJaxpr) else new_inner)
@@ -277,9 +316,14 @@ def _rewrite(jaxpr: jcore.Jaxpr, origin: dict, claimed: set, dropped_biases: set
 
 
 def _parameter_uses(jaxpr: jcore.Jaxpr, origin: dict, uses: collections.Counter) -> None:
-  """Counts, at every level, the equations that use each params leaf (casts and calls aside)."""
+  """Counts, at every level, the equations that use each params leaf (casts and calls aside,
+  and dead equations, whose outputs nothing uses: `nn.scan` leaves some)."""
   origin = dict(origin)
+  used = {v for eqn in jaxpr.eqns for v in eqn.invars if _is_var(v)}
+  used.update(v for v in jaxpr.outvars if _is_var(v))
   for eqn in jaxpr.eqns:
+    if not eqn.effects and not any(v in used for v in eqn.outvars):
+      continue
     if (call := call_jaxpr(eqn)) is not None:
       _parameter_uses(call[2], inner_origin(eqn, call[2], origin), uses)
     elif eqn.primitive.name in TRANSPARENT_PRIMITIVES:
@@ -288,23 +332,38 @@ def _parameter_uses(jaxpr: jcore.Jaxpr, origin: dict, uses: collections.Counter)
       uses.update({origin[v] for v in eqn.invars if _is_var(v) and v in origin})
 
 
-def _untaggable(found: dict, uses: collections.Counter) -> tuple[set[int], set[int]]:
-  """Weights whose recognised layers cannot form one (multi-use) layer, and biases shared
-  by several weights.
+def _untaggable(found: dict, uses: collections.Counter
+                ) -> tuple[set[int], set[int], frozenset[int]]:
+  """Weights whose recognised layers cannot form one (multi-use) layer, biases shared by
+  several weights, and weights whose output projections are no tied embedding's.
 
   The layers of one weight must agree on kind, bias and weight shape (a scan over
-  stacked layers slices it); an embedding table must have no use besides its lookups
-  (a table tied to an output projection stays generic).
+  stacked layers slices it), except that an embedding table's lookups and output
+  projections make one tied layer; an embedding table must have no use besides those,
+  and a projection needs lookups of its table.
   """
+  untied = frozenset(weight for weight, records in found.items()
+                     if all(kind != "embedding" for kind, _, _ in records)
+                     and any(kind == "embedding_projection" for kind, _, _ in records))
+  found = {weight: [r for r in records if weight not in untied or r[0] != "embedding_projection"]
+           for weight, records in found.items()}
+  found = {weight: records for weight, records in found.items() if records}
+
+  def disagree(records: list) -> bool:
+    kinds = {kind for kind, _, _ in records}
+    if kinds <= _TIED_KINDS:
+      return len({record[1:] for record in records}) > 1
+    return len(set(records)) > 1
+
   weights = {weight for weight, records in found.items()
-             if len(set(records)) > 1
-             or (records[0][0] == "embedding" and uses[weight] != len(records))}
+             if disagree(records)
+             or (records[0][0] in _TIED_KINDS and uses[weight] != len(records))}
   owners = collections.defaultdict(set)
   for weight, records in found.items():
     for _, bias, _ in records:
       if bias is not None:
         owners[bias].add(weight)
-  return weights, {bias for bias, ws in owners.items() if len(ws) > 1}
+  return weights, {bias for bias, ws in owners.items() if len(ws) > 1}, untied
 
 
 def register_layers(closed: jcore.ClosedJaxpr, num_params: int,
@@ -320,8 +379,8 @@ def register_layers(closed: jcore.ClosedJaxpr, num_params: int,
   _parameter_uses(closed.jaxpr, origin, uses)
   found: collections.defaultdict = collections.defaultdict(list)
   jaxpr = _rewrite(closed.jaxpr, origin, set(claimed), set(), found)
-  weights, biases = _untaggable(found, uses)
-  if weights or biases:
+  weights, biases, untied = _untaggable(found, uses)
+  if weights or biases or untied:
     jaxpr = _rewrite(closed.jaxpr, origin, set(claimed) | weights, biases,
-                     collections.defaultdict(list))
+                     collections.defaultdict(list), untied)
   return jcore.ClosedJaxpr(jaxpr, closed.consts)

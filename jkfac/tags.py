@@ -21,7 +21,9 @@ from jax.interpreters import ad, batching, mlir
 Array = jax.Array
 
 CONV_KINDS = ("conv1d", "conv2d", "conv3d")
-LAYER_KINDS = ("dense", *CONV_KINDS, "embedding", "scale_and_shift")
+# "embedding_projection" tags the output projection `x @ table.T` of an embedding table; the
+# tracer makes the table's lookups and projections one "tied_embedding" layer.
+LAYER_KINDS = ("dense", *CONV_KINDS, "embedding", "embedding_projection", "scale_and_shift")
 LOSS_KINDS = ("softmax_cross_entropy", "sigmoid_cross_entropy", "squared_error")
 
 # Approximation names, spelled as in tensorflow/kfac.
@@ -40,6 +42,7 @@ APPROXIMATIONS = (APPROX_KRONECKER_NAME, APPROX_DIAGONAL_NAME, APPROX_FULL_NAME,
 # The approximation of a layer whose tag and the transform name none, by layer kind. A
 # scale-and-shift layer has nothing to factor: its exact diagonal is as cheap as a gradient.
 DEFAULT_APPROX = {**{kind: APPROX_KRONECKER_NAME for kind in ("dense", *CONV_KINDS, "embedding")},
+                  "tied_embedding": APPROX_KRON_INDEP_NAME,
                   "scale_and_shift": APPROX_DIAGONAL_NAME, "generic": APPROX_DIAGONAL_NAME}
 
 
@@ -211,6 +214,23 @@ def register_embedding(y: Array, ids: Array, table: Array, *,
     raise ValueError(f"register_embedding: ids must be integers, got {ids.dtype}.")
   return layer_tag_p.bind(y, ids, table, kind="embedding", approx=approx, has_bias=False,
                           conv=None)
+
+
+def register_embedding_projection(logits: Array, x: Array, table: Array, *,
+                                  approx: str | None = None) -> Array:
+  """Tags `logits = x @ table.T` (a `(vocab, d)` table as output projection); returns `logits`.
+
+  `x` has shape `(batch, ..., d)`, `logits` `(batch, ..., vocab)`. With the table's
+  lookups (`register_embedding`), the tags make one "tied_embedding" layer; alone, the
+  projection is such a layer without lookups.
+  """
+  _check_approx(approx)
+  if (table.ndim != 2 or x.ndim < 2 or x.shape[-1] != table.shape[1]
+      or logits.shape != x.shape[:-1] + (table.shape[0],)):
+    raise ValueError(f"register_embedding_projection: shapes do not match logits = x @ table.T: "
+                     f"x {x.shape}, table {table.shape}, logits {logits.shape}.")
+  return layer_tag_p.bind(logits, x, table, kind="embedding_projection", approx=approx,
+                          has_bias=False, conv=None)
 
 
 def register_scale_and_shift(y: Array, x: Array, scale: Array, shift: Array | None = None, *,

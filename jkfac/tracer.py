@@ -49,6 +49,8 @@ class LayerInfo:
   leaves have shape `stack + weight_shape`. Shapes are those of one step's tag.
 
   `in_axes` is a dense layer's number of contracted input axes (> 1 for `DenseGeneral`).
+  `roles` is each use's tag kind: a "tied_embedding" layer (a table used as lookup
+  and as output projection) has "embedding" and "embedding_projection" uses.
   """
   name: str
   kind: str
@@ -63,6 +65,7 @@ class LayerInfo:
   tags: tuple[int, ...] = (0,)
   scans: tuple[tuple[str, ...], ...] = ((),)
   stack: tuple[int, ...] = ()
+  roles: tuple[str, ...] = ()
 
   @property
   def multi_use(self) -> bool:
@@ -296,7 +299,8 @@ def trace_layers(loss_fn: LossFn, params: PyTree, batch: PyTree,
                  auto_register: bool = True) -> Trace:
   """The table of tagged layers and registered losses of `loss_fn`.
 
-  Tags of the same weight make one multi-use layer. `approx_for(layer_name, kind)`
+  Tags of the same weight make one multi-use layer (an embedding's lookups and output
+  projections, one "tied_embedding" layer). `approx_for(layer_name, kind)`
   may override the approximation of a layer whose tags name none; then
   `default_approx`, else `tags.DEFAULT_APPROX[kind]`; "kron" on a multi-use layer is
   "kron_indep". Parameters in a `register_generic` tag are generic. Raises
@@ -365,12 +369,25 @@ def _check_weights(site: _TagSite, param_paths: Sequence[str]) -> int:
   return site.origin[2][0]
 
 
+# Tag kinds that may share a weight, and the kind of the layer they make together.
+_TIED_ROLES = frozenset({"embedding", "embedding_projection"})
+
+
 def _agreement(site: _TagSite) -> tuple:
-  """What the tags of one weight must share: settings, weight shape, bias and stacking."""
+  """What the tags of one weight must share: settings, weight shape, bias and stacking. An
+  embedding's lookups and output projections agree with each other (a tied table)."""
   _, scans = site.origin[2]
   bias = site.origin[3][0] if site.eqn.params["has_bias"] else None
   stack = tuple(n for n, kind in zip(site.scan_lengths, scans) if kind == "stack")
-  return (tuple(sorted(site.eqn.params.items())), site.eqn.invars[2].aval.shape, bias, stack)
+  params = dict(site.eqn.params)
+  if params["kind"] in _TIED_ROLES:
+    params["kind"] = "embedding"
+  return (tuple(sorted(params.items())), site.eqn.invars[2].aval.shape, bias, stack)
+
+
+def _layer_kind(roles: tuple[str, ...]) -> str:
+  """The kind of a layer whose uses are tags of `roles`."""
+  return "tied_embedding" if "embedding_projection" in roles else roles[0]
 
 
 def _layer_info(weight_uses: list, param_paths: Sequence[str], default_approx: str,
@@ -388,17 +405,20 @@ def _layer_info(weight_uses: list, param_paths: Sequence[str], default_approx: s
     if _agreement(other) != first:
       raise ValueError(f"The weight {param_paths[weight]!r} is tagged several times with "
                        "different kinds, settings, biases or stacking; its tags must agree.")
+  roles = tuple(s.eqn.params["kind"] for _, s in weight_uses)
   layer = LayerInfo(
-      name=name, kind=eqn.params["kind"], approx="", weight=weight,
+      name=name, kind=_layer_kind(roles), approx="", weight=weight,
       bias=site.origin[3][0] if eqn.params["has_bias"] else None,
       input_shape=tuple(eqn.invars[1].aval.shape), output_shape=tuple(eqn.invars[0].aval.shape),
       weight_shape=tuple(eqn.invars[2].aval.shape), conv=eqn.params["conv"],
       in_axes=eqn.params.get("in_axes", 1), tags=tuple(i for i, _ in weight_uses),
       scans=tuple(s.origin[2][1] for _, s in weight_uses),
-      stack=tuple(n for n, kind in zip(site.scan_lengths, scans) if kind == "stack"))
+      stack=tuple(n for n, kind in zip(site.scan_lengths, scans) if kind == "stack"),
+      roles=roles)
   approx = eqn.params["approx"] or (approx_for and approx_for(name, layer.kind)) or (
       default_approx or tags.DEFAULT_APPROX[layer.kind])
-  if approx == tags.APPROX_KRONECKER_NAME and layer.multi_use:
+  if approx == tags.APPROX_KRONECKER_NAME and (layer.multi_use
+                                               or layer.kind == "tied_embedding"):
     approx = tags.APPROX_KRON_INDEP_NAME
   return dataclasses.replace(layer, approx=approx)
 

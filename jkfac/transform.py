@@ -34,6 +34,7 @@ SUPPORTED_APPROXIMATIONS = {"dense": ("kron", "kron_indep", "kron_in_diag", "kro
                             "conv2d": _CONV_APPROXIMATIONS,
                             "conv3d": _CONV_APPROXIMATIONS,
                             "embedding": ("kron", "kron_indep"),
+                            "tied_embedding": ("kron_indep",),
                             "scale_and_shift": ("diagonal", "full"),
                             "generic": ("diagonal",)}
 # Approximations whose input factor is estimated apart from G: those `sub_sample_patches` thins.
@@ -137,8 +138,9 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
     inverse_method: "cholesky" or "eigh".
     approximations: glob patterns on layer names (e.g. `{"Conv_0": "diagonal"}`)
       choosing the approximation of layers whose tag names none (patterns that match
-      one layer must agree); default "kron" ("kron_indep" for a multi-use layer,
-      "diagonal" for a scale-and-shift layer, see `jkfac.tags.DEFAULT_APPROX`).
+      one layer must agree); default "kron" ("kron_indep" for a multi-use layer or a
+      tied embedding, "diagonal" for a scale-and-shift layer, see
+      `jkfac.tags.DEFAULT_APPROX`).
     seed: seed of the PRNG key that samples targets.
     auto_register: also precondition untagged dense, conv, embedding and norm
       (scale-and-shift) layers that jkfac recognises in the jaxpr (see
@@ -207,6 +209,12 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       layer_block = blocks.for_layer(layer)
       covariances = jax.tree_util.tree_map(lambda c: c / state.ema_weight,
                                            state.covariances[layer.name])
+      if layer_block.joint is not None:  # one task for the whole block
+        invert = functools.partial(_invert_jointly_or_keep, layer_block, inverse_method)
+        tasks.append((invert, (covariances, damping_now, state.inverses[layer.name])))
+        costs.append(sum(_inverse_cost(layer_block, c) for c in covariances.values()))
+        slots.append((layer.name, None))
+        continue
       for factor, (matrix, damping_added) in layer_block.factors(covariances, damping_now).items():
         invert = functools.partial(_invert_or_keep, layer_block, inverse_method)
         tasks.append((invert, (matrix, damping_added, state.inverses[layer.name][factor])))
@@ -216,7 +224,10 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
                                  mesh=mesh)
     inverses = {name: dict(factors) for name, factors in state.inverses.items()}
     for (name, factor), inverse in zip(slots, results):
-      inverses[name][factor] = inverse
+      if factor is None:
+        inverses[name] = dict(inverse)
+      else:
+        inverses[name][factor] = inverse
     return state._replace(inverses=inverses,
                           damping=jnp.asarray(damping_now, state.damping.dtype))
 
@@ -279,6 +290,14 @@ def _invert_or_keep(layer_block: Block | blocks.StackedBlock, method: str, facto
   """The damped inverse of `factor`, or `previous` if it is not finite (slice by slice
   for a stacked factor)."""
   return layer_block.keep_finite(layer_block.invert(factor, damping, method), previous)
+
+
+def _invert_jointly_or_keep(layer_block: Block | blocks.StackedBlock, method: str,
+                            covariances: dict[str, Array], damping: Array,
+                            previous: dict[str, Array]) -> dict[str, Array]:
+  """The inverses of a block inverted as a whole (`Block.joint`), or `previous` if they are
+  not finite (slice by slice for a stacked block)."""
+  return layer_block.joint_or_keep(covariances, damping, previous, method)
 
 
 def _precondition_layer(layer: tracer.LayerInfo, inverses, w: Array, b: Array | None):

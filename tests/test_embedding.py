@@ -2,7 +2,8 @@
 
 A = diag(counts) of the id frequencies, G the summed outer products of the output
 cotangents; the state keeps A as a `(vocab,)` vector. `flax.linen.Embed` is registered
-automatically, the same as `jkfac.register_embedding` by hand, unless its table is tied.
+automatically, the same as `jkfac.register_embedding` by hand (a tied table, also the
+output projection, is tests/test_tied_embedding.py's).
 """
 
 from __future__ import annotations
@@ -167,11 +168,14 @@ def test_jnp_take_is_registered():
   assert sorted(layer.kind for layer in trace.layers) == ["dense", "embedding"]
 
 
-def test_tied_embedding_stays_generic():
+def test_tied_embedding_is_one_tied_layer():
+  """A table that is also the output projection: see tests/test_tied_embedding.py."""
   model, params, batch = _setup(vocab=9, tied=True)
   trace = jkfac.transform.trace_with_approximations(_loss(model.apply), params, batch)
-  assert not trace.layers
-  assert [layer.name for layer in trace.generic] == ["params/Embed_0/embedding"]
+  layer, = trace.layers
+  assert (layer.name, layer.kind, layer.approx) == ("params/Embed_0", "tied_embedding",
+                                                    "kron_indep")
+  assert not trace.generic
 
 
 def test_register_embedding_checks_shapes():

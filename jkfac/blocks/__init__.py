@@ -12,7 +12,9 @@ A grouped conv's block is its approximation's block stacked over the feature gro
 (`stacked.StackedBlock`): K-FAC is block diagonal over groups; so is a layer stacked
 by a scan.
 
-An embedding layer's "kron" is `embedding.BLOCK`, whose input factor is diagonal, and a
+An embedding layer's "kron" is `embedding.BLOCK`, whose input factor is diagonal; a tied
+embedding's (a table that is also the output projection) "kron_indep" is
+`tied_embedding.BLOCK`, a sum of two such Kronecker products inverted jointly; a
 scale-and-shift layer's "diagonal" and "full" are in `scale_and_shift`: a block is
 looked up by layer kind and approximation with `block`, so an approximation keeps one
 name across kinds.
@@ -21,7 +23,8 @@ name across kinds.
 import math
 
 from jkfac.blocks.base import Block
-from jkfac.blocks import diagonal, embedding, full, kron, kron_diag, scale_and_shift
+from jkfac.blocks import (diagonal, embedding, full, kron, kron_diag, scale_and_shift,
+                          tied_embedding)
 from jkfac.blocks.stacked import StackedBlock
 from jkfac import layers
 
@@ -39,6 +42,7 @@ BLOCKS: dict[str, Block] = {
 KIND_BLOCKS: dict[tuple[str, str], Block] = {
     ("embedding", "kron"): embedding.BLOCK,
     ("embedding", "kron_indep"): embedding.BLOCK,
+    ("tied_embedding", "kron_indep"): tied_embedding.BLOCK,
     ("scale_and_shift", "diagonal"): scale_and_shift.DIAGONAL,
     ("scale_and_shift", "full"): scale_and_shift.FULL,
 }

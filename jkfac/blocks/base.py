@@ -26,12 +26,16 @@ class Block(NamedTuple):
                 its diagonal) is always inverted entrywise. Kept apart from the
                 inversion so the transform can place each inversion on its own device.
   precondition: `(inverses, gradient matrix) -> preconditioned matrix`.
+  joint:        optional `(covariances, damping, method) -> inverses`, for a block whose
+                factors are inverted together (as one task): it replaces `factors`
+                (which then returns nothing) and the inversion factor by factor.
   """
   zeros: Callable[[int, int], Arrays]
   statistics: Callable[[Array, Array], Arrays]
   factors: Callable[[Arrays, Array], dict[str, tuple[Array, Array]]]
   precondition: Callable[[Arrays, Array], Array]
   entrywise: bool = False
+  joint: Callable[[Arrays, Array, str], Arrays] | None = None
 
   def is_entrywise(self, factor: Array) -> bool:
     """Whether `factor` is inverted entrywise: all of an entrywise block, or a vector."""
@@ -45,6 +49,9 @@ class Block(NamedTuple):
 
   def identity(self, covariances: Arrays) -> Arrays:
     """Inverses that leave gradients unchanged: the state before the first inversion."""
+    if self.joint is not None:  # zero statistics with unit damping invert to the identity
+      zeros = {name: jnp.zeros_like(c) for name, c in covariances.items()}
+      return self.joint(zeros, jnp.ones((), jnp.result_type(*zeros.values())), "eigh")
     return {name: jnp.ones_like(f) if self.is_entrywise(f)
             else jnp.eye(f.shape[0], dtype=f.dtype)
             for name, (f, _) in self.factors(covariances, 1.0).items()}
@@ -53,8 +60,18 @@ class Block(NamedTuple):
     """`new` inverse if it is finite everywhere, else `previous`."""
     return linalg.keep_if_not_finite(new, previous)
 
+  def joint_or_keep(self, covariances: Arrays, damping: Array, previous: Arrays,
+                    method: str = "cholesky") -> Arrays:
+    """A joint block's inverses, or all of `previous` if any entry is not finite."""
+    new = self.joint(covariances, damping, method)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in new.values()]))
+    return {name: jnp.where(finite, x, previous[name]).astype(previous[name].dtype)
+            for name, x in new.items()}
+
   def inverses(self, covariances: Arrays, damping: Array, method: str = "cholesky") -> Arrays:
     """All damped inverses of the block, computed here."""
+    if self.joint is not None:
+      return self.joint(covariances, damping, method)
     return {name: self.invert(factor, d, method)
             for name, (factor, d) in self.factors(covariances, damping).items()}
 

@@ -40,6 +40,16 @@ class StackedBlock(NamedTuple):
   def precondition(self, inverses: Arrays, gradient: Array) -> Array:
     return jax.vmap(self.block.precondition)(inverses, gradient)
 
+  @property
+  def joint(self):
+    return self.block.joint
+
+  def joint_or_keep(self, covariances: Arrays, damping: Array, previous: Arrays,
+                    method: str = "cholesky") -> Arrays:
+    """Slice by slice: a slice keeps its previous inverses if its new ones are not finite."""
+    return jax.vmap(functools.partial(self.block.joint_or_keep, method=method),
+                    in_axes=(0, None, 0))(covariances, damping, previous)
+
   def is_entrywise(self, factor: Array) -> bool:
     return self.block.is_entrywise(factor[0])
 
