@@ -108,7 +108,7 @@ def main(argv=None) -> None:
   for label, times in factor_times.items():
     ms = statistics.median(times)
     print(f"{label:32s} {ms * 1e3:8.2f} {ms / base:7.2f}")
-  print(f"\nseed convnet step, batch 128, statistics every step, inverses every 10")
+  print("\nseed convnet step, batch 128, statistics every step, inverses every 10")
   print(f"{'configuration':32s} {'ms/step':>8s} {'x adam':>7s}")
   adam = statistics.median(step_times["adam"])
   for label, times in step_times.items():

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from jkfac import blocks, layers, linalg, losses, parallel, tags, tracer
-from jkfac.blocks import Block, block, diagonal
+from jkfac.blocks import Block, diagonal
 
 Array = jax.Array
 PyTree = Any

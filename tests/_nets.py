@@ -305,3 +305,33 @@ class WithGeneric(nn.Module):
     norm = nn.map_variables(nn.LayerNorm, "params", _generic, init=True)(name="LayerNorm_0")
     x = norm(jnp.tanh(nn.Dense(6)(x)))
     return nn.Dense(self.num_classes)(x) * self.param("temp", nn.initializers.ones, ())
+
+
+# --- small problems shared by the test modules -----------------------------------------------
+
+
+def random_batch(input_shape, n: int = 4, seed: int = 0, dtype=jnp.float32,
+                 classes: int = NUM_CLASSES):
+  """`(x, labels)`: standard normal inputs `(n, *input_shape)` and integer labels."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((n,) + tuple(input_shape)), dtype)
+  return x, jnp.asarray(rng.integers(0, classes, n), jnp.int32)
+
+
+def random_like(shapes, seed: int = 1, vector_mean: float = 0.0):
+  """Random values for a tree of shapes: matrices scaled by 1/sqrt(fan-in), vectors
+  (biases, scales) around `vector_mean` with spread 0.3, so that their rows matter."""
+  rng = np.random.default_rng(seed)
+  scale = lambda shape: 0.3 if len(shape) <= 1 else 1 / np.sqrt(np.prod(shape[:-1]))
+  return jax.tree_util.tree_map(
+      lambda p: jnp.asarray(scale(p.shape) * rng.standard_normal(p.shape)
+                            + vector_mean * (len(p.shape) == 1), p.dtype), shapes)
+
+
+def classifier_loss(apply):
+  """`loss_fn(params, (x, labels))`: registered softmax cross-entropy of `apply(params, x)`."""
+  def loss_fn(params, batch):
+    x, labels = batch
+    logits = jkfac.register_softmax_cross_entropy(apply(params, x), labels)
+    return cross_entropy(logits, labels)
+  return loss_fn

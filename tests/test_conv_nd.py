@@ -33,28 +33,9 @@ KEY = jax.random.PRNGKey(0)
 NUM_CLASSES = 3
 DN = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}
 
-
-def _batch(input_shape, n=4, seed=0, dtype=jnp.float32):
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.standard_normal((n,) + tuple(input_shape)), dtype)
-  return x, jnp.asarray(rng.integers(0, NUM_CLASSES, n), jnp.int32)
-
-
-def _random_like(shapes, seed=1):
-  """Random values for a tree of shapes (nonzero biases, so that the bias rows matter)."""
-  rng = np.random.default_rng(seed)
-  scale = lambda shape: 0.3 if len(shape) <= 1 else 1 / np.sqrt(np.prod(shape[:-1]))
-  return jax.tree_util.tree_map(
-      lambda p: jnp.asarray(scale(p.shape) * rng.standard_normal(p.shape), p.dtype), shapes)
-
-
-def _loss(apply):
-  """`loss_fn(params, (x, labels))` from `apply(params, x) -> logits`."""
-  def loss_fn(params, batch):
-    x, labels = batch
-    logits = jkfac.register_softmax_cross_entropy(apply(params, x), labels)
-    return _nets.cross_entropy(logits, labels)
-  return loss_fn
+_batch = _nets.random_batch
+_random_like = _nets.random_like
+_loss = _nets.classifier_loss
 
 
 def _kfac_steps(loss_fn, params, batch, steps=2, **kwargs):

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,20 +26,8 @@ KEY = jax.random.PRNGKey(0)
 NUM_CLASSES = 3
 D = 6   # channels of the norm layers
 
-
-def _batch(input_shape, n=4, seed=0, dtype=jnp.float32):
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.standard_normal((n,) + tuple(input_shape)), dtype)
-  return x, jnp.asarray(rng.integers(0, NUM_CLASSES, n), jnp.int32)
-
-
-def _random_like(shapes, seed=1):
-  """Random values for a tree of shapes; 1-D leaves (scales, shifts, biases) near 1 and 0."""
-  rng = np.random.default_rng(seed)
-  scale = lambda shape: 0.3 if len(shape) <= 1 else 1 / np.sqrt(np.prod(shape[:-1]))
-  return jax.tree_util.tree_map(
-      lambda p: jnp.asarray(scale(p.shape) * rng.standard_normal(p.shape)
-                            + (len(p.shape) == 1), p.dtype), shapes)
+_batch = _nets.random_batch
+_random_like = functools.partial(_nets.random_like, vector_mean=1.0)
 
 
 def _loss(apply):

@@ -10,6 +10,8 @@ against per-example gradients.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,19 +28,8 @@ NUM_CLASSES = 3
 DEPTH = 3
 DN = ("NHWC", "HWIO", "NHWC")
 
-
-def _loss(apply):
-  def loss_fn(params, batch):
-    x, labels = batch
-    logits = jkfac.register_softmax_cross_entropy(apply(params, x), labels)
-    return _nets.cross_entropy(logits, labels)
-  return loss_fn
-
-
-def _batch(shape, n=6, seed=0):
-  rng = np.random.default_rng(seed)
-  return (jnp.asarray(rng.standard_normal((n,) + shape), jnp.float32),
-          jnp.asarray(rng.integers(0, NUM_CLASSES, n), jnp.int32))
+_loss = _nets.classifier_loss
+_batch = functools.partial(_nets.random_batch, n=6)
 
 
 def _one_step(loss_fn, params, batch, **kwargs):
