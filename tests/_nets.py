@@ -335,3 +335,9 @@ def classifier_loss(apply):
     logits = jkfac.register_softmax_cross_entropy(apply(params, x), labels)
     return cross_entropy(logits, labels)
   return loss_fn
+
+
+def assert_no_square_of(tree, size: int) -> None:
+  """No array in `tree` has two axes of `size` (e.g. no vocab x vocab factor)."""
+  shapes = [x.shape for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape")]
+  assert not any(shape.count(size) > 1 for shape in shapes), shapes

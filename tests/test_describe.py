@@ -330,6 +330,24 @@ class ConvBatchNorm(nn.Module):
     return nn.Dense(NUM_CLASSES)(nn.relu(x).reshape(x.shape[0], -1))
 
 
+def _train_with_batch_stats(loss_fn, tx, params, batch, steps: int = 4):
+  """`(losses, opt_state)` after jitted steps of `tx`; `loss_fn` returns `(loss, updates)`
+  and the updated `batch_stats` go back into the batch after every step."""
+
+  @jax.jit
+  def step(params, state, batch):
+    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    steps, state = tx.update(grads, state, params, batch=batch)
+    return optax.apply_updates(params, steps), state, loss, updates["batch_stats"]
+
+  state, losses = tx.init(params), []
+  for _ in range(steps):
+    params, state, loss, batch_stats = step(params, state, batch)
+    batch = {**batch, "batch_stats": batch_stats}
+    losses.append(float(loss))
+  return losses, state
+
+
 def test_batch_norm_with_mutable_state_is_matched_and_trains():
   """The running statistics travel in the batch; conv, dense and the norm's scale and
   shift are recognised, and K-FAC steps lower the loss."""
@@ -353,18 +371,7 @@ def test_batch_norm_with_mutable_state_is_matched_and_trains():
                   "Dense_0/bias": ("Dense_0", "dense", "kron"),
                   "Dense_0/kernel": ("Dense_0", "dense", "kron")}
   tx = jkfac.kfac(loss_fn, batch, learning_rate=0.05, damping=1e-2)
-
-  @jax.jit
-  def step(params, state, batch):
-    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
-    steps, state = tx.update(grads, state, params, batch=batch)
-    return optax.apply_updates(params, steps), state, loss, updates["batch_stats"]
-
-  params, state, losses = variables["params"], tx.init(variables["params"]), []
-  for _ in range(4):
-    params, state, loss, batch_stats = step(params, state, batch)
-    batch = {**batch, "batch_stats": batch_stats}
-    losses.append(float(loss))
+  losses, _ = _train_with_batch_stats(loss_fn, tx, variables["params"], batch)
   assert np.all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0], losses
 
 
@@ -437,18 +444,7 @@ def test_every_parameter_of_a_mixed_model_gets_its_block(x64):
         "temp": ("temp", "generic", "diagonal", "diagonal 1x1")}
 
     tx = jkfac.kfac(loss_fn, batch, learning_rate=0.05, damping=1e-2, invert_every=2)
-
-    @jax.jit
-    def step(params, state, batch):
-      (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
-      steps, state = tx.update(grads, state, params, batch=batch)
-      return optax.apply_updates(params, steps), state, loss, updates["batch_stats"]
-
-    params, state, losses = variables["params"], tx.init(variables["params"]), []
-    for _ in range(4):
-      params, state, loss, batch_stats = step(params, state, batch)
-      batch = {**batch, "batch_stats": batch_stats}
-      losses.append(float(loss))
+    losses, state = _train_with_batch_stats(loss_fn, tx, variables["params"], batch)
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
     dtype = jnp.float64 if x64 else jnp.float32
     assert all(x.dtype == dtype for x in jax.tree_util.tree_leaves(state[0].covariances))

@@ -99,8 +99,7 @@ def test_state_never_holds_vocab_squared():
   model, params, batch = _setup(vocab)
   loss_fn = _loss(model.apply)
   state = jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-3).init(params)
-  shapes = [x.shape for x in jax.tree_util.tree_leaves(state) if hasattr(x, "shape")]
-  assert not any(shape.count(vocab) > 1 for shape in shapes), shapes
+  _nets.assert_no_square_of(state, vocab)
   kstate = jkfac.precondition(loss_fn, batch, damping=1e-3).init(params)
   assert kstate.covariances["params/Embed_0"]["A"].shape == (vocab,)
   assert kstate.inverses["params/Embed_0"]["A"].shape == (vocab,)
