@@ -49,7 +49,6 @@ from jkfac import tags
 from jkfac.jaxprs import (TRANSPARENT_PRIMITIVES, call_jaxpr, inner_origin, is_var as _is_var,
                           track_parameters)
 
-_TIED_KINDS = frozenset({"embedding", "embedding_projection"})
 _BROADCASTS = frozenset({"reshape", "broadcast_in_dim", "convert_element_type", "copy"})
 
 
@@ -351,13 +350,14 @@ def _untaggable(found: dict, uses: collections.Counter
 
   def disagree(records: list) -> bool:
     kinds = {kind for kind, _, _ in records}
-    if kinds <= _TIED_KINDS:
+    if kinds <= tags.TIED_EMBEDDING_ROLES:
       return len({record[1:] for record in records}) > 1
     return len(set(records)) > 1
 
   weights = {weight for weight, records in found.items()
              if disagree(records)
-             or (records[0][0] in _TIED_KINDS and uses[weight] != len(records))}
+             or (records[0][0] in tags.TIED_EMBEDDING_ROLES
+                 and uses[weight] != len(records))}
   owners = collections.defaultdict(set)
   for weight, records in found.items():
     for _, bias, _ in records:

@@ -24,6 +24,8 @@ CONV_KINDS = ("conv1d", "conv2d", "conv3d")
 # "embedding_projection" tags the output projection `x @ table.T` of an embedding table; the
 # tracer makes the table's lookups and projections one "tied_embedding" layer.
 LAYER_KINDS = ("dense", *CONV_KINDS, "embedding", "embedding_projection", "scale_and_shift")
+# Tag kinds that may share one weight (a tied embedding table): they make one layer.
+TIED_EMBEDDING_ROLES = frozenset({"embedding", "embedding_projection"})
 LOSS_KINDS = ("softmax_cross_entropy", "sigmoid_cross_entropy", "squared_error")
 
 # Approximation names, spelled as in tensorflow/kfac.

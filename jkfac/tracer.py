@@ -369,8 +369,6 @@ def _check_weights(site: _TagSite, param_paths: Sequence[str]) -> int:
   return site.origin[2][0]
 
 
-# Tag kinds that may share a weight, and the kind of the layer they make together.
-_TIED_ROLES = frozenset({"embedding", "embedding_projection"})
 
 
 def _agreement(site: _TagSite) -> tuple:
@@ -380,7 +378,7 @@ def _agreement(site: _TagSite) -> tuple:
   bias = site.origin[3][0] if site.eqn.params["has_bias"] else None
   stack = tuple(n for n, kind in zip(site.scan_lengths, scans) if kind == "stack")
   params = dict(site.eqn.params)
-  if params["kind"] in _TIED_ROLES:
+  if params["kind"] in tags.TIED_EMBEDDING_ROLES:
     params["kind"] = "embedding"
   return (tuple(sorted(params.items())), site.eqn.invars[2].aval.shape, bias, stack)
 
