@@ -1,13 +1,9 @@
 """jkfac: K-FAC natural-gradient optimization for JAX, as optax transformations."""
 
+import importlib
+import warnings
+
 from jkfac.tags import (
-    APPROX_DIAGONAL_NAME,
-    APPROX_FULL_NAME,
-    APPROX_KRONECKER_IN_DIAG_NAME,
-    APPROX_KRONECKER_NAME,
-    APPROX_KRONECKER_OUT_DIAG_NAME,
-    APPROX_KRONECKER_REDUCE_NAME,
-    APPROX_KRON_INDEP_NAME,
     register_categorical_predictive_distribution,
     register_conv1d,
     register_conv2d,
@@ -24,20 +20,26 @@ from jkfac.tags import (
     register_squared_error,
 )
 from jkfac.describe import Description, describe
-from jkfac.tracer import Curvature, value_and_grad
+from jkfac.interpreter import Curvature, value_and_grad
 from jkfac.transform import PreconditionState, kfac, precondition
-from jkfac import flax, layer_collection, parallel
+from jkfac import layer_collection, parallel
 
 __version__ = "0.1.0"
 
+_LAZY_MODULES = ("flax", "checkpoint")  # import flax only when jkfac.flax is used
+
+
+def __getattr__(name: str):
+  if name in _LAZY_MODULES:
+    return importlib.import_module(f"jkfac.{name}")
+  if name.startswith("APPROX_") and hasattr(layer_collection, name):
+    warnings.warn(f"jkfac.{name} is deprecated; use jkfac.layer_collection.{name}.",
+                  DeprecationWarning, stacklevel=2)
+    return getattr(layer_collection, name)
+  raise AttributeError(f"module 'jkfac' has no attribute {name!r}")
+
+
 __all__ = [
-    "APPROX_DIAGONAL_NAME",
-    "APPROX_FULL_NAME",
-    "APPROX_KRONECKER_IN_DIAG_NAME",
-    "APPROX_KRONECKER_NAME",
-    "APPROX_KRONECKER_OUT_DIAG_NAME",
-    "APPROX_KRONECKER_REDUCE_NAME",
-    "APPROX_KRON_INDEP_NAME",
     "Curvature",
     "Description",
     "PreconditionState",

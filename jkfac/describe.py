@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from jkfac import layers
 from jkfac import blocks
-from jkfac.transform import trace_with_approximations
+from jkfac.layer_table import trace_with_approximations
 
 PyTree = Any
 
@@ -72,7 +72,7 @@ def describe(loss_fn: Callable[..., Any], params: PyTree, batch: PyTree, *,
   leaves = jax.tree_util.tree_leaves(params)
   itemsize = jnp.zeros(()).dtype.itemsize
   rows: dict[int, ParameterInfo] = {}
-  for layer in trace.layers + trace.generic:
+  for layer in trace.every_layer:
     block = blocks.for_layer(layer)
     zeros = jax.eval_shape(lambda block=block, layer=layer: block.zeros(
         *layers.matrix_shape(layer)))

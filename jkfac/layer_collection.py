@@ -1,4 +1,4 @@
-"""The seed's registration names (tensorflow/kfac's `LayerCollection`), functional.
+"""tensorflow/kfac's registration names (its `LayerCollection`), functional.
 
 For porting TF code: `from jkfac import layer_collection` and call the functions
 inside the loss function. Each tags the outputs and returns them; use the returned
@@ -14,18 +14,22 @@ from typing import Sequence
 import jax
 
 from jkfac import tags
-from jkfac.tags import (  # noqa: F401  (re-exported under the seed's names)
-    APPROX_DIAGONAL_NAME,
-    APPROX_FULL_NAME,
-    APPROX_KRONECKER_IN_DIAG_NAME,
-    APPROX_KRONECKER_NAME,
-    APPROX_KRONECKER_OUT_DIAG_NAME,
-    APPROX_KRONECKER_REDUCE_NAME,
-    APPROX_KRON_INDEP_NAME,
+from jkfac.tags import (  # noqa: F401  (re-exported under tensorflow/kfac's names)
     register_categorical_predictive_distribution,
     register_multi_bernoulli_predictive_distribution,
     register_normal_predictive_distribution,
 )
+
+# Approximation names, spelled as in tensorflow/kfac (see `jkfac.blocks.REGISTRY`).
+APPROX_KRONECKER_NAME = "kron"
+APPROX_DIAGONAL_NAME = "diagonal"
+APPROX_FULL_NAME = "full"
+APPROX_KRONECKER_REDUCE_NAME = "kron_reduce"
+APPROX_KRONECKER_IN_DIAG_NAME = "kron_in_diag"
+APPROX_KRONECKER_OUT_DIAG_NAME = "kron_out_diag"
+# A layer applied several times per example (shared weights, a scan over time): the
+# Kronecker block with the uses taken as independent (Martens, Ba & Johnson 2018).
+APPROX_KRON_INDEP_NAME = "kron_indep"
 
 Array = jax.Array
 Params = Array | tuple[Array, Array] | tuple[Array]
@@ -113,7 +117,8 @@ def register_scale_and_shift(params: Params, inputs: Array, outputs: Array,
 def register_generic(params: Array | Sequence[Array],
                      approx: str | None = None) -> Array | Sequence[Array]:
   """Marks each parameter in `params` as generic (a diagonal block of its own) and returns
-  them unchanged, in the same structure: use the returned arrays. The seed's `batch_size`
+  them unchanged, in the same structure: use the returned arrays. tensorflow/kfac's
+  `batch_size`
   is not needed; only the "diagonal" approximation exists (None means it)."""
   approx = approx or APPROX_DIAGONAL_NAME
   if isinstance(params, (tuple, list)):

@@ -1,34 +1,12 @@
 """Layer kinds as matrices: the view every curvature block works in.
 
-A dense or conv layer computes, at each of its `T` positions (one for a plain dense
-layer, the output pixels for a conv), `y_t = W^T a_t` with `a_t` the input (or input
-patch) with a trailing 1 for the bias and `W` a `(d_in [+1], d_out)` matrix. A
-`DenseGeneral` flattens its contracted input axes into `d_in` and its output
-features into `d_out`. A grouped conv is `groups` such layers side by side (group j
-maps input channels j*c_in/G.. to output channels j*c_out/G..): its arrays carry a
-leading group axis and its blocks are stacked (`jkfac.blocks.stacked`). The
-functions here map a layer's inputs, output gradients and parameters to that view
-and back, so blocks need not know the layer kind.
-
-An embedding `y_t = table[id_t]` is the same with `a_t` the one-hot vector of `id_t`
-and `W` the `(vocab, d)` table; its inputs are never built as one-hot vectors, only
-counted (`embedding_counts`), since their covariance is diagonal.
-
-A tied embedding (a table used as lookup and as output projection `x @ table.T`) has
-two kinds of uses: the lookups' inputs are one-hot (the vocab side) and their output
-gradients lie on the `d` side; the projections' inputs `x` lie on the `d` side and their
-output gradients (the logits') on the vocab side. `block_inputs` hands its block
-(`jkfac/blocks/tied_embedding.py`) the id counts, the projections' inputs and both kinds
-of output gradients, each as rows.
-
-A scale-and-shift layer `y_t = x_hat_t * scale + shift` acts channel by channel: its
-matrix is `(2, d)`, a scale row and a shift row (`(1, d)` without shift), and its inputs
-are the `x_hat` rows `(batch, positions, d)`, which its blocks
-(`jkfac/blocks/scale_and_shift.py`) multiply with the output gradients entrywise.
-
-A multi-use layer (a weight tagged several times, or inside a scan over time; see
-`tracer.LayerInfo`) is the same with more positions: `block_inputs` turns every use
-and every scan step into positions of each example.
+At each of its positions a dense or conv layer computes `y_t = W^T a_t`, with `a_t` the
+input (or input patch) plus a trailing 1 for the bias and `W` a `(d_in [+1], d_out)`
+matrix. The functions here map a layer's inputs, output gradients and parameters to
+that view and back, so blocks need not know the layer kind: embeddings (one-hot inputs,
+only counted), tied embeddings, scale-and-shift layers, grouped convs (a leading group
+axis), and multi-use layers (uses as extra positions). docs/architecture.md has the
+details per kind.
 """
 
 from __future__ import annotations
@@ -41,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jkfac.tags import CONV_KINDS, ConvParams
-from jkfac.tracer import LayerInfo
+from jkfac.layer_info import LayerInfo
 
 Array = jax.Array
 
@@ -135,11 +113,6 @@ def embedding_counts(layer: LayerInfo, ids: Array) -> Array:
   return jnp.zeros(vocab).at[ids.ravel()].add(1.0, mode="drop") / ids.size
 
 
-def input_rows(layer: LayerInfo, x: Array, reduce: bool = False) -> Array:
-  """The vectors `a` of every position, `(batch, positions, d_in [+1])`."""
-  return layer_inputs(layer, x, reduce).rows()
-
-
 def sample_rows(layer: LayerInfo, per_dimension: float, key: Array) -> Array | None:
   """Random patch rows for a conv's input factor: at most `int(per_dimension * d_in)`.
 
@@ -198,17 +171,6 @@ def _sampled_patches(x: Array, kernel_size: tuple[int, ...], conv: ConvParams,
 def _stack_features(slices: list[Array]) -> Array:
   patches = jnp.stack(slices, axis=-2)  # (batch, *out, offsets, c_in)
   return patches.reshape(*patches.shape[:-2], -1)
-
-
-def conv_patches(x: Array, kernel_size: tuple[int, ...], conv: ConvParams) -> Array:
-  """The input patch of every output pixel, `(batch, *out, prod(kernel_size) * c_in)`.
-
-  Features are ordered as in a channels-last kernel (HWIO, DHWIO, ...) reshaped to
-  `(-1, c_out)`. Built from strided slices of the padded input:
-  `lax.conv_general_dilated_patches` does the same with a convolution by an identity
-  kernel, which costs a matrix product.
-  """
-  return _stack_features(_patch_slices(x, kernel_size, conv))
 
 
 def scan_axes_first(scans: tuple[str, ...], x: Array, skip: int = 0) -> Array:

@@ -43,6 +43,6 @@ def _mean_diagonal(x: Array) -> Array:
   return (jnp.sum(x) if x.ndim == 1 else jnp.trace(x)) / x.shape[0]
 
 
-def keep_if_not_finite(new: Array, old: Array) -> Array:
+def finite_or_previous(new: Array, old: Array) -> Array:
   """`new` if every entry is finite, else `old`: no NaN ever reaches the parameters."""
   return jnp.where(jnp.all(jnp.isfinite(new)), new, old)

@@ -2,7 +2,8 @@
 
 Each registered loss is a negative log-likelihood of a predictive distribution over
 the last axis of its prediction; every other axis indexes data points ("rows"), and
-the user's loss is the mean over rows. The curvature of that loss is a Fisher matrix
+the user's loss is the mean over rows. Axis 0 is always the batch: a 1-D prediction
+`(N,)` is N examples with one output each, as `(N, 1)`. The curvature of that loss is a Fisher matrix
 
     F = sum over losses of (weight / rows) * sum_r J_r^T F_r J_r,
 
@@ -14,7 +15,9 @@ cotangent, estimates the output factor with the right scale.
 
 - "fisher":    one column, the gradient at targets sampled from the model (MC Fisher).
 - "empirical": one column, the gradient at the true targets (empirical Fisher).
-- "exact":     one column per output unit, the columns of a square root of F_r.
+- "exact":     one column per output unit of every row of an example, the columns of
+               a square root of F_r placed at one row each, so that no cross-row terms
+               enter per-example gradients (rows within an example may interact).
 """
 
 from __future__ import annotations
@@ -78,9 +81,21 @@ def _sqrt_fisher_columns(kind: str, prediction: Array) -> Array:
   raise ValueError(f"Unknown loss kind {kind!r}.")
 
 
+def _one_row_each(cols: Array) -> Array:
+  """Square-root columns `(C, N, *rows, C)` as `(R * C, N, *rows, C)`: column `(r, k)` is
+  column k at row r of every example and zero at the example's other rows."""
+  num_rows = math.prod(cols.shape[2:-1])
+  flat = cols.reshape(cols.shape[0], cols.shape[1], num_rows, cols.shape[-1])
+  spread = jnp.einsum("knrc,rs->rknsc", flat, jnp.eye(num_rows, dtype=cols.dtype))
+  return spread.reshape((num_rows * cols.shape[0],) + cols.shape[1:])
+
+
 def cotangents(kind: str, prediction: Array, targets: Array, weight: float,
                estimation: str, key: Array) -> Array:
   """The stacked cotangents of one loss, shape `(num_columns, *prediction.shape)`."""
+  if prediction.ndim == 1:  # N examples with one output each
+    cols = cotangents(kind, prediction[:, None], targets[:, None], weight, estimation, key)
+    return cols[..., 0]
   prediction = jax.lax.stop_gradient(prediction)
   if estimation == "fisher":
     cols = _mean_grad(kind, prediction, _sample_targets(kind, prediction, key))[None]
@@ -88,6 +103,8 @@ def cotangents(kind: str, prediction: Array, targets: Array, weight: float,
     cols = _mean_grad(kind, prediction, targets)[None]
   elif estimation == "exact":
     cols = _sqrt_fisher_columns(kind, prediction)
+    if prediction.ndim > 2:
+      cols = _one_row_each(cols)
   else:
     raise ValueError(f"Unknown estimation {estimation!r}; expected one of {ESTIMATIONS}.")
   return cols * jnp.sqrt(weight / _rows(prediction)).astype(prediction.dtype)

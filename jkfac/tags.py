@@ -2,8 +2,8 @@
 
 A tag is an identity on its first operand: it costs nothing at run time but stays
 visible as an equation in `jax.make_jaxpr`, together with the arrays K-FAC needs
-(a layer's inputs and parameters, a loss's targets). The tracer finds the tags and
-reads those operands.
+(a layer's inputs and parameters, a loss's targets). The layer table finds the
+tags and the interpreter reads those operands.
 
 Two primitives serve every layer and loss kind; what is tagged is said by the
 `kind` parameter, plus hashable metadata (`approx`, conv settings, loss weight).
@@ -22,31 +22,11 @@ Array = jax.Array
 
 CONV_KINDS = ("conv1d", "conv2d", "conv3d")
 # "embedding_projection" tags the output projection `x @ table.T` of an embedding table; the
-# tracer makes the table's lookups and projections one "tied_embedding" layer.
+# layer table makes the table's lookups and projections one "tied_embedding" layer.
 LAYER_KINDS = ("dense", *CONV_KINDS, "embedding", "embedding_projection", "scale_and_shift")
 # Tag kinds that may share one weight (a tied embedding table): they make one layer.
 TIED_EMBEDDING_ROLES = frozenset({"embedding", "embedding_projection"})
 LOSS_KINDS = ("softmax_cross_entropy", "sigmoid_cross_entropy", "squared_error")
-
-# Approximation names, spelled as in tensorflow/kfac.
-APPROX_KRONECKER_NAME = "kron"
-APPROX_DIAGONAL_NAME = "diagonal"
-APPROX_FULL_NAME = "full"
-APPROX_KRONECKER_REDUCE_NAME = "kron_reduce"
-APPROX_KRONECKER_IN_DIAG_NAME = "kron_in_diag"
-APPROX_KRONECKER_OUT_DIAG_NAME = "kron_out_diag"
-# A layer applied several times per example (shared weights, a scan over time): the
-# Kronecker block with the uses taken as independent (Martens, Ba & Johnson 2018).
-APPROX_KRON_INDEP_NAME = "kron_indep"
-APPROXIMATIONS = (APPROX_KRONECKER_NAME, APPROX_DIAGONAL_NAME, APPROX_FULL_NAME,
-                  APPROX_KRONECKER_REDUCE_NAME, APPROX_KRONECKER_IN_DIAG_NAME,
-                  APPROX_KRONECKER_OUT_DIAG_NAME, APPROX_KRON_INDEP_NAME)
-# The approximation of a layer whose tag and the transform name none, by layer kind. A
-# scale-and-shift layer has nothing to factor: its exact diagonal is as cheap as a gradient.
-DEFAULT_APPROX = {**{kind: APPROX_KRONECKER_NAME for kind in ("dense", *CONV_KINDS, "embedding")},
-                  "tied_embedding": APPROX_KRON_INDEP_NAME,
-                  "scale_and_shift": APPROX_DIAGONAL_NAME, "generic": APPROX_DIAGONAL_NAME}
-
 
 def _make_tag(name: str) -> Primitive:
   """An identity primitive on operand 0 that survives `jit`, `grad`, `vmap`."""
@@ -78,8 +58,11 @@ loss_tag_p = _make_tag("kfac_loss_tag")
 
 
 def _check_approx(approx: str | None) -> None:
-  if approx is not None and approx not in APPROXIMATIONS:
-    raise ValueError(f"Unknown K-FAC approximation {approx!r}; expected one of {APPROXIMATIONS}.")
+  """Rejects an approximation name that `jkfac.blocks.REGISTRY` does not know."""
+  from jkfac import blocks  # the registry sits above the tags; loaded by the time tags run
+  if approx is not None and approx not in blocks.APPROXIMATIONS:
+    raise ValueError(f"Unknown K-FAC approximation {approx!r}; expected one of "
+                     f"{blocks.APPROXIMATIONS}.")
 
 
 def register_dense(y: Array, x: Array, w: Array, b: Array | None = None, *,
@@ -256,14 +239,14 @@ def register_scale_and_shift(y: Array, x: Array, scale: Array, shift: Array | No
                           has_bias=shift is not None, conv=None)
 
 
-def register_generic(param: Array, *, approx: str = APPROX_DIAGONAL_NAME) -> Array:
+def register_generic(param: Array, *, approx: str = "diagonal") -> Array:
   """Marks `param` (a `params` leaf) as a generic parameter and returns it unchanged.
 
   K-FAC gives it a diagonal block of its own, estimated from its gradients, even where
   automatic registration would find it in a layer. Call it where the parameter is used,
   e.g. `w = jkfac.register_generic(params["w"])`; a layer tag on it raises instead.
   """
-  if approx != APPROX_DIAGONAL_NAME:
+  if approx != "diagonal":
     raise ValueError(f"register_generic: a generic parameter has a diagonal block only; got "
                      f"approx={approx!r}.")
   return layer_tag_p.bind(param, kind="generic", approx=approx, has_bias=False, conv=None)
@@ -292,6 +275,9 @@ class ConvParams(tuple):
 
 
 def _register_loss(kind: str, prediction: Array, targets: Array, weight: float) -> Array:
+  if prediction.ndim == 0:
+    raise ValueError(f"{kind} loss: the prediction must have a batch axis (axis 0), got a "
+                     "scalar.")
   if targets.shape != prediction.shape and targets.shape != prediction.shape[:-1]:
     raise ValueError(f"{kind} loss: targets of shape {targets.shape} match neither the "
                      f"prediction shape {prediction.shape} nor its leading dimensions.")
@@ -303,14 +289,21 @@ def _register_loss(kind: str, prediction: Array, targets: Array, weight: float) 
 def register_softmax_cross_entropy(logits: Array, labels: Array, *, weight: float = 1.0) -> Array:
   """Registers softmax cross-entropy on `logits` (integer or one-hot `labels`).
 
-  The per-example loss is `weight * CE`; the user's loss must be its batch mean.
-  Returns `logits` unchanged.
+  `logits` are `(batch, ..., classes)`; every axis before the last is a row (for
+  `(N, T, C)` sequence logits, N*T tokens). The per-row loss is `weight * CE`; the
+  user's loss must be its mean over all rows. Returns `logits` unchanged.
   """
+  if logits.ndim < 2:
+    raise ValueError(f"softmax_cross_entropy loss: logits need a batch and a class axis, got "
+                     f"shape {logits.shape}.")
   return _register_loss("softmax_cross_entropy", logits, labels, weight)
 
 
 def register_sigmoid_cross_entropy(logits: Array, targets: Array, *, weight: float = 1.0) -> Array:
-  """Registers sigmoid cross-entropy (independent Bernoulli outputs); returns `logits`."""
+  """Registers sigmoid cross-entropy (independent Bernoulli outputs); returns `logits`.
+
+  Axis 0 is the batch: `(N,)` logits are N examples with one output each, as `(N, 1)`.
+  """
   if targets.shape != logits.shape:
     raise ValueError(f"sigmoid_cross_entropy loss: targets {targets.shape} must have the "
                      f"logits' shape {logits.shape}.")
@@ -318,14 +311,18 @@ def register_sigmoid_cross_entropy(logits: Array, targets: Array, *, weight: flo
 
 
 def register_squared_error(prediction: Array, targets: Array, *, weight: float = 1.0) -> Array:
-  """Registers `weight * 0.5 * ||prediction - targets||^2` per example; returns `prediction`."""
+  """Registers `weight * 0.5 * ||prediction - targets||^2` per row; returns `prediction`.
+
+  Axis 0 is the batch: a `(N,)` prediction is N examples with one output each, as
+  `(N, 1)`; the user's loss must be the mean over rows.
+  """
   if targets.shape != prediction.shape:
     raise ValueError(f"squared_error loss: targets {targets.shape} must have the prediction's "
                      f"shape {prediction.shape}.")
   return _register_loss("squared_error", prediction, targets, weight)
 
 
-# The seed's (tensorflow/kfac) names.
+# tensorflow/kfac's names.
 register_categorical_predictive_distribution = register_softmax_cross_entropy
 register_multi_bernoulli_predictive_distribution = register_sigmoid_cross_entropy
 register_normal_predictive_distribution = register_squared_error

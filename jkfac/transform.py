@@ -2,43 +2,32 @@
 
 `precondition(...)` maps gradients `g` to `F^-1 g` block by block; `kfac(...)` chains
 it with momentum and a learning rate, as `optax.adam` chains `scale_by_adam` with
-`scale_by_learning_rate`. Statistics, EMAs and inverses are refreshed inside
-`update` with `lax.cond`, so a jitted train step does all K-FAC work and compiles
-once. Static configuration lives in the closure, arrays in the state.
+`scale_by_learning_rate`. Statistics, EMAs and inverses are refreshed inside `update`
+with `lax.cond`, so a jitted train step does all K-FAC work and compiles once. Static
+settings live in a frozen `PreconditionConfig`, arrays in the state.
 """
 
 from __future__ import annotations
 
-import fnmatch
+import dataclasses
 import functools
 import math
 import numbers
+import warnings
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jkfac import blocks, layers, linalg, losses, parallel, tags, tracer
-from jkfac.blocks import Block, diagonal
+from jkfac import blocks, interpreter, layer_table, layers, linalg, losses, parallel
+from jkfac import statistics as layer_stats
+from jkfac.blocks import Block, StackedBlock
+from jkfac.layer_info import LayerInfo, Trace
 
 Array = jax.Array
 PyTree = Any
 ScalarOrSchedule = float | Array | Callable[[Array], Array]
-
-_CONV_APPROXIMATIONS = ("kron", "kron_indep", "kron_reduce", "kron_in_diag", "kron_out_diag",
-                        "diagonal", "full")
-SUPPORTED_APPROXIMATIONS = {"dense": ("kron", "kron_indep", "kron_in_diag", "kron_out_diag",
-                                      "diagonal", "full"),
-                            "conv1d": _CONV_APPROXIMATIONS,
-                            "conv2d": _CONV_APPROXIMATIONS,
-                            "conv3d": _CONV_APPROXIMATIONS,
-                            "embedding": ("kron", "kron_indep"),
-                            "tied_embedding": ("kron_indep",),
-                            "scale_and_shift": ("diagonal", "full"),
-                            "generic": ("diagonal",)}
-# Approximations whose input factor is estimated apart from G: those `sub_sample_patches` thins.
-_SEPARATE_INPUT_FACTOR = ("kron", "kron_indep", "kron_in_diag", "kron_out_diag")
 
 
 class PreconditionState(NamedTuple):
@@ -46,17 +35,33 @@ class PreconditionState(NamedTuple):
 
   count:        steps taken so far.
   key:          PRNG key for sampling targets (MC Fisher).
-  ema_weight:   accumulated EMA weight; covariances / ema_weight is bias corrected.
+  ema_weight:   accumulated EMA weight; statistics / ema_weight is bias corrected.
   damping:      the damping the current inverses were computed with.
-  covariances:  per layer name, the raw (not yet bias corrected) EMAs of the block.
+  statistics:   per layer name, the raw (not yet bias corrected) EMAs of the block's
+                statistics (e.g. "A" and "G" for "kron", "diagonal", "F").
   inverses:     per layer name, the damped inverses of the block.
+  skipped_steps:     steps skipped because their gradients or statistics were not
+                     finite; such a step changes nothing else in the state.
+  inverse_fallbacks: layer inversions (slices, for stacked layers) that were not finite
+                     even with eigh and kept the layer's previous inverses.
   """
   count: Array
   key: Array
   ema_weight: Array
   damping: Array
-  covariances: dict[str, dict[str, Array]]
+  statistics: dict[str, dict[str, Array]]
   inverses: dict[str, dict[str, Array]]
+  skipped_steps: Array
+  inverse_fallbacks: Array
+
+
+# Scheduled or injected damping below this is raised to it: zero or negative damping
+# would make the factors singular and their inverses fall back for good.
+MIN_DAMPING = 1e-8
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, numbers.Number) and not isinstance(value, bool)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -64,46 +69,278 @@ def _check(ok: bool, message: str) -> None:
     raise ValueError(message)
 
 
-def _is_number(value: Any) -> bool:
-  return isinstance(value, numbers.Number) and not isinstance(value, bool)
-
-
-def _validate(damping, cov_ema_decay, cov_update_every, invert_every, estimation,
-              inverse_method, approximations, axis_name, placement, mesh,
-              sub_sample_patches) -> None:
-  if _is_number(damping):
-    _check(damping > 0, f"damping must be positive, got {damping}.")
-  if _is_number(cov_ema_decay):
-    _check(0 <= cov_ema_decay < 1, f"cov_ema_decay must be in [0, 1), got {cov_ema_decay}.")
-  for name, every in (("cov_update_every", cov_update_every), ("invert_every", invert_every)):
-    if not isinstance(every, jax.Array):  # arrays come from optax.inject_hyperparams
-      _check(isinstance(every, numbers.Integral) and not isinstance(every, bool) and every >= 1,
-             f"{name} must be an integer >= 1, got {every!r}.")
-  _check(estimation in losses.ESTIMATIONS,
-         f"Unknown estimation {estimation!r}; expected one of {losses.ESTIMATIONS}.")
-  _check(inverse_method in linalg.INVERSE_METHODS,
-         f"Unknown inverse_method {inverse_method!r}; expected one of {linalg.INVERSE_METHODS}.")
-  for pattern, approx in (approximations or {}).items():
-    _check(approx in tags.APPROXIMATIONS,
-           f"Unknown approximation {approx!r} for {pattern!r}; expected one of "
-           f"{tags.APPROXIMATIONS}.")
-  _check(sub_sample_patches is None or (_is_number(sub_sample_patches)
-                                        and sub_sample_patches > 0),
-         f"sub_sample_patches must be None or a positive number, got {sub_sample_patches!r}.")
-  _check(placement is None or placement in parallel.PLACEMENTS,
-         f"Unknown placement {placement!r}; expected one of {parallel.PLACEMENTS}.")
-  if mesh is not None:
-    _check(axis_name in mesh.axis_names,
-           f"With mesh=, axis_name must name one of its axes {mesh.axis_names}; got {axis_name!r}.")
+def _abstract(tree: PyTree) -> PyTree:
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)),
+                                tree)
 
 
 def _value(hyperparameter: ScalarOrSchedule, count: Array) -> Array:
   return hyperparameter(count) if callable(hyperparameter) else jnp.asarray(hyperparameter)
 
 
-def _abstract(tree: PyTree) -> PyTree:
-  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)),
-                                tree)
+def _tree_finite(tree: PyTree) -> Array:
+  """Whether every floating entry of `tree` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def state_dtype(params: PyTree) -> jnp.dtype:
+  """The curvature state's dtype: float64 for float64 parameters, else float32."""
+  dtypes = {jnp.result_type(x) for x in jax.tree_util.tree_leaves(params)}
+  return jnp.dtype(jnp.float64) if jnp.dtype(jnp.float64) in dtypes else jnp.dtype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreconditionConfig:
+  """The static settings of `precondition` (see its arguments), validated when built."""
+  loss_fn: Callable[..., Any]
+  example_batch: PyTree
+  damping: ScalarOrSchedule
+  cov_ema_decay: float = 0.95
+  cov_update_every: int = 1
+  invert_every: int = 10
+  estimation: str = "fisher"
+  inverse_method: str = "cholesky"
+  approximations: Mapping[str, str] | None = None
+  seed: int = 0
+  auto_register: bool = True
+  axis_name: str | None = None
+  placement: str | None = None
+  mesh: jax.sharding.Mesh | None = None
+  sub_sample_patches: float | None = None
+
+  def __post_init__(self):
+    if _is_number(self.damping):
+      _check(self.damping > 0, f"damping must be positive, got {self.damping}.")
+    if self.damping is not None and _is_number(self.damping) and self.damping < MIN_DAMPING:
+      warnings.warn(f"damping {self.damping} is below jkfac.transform.MIN_DAMPING "
+                    f"({MIN_DAMPING}); it is raised to that floor.", stacklevel=3)
+    _check(_is_number(self.cov_ema_decay) or callable(self.cov_ema_decay)
+           or isinstance(self.cov_ema_decay, jax.Array),
+           f"cov_ema_decay must be a number in [0, 1), a schedule or an array, got "
+           f"{self.cov_ema_decay!r}.")
+    if _is_number(self.cov_ema_decay):
+      _check(0 <= self.cov_ema_decay < 1,
+             f"cov_ema_decay must be in [0, 1), got {self.cov_ema_decay}.")
+    for name in ("cov_update_every", "invert_every"):
+      every = getattr(self, name)
+      if not isinstance(every, jax.Array):  # arrays come from optax.inject_hyperparams
+        _check(isinstance(every, numbers.Integral) and not isinstance(every, bool)
+               and every >= 1, f"{name} must be an integer >= 1, got {every!r}.")
+    _check(self.estimation in losses.ESTIMATIONS,
+           f"Unknown estimation {self.estimation!r}; expected one of {losses.ESTIMATIONS}.")
+    _check(self.inverse_method in linalg.INVERSE_METHODS,
+           f"Unknown inverse_method {self.inverse_method!r}; expected one of "
+           f"{linalg.INVERSE_METHODS}.")
+    for pattern, approx in (self.approximations or {}).items():
+      _check(approx in blocks.APPROXIMATIONS,
+             f"Unknown approximation {approx!r} for {pattern!r}; expected one of "
+             f"{blocks.APPROXIMATIONS}.")
+    _check(self.sub_sample_patches is None or (_is_number(self.sub_sample_patches)
+                                               and self.sub_sample_patches > 0),
+           f"sub_sample_patches must be None or a positive number, got "
+           f"{self.sub_sample_patches!r}.")
+    _check(self.placement is None or self.placement in parallel.PLACEMENTS,
+           f"Unknown placement {self.placement!r}; expected one of {parallel.PLACEMENTS}.")
+    if self.mesh is not None:
+      _check(self.axis_name in self.mesh.axis_names,
+             f"With mesh=, axis_name must name one of its axes {self.mesh.axis_names}; got "
+             f"{self.axis_name!r}.")
+    object.__setattr__(self, "example_batch", _abstract(self.example_batch))
+    object.__setattr__(self, "placement",
+                       self.placement or ("round_robin" if self.axis_name else "replicated"))
+
+  @property
+  def device_axis(self) -> str | None:
+    """The pmap axis to average over (None under `jax.jit` with a mesh, or alone)."""
+    return self.axis_name if self.mesh is None else None
+
+  def trace(self, params: PyTree, batch: PyTree) -> Trace:
+    """The checked layer table of `loss_fn` at these shapes."""
+    return layer_table.trace_with_approximations(
+        self.loss_fn, params, batch, approximations=self.approximations,
+        auto_register=self.auto_register)
+
+
+# --- the update steps ---------------------------------------------------------------
+
+
+def init_state(config: PreconditionConfig, params: PyTree) -> PreconditionState:
+  """Zero statistics and identity inverses for every layer of `config.loss_fn`."""
+  trace = config.trace(_abstract(params), config.example_batch)
+  dtype = state_dtype(params)
+  statistics = {layer.name: jax.tree_util.tree_map(
+                    lambda z: z.astype(dtype),
+                    blocks.for_layer(layer).zeros(*layers.matrix_shape(layer)))
+                for layer in trace.every_layer}
+  inverses = {layer.name: blocks.for_layer(layer).identity(statistics[layer.name])
+              for layer in trace.every_layer}
+  zero = jnp.zeros([], jnp.int32)
+  return PreconditionState(count=zero, key=jax.random.PRNGKey(config.seed),
+                           ema_weight=jnp.zeros([], dtype), damping=jnp.zeros([], dtype),
+                           statistics=statistics, inverses=inverses, skipped_steps=zero,
+                           inverse_fallbacks=zero)
+
+
+def check_state(trace: Trace, state: PreconditionState) -> None:
+  """Raises `ValueError` naming the first layer whose state does not fit the traced model
+  (a state from another model, e.g. an old checkpoint)."""
+  expected = {layer.name: jax.eval_shape(lambda layer=layer: blocks.for_layer(layer).zeros(
+      *layers.matrix_shape(layer))) for layer in trace.every_layer}
+  if set(expected) != set(state.statistics):
+    missing = sorted(set(expected) - set(state.statistics))
+    extra = sorted(set(state.statistics) - set(expected))
+    raise ValueError(f"The K-FAC state does not belong to this model: layers missing from the "
+                     f"state {missing}, layers of another model {extra}.")
+  for name, arrays in expected.items():
+    for factor, want in arrays.items():
+      got = state.statistics[name].get(factor)
+      if got is None or jnp.shape(got) != want.shape:
+        raise ValueError(f"The K-FAC state does not belong to this model: layer {name!r} "
+                         f"factor {factor!r} has shape {None if got is None else jnp.shape(got)}"
+                         f" in the state but {want.shape} for these parameters.")
+
+
+def update_statistics(config: PreconditionConfig, trace: Trace, state: PreconditionState,
+                      params: PyTree, batch: PyTree,
+                      curvature: interpreter.Curvature | None) -> PreconditionState:
+  """One batch's block statistics, averaged over devices, folded into the EMAs."""
+  key, sample_key = jax.random.split(state.key)
+  if config.device_axis is not None:  # different targets on every device
+    sample_key = jax.random.fold_in(sample_key, jax.lax.axis_index(config.device_axis))
+  patch_key = None
+  if config.sub_sample_patches is not None:
+    sample_key, patch_key = jax.random.split(sample_key)
+  if curvature is None:
+    curvature = interpreter.linearize(config.loss_fn, params, batch, config.auto_register)
+  found = layer_stats.layer_statistics(trace, curvature, sample_key, config.estimation)
+  found = layer_stats.astype(found, state.ema_weight.dtype)  # low precision: float32
+  new = {layer.name: layer_stats.block_statistics(
+             layer, found[layer.name], config.sub_sample_patches,
+             None if patch_key is None else jax.random.fold_in(patch_key, index))
+         for index, layer in enumerate(trace.every_layer)}
+  new = parallel.pmean(new, config.device_axis)
+  decay = _value(config.cov_ema_decay, state.count).astype(state.ema_weight.dtype)
+  statistics = jax.tree_util.tree_map(
+      lambda old, x: decay * old + (1 - decay) * x.astype(old.dtype), state.statistics, new)
+  return state._replace(key=key, statistics=statistics,
+                        ema_weight=decay * state.ema_weight + (1 - decay))
+
+
+def update_inverses(config: PreconditionConfig, trace: Trace, state: PreconditionState,
+                    damping: Array) -> PreconditionState:
+  """Damped inverses of every block, each factor inverted on one device (see `parallel`).
+
+  A layer whose new inverses are not finite (after an eigh retry of a failed Cholesky)
+  keeps all its previous inverses, and `inverse_fallbacks` counts it.
+  """
+  tasks, costs, slots = [], [], []
+  for layer in trace.every_layer:
+    layer_block = blocks.for_layer(layer)
+    corrected = jax.tree_util.tree_map(lambda c: c / state.ema_weight,
+                                       state.statistics[layer.name])
+    if layer_block.joint is not None:  # one task for the whole block
+      tasks.append((functools.partial(_invert_jointly, layer_block, config.inverse_method),
+                    (corrected, damping)))
+      costs.append(sum(_inverse_cost(layer_block, c) for c in corrected.values()))
+      slots.append((layer.name, None))
+      continue
+    for factor, (matrix, damping_added) in layer_block.factors(corrected, damping).items():
+      tasks.append((functools.partial(_invert_factor, layer_block, config.inverse_method),
+                    (matrix, damping_added)))
+      costs.append(_inverse_cost(layer_block, matrix))
+      slots.append((layer.name, factor))
+  results = parallel.run_tasks(tasks, costs, axis_name=config.axis_name,
+                               placement=config.placement, mesh=config.mesh)
+  new: dict[str, dict[str, Array]] = {name: {} for name in state.inverses}
+  for (name, factor), inverse in zip(slots, results):
+    new[name].update(inverse if factor is None else {factor: inverse})
+  inverses, fallbacks = {}, state.inverse_fallbacks
+  for layer in trace.every_layer:
+    inverses[layer.name], fell_back = blocks.for_layer(layer).finite_or_previous(
+        new[layer.name], state.inverses[layer.name])
+    fallbacks = fallbacks + fell_back
+  return state._replace(inverses=inverses, inverse_fallbacks=fallbacks,
+                        damping=jnp.asarray(damping, state.damping.dtype))
+
+
+def _inverse_cost(layer_block: Block | StackedBlock, factor: Array) -> int:
+  """The work of inverting `factor`: its size if entrywise, else `d^3` per matrix (a
+  stacked factor holds several)."""
+  return factor.size * (1 if layer_block.is_entrywise(factor) else factor.shape[-1])
+
+
+def _invert_factor(layer_block: Block | StackedBlock, method: str, factor: Array,
+                   damping: Array) -> Array:
+  """The damped inverse of `factor`; a Cholesky inverse that is not finite (round-off
+  made the factor indefinite) is computed again with eigh, only then."""
+  inverse = layer_block.invert(factor, damping, method)
+  if method != "cholesky" or layer_block.is_entrywise(factor):
+    return inverse
+  return jax.lax.cond(jnp.all(jnp.isfinite(inverse)), lambda: inverse,
+                      lambda: layer_block.invert(factor, damping, "eigh"))
+
+
+def _invert_jointly(layer_block: Block | StackedBlock, method: str,
+                    statistics: dict[str, Array], damping: Array) -> dict[str, Array]:
+  """The inverses of a block inverted as a whole (`Block.joint`)."""
+  return layer_block.invert_jointly(statistics, damping, method)
+
+
+def _precondition_layer(layer: LayerInfo, inverses, w: Array, b: Array | None):
+  """One layer's (unstacked) gradients `w`, `b` times its inverse block."""
+  matrix = layers.param_matrix(layer, w, b)
+  matrix = blocks.for_slice(layer).precondition(inverses, matrix.astype(
+      jax.tree_util.tree_leaves(inverses)[0].dtype))
+  return layers.split_param_matrix(layer, matrix)
+
+
+def precondition_gradients(trace: Trace, inverses, updates: PyTree) -> PyTree:
+  """Applies each layer's inverse block (generic parameters' too) to its gradients."""
+  leaves, treedef = jax.tree_util.tree_flatten(updates)
+  for layer in trace.every_layer:
+    indices = [i for i in (layer.weight, layer.bias) if i is not None]
+    grads = [leaves[i] for i in indices] + [None] * (2 - len(indices))
+    apply_block = functools.partial(_precondition_layer, layer)
+    if layer.stack:  # flatten the stack axes into one and map over it
+      size = math.prod(layer.stack)
+      grads = [g if g is None else g.reshape((size,) + g.shape[len(layer.stack):])
+               for g in grads]
+      apply_block = jax.vmap(apply_block)
+    new = apply_block(inverses[layer.name], *grads)
+    for i, g in zip(indices, new):
+      leaves[i] = g.reshape(leaves[i].shape).astype(leaves[i].dtype)
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def update(config: PreconditionConfig, updates: PyTree, state: PreconditionState,
+           params: PyTree, batch: PyTree,
+           curvature: interpreter.Curvature | None = None) -> tuple[PyTree, PreconditionState]:
+  """One step of `precondition`: statistics and inverses when due, then `F^-1 g`."""
+  _check(jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(params),
+         "The gradients and the parameters passed to jkfac have different tree structures.")
+  if config.device_axis is not None:
+    parallel.check_axis(config.device_axis)
+    updates = parallel.pmean(updates, config.device_axis)
+  trace = config.trace(params, batch)
+  check_state(trace, state)
+  new = jax.lax.cond(
+      state.count % config.cov_update_every == 0,
+      lambda s: update_statistics(config, trace, s, params, batch, curvature), lambda s: s,
+      state)
+  damping = jnp.maximum(_value(config.damping, state.count), MIN_DAMPING)
+  new = jax.lax.cond(new.count % config.invert_every == 0,
+                     lambda s: update_inverses(config, trace, s, damping), lambda s: s, new)
+  preconditioned = precondition_gradients(trace, new.inverses, updates)
+  # A batch whose gradients or statistics are not finite changes nothing but a counter.
+  finite = _tree_finite(updates) & _tree_finite(new.statistics)
+  new = new._replace(count=optax.safe_increment(new.count))
+  skipped = state._replace(skipped_steps=state.skipped_steps + 1)
+  new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, skipped)
+  preconditioned = jax.tree_util.tree_map(
+      lambda g: jnp.where(finite, g, jnp.zeros_like(g)), preconditioned)
+  return preconditioned, new
 
 
 def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
@@ -129,22 +366,23 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       and its loss registered (`jkfac.register_softmax_cross_entropy`, ...). It may
       return `(loss, aux)`; only its tags are used.
     example_batch: a batch, or `jax.ShapeDtypeStruct`s with its shapes and dtypes.
-    damping: Tikhonov damping λ (float or schedule of the step), > 0.
-    cov_ema_decay: EMA decay of the covariance statistics, in [0, 1).
+    damping: Tikhonov damping λ (float or schedule of the step), > 0; values below
+      `MIN_DAMPING` (1e-8), e.g. from a schedule, are raised to it.
+    cov_ema_decay: EMA decay of the curvature statistics, in [0, 1) (or a schedule).
     cov_update_every: statistics are computed on every this many steps.
     invert_every: inverses are recomputed on every this many steps.
     estimation: "fisher" (sampled targets), "empirical" (true targets) or "exact"
       (one backward pass per output unit).
     inverse_method: "cholesky" or "eigh".
-    approximations: glob patterns on layer names (e.g. `{"Conv_0": "diagonal"}`)
-      choosing the approximation of layers whose tag names none (patterns that match
-      one layer must agree); default "kron" ("kron_indep" for a multi-use layer or a
-      tied embedding, "diagonal" for a scale-and-shift layer, see
-      `jkfac.tags.DEFAULT_APPROX`).
+    approximations: glob patterns on layer names (e.g. `{"Conv_0": "diagonal"}`; a
+      pattern also matches a suffix of the name after a "/", so "Conv_0" matches
+      "params/Conv_0") choosing the approximation of layers whose tag names none
+      (patterns that match one layer must agree); by default each kind's first
+      approximation in `jkfac.blocks.REGISTRY` ("kron", "kron_indep" for a multi-use
+      layer or a tied embedding, "diagonal" for a scale-and-shift layer).
     seed: seed of the PRNG key that samples targets.
     auto_register: also precondition untagged dense, conv, embedding and norm
-      (scale-and-shift) layers that jkfac recognises in the jaxpr (see
-      `jkfac/patterns.py`). Hand tags win.
+      (scale-and-shift) layers that jkfac recognises in the jaxpr. Hand tags win.
     axis_name: the `jax.pmap` axis to average gradients and statistics over; with
       `mesh`, the mesh axis that spreads inverse work under `jax.jit`.
     placement: "round_robin" (default with an axis) inverts each factor on one device
@@ -160,216 +398,39 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       uses every patch.
 
   Returns:
-    An optax transformation: `update(grads, state, params, batch=batch)`.
+    An optax transformation: `update(grads, state, params, batch=batch)`, optionally
+    with `curvature=` from `jkfac.value_and_grad` to reuse its forward pass.
+
+  Example:
+    >>> tx = optax.chain(jkfac.precondition(loss_fn, batch, damping=1e-3),
+    ...                  optax.sgd(0.1, momentum=0.9))
   """
-  _validate(damping, cov_ema_decay, cov_update_every, invert_every, estimation,
-            inverse_method, approximations, axis_name, placement, mesh, sub_sample_patches)
-  example_batch = _abstract(example_batch)
-  placement = placement or ("round_robin" if axis_name else "replicated")
-  device_axis = axis_name if mesh is None else None  # the pmap axis, if any
+  config = PreconditionConfig(
+      loss_fn, example_batch, damping=damping, cov_ema_decay=cov_ema_decay,
+      cov_update_every=cov_update_every, invert_every=invert_every, estimation=estimation,
+      inverse_method=inverse_method, approximations=approximations, seed=seed,
+      auto_register=auto_register, axis_name=axis_name, placement=placement, mesh=mesh,
+      sub_sample_patches=sub_sample_patches)
 
-  layer_table = functools.partial(trace_with_approximations, loss_fn,
-                                  approximations=approximations, auto_register=auto_register)
-
-  def init_fn(params: PyTree) -> PreconditionState:
-    trace = layer_table(_abstract(params), example_batch)
-    every = trace.layers + trace.generic
-    covariances = {layer.name: blocks.for_layer(layer).zeros(*layers.matrix_shape(layer))
-                   for layer in every}
-    inverses = {layer.name: blocks.for_layer(layer).identity(covariances[layer.name])
-                for layer in every}
-    return PreconditionState(count=jnp.zeros([], jnp.int32), key=jax.random.PRNGKey(seed),
-                             ema_weight=jnp.zeros([]), damping=jnp.zeros([]),
-                             covariances=covariances, inverses=inverses)
-
-  def update_covariances(state, params, batch, stats, trace):
-    key, sample_key = jax.random.split(state.key)
-    if device_axis is not None:  # different targets on every device
-      sample_key = jax.random.fold_in(sample_key, jax.lax.axis_index(device_axis))
-    patch_key = None
-    if sub_sample_patches is not None:
-      sample_key, patch_key = jax.random.split(sample_key)
-    if stats is None:
-      stats = tracer.linearize(loss_fn, params, batch, auto_register)
-    statistics = tracer.statistics(trace, stats, sample_key, estimation)
-    new = {layer.name: _batch_statistics(
-               layer, statistics[layer.name], sub_sample_patches,
-               None if patch_key is None else jax.random.fold_in(patch_key, index))
-           for index, layer in enumerate(trace.layers + trace.generic)}
-    new = parallel.pmean(new, device_axis)
-    decay = jnp.asarray(cov_ema_decay, state.ema_weight.dtype)
-    covariances = jax.tree_util.tree_map(lambda old, x: decay * old + (1 - decay) * x.astype(
-        old.dtype), state.covariances, new)
-    return state._replace(key=key, covariances=covariances,
-                          ema_weight=decay * state.ema_weight + (1 - decay))
-
-  def update_inverses(state, damping_now, trace):
-    tasks, costs, slots = [], [], []
-    for layer in trace.layers + trace.generic:
-      layer_block = blocks.for_layer(layer)
-      covariances = jax.tree_util.tree_map(lambda c: c / state.ema_weight,
-                                           state.covariances[layer.name])
-      if layer_block.joint is not None:  # one task for the whole block
-        invert = functools.partial(_invert_jointly_or_keep, layer_block, inverse_method)
-        tasks.append((invert, (covariances, damping_now, state.inverses[layer.name])))
-        costs.append(sum(_inverse_cost(layer_block, c) for c in covariances.values()))
-        slots.append((layer.name, None))
-        continue
-      for factor, (matrix, damping_added) in layer_block.factors(covariances, damping_now).items():
-        invert = functools.partial(_invert_or_keep, layer_block, inverse_method)
-        tasks.append((invert, (matrix, damping_added, state.inverses[layer.name][factor])))
-        costs.append(_inverse_cost(layer_block, matrix))
-        slots.append((layer.name, factor))
-    results = parallel.run_tasks(tasks, costs, axis_name=axis_name, placement=placement,
-                                 mesh=mesh)
-    inverses = {name: dict(factors) for name, factors in state.inverses.items()}
-    for (name, factor), inverse in zip(slots, results):
-      if factor is None:
-        inverses[name] = dict(inverse)
-      else:
-        inverses[name][factor] = inverse
-    return state._replace(inverses=inverses,
-                          damping=jnp.asarray(damping_now, state.damping.dtype))
-
-  def update_fn(updates, state, params=None, *, batch=None, stats=None, **extra_args):
-    """`stats`, optional: the `Curvature` from `jkfac.value_and_grad`, saving a forward pass."""
+  def update_fn(updates, state, params=None, *, batch=None, curvature=None, stats=None,
+                **extra_args):
     del extra_args
     _check(params is not None and batch is not None,
            "jkfac needs the parameters and the batch: "
            "tx.update(grads, state, params, batch=batch).")
-    _check(jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(params),
-           "The gradients and the parameters passed to jkfac have different tree structures.")
-    if device_axis is not None:
-      parallel.check_axis(device_axis)
-      updates = parallel.pmean(updates, device_axis)
-    trace = layer_table(params, batch)
-    state = jax.lax.cond(state.count % cov_update_every == 0,
-                         lambda s: update_covariances(s, params, batch, stats, trace),
-                         lambda s: s, state)
-    damping_now = _value(damping, state.count)
-    state = jax.lax.cond(state.count % invert_every == 0,
-                         lambda s: update_inverses(s, damping_now, trace), lambda s: s, state)
-    updates = _precondition_gradients(trace, state.inverses, updates)
-    return updates, state._replace(count=optax.safe_increment(state.count))
+    if stats is not None:
+      warnings.warn("tx.update(..., stats=) is deprecated; pass curvature= instead.",
+                    DeprecationWarning, stacklevel=2)
+      curvature = stats if curvature is None else curvature
+    return update(config, updates, state, params, batch, curvature)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _batch_statistics(layer: tracer.LayerInfo, statistics: tracer.LayerStatistics,
-                      sub_sample_patches: float | None = None, key: Array | None = None):
-  """The block statistics of one layer for one batch, from every use of the layer; see
-  `precondition` for `sub_sample_patches` (`key` draws the patch rows)."""
-  if layer.kind == "generic":
-    return diagonal.generic_statistics(statistics.output_grads[0])
-  reduce = layer.approx == "kron_reduce"
-  sample = None
-  if (sub_sample_patches is not None and layer.kind in tags.CONV_KINDS
-      and layer.approx in _SEPARATE_INPUT_FACTOR and not layer.multi_use):
-    sample = layers.sample_rows(layer, sub_sample_patches, key)
-  xs = [layers.scan_axes_first(scans, x) for scans, x in zip(layer.scans, statistics.inputs)]
-  gs = [layers.scan_axes_first(scans, g, skip=1)
-        for scans, g in zip(layer.scans, statistics.output_grads)]
-
-  def one_layer(xs, gs):
-    return blocks.for_slice(layer).statistics(*layers.block_inputs(layer, xs, gs, reduce,
-                                                                   sample))
-
-  if layer.stack:  # independent layers: one block each
-    return jax.vmap(one_layer, in_axes=(0, 1))(xs, gs)
-  return one_layer([x[0] for x in xs], [g[:, 0] for g in gs])
-
-
-def _inverse_cost(layer_block: Block | blocks.StackedBlock, factor: Array) -> int:
-  """The work of inverting `factor`: its size if entrywise, else `d^3` per matrix (a
-  stacked factor holds several)."""
-  return factor.size * (1 if layer_block.is_entrywise(factor) else factor.shape[-1])
-
-
-def _invert_or_keep(layer_block: Block | blocks.StackedBlock, method: str, factor: Array,
-                    damping: Array, previous: Array) -> Array:
-  """The damped inverse of `factor`, or `previous` if it is not finite (slice by slice
-  for a stacked factor)."""
-  return layer_block.keep_finite(layer_block.invert(factor, damping, method), previous)
-
-
-def _invert_jointly_or_keep(layer_block: Block | blocks.StackedBlock, method: str,
-                            covariances: dict[str, Array], damping: Array,
-                            previous: dict[str, Array]) -> dict[str, Array]:
-  """The inverses of a block inverted as a whole (`Block.joint`), or `previous` if they are
-  not finite (slice by slice for a stacked block)."""
-  return layer_block.joint_or_keep(covariances, damping, previous, method)
-
-
-def _precondition_layer(layer: tracer.LayerInfo, inverses, w: Array, b: Array | None):
-  """One layer's (unstacked) gradients `w`, `b` times its inverse block."""
-  matrix = layers.param_matrix(layer, w, b)
-  matrix = blocks.for_slice(layer).precondition(inverses, matrix.astype(
-      jax.tree_util.tree_leaves(inverses)[0].dtype))
-  return layers.split_param_matrix(layer, matrix)
-
-
-def _precondition_gradients(trace: tracer.Trace, inverses, updates: PyTree) -> PyTree:
-  """Applies each layer's inverse block (generic parameters' too) to its gradients."""
-  leaves, treedef = jax.tree_util.tree_flatten(updates)
-  for layer in trace.layers + trace.generic:
-    indices = [i for i in (layer.weight, layer.bias) if i is not None]
-    grads = [leaves[i] for i in indices] + [None] * (2 - len(indices))
-    precondition = functools.partial(_precondition_layer, layer)
-    if layer.stack:  # flatten the stack axes into one and map over it
-      size = math.prod(layer.stack)
-      grads = [g if g is None else g.reshape((size,) + g.shape[len(layer.stack):])
-               for g in grads]
-      precondition = jax.vmap(precondition)
-    new = precondition(inverses[layer.name], *grads)
-    for i, g in zip(indices, new):
-      leaves[i] = g.reshape(leaves[i].shape).astype(leaves[i].dtype)
-  return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def trace_with_approximations(loss_fn: Callable[..., Any], params: PyTree, batch: PyTree, *,
-                              approximations: Mapping[str, str] | None = None,
-                              auto_register: bool = True) -> tracer.Trace:
-  """The layer table of `loss_fn`, each layer with its approximation, checked."""
-  trace = tracer.trace_layers(loss_fn, params, batch,
-                              approx_for=lambda name, kind: _match(approximations, name),
-                              auto_register=auto_register)
-  _check_approximations(trace, approximations)
-  return trace
-
-
-def _matches(approximations: Mapping[str, str] | None, name: str) -> dict[str, str]:
-  """The `approximations` entries whose pattern matches layer `name`."""
-  return {pattern: approx for pattern, approx in (approximations or {}).items()
-          if fnmatch.fnmatchcase(name, pattern)}
-
-
-def _match(approximations: Mapping[str, str] | None, name: str) -> str | None:
-  return next(iter(_matches(approximations, name).values()), None)
-
-
-def _check_approximations(trace: tracer.Trace, approximations: Mapping[str, str] | None) -> None:
-  """Every pattern matches a layer, overlapping patterns agree, and every layer supports
-  its approximation; errors name the layer's parameters."""
-  names = [layer.name for layer in trace.layers]
-  for pattern in approximations or {}:
-    _check(any(fnmatch.fnmatchcase(n, pattern) for n in names),
-           f"The approximation pattern {pattern!r} matches no layer; layers: {names}.")
-  for layer in trace.layers:
-    paths = [trace.param_paths[i] for i in (layer.weight, layer.bias) if i is not None]
-    matches = _matches(approximations, layer.name)
-    _check(len(set(matches.values())) <= 1,
-           f"Layer {layer.name!r} (parameters {paths}) is matched by approximation patterns "
-           f"that disagree: {matches}; make the patterns disjoint.")
-    supported = SUPPORTED_APPROXIMATIONS[layer.kind]
-    _check(layer.approx in supported,
-           f"Layer {layer.name!r} ({layer.kind}, parameters {paths}) does not support the "
-           f"{layer.approx!r} approximation; supported: {supported}.")
+  return optax.GradientTransformationExtraArgs(functools.partial(init_state, config), update_fn)
 
 
 def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
          learning_rate: ScalarOrSchedule,
          damping: ScalarOrSchedule,
-         momentum: float | None = 0.9,
+         momentum: ScalarOrSchedule | None = 0.9,
          momentum_type: str = "regular",
          cov_ema_decay: float = 0.95,
          cov_update_every: int = 1,
@@ -386,14 +447,23 @@ def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
   """The K-FAC optimizer: `-learning_rate * momentum(F^-1 g)`.
 
   With `momentum_type="regular"` the momentum buffer accumulates preconditioned
-  gradients; with "adam" (the seed's default) it accumulates raw gradients, which
-  are then preconditioned (`v <- momentum v + g`, step `F^-1 v`). The other arguments
-  are `jkfac.precondition`'s. Use as any optax optimizer, passing the batch:
-  `tx.update(grads, opt_state, params, batch=batch)`. With `optax.inject_hyperparams`,
-  pass `static_args=("loss_fn", "example_batch")`.
+  gradients; with "adam" (tensorflow/kfac's default) it accumulates raw gradients,
+  which are then preconditioned (`v <- momentum v + g`, step `F^-1 v`). The other
+  arguments are `jkfac.precondition`'s. Use as any optax optimizer, passing
+  the batch: `tx.update(grads, opt_state, params, batch=batch)`. With
+  `optax.inject_hyperparams`, pass `static_args=("loss_fn", "example_batch")`.
+
+  Example:
+    >>> tx = jkfac.kfac(loss_fn, batch, learning_rate=1e-3, damping=1e-3)
+    >>> opt_state = tx.init(params)
+    >>> updates, opt_state = tx.update(grads, opt_state, params, batch=batch)
   """
   _check(momentum_type in ("regular", "adam"),
          f"momentum_type must be 'regular' or 'adam', got {momentum_type!r}.")
+  _check(momentum is None or _is_number(momentum) or callable(momentum)
+         or isinstance(momentum, jax.Array),
+         f"momentum must be None, a number in [0, 1), a schedule or an array, got "
+         f"{momentum!r}.")
   if _is_number(momentum):
     _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}.")
   preconditioner = precondition(
@@ -402,7 +472,41 @@ def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       inverse_method=inverse_method, approximations=approximations, seed=seed,
       auto_register=auto_register, axis_name=axis_name, placement=placement, mesh=mesh,
       sub_sample_patches=sub_sample_patches)
-  accumulate = optax.identity() if momentum is None else optax.trace(decay=momentum)
+  accumulate = optax.identity() if momentum is None else scale_by_momentum(momentum)
   steps = [preconditioner, accumulate] if momentum_type == "regular" else [accumulate,
                                                                            preconditioner]
-  return optax.chain(*steps, optax.scale_by_learning_rate(learning_rate))
+  return skip_with(optax.chain(*steps, optax.scale_by_learning_rate(learning_rate)),
+                   steps.index(preconditioner))
+
+
+def scale_by_momentum(decay: ScalarOrSchedule) -> optax.GradientTransformation:
+  """`optax.trace(decay)`, with `decay` also a schedule of the step count."""
+  if not callable(decay):
+    return optax.trace(decay=decay)
+
+  def init_fn(params):
+    return optax.trace(decay=0.0).init(params), jnp.zeros([], jnp.int32)
+
+  def update_fn(updates, state, params=None):
+    trace_state, count = state
+    updates, trace_state = optax.trace(decay=decay(count)).update(updates, trace_state, params)
+    return updates, (trace_state, optax.safe_increment(count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def skip_with(inner: optax.GradientTransformationExtraArgs,
+              index: int) -> optax.GradientTransformationExtraArgs:
+  """`inner` (a chain) that, when its `precondition` step (the `index`-th) skips a
+  non-finite batch, returns zero updates and leaves every other state as it was: training
+  then goes on as if the batch had not come."""
+
+  def update_fn(updates, state, params=None, **extra_args):
+    new_updates, new_state = inner.update(updates, state, params, **extra_args)
+    skipped = new_state[index].skipped_steps > state[index].skipped_steps
+    kept = jax.tree_util.tree_map(lambda n, o: jnp.where(skipped, o, n), new_state, state)
+    kept = (*kept[:index], new_state[index], *kept[index + 1:])
+    return jax.tree_util.tree_map(lambda u: jnp.where(skipped, jnp.zeros_like(u), u),
+                                  new_updates), kept
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)

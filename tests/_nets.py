@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jkfac
+import jkfac.blocks
+import jkfac.layers
 
 NUM_CLASSES = 3
 BATCH = 4
@@ -341,3 +343,34 @@ def assert_no_square_of(tree, size: int) -> None:
   """No array in `tree` has two axes of `size` (e.g. no vocab x vocab factor)."""
   shapes = [x.shape for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape")]
   assert not any(shape.count(size) > 1 for shape in shapes), shapes
+
+
+# --- library views used only by the tests ------------------------------------------------
+
+
+def block_for(approx: str):
+  """The block of a dense or conv layer under `approx` (the same for both kinds)."""
+  return jkfac.blocks.REGISTRY["conv2d", approx]
+
+
+def block_inverses(block, statistics, damping, method: str = "cholesky"):
+  """All damped inverses of `block` (a `Block` or `StackedBlock`), computed here."""
+  if isinstance(block, jkfac.blocks.StackedBlock):
+    return jax.vmap(functools.partial(block_inverses, block.block, method=method),
+                    in_axes=(0, None))(statistics, damping)
+  if block.joint is not None:
+    return block.joint(statistics, damping, method)
+  return {name: block.invert(factor, d, method)
+          for name, (factor, d) in block.factors(statistics, damping).items()}
+
+
+def input_rows(layer, x, reduce: bool = False):
+  """The vectors `a` of every position, `(batch, positions, d_in [+1])`."""
+  return jkfac.layers.layer_inputs(layer, x, reduce).rows()
+
+
+def conv_patches(x, kernel_size, conv):
+  """The input patch of every output pixel, `(batch, *out, prod(kernel_size) * c_in)`,
+  features ordered as a channels-last kernel reshaped to `(-1, c_out)`."""
+  slices = jkfac.layers._patch_slices(x, kernel_size, conv)
+  return jkfac.layers._stack_features(slices)

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import jkfac
-from jkfac import layers, linalg, tracer
-from jkfac.blocks import BLOCKS
+from jkfac import layers, linalg, layer_table, statistics
+
 from tests import _nets
 
 KEY = jax.random.PRNGKey(0)
@@ -38,13 +38,13 @@ def _problem(net_name, approx=None, **kwargs):
 
 def _block_statistics(loss_fn, params, batch, estimation, approx):
   """Per layer name, jkfac's block statistics of one batch (and the layer table)."""
-  trace = tracer.trace_layers(loss_fn, params, batch)
+  trace = layer_table.trace_layers(loss_fn, params, batch)
 
   @jax.jit
   def run(params, batch):
-    stats = tracer.collect_statistics(loss_fn, trace, params, batch, KEY, estimation)
-    return {layer.name: BLOCKS[approx].statistics(
-        layers.input_rows(layer, stats[layer.name].inputs[0]),
+    stats = statistics.collect_statistics(loss_fn, trace, params, batch, KEY, estimation)
+    return {layer.name: _nets.block_for(approx).statistics(
+        _nets.input_rows(layer, stats[layer.name].inputs[0]),
         layers.output_rows(stats[layer.name].output_grads[0])) for layer in trace.layers}
 
   return run(params, batch), trace
@@ -168,7 +168,7 @@ def _conv_layer(case):
     y = jkfac.register_squared_error(y, jnp.zeros_like(y))
     return 0.5 * jnp.mean(jnp.sum(y ** 2, axis=(1, 2, 3)))
 
-  (layer,) = tracer.trace_layers(loss_fn, params, x).layers
+  (layer,) = layer_table.trace_layers(loss_fn, params, x).layers
   y = conv(x, params["conv"]["kernel"]) + params["conv"].get("bias", 0.0)
   if padding == "VALID":
     pads = [(0, 0), (0, 0)]
@@ -184,7 +184,7 @@ def _conv_layer(case):
 def test_conv_input_rows_reproduce_the_conv(case):
   layer, x, p, y, pads = _conv_layer(case)
   kernel_size, strides, _, rhs_dilation, lhs_dilation, use_bias = _CONV_CASES[case]
-  rows = layers.input_rows(layer, x)
+  rows = _nets.input_rows(layer, x)
   n, h_out, w_out, c_out = y.shape
   assert rows.shape == (n, h_out * w_out, kernel_size[0] * kernel_size[1] * 2 + use_bias)
   # Patches times the kernel matrix (the parameter matrix, built by hand) give the conv.
@@ -209,7 +209,7 @@ def test_conv_patches_match_lax_patches():
       x, (3, 2), (2, 1), ((1, 2), (0, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
   n, h, w, _ = lax_patches.shape
   reordered = lax_patches.reshape(n, h, w, 2, 3 * 2).swapaxes(-1, -2).reshape(n, h, w, -1)
-  _assert_close(layers.conv_patches(x, (3, 2), layer.conv), reordered)
+  _assert_close(_nets.conv_patches(x, (3, 2), layer.conv), reordered)
 
 
 # --- exactness for linear networks --------------------------------------------------------------
@@ -408,13 +408,13 @@ def test_pi_correction():
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_keep_if_not_finite(bad):
+def test_finite_or_previous(bad):
   old, new = jnp.ones((2, 3)), jnp.full((2, 3), 2.0)
-  _assert_close(linalg.keep_if_not_finite(new, old), new)
+  _assert_close(linalg.finite_or_previous(new, old), new)
   poisoned = new.at[1, 2].set(bad)       # a single bad entry discards the whole array
-  _assert_close(linalg.keep_if_not_finite(poisoned, old), old)
+  _assert_close(linalg.finite_or_previous(poisoned, old), old)
   # Under jit too.
-  _assert_close(jax.jit(linalg.keep_if_not_finite)(poisoned, old), old)
+  _assert_close(jax.jit(linalg.finite_or_previous)(poisoned, old), old)
 
 
 @pytest.mark.parametrize("method", linalg.INVERSE_METHODS)
@@ -435,25 +435,25 @@ def test_block_inverses_and_preconditioning_match_dense_formulas(approx, method)
     covs = {"F": _random_psd(rng, d_in * d_out, rank=5)}
     expected = np.linalg.solve(covs["F"] + damping * np.eye(d_in * d_out),
                                gradient.reshape(-1)).reshape(d_in, d_out)
-  block = BLOCKS[approx]
+  block = _nets.block_for(approx)
   covs = {k: jnp.asarray(v) for k, v in covs.items()}
   assert jax.tree_util.tree_map(jnp.shape, block.zeros(d_in, d_out)) == jax.tree_util.tree_map(
       jnp.shape, covs)
-  inverses = block.inverses(covs, damping, method)
+  inverses = _nets.block_inverses(block, covs, damping, method)
   _assert_close(block.precondition(inverses, jnp.asarray(gradient)), expected, rtol=1e-8,
                 atol=1e-10)
 
 
 @pytest.mark.parametrize("approx", APPROXIMATIONS)
-def test_keep_if_not_finite_guards_block_inverses(approx):
+def test_finite_or_previous_guards_block_inverses(approx):
   d_in, d_out = 3, 2
-  block = BLOCKS[approx]
+  block = _nets.block_for(approx)
   nan_covs = jax.tree_util.tree_map(lambda z: jnp.full_like(z, jnp.nan), block.zeros(d_in, d_out))
-  old = block.inverses(block.zeros(d_in, d_out), 0.5, "cholesky")   # any finite inverses
+  old = _nets.block_inverses(block, block.zeros(d_in, d_out), 0.5, "cholesky")   # any finite inverses
   for method in linalg.INVERSE_METHODS:
-    raw = block.inverses(nan_covs, 0.1, method)
+    raw = _nets.block_inverses(block, nan_covs, 0.1, method)
     assert not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(raw))
-    kept = jax.tree_util.tree_map(linalg.keep_if_not_finite, raw, old)
+    kept = jax.tree_util.tree_map(linalg.finite_or_previous, raw, old)
     for k, o in zip(jax.tree_util.tree_leaves(kept), jax.tree_util.tree_leaves(old)):
       _assert_close(k, o)
 
@@ -465,36 +465,37 @@ _FIRST_COVARIANCE = {"kron": "A", "diagonal": "diagonal", "full": "F"}
 
 
 @pytest.mark.parametrize("approx", APPROXIMATIONS)
-def test_nan_statistics_keep_the_previous_inverses(approx):
+def test_a_non_finite_batch_changes_nothing_but_the_skip_counter(approx):
   _, params, batch, loss_fn = _problem("mlp", approx=approx)
   nan_batch = (batch[0].at[0, 0].set(jnp.nan), batch[1])     # poisons every statistic
   (_, first, state), (_, second, state2) = _run_transform(
       loss_fn, params, [batch, nan_batch], grad_batches=[batch, batch], damping=1e-2,
       cov_ema_decay=0.9, invert_every=1, estimation="empirical")
-  assert not np.isfinite(state2.covariances["Dense_0"][_FIRST_COVARIANCE[approx]]).all()
-  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(second))
-  # The inverses of step 1 were kept, so the same gradient gets the same update.
-  for a, b in zip(jax.tree_util.tree_leaves(second), jax.tree_util.tree_leaves(first)):
-    _assert_close(a, b)
-  for a, b in zip(jax.tree_util.tree_leaves(state2.inverses),
-                  jax.tree_util.tree_leaves(state.inverses)):
-    _assert_close(a, b)
+  assert all((np.asarray(x) == 0).all() for x in jax.tree_util.tree_leaves(second))
+  assert int(state2.skipped_steps) == int(state.skipped_steps) + 1 == 1
+  for a, b in zip(jax.tree_util.tree_leaves(state2._replace(skipped_steps=0)),
+                  jax.tree_util.tree_leaves(state._replace(skipped_steps=0))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize("method", linalg.INVERSE_METHODS)
-def test_singular_factor_never_produces_nan_updates(method):
+def test_zero_damping_from_a_schedule_is_raised_to_the_floor(method):
   """Zero damping on a factor with an exactly zero row (an input that is always 0)."""
   _, params, batch, loss_fn = _problem("mlp")
   batch = (batch[0].at[:, 2].set(0.0), batch[1])
   (_, _, state), (_, updates, state2) = _run_transform(
       loss_fn, params, [batch, batch], damping=lambda count: jnp.where(count == 0, 1e-2, 0.0),
       cov_ema_decay=0.9, invert_every=1, estimation="empirical", inverse_method=method)
-  # A has an exactly zero row and column: at step 2, with zero damping, it has no inverse ...
-  A = np.asarray(state2.covariances["Dense_0"]["A"])
+  A = np.asarray(state2.statistics["Dense_0"]["A"]) / float(state2.ema_weight)
   assert (A[2] == 0).all() and (A[:, 2] == 0).all()
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(updates))
-  # ... so the damped inverse of step 1 is kept.
-  _assert_close(state2.inverses["Dense_0"]["A"], state.inverses["Dense_0"]["A"])
+  # Damping 0 became MIN_DAMPING: the inverse is that of the floored damping, not a fallback.
+  assert float(state2.damping) == pytest.approx(jkfac.transform.MIN_DAMPING)
+  assert int(state2.inverse_fallbacks) == 0
+  G = np.asarray(state2.statistics["Dense_0"]["G"]) / float(state2.ema_weight)
+  pi = np.sqrt((np.trace(A) / A.shape[0]) / (np.trace(G) / G.shape[0]))
+  expected = np.linalg.inv(A + pi * np.sqrt(jkfac.transform.MIN_DAMPING) * np.eye(A.shape[0]))
+  _assert_close(state2.inverses["Dense_0"]["A"], expected, rtol=1e-3, atol=1e-6)
 
 
 # --- Kronecker blocks with a diagonal factor -------------------------------------------------
@@ -515,14 +516,14 @@ def test_kron_with_a_diagonal_factor_matches_dense_formula(approx):
 
   _, kron_state = step("kron")
   updates, state = step(approx)
-  trace = tracer.trace_layers(loss_fn, params, batch)
+  trace = layer_table.trace_layers(loss_fn, params, batch)
   leaves = jax.tree_util.tree_leaves(grads)
   out = jax.tree_util.tree_leaves(updates)
   for layer in trace.layers:
-    A, G = (np.asarray(kron_state.covariances[layer.name][k] / kron_state.ema_weight)
+    A, G = (np.asarray(kron_state.statistics[layer.name][k] / kron_state.ema_weight)
             for k in ("A", "G"))   # bias-corrected: the batch statistics on step 1
     A, G = (np.diag(np.diag(A)), G) if approx == "kron_in_diag" else (A, np.diag(np.diag(G)))
-    kept = {k: v / state.ema_weight for k, v in state.covariances[layer.name].items()}
+    kept = {k: v / state.ema_weight for k, v in state.statistics[layer.name].items()}
     _assert_close(kept["A"] if kept["A"].ndim == 2 else np.diag(kept["A"]), A)
     _assert_close(kept["G"] if kept["G"].ndim == 2 else np.diag(kept["G"]), G)
     pi = np.sqrt((np.trace(A) / len(A)) / (np.trace(G) / len(G)))

@@ -25,8 +25,8 @@ from flax import nnx
 from jax import lax
 
 import jkfac
-from jkfac import layer_collection, layers, parallel, tags, tracer, transform
-from jkfac.blocks import BLOCKS, StackedBlock
+from jkfac import layer_collection, layers, parallel, tags, layer_table, statistics, transform
+from jkfac.blocks import StackedBlock
 from tests import _nets
 
 KEY = jax.random.PRNGKey(0)
@@ -67,17 +67,17 @@ def _assert_same_as_hand_tagged(auto_loss, hand_loss, params, batch, expected):
 
   `expected` lists `(name, kind, in_axes, groups)` of the layers, in order.
   """
-  auto = tracer.trace_layers(auto_loss, params, batch)
-  hand = tracer.trace_layers(hand_loss, params, batch, auto_register=False)
+  auto = layer_table.trace_layers(auto_loss, params, batch)
+  hand = layer_table.trace_layers(hand_loss, params, batch, auto_register=False)
   assert [(l.name, l.kind, l.in_axes, layers.feature_groups(l)) for l in auto.layers] == expected
   assert auto == hand
   assert auto.generic == ()
-  assert tracer.trace_layers(auto_loss, params, batch, auto_register=False).layers == ()
+  assert layer_table.trace_layers(auto_loss, params, batch, auto_register=False).layers == ()
   auto_steps = _kfac_steps(auto_loss, params, batch)
   hand_steps = _kfac_steps(hand_loss, params, batch, auto_register=False)
   for (auto_updates, auto_state), (hand_updates, hand_state) in zip(auto_steps, hand_steps):
     assert np.abs(jax.tree_util.tree_leaves(auto_updates)[0]).max() > 0
-    _assert_trees_close(auto_state[0].covariances, hand_state[0].covariances, rtol=1e-4,
+    _assert_trees_close(auto_state[0].statistics, hand_state[0].statistics, rtol=1e-4,
                         atol=1e-6)
     _assert_trees_close(auto_updates, hand_updates, rtol=1e-4, atol=1e-6)
   return auto, auto_steps
@@ -171,7 +171,7 @@ def test_linen_3d_conv_and_dense_general_are_registered_as_hand_tagged():
   assert conv0.conv == tags.ConvParams((1, 2, 1), ((0, 1), (1, 1), (0, 1)), (1, 1, 1), (1, 1, 1))
   assert conv1.conv == tags.ConvParams((1, 1, 1), ((0, 0),) * 3, (1, 1, 1), (1, 1, 2), 4)
   covariances = jkfac.kfac(auto_loss, batch, learning_rate=0.1, damping=1e-2).init(
-      params)[0].covariances
+      params)[0].statistics
   assert covariances["Conv_0"]["A"].shape == (2 * 3 * 2 * 2 + 1,) * 2
   assert covariances["Conv_1"]["A"].shape == (4, 8, 8)              # 4 groups, 2x2x2 patches
   assert covariances["Conv_1"]["G"].shape == (4, 2, 2)              # 2 outputs per group
@@ -302,13 +302,13 @@ def test_dense_general_with_batch_dims_or_leading_axes_stays_generic():
   model, batch = Unsupported(), _batch((3, 4))
   params = _random_like(jax.eval_shape(model.init, KEY, batch[0])["params"])
   loss_fn = _loss(lambda p, x: model.apply({"params": p}, x))
-  trace = tracer.trace_layers(loss_fn, params, batch)
+  trace = layer_table.trace_layers(loss_fn, params, batch)
   assert [l.name for l in trace.layers] == ["Dense_0"]
   assert sorted(l.name for l in trace.generic) == [
       "DenseGeneral_0/bias", "DenseGeneral_0/kernel", "DenseGeneral_1/bias",
       "DenseGeneral_1/kernel"]
   (_, state), = _kfac_steps(loss_fn, params, batch, steps=1)
-  assert state[0].covariances["DenseGeneral_0/kernel"]["diagonal"].shape == (4 * 4 * 2, 1)
+  assert state[0].statistics["DenseGeneral_0/kernel"]["diagonal"].shape == (4 * 4 * 2, 1)
 
 
 # --- brute-force references -----------------------------------------------------------------
@@ -422,7 +422,7 @@ def _one_update(name, approx, **kwargs):
   def run(params):
     grads = jax.grad(loss_fn)(params, batch)
     updates, state = tx.update(grads, tx.init(params), params, batch=batch)
-    covariances = jax.tree_util.tree_map(lambda c: c / state.ema_weight, state.covariances)
+    covariances = jax.tree_util.tree_map(lambda c: c / state.ema_weight, state.statistics)
     return grads, updates, covariances
 
   return run(params)
@@ -441,7 +441,7 @@ def test_kron_factors_and_update_match_explicit_patches(name, x64):
   loss_fn, params, batch, _ = _case(name)
   groups, damping = _CASES[name][6], 1e-2
   grads, updates, covariances = _one_update(name, "kron")
-  trace = tracer.trace_layers(loss_fn, params, batch)
+  trace = layer_table.trace_layers(loss_fn, params, batch)
   layer = trace.layers[0]
   assert (layer.name, layers.feature_groups(layer)) == ("layer", groups)
   rows = _explicit_rows(name, batch[0])
@@ -498,11 +498,11 @@ def test_grouped_conv_other_kron_blocks_are_per_group(approx, x64):
   name = "conv2d_grouped"
   loss_fn, params, batch, _ = _case(name)
   _, _, covariances = _one_update(name, approx)
-  layer = tracer.trace_layers(loss_fn, params, batch).layers[0]
-  stats = tracer.collect_statistics(loss_fn, tracer.trace_layers(loss_fn, params, batch), params,
+  layer = layer_table.trace_layers(loss_fn, params, batch).layers[0]
+  stats = statistics.collect_statistics(loss_fn, layer_table.trace_layers(loss_fn, params, batch), params,
                                     batch, KEY, "empirical")["layer"]
   reduce = approx == "kron_reduce"
-  single = BLOCKS[approx]
+  single = _nets.block_for(approx)
   one = dataclasses.replace(layer, input_shape=layer.input_shape[:-1] + (2,),
                             output_shape=layer.output_shape[:-1] + (3,),
                             conv=tags.ConvParams(*layer.conv[:4]))       # a 1-group conv
@@ -525,12 +525,12 @@ def _random_psd_stack(rng, groups, dim):
 @pytest.mark.parametrize("method", ["cholesky", "eigh"])
 def test_stacked_block_inverts_each_slice(method, x64):
   rng = np.random.default_rng(0)
-  block = StackedBlock(BLOCKS["kron"], 3)
+  block = StackedBlock(_nets.block_for("kron"), 3)
   covs = {"A": jnp.asarray(_random_psd_stack(rng, 3, 4)),
           "G": jnp.asarray(_random_psd_stack(rng, 3, 2))}
   factors = block.factors(covs, 0.01)
   assert factors["A"][1].shape == (3,)                                   # one pi per group
-  inverses = block.inverses(covs, 0.01, method)
+  inverses = _nets.block_inverses(block, covs, 0.01, method)
   for j in range(3):
     a, g = covs["A"][j], covs["G"][j]
     pi = np.sqrt((np.trace(a) / 4) / (np.trace(g) / 2))
@@ -541,7 +541,7 @@ def test_stacked_block_inverts_each_slice(method, x64):
   identity = block.identity(block.zeros(4, 2))
   np.testing.assert_array_equal(identity["A"], np.broadcast_to(np.eye(4), (3, 4, 4)))
   # A stacked vector factor (kron_in_diag) is inverted entrywise, per group.
-  in_diag = StackedBlock(BLOCKS["kron_in_diag"], 3)
+  in_diag = StackedBlock(_nets.block_for("kron_in_diag"), 3)
   diag = jnp.asarray(rng.uniform(0.5, 1.0, (3, 4)))
   assert in_diag.is_entrywise(diag) and not in_diag.is_entrywise(covs["G"])
   damping = jnp.asarray([0.1, 0.2, 0.3])
@@ -549,7 +549,10 @@ def test_stacked_block_inverts_each_slice(method, x64):
   # A non-finite group keeps its previous inverse; the other groups are updated.
   poisoned = covs["A"].at[1, 0, 0].set(jnp.nan)
   previous = jnp.zeros_like(covs["A"])
-  kept = transform._invert_or_keep(block, method, poisoned, factors["A"][1], previous)
+  kept, fell_back = block.finite_or_previous(
+      {"A": block.invert(poisoned, factors["A"][1], method)}, {"A": previous})
+  kept = kept["A"]
+  assert int(fell_back) == 1
   np.testing.assert_array_equal(kept[1], previous[1])
   np.testing.assert_allclose(np.asarray(kept)[[0, 2]], np.asarray(inverses["A"])[[0, 2]],
                              rtol=1e-9)
@@ -560,7 +563,7 @@ def test_stacked_block_inverts_each_slice(method, x64):
 def test_stacked_factors_in_round_robin_inverse_tasks(x64):
   """`parallel.run_tasks` on a named axis (here vmap's): each device gets every inverse."""
   rng = np.random.default_rng(1)
-  block = StackedBlock(BLOCKS["kron"], 2)
+  block = StackedBlock(_nets.block_for("kron"), 2)
   a, g = jnp.asarray(_random_psd_stack(rng, 2, 3)), jnp.asarray(_random_psd_stack(rng, 2, 2))
   tasks = [(block.invert, (a, jnp.asarray([0.1, 0.2]))), (block.invert, (g, jnp.asarray(0.3)))]
   costs = [transform._inverse_cost(block, a), transform._inverse_cost(block, g)]
@@ -592,7 +595,7 @@ def _covariance(inputs: layers.LayerInputs):
                                   "conv2d_grouped_input_dilation"])
 def test_sampled_rows_are_patch_rows_and_unbiased(name, x64):
   loss_fn, params, batch, _ = _case(name)
-  layer = tracer.trace_layers(loss_fn, params, batch).layers[0]
+  layer = layer_table.trace_layers(loss_fn, params, batch).layers[0]
   x = batch[0]
   full = layers.layer_inputs(layer, x)
   total = int(np.prod(layer.output_shape[:-1]))
@@ -633,7 +636,7 @@ def test_sub_sample_patches_in_the_transform():
       grads, state, out = jax.grad(auto_loss)(params, batch), tx.init(params), []
       for _ in range(2):
         updates, state = tx.update(grads, state, params, batch=batch)
-        out.append((updates, state.covariances))
+        out.append((updates, state.statistics))
       return out
 
     return run(params)
@@ -654,7 +657,7 @@ def test_sub_sample_patches_in_the_transform():
   # A fresh draw on each statistics step (same batch, no EMA).
   assert np.abs(sampled[0][1]["Conv_0"]["A"] - sampled[1][1]["Conv_0"]["A"]).max() > 1e-3
   # Conv_0 has 2 groups of 3x3x2 patches: 9 of the 4 * 3 * 2 = 24 rows.
-  assert layers.sample_rows(tracer.trace_layers(auto_loss, params, batch).layers[0], 0.5,
+  assert layers.sample_rows(layer_table.trace_layers(auto_loss, params, batch).layers[0], 0.5,
                             KEY).shape == (9,)
 
 
@@ -682,7 +685,7 @@ def test_describe_shows_stacked_group_factors():
   assert rows["DenseGeneral_0/kernel"].factors == "A 13x13, G 4x4"        # 12 channels
   state = jkfac.kfac(auto_loss, batch, learning_rate=0.1, damping=1e-2).init(params)
   assert rows["Conv_0/kernel"].state_bytes == sum(
-      x.nbytes for x in jax.tree_util.tree_leaves((state[0].covariances["Conv_0"],
+      x.nbytes for x in jax.tree_util.tree_leaves((state[0].statistics["Conv_0"],
                                                    state[0].inverses["Conv_0"])))
 
 

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import jkfac
-from jkfac import tracer
+from jkfac import layer_table, statistics, interpreter
 from jkfac.blocks import diagonal
 from tests import _nets
 
@@ -53,8 +53,8 @@ def _state_bytes(state):
   """Bytes of the covariances and inverses in a `tx.init` state, per layer."""
   precondition_state = state[0] if isinstance(state, tuple) else state
   return {name: sum(x.nbytes for x in jax.tree_util.tree_leaves(
-      (precondition_state.covariances[name], precondition_state.inverses[name])))
-          for name in precondition_state.covariances}
+      (precondition_state.statistics[name], precondition_state.inverses[name])))
+          for name in precondition_state.statistics}
 
 
 class ConvNet(nn.Module):
@@ -95,7 +95,7 @@ CONVNET_ROWS = [
 def test_describe_has_a_row_for_every_parameter():
   loss_fn, params, batch = _convnet_problem()
   description = jkfac.describe(loss_fn, params, batch)
-  paths = [tracer._path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  paths = [layer_table.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   assert [p.path for p in description.parameters] == paths
   assert [(p.path, p.shape, p.layer, p.kind, p.approx, p.factors)
           for p in description.parameters] == CONVNET_ROWS
@@ -193,7 +193,7 @@ def test_generic_parameters_get_a_diagonal_block():
   tx = jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-1, invert_every=1)
   state = tx.init(params)
   for path, shape in GENERIC.items():
-    assert state[0].covariances[path]["diagonal"].shape == (math.prod(shape), 1)
+    assert state[0].statistics[path]["diagonal"].shape == (math.prod(shape), 1)
     assert state[0].inverses[path]["diagonal"].shape == (math.prod(shape), 1)
   grads = jax.grad(loss_fn)(params, batch)
   updates, state = jax.jit(lambda g, s: tx.update(g, s, params, batch=batch))(grads, state)
@@ -201,7 +201,7 @@ def test_generic_parameters_get_a_diagonal_block():
   damping = 1e-1
   for path, get in (("temp", lambda t: t["temp"]),
                     ("LayerNorm_0/scale", lambda t: t["LayerNorm_0"]["scale"])):
-    cov = state[0].covariances[path]["diagonal"][:, 0] / state[0].ema_weight
+    cov = state[0].statistics[path]["diagonal"][:, 0] / state[0].ema_weight
     assert float(cov.min()) > 0
     expected = -0.1 * get(grads).reshape(-1) / (cov + damping)
     np.testing.assert_allclose(get(updates).reshape(-1), expected, rtol=1e-5)
@@ -227,7 +227,7 @@ def _exact_diagonal_fisher(model, params, batch):
 
 
 def _generic_diagonals(trace, curvature, key, estimation):
-  stats = tracer.statistics(trace, curvature, key, estimation)
+  stats = statistics.layer_statistics(trace, curvature, key, estimation)
   return {path: diagonal.generic_statistics(stats[path].output_grads[0])["diagonal"][:, 0]
           for path in GENERIC}
 
@@ -236,9 +236,9 @@ def _assert_unbiased(estimation, reference_fn, num_keys=1000):
   """The generic diagonal averaged over sampling keys equals `reference_fn`'s diagonal."""
   model, params, batch = _generic_problem()
   loss_fn = _loss(model)
-  trace = tracer.trace_layers(loss_fn, params, batch)
+  trace = layer_table.trace_layers(loss_fn, params, batch)
   assert sorted(layer.name for layer in trace.generic) == sorted(GENERIC)
-  curvature = tracer.linearize(loss_fn, params, batch)
+  curvature = interpreter.linearize(loss_fn, params, batch)
   samples = jax.jit(jax.vmap(lambda key: _generic_diagonals(trace, curvature, key, estimation)))(
       jax.random.split(jax.random.PRNGKey(3), num_keys))
   reference = reference_fn(model, params, batch)
@@ -311,13 +311,13 @@ def test_without_auto_register_untagged_layers_are_generic():
 
   tx = jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-1, auto_register=False)
   state = tx.init(params)
-  assert sorted(state[0].covariances) == ["Dense_0/bias", "Dense_0/kernel", "Dense_1",
+  assert sorted(state[0].statistics) == ["Dense_0/bias", "Dense_0/kernel", "Dense_1",
                                           "Dense_2/kernel"]
-  assert state[0].covariances["Dense_0/kernel"]["diagonal"].shape == (30, 1)
+  assert state[0].statistics["Dense_0/kernel"]["diagonal"].shape == (30, 1)
   grads = jax.grad(loss_fn)(params, batch)
   updates, state = jax.jit(lambda g, s: tx.update(g, s, params, batch=batch))(grads, state)
   assert all(np.isfinite(u).all() for u in jax.tree_util.tree_leaves(updates))
-  assert float(jnp.abs(state[0].covariances["Dense_2/kernel"]["diagonal"]).max()) > 0
+  assert float(jnp.abs(state[0].statistics["Dense_2/kernel"]["diagonal"]).max()) > 0
 
 
 # --- BatchNorm with mutable state ------------------------------------------------------------
@@ -447,4 +447,4 @@ def test_every_parameter_of_a_mixed_model_gets_its_block(x64):
     losses, state = _train_with_batch_stats(loss_fn, tx, variables["params"], batch)
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
     dtype = jnp.float64 if x64 else jnp.float32
-    assert all(x.dtype == dtype for x in jax.tree_util.tree_leaves(state[0].covariances))
+    assert all(x.dtype == dtype for x in jax.tree_util.tree_leaves(state[0].statistics))

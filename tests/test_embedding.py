@@ -101,9 +101,9 @@ def test_state_never_holds_vocab_squared():
   state = jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-3).init(params)
   _nets.assert_no_square_of(state, vocab)
   kstate = jkfac.precondition(loss_fn, batch, damping=1e-3).init(params)
-  assert kstate.covariances["params/Embed_0"]["A"].shape == (vocab,)
+  assert kstate.statistics["params/Embed_0"]["A"].shape == (vocab,)
   assert kstate.inverses["params/Embed_0"]["A"].shape == (vocab,)
-  assert kstate.covariances["params/Embed_0"]["G"].shape == (5, 5)
+  assert kstate.statistics["params/Embed_0"]["G"].shape == (5, 5)
   description = str(jkfac.describe(loss_fn, params, batch))
   assert "embedding" in description and "A 1000, G 5x5" in description
 
@@ -112,7 +112,7 @@ def test_factors_equal_hand_computed():
   model, params, batch = _setup(vocab=11, n=8)
   _, _, state = _one_step_state(_loss(model.apply), params, batch)
   counts, g = _hand_factors(params, batch)
-  covariances = state.covariances["params/Embed_0"]
+  covariances = state.statistics["params/Embed_0"]
   np.testing.assert_allclose(covariances["A"], counts, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(covariances["G"], g, rtol=1e-4, atol=1e-8)
 
@@ -138,8 +138,8 @@ def test_flax_embed_auto_registers_as_hand_tag(use_layer_collection):
   model, params, batch = _setup(vocab=13, n=8, seed=2)
   auto_loss = _loss(model.apply)
   hand_loss = _loss(lambda p, ids: _hand_logits(p, ids, use_layer_collection))
-  auto = jkfac.transform.trace_with_approximations(auto_loss, params, batch)
-  hand = jkfac.transform.trace_with_approximations(hand_loss, params, batch,
+  auto = jkfac.layer_table.trace_with_approximations(auto_loss, params, batch)
+  hand = jkfac.layer_table.trace_with_approximations(hand_loss, params, batch,
                                                    auto_register=False)
   auto_embed, = [layer for layer in auto.layers if layer.kind == "embedding"]
   hand_embed, = [layer for layer in hand.layers if layer.kind == "embedding"]
@@ -148,8 +148,8 @@ def test_flax_embed_auto_registers_as_hand_tag(use_layer_collection):
   _, auto_updates, auto_state = _one_step_state(auto_loss, params, batch)
   _, hand_updates, hand_state = _one_step_state(hand_loss, params, batch)
   for name in ("A", "G"):
-    np.testing.assert_allclose(auto_state.covariances["params/Embed_0"][name],
-                               hand_state.covariances["params/Embed_0"][name], rtol=1e-6)
+    np.testing.assert_allclose(auto_state.statistics["params/Embed_0"][name],
+                               hand_state.statistics["params/Embed_0"][name], rtol=1e-6)
   np.testing.assert_allclose(auto_updates["params"]["Embed_0"]["embedding"],
                              hand_updates["params"]["Embed_0"]["embedding"], rtol=1e-5,
                              atol=1e-7)
@@ -163,14 +163,14 @@ def test_jnp_take_is_registered():
     y = jnp.take(p["params"]["Embed_0"]["embedding"], ids, axis=0)
     return y.mean(axis=1) @ dense["kernel"] + dense["bias"]
 
-  trace = jkfac.transform.trace_with_approximations(_loss(logits), params, batch)
+  trace = jkfac.layer_table.trace_with_approximations(_loss(logits), params, batch)
   assert sorted(layer.kind for layer in trace.layers) == ["dense", "embedding"]
 
 
 def test_tied_embedding_is_one_tied_layer():
   """A table that is also the output projection: see tests/test_tied_embedding.py."""
   model, params, batch = _setup(vocab=9, tied=True)
-  trace = jkfac.transform.trace_with_approximations(_loss(model.apply), params, batch)
+  trace = jkfac.layer_table.trace_with_approximations(_loss(model.apply), params, batch)
   layer, = trace.layers
   assert (layer.name, layer.kind, layer.approx) == ("params/Embed_0", "tied_embedding",
                                                     "kron_indep")

@@ -9,7 +9,7 @@ import pytest
 from flax.training import train_state
 
 import jkfac
-from jkfac import tags, tracer
+from jkfac import tags, layer_table
 
 KEY = jax.random.PRNGKey(0)
 
@@ -199,7 +199,7 @@ def test_kfac_approx_reaches_the_tag(dense_approx, conv_approx):
   walk(jaxpr)
   assert found == {"conv2d": conv_approx, "dense": dense_approx}
   # In the tracer's table, None falls back to the default.
-  trace = tracer.trace_layers(loss_fn, params, batch, default_approx="kron")
+  trace = layer_table.trace_layers(loss_fn, params, batch, approx_for=lambda name, kind: "kron")
   assert {layer.name: layer.approx for layer in trace.layers} == {
       "conv": conv_approx or "kron", "dense": dense_approx or "kron"}
   assert {layer.name: layer.kind for layer in trace.layers} == {

@@ -20,7 +20,7 @@ from jax import lax
 from jax.extend import core as jcore
 
 import jkfac
-from jkfac import layer_collection, layers, tags, tracer
+from jkfac import layer_collection, layers, tags, layer_table, statistics
 from tests import _nets
 
 KEY = jax.random.PRNGKey(0)
@@ -73,8 +73,8 @@ def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 
 
 def _statistics(loss_fn, trace, params, batch, auto_register=True):
-  """`tracer.collect_statistics` with the true targets, jitted (op by op is slower on CPU)."""
-  return jax.jit(lambda p, b: tracer.collect_statistics(loss_fn, trace, p, b, KEY, "empirical",
+  """`statistics.collect_statistics` with the true targets, jitted (op by op is slower on CPU)."""
+  return jax.jit(lambda p, b: statistics.collect_statistics(loss_fn, trace, p, b, KEY, "empirical",
                                                         auto_register))(params, batch)
 
 
@@ -85,14 +85,14 @@ def _assert_same_as_hand_tagged(auto_loss, hand_loss, params, batch, expected, s
   for a dense layer. With `steps`, two `jkfac.kfac` steps are compared too (each costs
   a compilation, so only some tests ask for them).
   """
-  auto = tracer.trace_layers(auto_loss, params, batch)
-  hand = tracer.trace_layers(hand_loss, params, batch, auto_register=False)
+  auto = layer_table.trace_layers(auto_loss, params, batch)
+  hand = layer_table.trace_layers(hand_loss, params, batch, auto_register=False)
   assert [(l.name, l.kind, l.bias is not None, l.conv) for l in auto.layers] == expected
   assert auto.layers == hand.layers   # kinds, approx, weight/bias indices, shapes, conv
   assert auto.generic == hand.generic == ()
   assert auto.param_paths == hand.param_paths
   # Nothing is recognised with auto_register=False: the untagged model has only generic leaves.
-  assert tracer.trace_layers(auto_loss, params, batch, auto_register=False).layers == ()
+  assert layer_table.trace_layers(auto_loss, params, batch, auto_register=False).layers == ()
 
   auto_stats = _statistics(auto_loss, auto, params, batch)
   hand_stats = _statistics(hand_loss, hand, params, batch, auto_register=False)
@@ -108,8 +108,8 @@ def _assert_same_as_hand_tagged(auto_loss, hand_loss, params, batch, expected, s
   auto_updates, auto_state = _kfac_steps(auto_loss, params, batch)
   hand_updates, hand_state = _kfac_steps(hand_loss, params, batch, auto_register=False)
   _assert_trees_close(auto_updates, hand_updates, rtol=1e-4, atol=1e-6)
-  assert sorted(auto_state[0].covariances) == sorted(name for name, *_ in expected)
-  _assert_trees_close(auto_state[0].covariances, hand_state[0].covariances, rtol=1e-4,
+  assert sorted(auto_state[0].statistics) == sorted(name for name, *_ in expected)
+  _assert_trees_close(auto_state[0].statistics, hand_state[0].statistics, rtol=1e-4,
                       atol=1e-6)
 
 
@@ -187,7 +187,7 @@ def test_remat_layers_are_inside_a_sub_jaxpr():
   jaxpr = jax.make_jaxpr(_flax_loss(plain))(params, batch).jaxpr
   names = [eqn.primitive.name for eqn in jaxpr.eqns]
   assert names.count("checkpoint") + names.count("remat2") == 3
-  closed, _ = tracer.make_jaxpr(_flax_loss(plain), params, batch)
+  closed, _ = layer_table.make_jaxpr(_flax_loss(plain), params, batch)
   assert [e.primitive for e in closed.jaxpr.eqns].count(tags.layer_tag_p) == 1   # Dense_0
   assert _count_layer_tags(closed.jaxpr) == 4
 
@@ -211,7 +211,7 @@ def test_x64_layers_are_registered(case, steps):
     batch = (x, labels)
     _assert_same_as_hand_tagged(_flax_loss(plain), _flax_loss(tagged), params, batch,
                                 _FLAX_CASES[case], steps=steps)
-    auto = tracer.trace_layers(_flax_loss(plain), params, batch)
+    auto = layer_table.trace_layers(_flax_loss(plain), params, batch)
     stats = _statistics(_flax_loss(plain), auto, params, batch)
     assert all(s.inputs[0].dtype == s.output_grads[0].dtype == jnp.float64 for s in stats.values())
 
@@ -299,9 +299,9 @@ def test_hand_tags_win_and_are_not_tagged_twice():
   model, batch = Mixed(), _batch((6,))
   params = _random_like(jax.eval_shape(model.init, KEY, batch[0])["params"])
   loss_fn = _flax_loss(model)
-  closed, _ = tracer.make_jaxpr(loss_fn, params, batch)
+  closed, _ = layer_table.make_jaxpr(loss_fn, params, batch)
   assert _count_layer_tags(closed.jaxpr) == 3          # two hand tags + Dense_1
-  trace = tracer.trace_layers(loss_fn, params, batch, approx_for=lambda name, kind: "full")
+  trace = layer_table.trace_layers(loss_fn, params, batch, approx_for=lambda name, kind: "full")
   assert [(l.name, l.approx) for l in trace.layers] == [("Dense_0", "diagonal"),
                                                          ("Dense_1", "full"),
                                                          ("Dense_2", "full")]
@@ -318,7 +318,7 @@ def test_hand_tags_win_and_are_not_tagged_twice():
     return _nets.cross_entropy(logits, labels)
   params = {"w": params["Dense_0"]["kernel"], "b": params["Dense_0"]["bias"],
             "out": jnp.ones((5, NUM_CLASSES)) / 5}
-  trace = tracer.trace_layers(partly_tagged, params, batch)
+  trace = layer_table.trace_layers(partly_tagged, params, batch)
   assert [(l.name, l.approx, l.bias) for l in trace.layers] == [("w", "full", None),
                                                                  ("out", "kron", None)]
   assert [l.name for l in trace.generic] == ["b"]
@@ -337,7 +337,7 @@ def test_weight_used_twice_is_one_multi_use_layer():
   model, batch = SharedDense(), _batch((4,), n=8)
   params = _random_like(jax.eval_shape(model.init, KEY, batch[0])["params"])
   loss_fn = _flax_loss(model)
-  closed, _ = tracer.make_jaxpr(loss_fn, params, batch)
+  closed, _ = layer_table.make_jaxpr(loss_fn, params, batch)
   assert _count_layer_tags(closed.jaxpr) == 3
   rows = {p.path: (p.layer, p.kind, p.approx) for p in
           jkfac.describe(loss_fn, params, batch).parameters}
@@ -347,11 +347,11 @@ def test_weight_used_twice_is_one_multi_use_layer():
                   "Dense_1/kernel": ("Dense_1", "dense", "kron")}
 
   tx = jkfac.kfac(loss_fn, batch, learning_rate=0.05, damping=1e-1, invert_every=1)
-  assert tx.init(params)[0].covariances["Dense_0"]["A"].shape == (5, 5)
+  assert tx.init(params)[0].statistics["Dense_0"]["A"].shape == (5, 5)
   losses, params, state = _nets.train_losses(loss_fn, tx, params, batch, steps=4)
   assert all(np.isfinite(losses)) and losses[-1] < losses[0]
   assert all(np.isfinite(p).all() for p in jax.tree_util.tree_leaves((params, state)))
-  assert np.abs(state[0].covariances["Dense_0"]["G"]).max() > 0
+  assert np.abs(state[0].statistics["Dense_0"]["G"]).max() > 0
 
 
 def test_bias_used_by_two_layers_is_not_registered_twice():
@@ -367,9 +367,9 @@ def test_bias_used_by_two_layers_is_not_registered_twice():
             "b": jnp.asarray(rng.standard_normal(3) / 2, jnp.float32)}
   batch = _batch((4,))
   loss_fn = _loss(lambda p, x: jnp.tanh(x @ p["w1"] + p["b"]) @ p["w2"] + p["b"])
-  assert [l.name for l in tracer.trace_layers(loss_fn, params, batch,
+  assert [l.name for l in layer_table.trace_layers(loss_fn, params, batch,
                                               auto_register=False).generic] == ["b", "w1", "w2"]
-  trace = tracer.trace_layers(loss_fn, params, batch)
+  trace = layer_table.trace_layers(loss_fn, params, batch)
   assert "b" in [l.name for l in trace.generic]   # like a shared weight: a generic leaf
   assert all(l.bias is None for l in trace.layers)
   rows = {p.path: p.kind for p in jkfac.describe(loss_fn, params, batch).parameters}
@@ -431,7 +431,7 @@ def test_seed_flow_with_layer_collection_matches_flax_and_auto_registration():
   flax_loss, auto_loss = _flax_loss(SeedConvNet(True)), _flax_loss(SeedConvNet(False))
   np.testing.assert_allclose(_seed_lax_loss(lax_params, batch), flax_loss(flax_params, batch),
                              rtol=1e-5)
-  trace = tracer.trace_layers(_seed_lax_loss, lax_params, batch)
+  trace = layer_table.trace_layers(_seed_lax_loss, lax_params, batch)
   assert [(l.name, l.kind, l.approx) for l in trace.layers] == [
       ("conv0", "conv2d", "diagonal"), ("conv1", "conv2d", "kron"), ("fc", "dense", "kron")]
   assert trace.generic == ()
@@ -440,9 +440,9 @@ def test_seed_flow_with_layer_collection_matches_flax_and_auto_registration():
   flax_updates, _ = _kfac_steps(flax_loss, flax_params, batch)
   auto_updates, auto_state = _kfac_steps(auto_loss, flax_params, batch,
                                          approximations={"Conv_0": "diagonal"})
-  assert set(lax_state[0].covariances["conv0"]) == {"diagonal"}
-  assert set(auto_state[0].covariances["Conv_0"]) == {"diagonal"}
-  assert set(auto_state[0].covariances["Conv_1"]) == {"A", "G"}
+  assert set(lax_state[0].statistics["conv0"]) == {"diagonal"}
+  assert set(auto_state[0].statistics["Conv_0"]) == {"diagonal"}
+  assert set(auto_state[0].statistics["Conv_1"]) == {"A", "G"}
   for lax_u, flax_u, auto_u in zip(lax_updates, flax_updates, auto_updates):
     assert np.abs(jax.tree_util.tree_leaves(lax_u)[0]).max() > 0
     _assert_trees_close(lax_u, to_lax(flax_u), rtol=1e-4, atol=1e-7)
@@ -473,17 +473,17 @@ def test_fused_value_and_grad_matches_unfused_update():
   @jax.jit
   def fused(params, state):
     loss, grads, curvature = jkfac.value_and_grad(loss_fn)(params, batch)
-    updates, state = tx.update(grads, state, params, batch=batch, stats=curvature)
+    updates, state = tx.update(grads, state, params, batch=batch, curvature=curvature)
     return optax.apply_updates(params, updates), state, (loss, grads, updates)
 
   p1, s1, p2, s2 = params, tx.init(params), params, tx.init(params)
-  assert {"LayerNorm_0/scale", "LayerNorm_0/bias", "temp"} <= set(s1[0].covariances)
+  assert {"LayerNorm_0/scale", "LayerNorm_0/bias", "temp"} <= set(s1[0].statistics)
   for _ in range(2):
     p1, s1, out1 = unfused(p1, s1)
     p2, s2, out2 = fused(p2, s2)
     _assert_trees_close(out1, out2, rtol=1e-5, atol=1e-7)
-    _assert_trees_close(s1[0].covariances, s2[0].covariances, rtol=1e-5, atol=1e-7)
-  assert float(jnp.abs(s1[0].covariances["temp"]["diagonal"]).max()) > 0
+    _assert_trees_close(s1[0].statistics, s2[0].statistics, rtol=1e-5, atol=1e-7)
+  assert float(jnp.abs(s1[0].statistics["temp"]["diagonal"]).max()) > 0
 
 
 @pytest.mark.parametrize("grad_auto, tx_auto", [(False, True), (True, False)])
@@ -494,7 +494,7 @@ def test_fused_value_and_grad_with_other_auto_register_raises(grad_auto, tx_auto
   state = tx.init(params)
   _, grads, curvature = jkfac.value_and_grad(loss_fn, auto_register=grad_auto)(params, batch)
   with pytest.raises(ValueError, match="auto_register"):
-    tx.update(grads, state, params, batch=batch, stats=curvature)
+    tx.update(grads, state, params, batch=batch, curvature=curvature)
 
 
 # --- Flax NNX ---------------------------------------------------------------------------------
@@ -518,7 +518,7 @@ def test_nnx_layers_are_registered():
   graphdef, params = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
   batch = _batch((6, 6, 2))
   loss_fn = _loss(lambda p, x: nnx.merge(graphdef, p)(x))
-  trace = tracer.trace_layers(loss_fn, params, batch)
+  trace = layer_table.trace_layers(loss_fn, params, batch)
   assert [(layer.name, layer.kind, layer.bias is not None) for layer in trace.layers] == [
       ("conv", "conv2d", True), ("norm", "scale_and_shift", True), ("linear", "dense", True)]
   assert trace.layers[0].conv.window_strides == (2, 2)
@@ -540,8 +540,8 @@ def test_kron_reduce_factors_average_inputs_and_sum_output_gradients():
   params = {"Conv_0": model.init(KEY, batch[0])["params"]}
   loss_fn = _loss(lambda p, x: model.apply({"params": p["Conv_0"]}, x).reshape(
       x.shape[0], -1)[:, :3])
-  trace = tracer.trace_layers(loss_fn, params, batch, default_approx="kron_reduce")
-  stats = tracer.collect_statistics(loss_fn, trace, params, batch, KEY, "empirical")["Conv_0"]
+  trace = layer_table.trace_layers(loss_fn, params, batch, approx_for=lambda name, kind: "kron_reduce")
+  stats = statistics.collect_statistics(loss_fn, trace, params, batch, KEY, "empirical")["Conv_0"]
   tx = jkfac.precondition(loss_fn, batch, damping=1e-3, approximations={"Conv_0": "kron_reduce"},
                           estimation="empirical", cov_ema_decay=0.0)
   state = tx.init(params)
@@ -555,9 +555,9 @@ def test_kron_reduce_factors_average_inputs_and_sum_output_gradients():
   a = np.concatenate([patches.mean(axis=1), np.ones((patches.shape[0], 1))], axis=1)
   g = np.asarray(stats.output_grads[0][0]).reshape(patches.shape[0], -1, 3).sum(axis=1)
   assert layer.approx == "kron_reduce"
-  np.testing.assert_allclose(state.covariances["Conv_0"]["A"], a.T @ a / len(a), rtol=1e-5,
+  np.testing.assert_allclose(state.statistics["Conv_0"]["A"], a.T @ a / len(a), rtol=1e-5,
                              atol=1e-6)
-  np.testing.assert_allclose(state.covariances["Conv_0"]["G"], g.T @ g, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(state.statistics["Conv_0"]["G"], g.T @ g, rtol=1e-5, atol=1e-7)
 
 
 # --- 1-D convolutions ----------------------------------------------------------------------------
@@ -583,13 +583,13 @@ def test_conv1d_is_registered_as_hand_tagged(strides, padding, dilation):
     return y.reshape(x.shape[0], -1)[:, :NUM_CLASSES]
 
   auto, hand = _loss(auto_apply), _loss(hand_apply)
-  auto_trace = tracer.trace_layers(auto, params, batch)
-  hand_trace = tracer.trace_layers(hand, params, batch)
+  auto_trace = layer_table.trace_layers(auto, params, batch)
+  hand_trace = layer_table.trace_layers(hand, params, batch)
   assert auto_trace == hand_trace and auto_trace.layers[0].kind == "conv1d"
   auto_stats = _statistics(auto, auto_trace, params, batch)
   _assert_trees_close(auto_stats, _statistics(hand, hand_trace, params, batch))
   layer = auto_trace.layers[0]
-  rows = layers.input_rows(layer, auto_stats["Conv_0"].inputs[0])
+  rows = _nets.input_rows(layer, auto_stats["Conv_0"].inputs[0])
   matrix = layers.param_matrix(layer, params["Conv_0"]["kernel"], params["Conv_0"]["bias"])
   expected = conv.apply({"params": params["Conv_0"]}, batch[0])
   np.testing.assert_allclose(rows @ matrix, expected.reshape(rows.shape[0], -1, 5), rtol=1e-5,
@@ -604,6 +604,6 @@ def test_dense_of_parameters_alone_is_not_a_layer():
             "p": jnp.asarray(rng.standard_normal((2, 5)), jnp.float32),
             "v": jnp.asarray(rng.standard_normal((5, NUM_CLASSES)), jnp.float32)}
   apply = lambda params, x: x @ params["w"] + (params["p"] @ params["v"]).sum(axis=0)
-  trace = tracer.trace_layers(_loss(apply), params, _batch((4,)))
+  trace = layer_table.trace_layers(_loss(apply), params, _batch((4,)))
   assert [layer.name for layer in trace.layers] == ["w"]
   assert sorted(layer.name for layer in trace.generic) == ["p", "v"]

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 import jkfac
-from jkfac import layer_collection, tracer
+from jkfac import layer_collection, layer_table
 from tests import _nets
 
 KEY = jax.random.PRNGKey(0)
@@ -58,22 +58,22 @@ def _assert_auto_equals_hand(auto_loss, hand_loss, params, batch, expected, hand
   `expected` lists `(name, kind, approx, has_bias)` of the layers, in order.
   """
   hand_batch = batch if hand_batch is None else hand_batch
-  auto = tracer.trace_layers(auto_loss, params, batch)
-  hand = tracer.trace_layers(hand_loss, params, hand_batch)
+  auto = layer_table.trace_layers(auto_loss, params, batch)
+  hand = layer_table.trace_layers(hand_loss, params, hand_batch)
   assert [(l.name, l.kind, l.approx, l.bias is not None) for l in auto.layers] == expected
   assert auto.layers == hand.layers   # kinds, approx, leaf indices, x_hat and output shapes
   assert auto.generic == hand.generic == ()
   # Without auto_register, the norm's parameters of the untagged model are generic.
-  plain = tracer.trace_layers(auto_loss, params, batch, auto_register=False)
+  plain = layer_table.trace_layers(auto_loss, params, batch, auto_register=False)
   norm = next(l for l in auto.layers if l.kind == "scale_and_shift")
   assert {norm.weight, norm.bias} - {None} <= {l.weight for l in plain.generic}
 
   auto_updates, auto_state = _one_update(auto_loss, params, batch)
   hand_updates, hand_state = _one_update(hand_loss, params, hand_batch)
-  covariances = auto_state[0].covariances[norm.name]["diagonal"]
+  covariances = auto_state[0].statistics[norm.name]["diagonal"]
   assert covariances.shape == (1 + (norm.bias is not None), D)
   assert float(covariances.min()) > 0
-  _assert_trees_close(auto_state[0].covariances, hand_state[0].covariances, rtol=1e-4)
+  _assert_trees_close(auto_state[0].statistics, hand_state[0].statistics, rtol=1e-4)
   _assert_trees_close(auto_updates, hand_updates, rtol=1e-4)
 
 
@@ -184,7 +184,7 @@ def test_nnx_batch_norm_is_recognised():
 
   graphdef, params, stats = nnx.split(Net(nnx.Rngs(0)), nnx.Param, ...)
   loss_fn = _loss(lambda p, batch: nnx.merge(graphdef, p, batch[2], copy=True)(batch[0]))
-  trace = tracer.trace_layers(loss_fn, params, (*_batch((5,)), stats))
+  trace = layer_table.trace_layers(loss_fn, params, (*_batch((5,)), stats))
   assert [(l.name, l.kind, l.approx) for l in trace.layers] == [
       ("linear", "dense", "kron"), ("norm", "scale_and_shift", "diagonal")]
   assert trace.generic == ()
@@ -245,7 +245,7 @@ def test_which_norms_are_recognised(case, kinds, generic):
   model, (x, labels) = OtherNorms(case), _batch((3, 5))
   variables = model.init(KEY, x)
   state = {k: c for k, c in variables.items() if k != "params"}
-  trace = tracer.trace_layers(_linen_loss(model), variables["params"], (x, labels, state))
+  trace = layer_table.trace_layers(_linen_loss(model), variables["params"], (x, labels, state))
   assert [l.kind for l in trace.layers] == kinds
   assert [l.name for l in trace.generic] == generic
   if case == "rms":
@@ -255,10 +255,10 @@ def test_which_norms_are_recognised(case, kinds, generic):
 def test_a_scaled_parameter_is_no_layer():
   """`x @ (w * g)` (weight norm): `w * g` has no examples, so `g` is no scale; `x * g` is."""
   params = {"g": jnp.ones(NUM_CLASSES), "w": jnp.ones((5, NUM_CLASSES))}
-  trace = tracer.trace_layers(_loss(lambda p, b: b[0] @ (p["w"] * p["g"])), params,
+  trace = layer_table.trace_layers(_loss(lambda p, b: b[0] @ (p["w"] * p["g"])), params,
                               _batch((5,)))
   assert trace.layers == () and [l.name for l in trace.generic] == ["g", "w"]
-  trace = tracer.trace_layers(_loss(lambda p, b: (b[0] @ p["w"]) * p["g"]), params,
+  trace = layer_table.trace_layers(_loss(lambda p, b: (b[0] @ p["w"]) * p["g"]), params,
                               _batch((5,)))
   assert [(l.name, l.kind) for l in trace.layers] == [("w", "dense"), ("g", "scale_and_shift")]
 
@@ -274,7 +274,7 @@ def test_hand_scale_and_shift_tag_wins():
       return (y + shift) @ params["out"]
     return f
   params = {"scale": jnp.ones(5), "shift": jnp.zeros(5), "out": jnp.ones((5, NUM_CLASSES))}
-  trace = tracer.trace_layers(_loss(apply("full", False)), params, _batch((5,)))
+  trace = layer_table.trace_layers(_loss(apply("full", False)), params, _batch((5,)))
   assert [(l.name, l.kind, l.approx, l.bias) for l in trace.layers] == [
       ("scale", "scale_and_shift", "full", None), ("out", "dense", "kron", None)]
   assert [l.name for l in trace.generic] == ["shift"]
@@ -343,11 +343,11 @@ def test_blocks_equal_the_per_example_fisher(approx, estimation):
     oracle = np.asarray(oracle)
     gradient = np.asarray(_norm_params(grads))
     if approx == "diagonal":
-      np.testing.assert_allclose(state.covariances["LayerNorm_0"]["diagonal"],
+      np.testing.assert_allclose(state.statistics["LayerNorm_0"]["diagonal"],
                                  np.diag(oracle).reshape(2, -1), rtol=1e-9, atol=1e-12)
       expected = gradient / (np.diag(oracle) + damping)
     else:
-      np.testing.assert_allclose(state.covariances["LayerNorm_0"]["F"], oracle, rtol=1e-9,
+      np.testing.assert_allclose(state.statistics["LayerNorm_0"]["F"], oracle, rtol=1e-9,
                                  atol=1e-12)
       expected = np.linalg.solve(oracle + damping * np.eye(len(gradient)), gradient)
     assert np.abs(np.diag(oracle)).min() > 1e-6
@@ -372,7 +372,7 @@ def test_kfac_trains_an_mlp_with_layer_norm():
   losses, params, state = _nets.train_losses(loss_fn, tx, params, batch, steps=6)
   assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
   assert all(np.isfinite(p).all() for p in jax.tree_util.tree_leaves((params, state)))
-  assert float(state[0].covariances["LayerNorm_0"]["diagonal"].min()) > 0
+  assert float(state[0].statistics["LayerNorm_0"]["diagonal"].min()) > 0
 
 
 def test_describe_shows_scale_and_shift():
@@ -426,12 +426,12 @@ def test_register_generic_forces_a_dense_kernel_to_generic():
                                                   + p["Dense_0"]["bias"])
                                          @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"])
                    @ p["Dense_2"]["kernel"] + p["Dense_2"]["bias"])
-  assert [l.kind for l in tracer.trace_layers(unmarked, params, batch).layers] == ["dense"] * 3
+  assert [l.kind for l in layer_table.trace_layers(unmarked, params, batch).layers] == ["dense"] * 3
   np.testing.assert_allclose(loss_fn(params, batch), unmarked(params, batch), rtol=1e-6)
 
   updates, state = _one_update(loss_fn, params, batch)
-  assert state[0].covariances["Dense_0/kernel"]["diagonal"].shape == (20, 1)
-  assert float(state[0].covariances["Dense_0/kernel"]["diagonal"].max()) > 0
+  assert state[0].statistics["Dense_0/kernel"]["diagonal"].shape == (20, 1)
+  assert float(state[0].statistics["Dense_0/kernel"]["diagonal"].max()) > 0
   assert all(np.isfinite(u).all() for u in jax.tree_util.tree_leaves(updates))
   # The fused path records no input for a generic tag, and takes the same step.
   assert len(jkfac.value_and_grad(loss_fn)(params, batch)[2].inputs) == 1
@@ -441,18 +441,18 @@ def test_register_generic_forces_a_dense_kernel_to_generic():
   @jax.jit
   def fused(params, batch):
     _, grads, curvature = jkfac.value_and_grad(loss_fn)(params, batch)
-    return tx.update(grads, tx.init(params), params, batch=batch, stats=curvature)
+    return tx.update(grads, tx.init(params), params, batch=batch, curvature=curvature)
 
   fused_updates, fused_state = fused(params, batch)
   _assert_trees_close(fused_updates, updates)
-  _assert_trees_close(fused_state[0].covariances, state[0].covariances)
+  _assert_trees_close(fused_state[0].statistics, state[0].statistics)
 
 
 def test_register_generic_keeps_a_norm_generic():
   """`tests/_nets.WithGeneric` marks its LayerNorm's scale and bias with register_generic."""
   model, batch = _nets.WithGeneric(NUM_CLASSES), _batch((5,))
   params = _random_like(jax.eval_shape(model.init, KEY, batch[0])["params"])
-  trace = tracer.trace_layers(_loss(lambda p, b: model.apply({"params": p}, b[0])), params,
+  trace = layer_table.trace_layers(_loss(lambda p, b: model.apply({"params": p}, b[0])), params,
                               batch)
   assert [l.kind for l in trace.layers] == ["dense", "dense"]
   assert [l.name for l in trace.generic] == ["LayerNorm_0/bias", "LayerNorm_0/scale", "temp"]
@@ -500,10 +500,10 @@ def test_register_generic_errors():
   with pytest.raises(ValueError, match="diagonal"):
     jkfac.register_generic(params["w"], approx="full")
   with pytest.raises(ValueError, match="not a leaf"):   # an array computed from the parameter
-    tracer.trace_layers(_loss(lambda p, b: b[0] @ jkfac.register_generic(2 * p["w"])), params,
+    layer_table.trace_layers(_loss(lambda p, b: b[0] @ jkfac.register_generic(2 * p["w"])), params,
                         batch)
   with pytest.raises(ValueError, match="register_generic"):   # and a hand layer tag on it
     def both(p, b):
       w = jkfac.register_generic(p["w"])
       return jkfac.register_dense(b[0] @ p["w"], b[0], p["w"]) + 0 * w.sum()
-    tracer.trace_layers(_loss(both), params, batch)
+    layer_table.trace_layers(_loss(both), params, batch)

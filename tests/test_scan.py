@@ -20,7 +20,7 @@ import pytest
 from jax import lax
 
 import jkfac
-from jkfac import tracer
+from jkfac import layer_table
 from tests import _nets
 
 KEY = jax.random.PRNGKey(0)
@@ -109,7 +109,7 @@ def test_stacked_layers_match_the_unrolled_loop(conv, approx):
   name = "ScanCheckpoint_ScanBlock_0/" + ("Conv_0" if conv else "Dense_0")
   kind = "conv2d" if conv else "dense"
 
-  trace = tracer.trace_layers(stacked_loss, params, batch)
+  trace = layer_table.trace_layers(stacked_loss, params, batch)
   scanned = next(layer for layer in trace.layers if layer.name == name)
   assert (scanned.kind, scanned.stack, scanned.scans) == (kind, (DEPTH,), (("stack",),))
   assert not trace.generic
@@ -119,8 +119,8 @@ def test_stacked_layers_match_the_unrolled_loop(conv, approx):
   unrolled_updates, unrolled_state = _one_step(
       unrolled_loss, unrolled_params, batch, approximations=approx and {"block_*": approx})
   for i in range(DEPTH):
-    for factor, value in unrolled_state.covariances[f"block_{i}"].items():
-      _close(stacked_state.covariances[name][factor][i], value)
+    for factor, value in unrolled_state.statistics[f"block_{i}"].items():
+      _close(stacked_state.statistics[name][factor][i], value)
   _close_trees(_unrolled_params(conv, stacked_updates), unrolled_updates)
 
 
@@ -178,7 +178,7 @@ def _rnn_unrolled(params, xs, perturbations=None):
 def test_scan_over_time_is_one_multi_use_layer():
   params, batch = _rnn_params(), _batch((5, 3))
   loss_fn = _loss(_rnn_scan)
-  trace = tracer.trace_layers(loss_fn, params, batch)
+  trace = layer_table.trace_layers(loss_fn, params, batch)
   by_name = {layer.name: layer for layer in trace.layers}
   assert set(by_name) == {"hh", "xh", "out"} and not trace.generic
   hh = by_name["hh"]
@@ -193,7 +193,7 @@ def test_scan_over_time_matches_unrolled_loop_and_hand_factors():
   batch = (xs, labels)
   scan_updates, scan_state = _one_step(_loss(_rnn_scan), params, batch)
   loop_updates, loop_state = _one_step(_loss(lambda p, x: _rnn_unrolled(p, x)[0]), params, batch)
-  _close_trees(scan_state.covariances, loop_state.covariances)
+  _close_trees(scan_state.statistics, loop_state.statistics)
   _close_trees(scan_updates, loop_updates)
 
   # kron_indep by hand: A averages [h_t, 1] over examples and steps, G sums the
@@ -205,8 +205,8 @@ def test_scan_over_time_matches_unrolled_loop_and_hand_factors():
   grads = np.asarray(jax.grad(mean_loss)(zeros), np.float64) * np.sqrt(n)   # (T, N, 4)
   hidden = np.asarray(_rnn_unrolled(params, xs)[1], np.float64)             # (T, N, 4)
   a = np.concatenate([hidden, np.ones(hidden.shape[:-1] + (1,))], axis=-1)
-  _close(scan_state.covariances["hh"]["A"], np.einsum("tna,tnb->ab", a, a) / (n * steps))
-  _close(scan_state.covariances["hh"]["G"], np.einsum("tna,tnb->ab", grads, grads))
+  _close(scan_state.statistics["hh"]["A"], np.einsum("tna,tnb->ab", a, a) / (n * steps))
+  _close(scan_state.statistics["hh"]["G"], np.einsum("tna,tnb->ab", grads, grads))
 
 
 @pytest.mark.parametrize("approx", ["diagonal", "full"])
@@ -222,10 +222,10 @@ def test_multi_use_diagonal_and_full_sum_gradients_over_uses(approx):
   grads = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(params["hh"], xs, labels)
   v = np.concatenate([np.asarray(grads["kernel"]), np.asarray(grads["bias"])[:, None]], axis=1)
   if approx == "diagonal":
-    _close(state.covariances["hh"]["diagonal"], np.mean(v ** 2, axis=0))
+    _close(state.statistics["hh"]["diagonal"], np.mean(v ** 2, axis=0))
   else:
     v = v.reshape(v.shape[0], -1)
-    _close(state.covariances["hh"]["F"], v.T @ v / v.shape[0])
+    _close(state.statistics["hh"]["F"], v.T @ v / v.shape[0])
 
 
 # --- multi-use convs with kron_reduce ----------------------------------------------------------
@@ -255,12 +255,12 @@ def test_multi_use_conv_kron_reduce_by_hand():
   sums = sum(u.reshape(n, -1, u.shape[-1]).sum(axis=1) for u in uses)
   count = sum(u.shape[1] * u.shape[2] for u in uses)
   a = np.concatenate([sums / count, np.ones((n, 1))], axis=1)
-  _close(state.covariances["conv"]["A"], a.T @ a / n)
+  _close(state.statistics["conv"]["A"], a.T @ a / n)
   zeros = [jnp.zeros((n, 6, 6, 3)), jnp.zeros((n, 3, 3, 3))]
   mean_loss = lambda e: _nets.cross_entropy(apply(params, x, e), labels)
   g = sum(np.asarray(d, np.float64).sum(axis=(1, 2)) for d in jax.grad(mean_loss)(zeros))
   g = g * np.sqrt(n)
-  _close(state.covariances["conv"]["G"], g.T @ g)
+  _close(state.statistics["conv"]["G"], g.T @ g)
 
 
 # --- embeddings and errors ---------------------------------------------------------------------
@@ -275,7 +275,7 @@ def test_two_lookups_of_one_table_are_one_embedding_layer():
                           * jnp.take(p["table"], ids[:, 1], axis=0)) @ p["out"]
   _, state = _one_step(_loss(apply), params, (ids, labels))
   counts = np.bincount(np.asarray(ids).ravel(), minlength=7) / ids.size
-  _close(state.covariances["table"]["A"], counts)
+  _close(state.statistics["table"]["A"], counts)
 
 
 def test_loss_inside_scan_raises():
@@ -291,7 +291,7 @@ def test_loss_inside_scan_raises():
   with pytest.raises(NotImplementedError, match="loss inside a scan"):
     jax.jit(lambda p: jkfac.value_and_grad(loss_fn)(p, batch))(params)
   with pytest.raises(NotImplementedError, match="loss inside a scan"):
-    tracer.trace_layers(loss_fn, params, batch)
+    layer_table.trace_layers(loss_fn, params, batch)
 
 
 def test_weight_stacked_and_bias_repeated_raise():
@@ -304,7 +304,7 @@ def test_weight_stacked_and_bias_repeated_raise():
     return lax.scan(step, x, params["kernel"])[0][:, :NUM_CLASSES]
 
   with pytest.raises(ValueError, match="enter the enclosing scans differently"):
-    tracer.trace_layers(_loss(apply), params, batch)
+    layer_table.trace_layers(_loss(apply), params, batch)
 
 
 def test_fused_value_and_grad_through_a_scan_matches_the_plain_step():
@@ -315,7 +315,7 @@ def test_fused_value_and_grad_through_a_scan_matches_the_plain_step():
   loss, grads, curvature = jax.jit(jkfac.value_and_grad(loss_fn))(params, batch)
   _close(loss, loss_fn(params, batch))
   _close_trees(grads, jax.grad(loss_fn)(params, batch))
-  fused = jax.jit(lambda g, s, c: tx.update(g, s, params, batch=batch, stats=c))
+  fused = jax.jit(lambda g, s, c: tx.update(g, s, params, batch=batch, curvature=c))
   plain = jax.jit(lambda g, s: tx.update(g, s, params, batch=batch))
   _close_trees(fused(grads, state, curvature), plain(grads, state))
 
@@ -334,7 +334,7 @@ def test_hand_tags_inside_a_scan_equal_auto_registration():
     return lambda params, x: lax.scan(body, x, params)[0][:, :NUM_CLASSES]
 
   hand, auto = _loss(apply(True)), _loss(apply(False))
-  assert tracer.trace_layers(hand, params, batch) == tracer.trace_layers(auto, params, batch)
+  assert layer_table.trace_layers(hand, params, batch) == layer_table.trace_layers(auto, params, batch)
   _close_trees(_one_step(hand, params, batch), _one_step(auto, params, batch))
 
 
@@ -374,5 +374,5 @@ def test_nnx_scan_over_stacked_layers():
   _, state = _one_step(loss_fn, params, batch)
   _, unrolled_state = _one_step(_loss(_unrolled(False)), unrolled, batch)
   for i in range(DEPTH):
-    _close(state.covariances["blocks/linear"]["A"][i],
-           unrolled_state.covariances[f"block_{i}"]["A"])
+    _close(state.statistics["blocks/linear"]["A"][i],
+           unrolled_state.statistics[f"block_{i}"]["A"])

@@ -244,5 +244,6 @@ def test_seed_aliases_are_the_same_functions():
           is jkfac.register_squared_error is tags.register_squared_error)
   assert jkfac.register_dense is tags.register_dense
   assert jkfac.register_conv2d is tags.register_conv2d
-  assert (jkfac.APPROX_KRONECKER_NAME, jkfac.APPROX_DIAGONAL_NAME, jkfac.APPROX_FULL_NAME) == (
+  lc = jkfac.layer_collection
+  assert (lc.APPROX_KRONECKER_NAME, lc.APPROX_DIAGONAL_NAME, lc.APPROX_FULL_NAME) == (
       "kron", "diagonal", "full")

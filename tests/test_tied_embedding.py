@@ -118,9 +118,9 @@ def test_flax_attend_and_plain_jnp_register_as_hand_tags():
   model, params, batch = _setup()
   flax_loss, jnp_loss = _loss(model.apply), _loss(_apply_jnp)
   hand_loss = _loss(lambda p, ids: _apply_jnp(p, ids, hand=True))
-  traces = [jkfac.transform.trace_with_approximations(f, params, batch)
+  traces = [jkfac.layer_table.trace_with_approximations(f, params, batch)
             for f in (flax_loss, jnp_loss)]
-  hand = jkfac.transform.trace_with_approximations(hand_loss, params, batch,
+  hand = jkfac.layer_table.trace_with_approximations(hand_loss, params, batch,
                                                    auto_register=False)
   tied, = [layer for layer in hand.layers if layer.kind == "tied_embedding"]
   assert (tied.name, tied.approx, tied.roles) == (NAME, "kron_indep",
@@ -131,8 +131,8 @@ def test_flax_attend_and_plain_jnp_register_as_hand_tags():
   for loss_fn in (flax_loss, jnp_loss):
     _, updates, state = _one_step(loss_fn, params, batch)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                           (state.covariances, state.inverses, updates),
-                           (hand_state.covariances, hand_state.inverses, hand_updates))
+                           (state.statistics, state.inverses, updates),
+                           (hand_state.statistics, hand_state.inverses, hand_updates))
 
 
 def test_einsum_projection_is_registered():
@@ -143,7 +143,7 @@ def test_einsum_projection_is_registered():
     table = p["params"]["Embed_0"]["embedding"]
     return jnp.einsum("ntd,vd->ntv", jnp.take(table, ids, axis=0), table)
 
-  trace = jkfac.transform.trace_with_approximations(_loss(apply), params, batch)
+  trace = jkfac.layer_table.trace_with_approximations(_loss(apply), params, batch)
   assert [(layer.kind, layer.roles) for layer in trace.layers] == [
       ("tied_embedding", ("embedding", "embedding_projection"))]
 
@@ -154,7 +154,7 @@ def test_projection_without_lookup_keeps_its_old_block():
   rng = np.random.default_rng(0)
   batch = (jnp.asarray(rng.standard_normal((6, 4)), jnp.float32), jnp.zeros(6, jnp.int32))
   params = {"w": jnp.ones((3, 4)), "v": jnp.ones((4, 3))}
-  trace = jkfac.transform.trace_with_approximations(
+  trace = jkfac.layer_table.trace_with_approximations(
       _loss(lambda p, x: (x @ p["w"].T) @ p["v"].T @ p["v"]), params, batch)
   assert [(layer.name, layer.kind) for layer in trace.layers] == [("v", "dense")]
   assert [layer.name for layer in trace.generic] == ["w"]
@@ -172,7 +172,7 @@ def test_hand_tagged_projection_alone_is_the_second_term():
 
   damping = 0.1
   grads, updates, state = _one_step(_loss(apply), params, batch, damping, auto_register=False)
-  covariances = state.covariances["table"]
+  covariances = state.statistics["table"]
   np.testing.assert_array_equal(covariances["D1"], 0)
   np.testing.assert_allclose(covariances["A2"], x.T @ x / len(x), rtol=1e-5)
   expected = _dense_solve(np.zeros(VOCAB), np.zeros((D, D)), np.asarray(covariances["D2"]),
@@ -213,17 +213,17 @@ def test_projection_in_a_scan_matches_the_unrolled_loop():
   model = _RNN()
   params = model.init(KEY, batch[0])
   scan_loss, unrolled_loss = _loss(model.apply), _loss(_rnn_unrolled)
-  layers = {layer.name: layer for layer in jkfac.transform.trace_with_approximations(
+  layers = {layer.name: layer for layer in jkfac.layer_table.trace_with_approximations(
       scan_loss, params, batch).layers}
   assert (layers[NAME].kind, layers[NAME].scans) == ("tied_embedding", ((), ("repeat",)))
-  unrolled = jkfac.transform.trace_with_approximations(unrolled_loss, params, batch)
+  unrolled = jkfac.layer_table.trace_with_approximations(unrolled_loss, params, batch)
   assert [layer.roles for layer in unrolled.layers if layer.name == NAME] == [
       ("embedding",) + ("embedding_projection",) * TIME]
   _, scan_updates, scan_state = _one_step(scan_loss, params, batch)
   _, unrolled_updates, unrolled_state = _one_step(unrolled_loss, params, batch)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                         (scan_state.covariances, scan_updates),
-                         (unrolled_state.covariances, unrolled_updates))
+                         (scan_state.statistics, scan_updates),
+                         (unrolled_state.statistics, unrolled_updates))
 
 
 def test_register_embedding_projection_checks_shapes():
@@ -243,7 +243,7 @@ def test_factors_equal_hand_computed():
   _, _, state = _one_step(_loss(model.apply), params, batch)
   hand = dict(zip(("D1", "G1", "D2", "A2"), _hand_factors(params, batch)))
   for name, expected in hand.items():
-    np.testing.assert_allclose(state.covariances[NAME][name], expected, rtol=1e-4, atol=1e-7,
+    np.testing.assert_allclose(state.statistics[NAME][name], expected, rtol=1e-4, atol=1e-7,
                                err_msg=name)
 
 
@@ -279,7 +279,7 @@ def test_state_never_holds_vocab_squared():
   state = jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-3).init(params)
   _nets.assert_no_square_of(state, vocab)
   kstate = jkfac.precondition(loss_fn, batch, damping=1e-3).init(params)
-  assert {k: v.shape for k, v in kstate.covariances[NAME].items()} == {
+  assert {k: v.shape for k, v in kstate.statistics[NAME].items()} == {
       "D1": (vocab,), "G1": (D, D), "D2": (vocab,), "A2": (D, D)}
   assert {k: v.shape for k, v in kstate.inverses[NAME].items()} == {
       "Q": (D, D), "s": (D,), "D1": (vocab,), "D2": (vocab,)}

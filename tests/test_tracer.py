@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jkfac
-from jkfac import tracer
+from jkfac import layer_table, statistics
 from tests import _nets
 
 KEY = jax.random.PRNGKey(0)
@@ -32,7 +32,7 @@ def _assert_layer_params(trace, layer, params, name):
 def test_trace_finds_every_convnet_tag():
   net = _nets.CONVNET
   _, params, batch, loss_fn = _nets.make_problem(net, approx=(None, "diagonal", "full"))
-  trace = tracer.trace_layers(loss_fn, params, batch)
+  trace = layer_table.trace_layers(loss_fn, params, batch)
   assert [l.name for l in trace.layers] == ["Conv_0", "Conv_1", "Dense_0"]
   assert [l.kind for l in trace.layers] == ["conv2d", "conv2d", "dense"]
   assert [l.approx for l in trace.layers] == ["kron", "diagonal", "full"]
@@ -48,15 +48,15 @@ def test_trace_finds_every_convnet_tag():
   assert dense.conv is None
   assert [(l.kind, l.weight) for l in trace.losses] == [("softmax_cross_entropy", 1.0)]
   assert len(trace.param_paths) == len(_leaves(params))
-  # default_approx applies to layers whose tag names none.
-  trace = tracer.trace_layers(loss_fn, params, batch, default_approx="full")
+  # approx_for applies to layers whose tag names none.
+  trace = layer_table.trace_layers(loss_fn, params, batch, approx_for=lambda name, kind: "full")
   assert [l.approx for l in trace.layers] == ["full", "diagonal", "full"]
 
 
 def test_trace_finds_every_mlp_tag():
   net = _nets.MLP
   _, params, batch, loss_fn = _nets.make_problem(net)
-  trace = tracer.trace_layers(loss_fn, params, batch)
+  trace = layer_table.trace_layers(loss_fn, params, batch)
   assert [l.name for l in trace.layers] == ["Dense_0", "Dense_1"]
   assert [l.kind for l in trace.layers] == ["dense", "dense"]
   assert [l.approx for l in trace.layers] == ["kron", "kron"]
@@ -67,11 +67,11 @@ def test_trace_finds_every_mlp_tag():
                                                                       ((4, 5), (4, 3))]
   # approx_for fills in layers whose tag names none, by name.
   by_name = lambda name, kind: "diagonal" if name == "Dense_1" else None
-  trace = tracer.trace_layers(loss_fn, params, batch, approx_for=by_name)
+  trace = layer_table.trace_layers(loss_fn, params, batch, approx_for=by_name)
   assert [l.approx for l in trace.layers] == ["kron", "diagonal"]
   # ... but a tag's own kfac_approx wins.
   _, params, batch, loss_fn = _nets.make_problem(net, approx=("full", None))
-  trace = tracer.trace_layers(loss_fn, params, batch, approx_for=lambda name, kind: "diagonal")
+  trace = layer_table.trace_layers(loss_fn, params, batch, approx_for=lambda name, kind: "diagonal")
   assert [l.approx for l in trace.layers] == ["full", "diagonal"]
 
 
@@ -79,7 +79,7 @@ def test_trace_works_on_abstract_inputs():
   _, params, batch, loss_fn = _nets.make_problem(_nets.MLP)
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                     (params, batch))
-  assert tracer.trace_layers(loss_fn, *abstract) == tracer.trace_layers(loss_fn, params, batch)
+  assert layer_table.trace_layers(loss_fn, *abstract) == layer_table.trace_layers(loss_fn, params, batch)
 
 
 # --- tags inside sub-jaxprs ----------------------------------------------------------------
@@ -125,12 +125,12 @@ def test_tags_inside_jit_and_checkpoint_are_found(mode):
   # The tag really is inside a sub-jaxpr.
   top_level = [e.primitive.name for e in jax.make_jaxpr(loss_fn)(params, batch).jaxpr.eqns]
   assert top_level.count("kfac_layer_tag") == 1
-  trace = tracer.trace_layers(loss_fn, params, batch)
+  trace = layer_table.trace_layers(loss_fn, params, batch)
   assert [l.name for l in trace.layers] == ["first", "second"]
   for layer in trace.layers:
     _assert_layer_params(trace, layer, params, layer.name)
   # collect_statistics evaluates through the sub-jaxpr too.
-  stats = tracer.collect_statistics(loss_fn, trace, params, batch, KEY, "empirical")
+  stats = statistics.collect_statistics(loss_fn, trace, params, batch, KEY, "empirical")
   np.testing.assert_array_equal(stats["first"].inputs[0], batch[0])
   expected = jnp.tanh(batch[0] @ params["first"]["kernel"] + params["first"]["bias"])
   np.testing.assert_allclose(stats["second"].inputs[0], expected, rtol=1e-5, atol=1e-6)
@@ -161,7 +161,7 @@ def _two_layer_loss(first_layer, register_loss=True):
 def test_no_loss_registered_raises():
   params, batch = _mlp_params_and_batch()
   with pytest.raises(ValueError, match=r"No loss is registered"):
-    tracer.trace_layers(_two_layer_loss(_dense, register_loss=False), params, batch)
+    layer_table.trace_layers(_two_layer_loss(_dense, register_loss=False), params, batch)
 
 
 @pytest.mark.parametrize("which", ["kernel", "bias"])
@@ -174,7 +174,7 @@ def test_weights_not_in_params_raise(which):
     return jkfac.register_dense(x @ kernel + bias, x, kernel, bias * 2.0)
 
   with pytest.raises(ValueError, match=r"dense layer tag's weights .* are not leaves of `params`"):
-    tracer.trace_layers(_two_layer_loss(scaled), params, batch)
+    layer_table.trace_layers(_two_layer_loss(scaled), params, batch)
 
 
 def test_weights_from_the_batch_raise():
@@ -186,7 +186,7 @@ def test_weights_from_the_batch_raise():
     return _two_layer_loss(lambda x, k, b: _dense(x, w, b))(params, (x, labels))
 
   with pytest.raises(ValueError, match=r"not leaves of `params`"):
-    tracer.trace_layers(loss_fn, params, batch + (kernel,))
+    layer_table.trace_layers(loss_fn, params, batch + (kernel,))
 
 
 def test_tags_of_one_weight_that_disagree_raise():
@@ -202,7 +202,7 @@ def test_tags_of_one_weight_that_disagree_raise():
     return _nets.cross_entropy(logits, labels)
 
   with pytest.raises(ValueError, match=r"'Dense_0/kernel' is tagged several times .* must agree"):
-    tracer.trace_layers(loss_fn, params, batch)
+    layer_table.trace_layers(loss_fn, params, batch)
 
 
 def test_tags_inside_control_flow_raise():
@@ -210,7 +210,7 @@ def test_tags_inside_control_flow_raise():
   in_cond = lambda x, k, b: jax.lax.cond(jnp.all(x > -1e9), _dense, lambda x, k, b: x @ k + b,
                                           x, k, b)
   with pytest.raises(NotImplementedError, match=r"while loops and conditionals"):
-    tracer.trace_layers(_two_layer_loss(in_cond), params, batch)
+    layer_table.trace_layers(_two_layer_loss(in_cond), params, batch)
 
 
 # --- collect_statistics -------------------------------------------------------------------------
@@ -221,8 +221,8 @@ def test_collect_statistics_empirical_matches_hand_written_pass(net):
   net = _nets.NETS[net]
   _, params, batch, loss_fn = _nets.make_problem(net)
   n = batch[0].shape[0]
-  trace = tracer.trace_layers(loss_fn, params, batch)
-  stats = jax.jit(lambda p, b: tracer.collect_statistics(loss_fn, trace, p, b, KEY, "empirical"))(
+  trace = layer_table.trace_layers(loss_fn, params, batch)
+  stats = jax.jit(lambda p, b: statistics.collect_statistics(loss_fn, trace, p, b, KEY, "empirical"))(
       params, batch)
   inputs, per_example = _nets.per_example_output_grads(net, params, batch)
   assert list(stats) == net.layer_names
@@ -240,8 +240,8 @@ def test_collect_statistics_fisher_samples_one_hot_targets():
   net = _nets.MLP
   _, params, batch, loss_fn = _nets.make_problem(net, batch=64)
   n = batch[0].shape[0]
-  trace = tracer.trace_layers(loss_fn, params, batch)
-  collect = jax.jit(lambda key: tracer.collect_statistics(loss_fn, trace, params, batch, key,
+  trace = layer_table.trace_layers(loss_fn, params, batch)
+  collect = jax.jit(lambda key: statistics.collect_statistics(loss_fn, trace, params, batch, key,
                                                           "fisher"))
   probs = jax.nn.softmax(_nets.forward(net, params, batch[0])[0])
   samples = []
@@ -261,8 +261,8 @@ def test_collect_statistics_fisher_samples_one_hot_targets():
 def test_collect_statistics_exact_has_one_column_per_class():
   net = _nets.CONVNET
   _, params, batch, loss_fn = _nets.make_problem(net)
-  trace = tracer.trace_layers(loss_fn, params, batch)
-  stats = jax.jit(lambda p, b: tracer.collect_statistics(loss_fn, trace, p, b, KEY, "exact"))(
+  trace = layer_table.trace_layers(loss_fn, params, batch)
+  stats = jax.jit(lambda p, b: statistics.collect_statistics(loss_fn, trace, p, b, KEY, "exact"))(
       params, batch)
   for layer in trace.layers:
     assert stats[layer.name].output_grads[0].shape == (_nets.NUM_CLASSES,) + layer.output_shape
@@ -320,9 +320,9 @@ def test_collect_statistics_loss_cotangents(kind, estimation):
     # Only the registered loss matters to collect_statistics; the value is not used.
     return weight * jnp.mean(jnp.sum(residual(z, targets) ** 2, -1))
 
-  trace = tracer.trace_layers(loss_fn, params, (x, targets))
+  trace = layer_table.trace_layers(loss_fn, params, (x, targets))
   assert [(l.kind, l.weight) for l in trace.losses] == [(kind, weight)]
-  stats = jax.jit(lambda p, b: tracer.collect_statistics(loss_fn, trace, p, b, KEY, estimation))(
+  stats = jax.jit(lambda p, b: statistics.collect_statistics(loss_fn, trace, p, b, KEY, estimation))(
       params, (x, targets))["out"]
   z = x @ params["out"]["kernel"] + params["out"]["bias"]
   scale = weight / (n * positions)

@@ -195,11 +195,11 @@ def test_precondition_state_fields():
   assert isinstance(state, jkfac.PreconditionState)
   assert int(state.count) == 0
   assert float(state.ema_weight) == 0.0
-  shapes = jax.tree_util.tree_map(lambda x: x.shape, (state.covariances, state.inverses))
+  shapes = jax.tree_util.tree_map(lambda x: x.shape, (state.statistics, state.inverses))
   expected = {"dense0": {"F": (24, 24)}, "dense1": {"diagonal": (5, 3)}}
   assert shapes == (expected, expected)
   kron_state = jkfac.precondition(loss_fn, make_batch(), damping=1e-2).init(mlp_params())
-  assert jax.tree_util.tree_map(lambda x: x.shape, kron_state.covariances) == {
+  assert jax.tree_util.tree_map(lambda x: x.shape, kron_state.statistics) == {
       "dense0": {"A": (6, 6), "G": (4, 4)}, "dense1": {"A": (5, 5), "G": (3, 3)}}
 
 
@@ -264,7 +264,7 @@ def test_covariances_change_only_every_cov_update_every():
   previous = tx.init(mlp_params())
   for i, _, _, state in train(tx, 11, feed_params=True):
     assert int(state.count) == i + 1
-    changed = not trees_equal(state.covariances, previous.covariances)
+    changed = not trees_equal(state.statistics, previous.statistics)
     assert changed == (i % 5 == 0), i
     assert (not trees_equal(state.key, previous.key)) == (i % 5 == 0), i
     assert (float(state.ema_weight) != float(previous.ema_weight)) == (i % 5 == 0), i
@@ -284,7 +284,7 @@ def test_inverses_change_only_every_invert_every_with_damping_schedule():
     np.testing.assert_allclose(float(state.damping), damping(last_inversion), rtol=1e-6)
     if i % 3 == 0:  # the inverses are the damped inverses of the bias-corrected factors
       for name in LAYERS:
-        a, g = (np.asarray(state.covariances[name][f], np.float64) / float(state.ema_weight)
+        a, g = (np.asarray(state.statistics[name][f], np.float64) / float(state.ema_weight)
                 for f in ("A", "G"))
         pi = math.sqrt((np.trace(a) / len(a)) / (np.trace(g) / len(g)))
         root = math.sqrt(damping(i))
@@ -325,7 +325,7 @@ def test_first_step_uses_batch_statistics(decay, estimation, approximations):
   (_, params, _, state), = train(tx, 1, feed_params=True)
   np.testing.assert_allclose(float(state.ema_weight), 1 - decay, rtol=1e-6)
   expected = reference_statistics(params, make_batch(0), estimation)
-  _check_covariances(state.covariances, float(state.ema_weight), expected, approximations)
+  _check_covariances(state.statistics, float(state.ema_weight), expected, approximations)
 
 
 def test_covariances_follow_the_ema():
@@ -339,7 +339,7 @@ def test_covariances_follow_the_ema():
         jax.tree_util.tree_map(lambda old, s: decay * old + (1 - decay) * s, ema, stats))
     np.testing.assert_allclose(float(state.ema_weight), 1 - decay ** (i + 1), rtol=1e-6)
     # Raw (not bias-corrected) EMAs: S <- d S + (1 - d) stat.
-    _check_covariances(state.covariances, 1.0, ema, approximations)
+    _check_covariances(state.statistics, 1.0, ema, approximations)
 
 
 # --- hyperparameter validation -----------------------------------------------------------------
@@ -399,7 +399,7 @@ def test_approximation_pattern_matching_no_layer_raises_at_init():
   # A pattern that matches is fine and applies.
   tx = jkfac.precondition(loss_fn, make_batch(), damping=1e-2,
                           approximations={"*1": "diagonal"})
-  assert set(tx.init(mlp_params()).covariances["dense1"]) == {"diagonal"}
+  assert set(tx.init(mlp_params()).statistics["dense1"]) == {"diagonal"}
 
 
 def test_overlapping_approximation_patterns_must_agree():
@@ -411,7 +411,7 @@ def test_overlapping_approximation_patterns_must_agree():
     disagree.init(mlp_params())
   agree = jkfac.precondition(loss_fn, make_batch(), damping=1e-2,
                              approximations={"dense*": "diagonal", "*1": "diagonal"})
-  assert set(agree.init(mlp_params()).covariances["dense1"]) == {"diagonal"}
+  assert set(agree.init(mlp_params()).statistics["dense1"]) == {"diagonal"}
 
 
 # --- optax integration -------------------------------------------------------------------------
@@ -518,7 +518,7 @@ def test_state_dtype_follows_params(x64):
     state = tx.init(params)
     for s in (state, step(params, state, make_batch(dtype=dtype))[1]):
       kstate = precondition_state(s)
-      for leaf in jax.tree_util.tree_leaves((kstate.covariances, kstate.inverses)):
+      for leaf in jax.tree_util.tree_leaves((kstate.statistics, kstate.inverses)):
         assert leaf.dtype == dtype
     updates, state = step(params, state, make_batch(dtype=dtype))
     assert all(u.dtype == dtype for u in jax.tree_util.tree_leaves(updates))

@@ -29,6 +29,10 @@ class Block(NamedTuple):
   joint:        optional `(covariances, damping, method) -> inverses`, for a block whose
                 factors are inverted together (as one task): it replaces `factors`
                 (which then returns nothing) and the inversion factor by factor.
+  reduce_positions:      fed with inputs averaged and output gradients summed over each
+                         example's positions (K-FAC-reduce) instead of every position.
+  separate_input_factor: the input factor is estimated apart from the output side, so
+                         `sub_sample_patches` may thin its rows.
   """
   zeros: Callable[[int, int], Arrays]
   statistics: Callable[[Array, Array], Arrays]
@@ -36,6 +40,8 @@ class Block(NamedTuple):
   precondition: Callable[[Arrays, Array], Array]
   entrywise: bool = False
   joint: Callable[[Arrays, Array, str], Arrays] | None = None
+  reduce_positions: bool = False
+  separate_input_factor: bool = False
 
   def is_entrywise(self, factor: Array) -> bool:
     """Whether `factor` is inverted entrywise: all of an entrywise block, or a vector."""
@@ -56,24 +62,18 @@ class Block(NamedTuple):
             else jnp.eye(f.shape[0], dtype=f.dtype)
             for name, (f, _) in self.factors(covariances, 1.0).items()}
 
-  def keep_finite(self, new: Array, previous: Array) -> Array:
-    """`new` inverse if it is finite everywhere, else `previous`."""
-    return linalg.keep_if_not_finite(new, previous)
+  def invert_jointly(self, statistics: Arrays, damping: Array,
+                     method: str = "cholesky") -> Arrays:
+    """All inverses of a `joint` block, computed as one task."""
+    return self.joint(statistics, damping, method)
 
-  def joint_or_keep(self, covariances: Arrays, damping: Array, previous: Arrays,
-                    method: str = "cholesky") -> Arrays:
-    """A joint block's inverses, or all of `previous` if any entry is not finite."""
-    new = self.joint(covariances, damping, method)
+  def finite_or_previous(self, new: Arrays, previous: Arrays) -> tuple[Arrays, Array]:
+    """The layer's `new` inverses if all are finite, else all of `previous` (never a mix
+    of fresh and stale factors), and 1 where it fell back (0 otherwise)."""
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in new.values()]))
-    return {name: jnp.where(finite, x, previous[name]).astype(previous[name].dtype)
-            for name, x in new.items()}
-
-  def inverses(self, covariances: Arrays, damping: Array, method: str = "cholesky") -> Arrays:
-    """All damped inverses of the block, computed here."""
-    if self.joint is not None:
-      return self.joint(covariances, damping, method)
-    return {name: self.invert(factor, d, method)
-            for name, (factor, d) in self.factors(covariances, damping).items()}
+    chosen = {name: jnp.where(finite, x, previous[name]).astype(previous[name].dtype)
+              for name, x in new.items()}
+    return chosen, jnp.logical_not(finite).astype(jnp.int32)
 
 
 def rows(a: LayerInputs | Array) -> Array:

@@ -35,4 +35,7 @@ def precondition(inverses: Arrays, gradient: Array) -> Array:
   return inverses["A"] @ gradient @ inverses["G"]
 
 
-BLOCK = Block(zeros, statistics, factors, precondition)
+BLOCK = Block(zeros, statistics, factors, precondition, separate_input_factor=True)
+# K-FAC-reduce (Eschenhagen et al. 2023): fed with inputs averaged and output gradients
+# summed over each example's positions.
+REDUCE = Block(zeros, statistics, factors, precondition, reduce_positions=True)

@@ -43,5 +43,7 @@ def precondition_out_diag(inverses: Arrays, gradient: Array) -> Array:
   return inverses["A"] @ gradient * inverses["G"][None, :]
 
 
-IN_DIAG = Block(zeros_in_diag, statistics_in_diag, kron.factors, precondition_in_diag)
-OUT_DIAG = Block(zeros_out_diag, statistics_out_diag, kron.factors, precondition_out_diag)
+IN_DIAG = Block(zeros_in_diag, statistics_in_diag, kron.factors, precondition_in_diag,
+                separate_input_factor=True)
+OUT_DIAG = Block(zeros_out_diag, statistics_out_diag, kron.factors, precondition_out_diag,
+                 separate_input_factor=True)

@@ -44,11 +44,18 @@ class StackedBlock(NamedTuple):
   def joint(self):
     return self.block.joint
 
-  def joint_or_keep(self, covariances: Arrays, damping: Array, previous: Arrays,
-                    method: str = "cholesky") -> Arrays:
-    """Slice by slice: a slice keeps its previous inverses if its new ones are not finite."""
-    return jax.vmap(functools.partial(self.block.joint_or_keep, method=method),
-                    in_axes=(0, None, 0))(covariances, damping, previous)
+  @property
+  def reduce_positions(self) -> bool:
+    return self.block.reduce_positions
+
+  @property
+  def separate_input_factor(self) -> bool:
+    return self.block.separate_input_factor
+
+  def invert_jointly(self, statistics: Arrays, damping: Array,
+                     method: str = "cholesky") -> Arrays:
+    return jax.vmap(functools.partial(self.block.invert_jointly, method=method),
+                    in_axes=(0, None))(statistics, damping)
 
   def is_entrywise(self, factor: Array) -> bool:
     return self.block.is_entrywise(factor[0])
@@ -60,9 +67,7 @@ class StackedBlock(NamedTuple):
   def identity(self, covariances: Arrays) -> Arrays:
     return jax.vmap(self.block.identity)(covariances)
 
-  def keep_finite(self, new: Array, previous: Array) -> Array:
-    return jax.vmap(self.block.keep_finite)(new, previous)
-
-  def inverses(self, covariances: Arrays, damping: Array, method: str = "cholesky") -> Arrays:
-    return jax.vmap(functools.partial(self.block.inverses, method=method),
-                    in_axes=(0, None))(covariances, damping)
+  def finite_or_previous(self, new: Arrays, previous: Arrays) -> tuple[Arrays, Array]:
+    """Slice by slice: a slice keeps its previous inverses if its new ones are not finite."""
+    chosen, fell_back = jax.vmap(self.block.finite_or_previous)(new, previous)
+    return chosen, jnp.sum(fell_back)

@@ -1,0 +1,226 @@
+"""The static layer table: every layer of a loss function, its approximation, checked.
+
+`trace_layers` walks the jaxpr of `loss_fn(params, batch)` once, at trace time (after
+`patterns.register_layers` has tagged the untagged layers), and returns a `Trace`:
+the tagged layers with their kinds and parameter paths, the registered losses, and
+the generic parameters that no layer covers. Tags of one weight make one multi-use
+layer; `trace_with_approximations` also applies the user's approximation patterns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+from jax.extend import core as jcore
+
+from jkfac import blocks, jaxprs, patterns, tags
+from jkfac.layer_info import LayerInfo, LossInfo, Trace
+
+PyTree = Any
+LossFn = Callable[..., Any]
+
+
+def path_str(path: tuple) -> str:
+  """A `tree_flatten_with_path` key path as "a/b/c"."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                  for k in path)
+
+
+def make_jaxpr(loss_fn: LossFn, params: PyTree, batch: PyTree, auto_register: bool = True):
+  """The jaxpr of `loss_fn(params, batch)` (inputs: the params then batch leaves) and
+  the shape of its output; with `auto_register`, untagged layers get tags too."""
+  closed, out_shape = jax.make_jaxpr(loss_fn, return_shape=True)(params, batch)
+  if auto_register:
+    num_params = len(jax.tree_util.tree_leaves(params))
+    claimed = {origin[0] for site in jaxprs.find_tags(closed.jaxpr,
+                                                      jaxprs.leaf_origin(closed, num_params))
+               if site.eqn.primitive is tags.layer_tag_p
+               for origin in site.claimed if origin is not None}
+    closed = patterns.register_layers(closed, num_params, claimed)
+  return closed, out_shape
+
+
+def trace_layers(loss_fn: LossFn, params: PyTree, batch: PyTree,
+                 approx_for: Callable[[str, str], str | None] | None = None,
+                 auto_register: bool = True) -> Trace:
+  """The table of tagged layers and registered losses of `loss_fn`.
+
+  Tags of the same weight make one multi-use layer (an embedding's lookups and output
+  projections, one "tied_embedding" layer). `approx_for(layer_name, kind)` may choose
+  the approximation of a layer whose tags name none, else the kind's default applies
+  (see `blocks.resolve`). Parameters in a `register_generic` tag are generic. Raises
+  `ValueError` for missing losses, weights that are not in `params`, tags of one
+  weight that disagree, and parameters claimed by two tags.
+  """
+  closed, _ = make_jaxpr(loss_fn, params, batch, auto_register)
+  leaves_with_paths, _ = jax.tree_util.tree_flatten_with_path(params)
+  param_paths = tuple(path_str(p) for p, _ in leaves_with_paths)
+  sites = jaxprs.find_tags(closed.jaxpr, jaxprs.leaf_origin(closed, len(param_paths)))
+  losses = _losses(sites)
+  marked = {_generic_leaf(site) for site in sites if jaxprs.is_generic_tag(site.eqn)}
+  uses: dict[int, list] = {}  # weight leaf -> [(tag index, site)], in evaluation order
+  for index, site in enumerate(site for site in sites if site.is_layer):
+    uses.setdefault(_check_weights(site, param_paths), []).append((index, site))
+  layers = [_layer_info(weight_uses, param_paths, approx_for) for weight_uses in uses.values()]
+  owner = _owners(layers, param_paths)
+  if both := sorted(marked & set(owner)):
+    raise ValueError(f"Parameter {param_paths[both[0]]!r} is marked by register_generic and "
+                     f"used by the K-FAC layer {owner[both[0]]!r}; tag it once.")
+  names = [layer.name for layer in layers]
+  if len(set(names)) != len(names):
+    raise ValueError(f"Two tagged layers share a parameter path prefix: {names}.")
+  generic = tuple(
+      LayerInfo(name=param_paths[i], kind="generic", approx="diagonal", weight=i, bias=None,
+                input_shape=(), output_shape=(), weight_shape=tuple(v.aval.shape), conv=None,
+                tags=(), scans=())
+      for i, v in enumerate(closed.jaxpr.invars[:len(param_paths)]) if i not in owner)
+  return Trace(tuple(layers), losses, param_paths, generic)
+
+
+def _losses(sites: Sequence[jaxprs.TagSite]) -> tuple[LossInfo, ...]:
+  loss_sites = [site for site in sites if site.eqn.primitive is tags.loss_tag_p]
+  if any(site.scan_lengths for site in loss_sites):
+    raise NotImplementedError(jaxprs.LOSS_IN_SCAN)
+  if not loss_sites:
+    raise ValueError("No loss is registered in loss_fn: call e.g. "
+                     "jkfac.register_softmax_cross_entropy(logits, labels) inside it.")
+  return tuple(LossInfo(site.eqn.params["kind"], site.eqn.params["weight"])
+               for site in loss_sites)
+
+
+def _owners(layers: Sequence[LayerInfo], param_paths: Sequence[str]) -> dict[int, str]:
+  """The layer name of every parameter leaf a layer holds; a bias may have one layer."""
+  owner = {layer.weight: layer.name for layer in layers}
+  for layer in layers:
+    if layer.bias is not None:
+      if layer.bias in owner:
+        raise ValueError(f"Parameter {param_paths[layer.bias]!r} is used by two K-FAC layers "
+                         f"({owner[layer.bias]!r} and {layer.name!r}); a parameter may belong "
+                         "to one layer.")
+      owner[layer.bias] = layer.name
+  return owner
+
+
+def _generic_leaf(site: jaxprs.TagSite) -> int:
+  if site.origin[0] is None:
+    raise ValueError(f"register_generic got an array of shape {site.eqn.invars[0].aval.shape} "
+                     "that is not a leaf of `params`: pass the parameter itself.")
+  return site.origin[0][0]
+
+
+def _check_weights(site: jaxprs.TagSite, param_paths: Sequence[str]) -> int:
+  """The weight's params leaf of a layer tag, after checking weight and bias are leaves."""
+  has_bias = site.eqn.params["has_bias"]
+  if site.origin[2] is None or (has_bias and site.origin[3] is None):
+    raise ValueError(
+        f"A {site.eqn.params['kind']} layer tag's weights (shape "
+        f"{site.eqn.invars[2].aval.shape}) are not leaves of `params`: pass the parameters "
+        "themselves (not arrays computed from them) to the tag.")
+  if has_bias and site.origin[3][1] != site.origin[2][1]:
+    raise ValueError(f"The weight and bias of layer {param_paths[site.origin[2][0]]!r} enter "
+                     "the enclosing scans differently (one stacked, one repeated).")
+  return site.origin[2][0]
+
+
+def _stack(site: jaxprs.TagSite) -> tuple[int, ...]:
+  """The lengths of the enclosing scans that stack (slice) the tag's weight."""
+  _, scans = site.origin[2]
+  return tuple(n for n, kind in zip(site.scan_lengths, scans) if kind == "stack")
+
+
+def _agreement(site: jaxprs.TagSite) -> tuple:
+  """What the tags of one weight must share: settings, weight shape, bias and stacking. An
+  embedding's lookups and output projections agree with each other (a tied table)."""
+  bias = site.origin[3][0] if site.eqn.params["has_bias"] else None
+  params = dict(site.eqn.params)
+  if params["kind"] in tags.TIED_EMBEDDING_ROLES:
+    params["kind"] = "embedding"
+  return (tuple(sorted(params.items())), site.eqn.invars[2].aval.shape, bias, _stack(site))
+
+
+def _layer_kind(roles: tuple[str, ...]) -> str:
+  """The kind of a layer whose uses are tags of `roles`."""
+  return "tied_embedding" if "embedding_projection" in roles else roles[0]
+
+
+def _layer_name(path: str) -> str:
+  """A layer's name: its weight's parent path (flax.nnx.Param leaves end in "value")."""
+  parts = path.split("/")
+  if parts[-1] == "value" and len(parts) > 1:
+    parts = parts[:-1]
+  return "/".join(parts[:-1] or parts)
+
+
+def _layer_info(weight_uses: list, param_paths: Sequence[str], approx_for) -> LayerInfo:
+  """One layer from the tags of its weight, checked to agree with each other."""
+  _, site = weight_uses[0]
+  eqn = site.eqn
+  weight, _ = site.origin[2]
+  first = _agreement(site)
+  if any(_agreement(other) != first for _, other in weight_uses[1:]):
+    raise ValueError(f"The weight {param_paths[weight]!r} is tagged several times with "
+                     "different kinds, settings, biases or stacking; its tags must agree.")
+  roles = tuple(s.eqn.params["kind"] for _, s in weight_uses)
+  layer = LayerInfo(
+      name=_layer_name(param_paths[weight]), kind=_layer_kind(roles), approx="", weight=weight,
+      bias=site.origin[3][0] if eqn.params["has_bias"] else None,
+      input_shape=tuple(eqn.invars[1].aval.shape), output_shape=tuple(eqn.invars[0].aval.shape),
+      weight_shape=tuple(eqn.invars[2].aval.shape), conv=eqn.params["conv"],
+      in_axes=eqn.params.get("in_axes", 1), tags=tuple(i for i, _ in weight_uses),
+      scans=tuple(s.origin[2][1] for _, s in weight_uses), stack=_stack(site), roles=roles)
+  approx = eqn.params["approx"] or (approx_for and approx_for(layer.name, layer.kind))
+  return dataclasses.replace(layer, approx=blocks.resolve(layer.kind, approx, layer.multi_use))
+
+
+# --- approximation patterns ----------------------------------------------------------
+
+
+def trace_with_approximations(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
+                              approximations: Mapping[str, str] | None = None,
+                              auto_register: bool = True) -> Trace:
+  """The layer table of `loss_fn`, each layer with its approximation, checked."""
+  trace = trace_layers(loss_fn, params, batch,
+                       approx_for=lambda name, kind: _match(approximations, name),
+                       auto_register=auto_register)
+  _check_approximations(trace, approximations)
+  return trace
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+  """Whether a glob `pattern` matches layer `name` or a suffix of it that starts after a
+  "/" (so "Conv_0" matches "params/Conv_0" when the whole variables dict is passed)."""
+  parts = name.split("/")
+  return any(fnmatch.fnmatchcase("/".join(parts[i:]), pattern) for i in range(len(parts)))
+
+
+def _matches(approximations: Mapping[str, str] | None, name: str) -> dict[str, str]:
+  """The `approximations` entries whose pattern matches layer `name`."""
+  return {pattern: approx for pattern, approx in (approximations or {}).items()
+          if pattern_matches(pattern, name)}
+
+
+def _match(approximations: Mapping[str, str] | None, name: str) -> str | None:
+  return next(iter(_matches(approximations, name).values()), None)
+
+
+def _check_approximations(trace: Trace, approximations: Mapping[str, str] | None) -> None:
+  """Every pattern matches a layer, overlapping patterns agree, and every layer supports
+  its approximation; errors name the layer's parameters."""
+  names = [layer.name for layer in trace.layers]
+  for pattern in approximations or {}:
+    if not any(pattern_matches(pattern, n) for n in names):
+      raise ValueError(f"The approximation pattern {pattern!r} matches no layer; layers: "
+                       f"{names}.")
+  for layer in trace.layers:
+    paths = [trace.param_paths[i] for i in (layer.weight, layer.bias) if i is not None]
+    matches = _matches(approximations, layer.name)
+    if len(set(matches.values())) > 1:
+      raise ValueError(f"Layer {layer.name!r} (parameters {paths}) is matched by approximation "
+                       f"patterns that disagree: {matches}; make the patterns disjoint.")
+    if (layer.kind, layer.approx) not in blocks.REGISTRY:
+      raise ValueError(f"Layer {layer.name!r} ({layer.kind}, parameters {paths}) does not "
+                       f"support the {layer.approx!r} approximation; supported: "
+                       f"{blocks.supported(layer.kind)}.")

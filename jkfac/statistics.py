@@ -1,0 +1,133 @@
+"""Per-layer statistics of one batch: from loss cotangents to each block's statistics.
+
+`layer_statistics` pulls the estimator's cotangents (see `losses.py`) back through a
+`Curvature` to every layer's output, and `block_statistics` turns one layer's inputs
+and output gradients into its block's statistics (e.g. `A` and `G` for "kron").
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jkfac import blocks, interpreter, layers, losses, tags
+from jkfac.blocks import diagonal
+from jkfac.layer_info import LayerInfo, Trace
+
+Array = jax.Array
+PyTree = Any
+
+
+class LayerStatistics(NamedTuple):
+  """What one layer's curvature block is built from, for one batch; per use of the layer
+  (see `LayerInfo.tags`), so a layer of one use has tuples of one array.
+
+  inputs:       the input `x` of each use as tagged, `(*scan lengths, batch, ...)`;
+                empty for a generic parameter.
+  output_grads: backpropagated loss cotangents at each use's output, with a leading
+                axis of estimator columns: `(columns, *scan lengths, *output_shape)`;
+                for a generic parameter, one array at the parameter itself:
+                `(columns, *param_shape)`.
+  """
+  inputs: tuple[Array, ...]
+  output_grads: tuple[Array, ...]
+
+
+def layer_statistics(trace: Trace, curvature: interpreter.Curvature, key: Array,
+                     estimation: str) -> dict[str, LayerStatistics]:
+  """Per-layer inputs and output gradients of the estimated Fisher."""
+  num_tags = sum(len(layer.tags) for layer in trace.layers)
+  if len(curvature.inputs) != num_tags:
+    raise ValueError(f"The curvature has {len(curvature.inputs)} layer tags but the transform "
+                     f"traced {num_tags}: use the same auto_register setting in "
+                     "jkfac.value_and_grad and the transform.")
+  sign_key, *keys = jax.random.split(key, len(curvature.predictions) + 1)
+  cotangents = [losses.cotangents(info.kind, p, t, info.weight, estimation, k) for info, p, t, k
+                in zip(trace.losses, curvature.predictions, curvature.targets, keys)]
+  if trace.generic and estimation != "fisher":
+    cotangents = _random_example_signs(cotangents, sign_key)
+  if len(cotangents) > 1 and any(c.shape[0] > 1 for c in cotangents):
+    # Deterministic columns of several losses would cross: give each its own columns.
+    # (Single sampled or empirical columns may share: their sum is the right gradient.)
+    cotangents = _pad_columns(cotangents)
+  if cotangents[0].shape[0] == 1:  # one column: a single backward pass, no vmap.
+    param_grads, output_grads = jax.tree_util.tree_map(
+        lambda g: g[None], curvature.pullback([c[0] for c in cotangents]))
+  else:
+    param_grads, output_grads = jax.vmap(curvature.pullback)(cotangents)
+  param_grads = jax.tree_util.tree_leaves(param_grads)
+  found = {layer.name: LayerStatistics(tuple(curvature.inputs[i] for i in layer.tags),
+                                       tuple(output_grads[i] for i in layer.tags))
+           for layer in trace.layers}
+  found.update({layer.name: LayerStatistics((), (param_grads[layer.weight],))
+                for layer in trace.generic})
+  return found
+
+
+def astype(found: dict[str, LayerStatistics], dtype) -> dict[str, LayerStatistics]:
+  """`found` with its floating arrays in `dtype` (the state's), so that the statistics of
+  low-precision layers accumulate in float32; integer ids stay as they are."""
+  def cast(x: Array) -> Array:
+    return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  return jax.tree_util.tree_map(cast, found)
+
+
+def collect_statistics(loss_fn: Callable[..., Any], trace: Trace, params: PyTree,
+                       batch: PyTree, key: Array, estimation: str,
+                       auto_register: bool = True) -> dict[str, LayerStatistics]:
+  """`layer_statistics` of one batch, with a forward pass of its own."""
+  return layer_statistics(trace, interpreter.linearize(loss_fn, params, batch, auto_register),
+                          key, estimation)
+
+
+def block_statistics(layer: LayerInfo, statistics: LayerStatistics,
+                     sub_sample_patches: float | None = None, key: Array | None = None):
+  """The block statistics of one layer for one batch, from every use of the layer; see
+  `jkfac.precondition` for `sub_sample_patches` (`key` draws the patch rows)."""
+  if layer.kind == "generic":
+    return diagonal.generic_statistics(statistics.output_grads[0])
+  layer_block = blocks.for_slice(layer)
+  sample = None
+  if (sub_sample_patches is not None and layer.kind in tags.CONV_KINDS
+      and layer_block.separate_input_factor and not layer.multi_use):
+    sample = layers.sample_rows(layer, sub_sample_patches, key)
+  xs = [layers.scan_axes_first(scans, x) for scans, x in zip(layer.scans, statistics.inputs)]
+  gs = [layers.scan_axes_first(scans, g, skip=1)
+        for scans, g in zip(layer.scans, statistics.output_grads)]
+
+  def one_layer(xs, gs):
+    return layer_block.statistics(*layers.block_inputs(
+        layer, xs, gs, layer_block.reduce_positions, sample))
+
+  if layer.stack:  # independent layers: one block each
+    return jax.vmap(one_layer, in_axes=(0, 1))(xs, gs)
+  return one_layer([x[0] for x in xs], [g[:, 0] for g in gs])
+
+
+def _random_example_signs(cotangents: list[Array], key: Array) -> list[Array]:
+  """Multiplies each example's cotangents by a random sign, shared across losses.
+
+  Generic parameters square a gradient summed over the batch, whose cross terms
+  between examples vanish in expectation only for sampled targets. Random signs per
+  example make them vanish for "empirical" and "exact" too, and leave every layer
+  statistic unchanged: those are per-example outer products, where the signs cancel.
+  """
+  signs = {}
+  for c in cotangents:
+    if c.shape[1] not in signs:
+      key, sub = jax.random.split(key)
+      signs[c.shape[1]] = jax.random.rademacher(sub, (c.shape[1],), c.dtype)
+  return [c * signs[c.shape[1]].reshape((1, -1) + (1,) * (c.ndim - 2)) for c in cotangents]
+
+
+def _pad_columns(cotangents: list[Array]) -> list[Array]:
+  """Places each loss's columns in its own slots of a shared column axis."""
+  total = sum(c.shape[0] for c in cotangents)
+  padded, start = [], 0
+  for c in cotangents:
+    pad = [(start, total - start - c.shape[0])] + [(0, 0)] * (c.ndim - 1)
+    padded.append(jnp.pad(c, pad))
+    start += c.shape[0]
+  return padded
