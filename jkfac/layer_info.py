@@ -71,6 +71,7 @@ class Trace:
   losses: tuple[LossInfo, ...]
   param_paths: tuple[str, ...]
   generic: tuple[LayerInfo, ...] = ()
+  num_tags: int = 0  # layer tags in the jaxpr, also of layers left out (see `masking`)
 
   @property
   def every_layer(self) -> tuple[LayerInfo, ...]:

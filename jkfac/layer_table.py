@@ -77,7 +77,8 @@ def trace_layers(loss_fn: LossFn, params: PyTree, batch: PyTree,
                 input_shape=(), output_shape=(), weight_shape=tuple(v.aval.shape), conv=None,
                 tags=(), scans=())
       for i, v in enumerate(closed.jaxpr.invars[:len(param_paths)]) if i not in owner)
-  return Trace(tuple(layers), losses, param_paths, generic)
+  num_tags = sum(len(layer.tags) for layer in layers)
+  return Trace(tuple(layers), losses, param_paths, generic, num_tags)
 
 
 def _losses(sites: Sequence[jaxprs.TagSite]) -> tuple[LossInfo, ...]:

@@ -38,7 +38,7 @@ class LayerStatistics(NamedTuple):
 def layer_statistics(trace: Trace, curvature: interpreter.Curvature, key: Array,
                      estimation: str) -> dict[str, LayerStatistics]:
   """Per-layer inputs and output gradients of the estimated Fisher."""
-  num_tags = sum(len(layer.tags) for layer in trace.layers)
+  num_tags = trace.num_tags
   if len(curvature.inputs) != num_tags:
     raise ValueError(f"The curvature has {len(curvature.inputs)} layer tags but the transform "
                      f"traced {num_tags}: use the same auto_register setting in "

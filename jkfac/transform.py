@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jkfac import blocks, interpreter, layer_table, layers, linalg, losses, parallel
+from jkfac import blocks, interpreter, layer_table, layers, linalg, losses, masking, parallel
 from jkfac import statistics as layer_stats
 from jkfac.blocks import Block, StackedBlock
 from jkfac.layer_info import LayerInfo, Trace
@@ -109,6 +109,7 @@ class PreconditionConfig:
   placement: str | None = None
   mesh: jax.sharding.Mesh | None = None
   sub_sample_patches: float | None = None
+  example_params: PyTree | None = None
 
   def __post_init__(self):
     if _is_number(self.damping):
@@ -148,6 +149,8 @@ class PreconditionConfig:
              f"With mesh=, axis_name must name one of its axes {self.mesh.axis_names}; got "
              f"{self.axis_name!r}.")
     object.__setattr__(self, "example_batch", _abstract(self.example_batch))
+    if self.example_params is not None:
+      object.__setattr__(self, "example_params", _abstract(self.example_params))
     object.__setattr__(self, "placement",
                        self.placement or ("round_robin" if self.axis_name else "replicated"))
 
@@ -156,11 +159,19 @@ class PreconditionConfig:
     """The pmap axis to average over (None under `jax.jit` with a mesh, or alone)."""
     return self.axis_name if self.mesh is None else None
 
-  def trace(self, params: PyTree, batch: PyTree) -> Trace:
-    """The checked layer table of `loss_fn` at these shapes."""
-    return layer_table.trace_with_approximations(
+  def trace(self, params: PyTree, batch: PyTree, masked: PyTree | None = None) -> Trace:
+    """The checked layer table of `loss_fn` at these shapes; with `masked` (the view
+    `optax.masked` gives of `params`), only its layers."""
+    trace = layer_table.trace_with_approximations(
         self.loss_fn, params, batch, approximations=self.approximations,
         auto_register=self.auto_register)
+    if masked is None:
+      return trace
+    return masking.only_present(trace, masking.present_leaves(masked, params))
+
+
+_MASKED = ("jkfac is inside optax.masked or optax.multi_transform, so it sees only part of "
+           "the parameters, but its statistics need a forward pass of the whole model: ")
 
 
 # --- the update steps ---------------------------------------------------------------
@@ -168,7 +179,12 @@ class PreconditionConfig:
 
 def init_state(config: PreconditionConfig, params: PyTree) -> PreconditionState:
   """Zero statistics and identity inverses for every layer of `config.loss_fn`."""
-  trace = config.trace(_abstract(params), config.example_batch)
+  if masking.is_masked(params):
+    _check(config.example_params is not None,
+           _MASKED + "pass example_params=params (or their shapes) to jkfac.")
+    trace = config.trace(config.example_params, config.example_batch, masked=params)
+  else:
+    trace = config.trace(_abstract(params), config.example_batch)
   dtype = state_dtype(params)
   statistics = {layer.name: jax.tree_util.tree_map(
                     lambda z: z.astype(dtype),
@@ -315,15 +331,27 @@ def precondition_gradients(trace: Trace, inverses, updates: PyTree) -> PyTree:
 
 
 def update(config: PreconditionConfig, updates: PyTree, state: PreconditionState,
-           params: PyTree, batch: PyTree,
-           curvature: interpreter.Curvature | None = None) -> tuple[PyTree, PreconditionState]:
+           params: PyTree, batch: PyTree, curvature: interpreter.Curvature | None = None,
+           model_params: PyTree | None = None) -> tuple[PyTree, PreconditionState]:
   """One step of `precondition`: statistics and inverses when due, then `F^-1 g`."""
   _check(jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(params),
          "The gradients and the parameters passed to jkfac have different tree structures.")
+  if masking.is_masked(params):
+    _check(model_params is not None, _MASKED + "pass tx.update(..., model_params=params), "
+           "the whole model's parameters.")
+    trace = config.trace(model_params, batch, masked=params)
+    full_updates, state = _update(config, trace, masking.unmask(updates, model_params), state,
+                                  model_params, batch, curvature)
+    return masking.remask(full_updates, updates), state
+  return _update(config, config.trace(params, batch), updates, state, params, batch, curvature)
+
+
+def _update(config: PreconditionConfig, trace: Trace, updates: PyTree,
+            state: PreconditionState, params: PyTree, batch: PyTree,
+            curvature: interpreter.Curvature | None) -> tuple[PyTree, PreconditionState]:
   if config.device_axis is not None:
     parallel.check_axis(config.device_axis)
     updates = parallel.pmean(updates, config.device_axis)
-  trace = config.trace(params, batch)
   check_state(trace, state)
   new = jax.lax.cond(
       state.count % config.cov_update_every == 0,
@@ -356,7 +384,8 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
                  axis_name: str | None = None,
                  placement: str | None = None,
                  mesh: jax.sharding.Mesh | None = None,
-                 sub_sample_patches: float | None = None
+                 sub_sample_patches: float | None = None,
+                 example_params: PyTree | None = None
                  ) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients with the K-FAC approximation of the inverse Fisher.
 
@@ -396,6 +425,10 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       every position. Cheaper A for large images, unbiased but noisier. Applies to
       conv layers of one use under "kron", "kron_in_diag" and "kron_out_diag"; None
       uses every patch.
+    example_params: the whole model's parameters (or their shapes), needed only inside
+      `optax.masked` / `optax.multi_transform`, which show jkfac part of them; then pass
+      `model_params=params` (the whole model's) to `update` as well. Layers with
+      parameters outside the mask are left to the other transformations.
 
   Returns:
     An optax transformation: `update(grads, state, params, batch=batch)`, optionally
@@ -410,10 +443,10 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       cov_update_every=cov_update_every, invert_every=invert_every, estimation=estimation,
       inverse_method=inverse_method, approximations=approximations, seed=seed,
       auto_register=auto_register, axis_name=axis_name, placement=placement, mesh=mesh,
-      sub_sample_patches=sub_sample_patches)
+      sub_sample_patches=sub_sample_patches, example_params=example_params)
 
   def update_fn(updates, state, params=None, *, batch=None, curvature=None, stats=None,
-                **extra_args):
+                model_params=None, **extra_args):
     del extra_args
     _check(params is not None and batch is not None,
            "jkfac needs the parameters and the batch: "
@@ -422,7 +455,7 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       warnings.warn("tx.update(..., stats=) is deprecated; pass curvature= instead.",
                     DeprecationWarning, stacklevel=2)
       curvature = stats if curvature is None else curvature
-    return update(config, updates, state, params, batch, curvature)
+    return update(config, updates, state, params, batch, curvature, model_params)
 
   return optax.GradientTransformationExtraArgs(functools.partial(init_state, config), update_fn)
 
@@ -443,7 +476,8 @@ def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
          axis_name: str | None = None,
          placement: str | None = None,
          mesh: jax.sharding.Mesh | None = None,
-         sub_sample_patches: float | None = None) -> optax.GradientTransformationExtraArgs:
+         sub_sample_patches: float | None = None,
+         example_params: PyTree | None = None) -> optax.GradientTransformationExtraArgs:
   """The K-FAC optimizer: `-learning_rate * momentum(F^-1 g)`.
 
   With `momentum_type="regular"` the momentum buffer accumulates preconditioned
@@ -471,7 +505,7 @@ def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       cov_update_every=cov_update_every, invert_every=invert_every, estimation=estimation,
       inverse_method=inverse_method, approximations=approximations, seed=seed,
       auto_register=auto_register, axis_name=axis_name, placement=placement, mesh=mesh,
-      sub_sample_patches=sub_sample_patches)
+      sub_sample_patches=sub_sample_patches, example_params=example_params)
   accumulate = optax.identity() if momentum is None else scale_by_momentum(momentum)
   steps = [preconditioner, accumulate] if momentum_type == "regular" else [accumulate,
                                                                            preconditioner]
