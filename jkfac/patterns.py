@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -471,12 +471,14 @@ def _dense_parts(x: jax.Array, *operands: jax.Array, dot: jcore.JaxprEqn, in_axe
                          axis)
 
 
-def _inline(fn, args: list[jcore.Var], output: jcore.Var) -> list[jcore.JaxprEqn]:
+def _inline(fn: Callable[..., jax.Array], args: list[jcore.Var],
+            output: jcore.Var) -> list[jcore.JaxprEqn]:
   """The equations of `fn` traced on the variables `args`, the last defining `output`."""
   closed = jax.make_jaxpr(fn)(*(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype,
                                                      weak_type=v.aval.weak_type) for v in args))
   (result,) = closed.jaxpr.outvars
-  assert not closed.consts and result.aval.shape == output.aval.shape, (result, output)
+  assert not closed.consts and (result.aval.shape, result.aval.dtype) == (
+      output.aval.shape, output.aval.dtype), (result.aval, output.aval)
   env = {**dict(zip(closed.jaxpr.invars, args)), result: output}
   return [eqn.replace(invars=[env[v] if _is_var(v) else v for v in eqn.invars],
                       outvars=[env.setdefault(v, jcore.Var(v.aval)) for v in eqn.outvars])

@@ -293,3 +293,13 @@ def test_input_split_steps_like_hand_tagged_layers():
   auto, params, batch = _scan_problem(_input_concat, shapes)
   hand, _, _ = _scan_problem(_hand_tagged_input_concat, shapes)
   _assert_updates_close(_kfac_updates(auto, params, batch), _kfac_updates(hand, params, batch))
+
+
+def test_bfloat16_optimized_lstm_is_split():
+  """With `dtype=bfloat16` the joined kernels are cast before the product: still split."""
+  loss_fn, params, batch = _linen_problem(nn.OptimizedLSTMCell,
+                                          cell_kwargs=(("dtype", jnp.bfloat16),))
+  _assert_all_in_layers(jkfac.describe(loss_fn, params, batch))
+  loss, _ = jax.value_and_grad(loss_fn)(params, batch)
+  np.testing.assert_allclose(jax.jit(jkfac.value_and_grad(loss_fn))(params, batch)[0], loss,
+                             rtol=1e-6)
