@@ -7,9 +7,9 @@ Conventions for documentation snippets:
   Keep them small (tiny models, a step or two) so this file stays under about a minute.
 - A block that cannot run here (it needs real data, several devices, or stands for
   code with placeholders such as `learning_rate=...`) opts out with this comment as
-  its first line:
+  its first line, optionally followed by the reason:
 
-      # doc-test: skip
+      # doc-test: skip  (needs 8 devices)
 
 - Blocks in other languages (```bash, plain ```) never run.
 - `mkdocs build --strict` fails on any warning: a broken link, a nav entry without its
@@ -43,7 +43,7 @@ def python_blocks(text: str) -> list[str]:
 
 def _skipped(block: str, name: str) -> bool:
   first = block.lstrip().splitlines()[0].strip() if block.strip() else ""
-  return first == SKIP_MARKER or first.startswith(UNMARKED_SKIPS.get(name, ()))
+  return first.startswith(SKIP_MARKER) or first.startswith(UNMARKED_SKIPS.get(name, ()))
 
 
 def test_python_blocks_parser():
