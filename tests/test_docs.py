@@ -23,6 +23,7 @@ import subprocess
 import sys
 import types
 
+import jax
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -56,14 +57,13 @@ def test_python_blocks_parser():
 def _wait_for(namespace: dict) -> None:
   """Blocks on every array a snippet left behind: JAX dispatches asynchronously, so a
   step's work (and its errors) would otherwise spill into the next test."""
-  import jax
   values = [v for v in namespace.values() if isinstance(v, (jax.Array, dict, list, tuple))]
   jax.block_until_ready([x for x in jax.tree_util.tree_leaves(values)
                          if isinstance(x, jax.Array)])
 
 
 @pytest.mark.parametrize("name", SNIPPET_FILES)
-def test_snippets_run(name: str, capsys):
+def test_snippets_run(name: str):
   blocks = python_blocks((ROOT / name).read_text())
   runnable = [b for b in blocks if not _skipped(b, name)]
   assert runnable, f"{name} has no runnable ```python block"
