@@ -29,7 +29,6 @@ import contextlib
 import logging
 import os
 import sys
-import time
 from typing import Any, Sequence
 
 import flax.jax_utils
@@ -228,8 +227,11 @@ def train(name: str, args: argparse.Namespace, data,
   for _ in range(first):  # The batches the checkpointed run has already seen.
     next(batches)
 
-  print(f"--- {name}: steps {first + 1} to {args.steps} of batch {args.batch_size} on "
-        f"{len(x_train)} training images", flush=True)
+  if first < args.steps:
+    print(f"--- {name}: steps {first + 1} to {args.steps} of batch {args.batch_size} on "
+          f"{len(x_train)} training images", flush=True)
+  else:
+    print(f"--- {name}: already at step {first} of {args.steps}; nothing to train", flush=True)
   steps, seconds, losses = [], [], []
   diverged = False
   with _progress.Progress(args.steps, name, every=args.log_every, start=first) as progress:
@@ -317,7 +319,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
   checkpoints = parser.add_argument_group("checkpoints")
   checkpoints.add_argument("--checkpoint-dir", metavar="DIR",
                            help="save checkpoints in DIR/OPTIMIZER/STEP, and resume from the "
-                                "latest one there")
+                                "latest one there (with the same --seed, --batch-size and data, "
+                                "to draw the same batches)")
   checkpoints.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
                            help="with --checkpoint-dir: save every N steps, and at the end "
                                 "(default: 100)")
