@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -78,7 +79,32 @@ def trace_layers(loss_fn: LossFn, params: PyTree, batch: PyTree,
                 tags=(), scans=())
       for i, v in enumerate(closed.jaxpr.invars[:len(param_paths)]) if i not in owner)
   num_tags = sum(len(layer.tags) for layer in layers)
-  return Trace(tuple(layers), losses, param_paths, generic, num_tags)
+  return Trace(tuple(layers), losses, param_paths, generic, num_tags, frozenset(marked))
+
+
+class GenericBlockWarning(UserWarning):
+  """A parameter with two or more dimensions got a generic (diagonal) block."""
+
+
+def weak_blocks(trace: Trace) -> list[str]:
+  """The paths of parameters with two or more dimensions that no layer covers (and that
+  `register_generic` did not ask for): a weaker block than their structure allows."""
+  return [layer.name for layer in trace.generic
+          if len(layer.weight_shape) >= 2 and layer.weight not in trace.marked]
+
+
+def check_coverage(trace: Trace, strict: bool) -> None:
+  """Warns once (or with `strict`, raises `ValueError`) naming the `weak_blocks`."""
+  paths = weak_blocks(trace)
+  if not paths:
+    return
+  message = (f"jkfac found no dense, conv, embedding or norm layer using the parameters "
+             f"{paths}, so they get generic diagonal blocks. Tag their layers (e.g. "
+             "jkfac.register_dense), mark them with jkfac.register_generic to accept the "
+             "diagonal block, or see jkfac.describe for what was recognised.")
+  if strict:
+    raise ValueError(message)
+  warnings.warn(message, GenericBlockWarning, stacklevel=4)
 
 
 def _losses(sites: Sequence[jaxprs.TagSite]) -> tuple[LossInfo, ...]:

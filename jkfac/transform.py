@@ -110,6 +110,7 @@ class PreconditionConfig:
   mesh: jax.sharding.Mesh | None = None
   sub_sample_patches: float | None = None
   example_params: PyTree | None = None
+  strict: bool = False
 
   def __post_init__(self):
     if _is_number(self.damping):
@@ -185,6 +186,7 @@ def init_state(config: PreconditionConfig, params: PyTree) -> PreconditionState:
     trace = config.trace(config.example_params, config.example_batch, masked=params)
   else:
     trace = config.trace(_abstract(params), config.example_batch)
+  layer_table.check_coverage(trace, config.strict)
   dtype = state_dtype(params)
   statistics = {layer.name: jax.tree_util.tree_map(
                     lambda z: z.astype(dtype),
@@ -385,7 +387,8 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
                  placement: str | None = None,
                  mesh: jax.sharding.Mesh | None = None,
                  sub_sample_patches: float | None = None,
-                 example_params: PyTree | None = None
+                 example_params: PyTree | None = None,
+                 strict: bool = False
                  ) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients with the K-FAC approximation of the inverse Fisher.
 
@@ -429,6 +432,9 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       `optax.masked` / `optax.multi_transform`, which show jkfac part of them; then pass
       `model_params=params` (the whole model's) to `update` as well. Layers with
       parameters outside the mask are left to the other transformations.
+    strict: raise `ValueError` in `init`, instead of a `GenericBlockWarning`, when a
+      parameter with two or more dimensions gets a generic diagonal block because no
+      recognised layer uses it.
 
   Returns:
     An optax transformation: `update(grads, state, params, batch=batch)`, optionally
@@ -443,7 +449,7 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       cov_update_every=cov_update_every, invert_every=invert_every, estimation=estimation,
       inverse_method=inverse_method, approximations=approximations, seed=seed,
       auto_register=auto_register, axis_name=axis_name, placement=placement, mesh=mesh,
-      sub_sample_patches=sub_sample_patches, example_params=example_params)
+      sub_sample_patches=sub_sample_patches, example_params=example_params, strict=strict)
 
   def update_fn(updates, state, params=None, *, batch=None, curvature=None, stats=None,
                 model_params=None, **extra_args):
@@ -477,7 +483,8 @@ def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
          placement: str | None = None,
          mesh: jax.sharding.Mesh | None = None,
          sub_sample_patches: float | None = None,
-         example_params: PyTree | None = None) -> optax.GradientTransformationExtraArgs:
+         example_params: PyTree | None = None,
+         strict: bool = False) -> optax.GradientTransformationExtraArgs:
   """The K-FAC optimizer: `-learning_rate * momentum(F^-1 g)`.
 
   With `momentum_type="regular"` the momentum buffer accumulates preconditioned
@@ -505,7 +512,7 @@ def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       cov_update_every=cov_update_every, invert_every=invert_every, estimation=estimation,
       inverse_method=inverse_method, approximations=approximations, seed=seed,
       auto_register=auto_register, axis_name=axis_name, placement=placement, mesh=mesh,
-      sub_sample_patches=sub_sample_patches, example_params=example_params)
+      sub_sample_patches=sub_sample_patches, example_params=example_params, strict=strict)
   accumulate = optax.identity() if momentum is None else scale_by_momentum(momentum)
   steps = [preconditioner, accumulate] if momentum_type == "regular" else [accumulate,
                                                                            preconditioner]
