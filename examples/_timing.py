@@ -145,7 +145,7 @@ def kfac_spec(learning_rate: float, sweep: tuple[float, ...]) -> OptimizerSpec:
 
   def make(lr, task, example_batch, args):
     kwargs = dict(damping=args.damping, momentum=args.momentum,
-                  cov_update_every=args.cov_update_every, invert_every=args.invert_every,
+                  momentum_type=args.momentum_type, cov_update_every=args.cov_update_every, invert_every=args.invert_every,
                   seed=args.seed)
     kwargs.update(args.kfac_kwargs)
     return jkfac.kfac(task.loss_fn, example_batch, learning_rate=lr, **kwargs)
@@ -362,13 +362,17 @@ def make_parser(prog: str, description: str, specs: dict[str, OptimizerSpec],
   parser.add_argument("--describe", action="store_true",
                       help="print jkfac.describe's table of K-FAC blocks first")
   kfac = parser.add_argument_group("K-FAC")
-  kfac.add_argument("--damping", type=float, default=1e-3, help="(default: 1e-3)")
+  kfac.add_argument("--damping", type=float, default=1e-3, help="(default: %(default)g)")
   kfac.add_argument("--momentum", type=float, default=0.9, help="(default: 0.9)")
+  kfac.add_argument("--momentum-type", default="regular",
+                    help="jkfac.kfac's momentum_type: 'regular' accumulates preconditioned "
+                         "gradients, 'adam' preconditions accumulated raw gradients "
+                         "(default: %(default)s)")
   kfac.add_argument("--cov-update-every", type=int, default=1, help="(default: 1)")
   kfac.add_argument("--invert-every", type=int, default=10, help="(default: 10)")
   kfac.add_argument("--kfac-kwargs", type=json.loads, default={}, metavar="JSON",
                     help="more jkfac.kfac keyword arguments, e.g. "
-                         "'{\"approximations\": {\"*Embed*\": \"diagonal\"}}'; they win")
+                         "'{\"cov_ema_decay\": 0.99}'; they win over the flags")
   others = parser.add_argument_group("the other optimizers")
   if "adamw" in specs:
     others.add_argument("--weight-decay", type=float, default=0.01,
