@@ -22,7 +22,6 @@ import time
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -145,8 +144,8 @@ def kfac_spec(learning_rate: float, sweep: tuple[float, ...]) -> OptimizerSpec:
 
   def make(lr, task, example_batch, args):
     kwargs = dict(damping=args.damping, momentum=args.momentum,
-                  momentum_type=args.momentum_type, cov_update_every=args.cov_update_every, invert_every=args.invert_every,
-                  seed=args.seed)
+                  momentum_type=args.momentum_type, cov_update_every=args.cov_update_every,
+                  invert_every=args.invert_every, seed=args.seed)
     kwargs.update(args.kfac_kwargs)
     return jkfac.kfac(task.loss_fn, example_batch, learning_rate=lr, **kwargs)
 
@@ -426,10 +425,3 @@ def main(task: Task, specs: dict[str, OptimizerSpec], args: argparse.Namespace
     plot(task, runs, best, args.plot)
   return {"runs": runs, "best": best, "summary": lines}
 
-
-def num_params(params: Params) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
-
-
-def as_jnp(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-  return {k: jnp.asarray(v) for k, v in batch.items()}
