@@ -82,8 +82,8 @@ def run(step_fn: StepFn, init_state: Any, batches: Iterable[Any], eval_fn: EvalF
         on_sync: Callable[[int, float, float], None] | None = None) -> Run:
   """Trains `steps` steps of `step_fn` from `init_state` on `batches`; see the module doc.
 
-  `eval_fn(state)` runs every `eval_every` steps (0: only at the end) and after the last step,
-  off the clock. `on_sync(step, loss, seconds)` is called after each synchronisation.
+  `eval_fn(state)` runs off the clock at the first synchronisation at or after each multiple
+  of `eval_every` (0: none) and after the last step. `on_sync(step, loss, seconds)` is called after each synchronisation.
   """
   if steps < 1 or sync_every < 1:
     raise ValueError(f"steps and sync_every must be >= 1, got {steps}, {sync_every}")
