@@ -57,11 +57,10 @@ MLP_KFAC = {
     "kfac cov 1 / inv 10, lr 2e-3 damp 1e-2": dict(_FIXED, learning_rate=2e-3, damping=1e-2,
                                                    cov_update_every=1, invert_every=10),
 }
-_AE_FIXED = dict(learning_rate=1.0, damping=100.0, momentum=0.9)
 AUTOENCODER_KFAC = {
     "kfac adaptive": autoencoder.KFAC_CONFIGS["kfac adaptive"],
-    "kfac cov 1 / inv 10": dict(_AE_FIXED, cov_update_every=1, invert_every=10),
-    "kfac cov 10 / inv 100": dict(_AE_FIXED, cov_update_every=10, invert_every=100),
+    "kfac cov 1 / inv 10": autoencoder.KFAC_CONFIGS["kfac fixed"],
+    "kfac cov 10 / inv 100": dict(autoencoder.FIXED, cov_update_every=10, invert_every=100),
 }
 
 
