@@ -83,7 +83,8 @@ def run(step_fn: StepFn, init_state: Any, batches: Iterable[Any], eval_fn: EvalF
   """Trains `steps` steps of `step_fn` from `init_state` on `batches`; see the module doc.
 
   `eval_fn(state)` runs off the clock at the first synchronisation at or after each multiple
-  of `eval_every` (0: none) and after the last step. `on_sync(step, loss, seconds)` is called after each synchronisation.
+  of `eval_every` (0: none) and after the last step. `on_sync(step, loss, seconds)` is
+  called after each synchronisation.
   """
   if steps < 1 or sync_every < 1:
     raise ValueError(f"steps and sync_every must be >= 1, got {steps}, {sync_every}")

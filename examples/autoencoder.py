@@ -39,8 +39,9 @@ import mnist_data  # noqa: E402
 
 WIDTHS = (1000, 500, 250, 30, 250, 500, 1000)
 L2 = 1e-5
-# The best of 30- and 40-step pilots over (lr, damping) in {(0.05, 3), (0.1, 10), (0.3, 30), (1, 30),
-# (1, 100), (3, 300)}; (1, 30) and a 0.1 / 1 tried first blew up (finite, but the loss rose).
+# The best of 30- and 40-step pilots over (lr, damping) in {(0.05, 3), (0.1, 10), (0.3, 30),
+# (1, 30), (1, 100), (3, 300)}; (1, 30) and a first try, 0.1 / 1, blew up (finite, but the
+# loss rose to 3-6x its start); (1, 100) and (3, 300) tied.
 FIXED = dict(learning_rate=1.0, damping=100.0, momentum=0.9)
 # jkfac.kfac keyword arguments. A configuration whose keywords the installed jkfac does not
 # take is skipped (reported, not run). "adaptive" is the paper's, untuned: the initial
