@@ -182,7 +182,8 @@ def test_jit_matches_eager(cov_update_every, invert_every, steps):
 
 def test_precondition_state_fields():
   assert jkfac.PreconditionState._fields == (
-      "count", "key", "ema_weight", "damping", "covariances", "inverses")
+      "count", "key", "ema_weight", "damping", "statistics", "inverses", "skipped_steps",
+      "inverse_fallbacks")
   tx = jkfac.precondition(loss_fn, make_batch(), damping=1e-2,
                           approximations={"dense0": "full", "dense1": "diagonal"})
   state = tx.init(mlp_params())
