@@ -355,21 +355,27 @@ def _update(config: PreconditionConfig, trace: Trace, updates: PyTree,
     parallel.check_axis(config.device_axis)
     updates = parallel.pmean(updates, config.device_axis)
   check_state(trace, state)
-  new = jax.lax.cond(
-      state.count % config.cov_update_every == 0,
-      lambda s: update_statistics(config, trace, s, params, batch, curvature), lambda s: s,
-      state)
+  # A batch whose gradients or statistics are not finite changes nothing but a counter.
+  grads_finite = _tree_finite(updates)
+
+  def statistics_step(s: PreconditionState) -> tuple[PreconditionState, Array]:
+    new = update_statistics(config, trace, s, params, batch, curvature)
+    finite = _tree_finite(new.statistics)
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, s), finite
+
+  due = state.count % config.cov_update_every == 0
+  new, finite = jax.lax.cond(grads_finite & due, statistics_step,
+                             lambda s: (s, jnp.asarray(True)), state)
+  finite = finite & grads_finite
   damping = jnp.maximum(_value(config.damping, state.count), MIN_DAMPING)
-  new = jax.lax.cond(new.count % config.invert_every == 0,
+  new = jax.lax.cond(finite & (state.count % config.invert_every == 0),
                      lambda s: update_inverses(config, trace, s, damping), lambda s: s, new)
   preconditioned = precondition_gradients(trace, new.inverses, updates)
-  # A batch whose gradients or statistics are not finite changes nothing but a counter.
-  finite = _tree_finite(updates) & _tree_finite(new.statistics)
-  new = new._replace(count=optax.safe_increment(new.count))
-  skipped = state._replace(skipped_steps=state.skipped_steps + 1)
-  new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, skipped)
   preconditioned = jax.tree_util.tree_map(
       lambda g: jnp.where(finite, g, jnp.zeros_like(g)), preconditioned)
+  skipped = jnp.logical_not(finite).astype(state.skipped_steps.dtype)
+  new = new._replace(count=jnp.where(finite, optax.safe_increment(state.count), state.count),
+                     skipped_steps=state.skipped_steps + skipped)
   return preconditioned, new
 
 
