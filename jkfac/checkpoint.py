@@ -1,27 +1,15 @@
 """Checkpoints of training state (parameters, optimizer state) with orbax-checkpoint.
 
-jkfac's optimizer state is a pytree of arrays (NamedTuples; the PRNG key is a uint32 array),
-so `orbax.checkpoint.StandardCheckpointer` saves and restores it as it is. Restore into a
-target tree: without one, orbax returns dicts and lists instead of the state's NamedTuples.
+jkfac's optimizer state is a pytree of arrays, so `orbax.checkpoint.StandardCheckpointer`
+saves and restores it as it is, into a target such as `tx.init(params)` (without one,
+orbax returns dicts and lists instead of NamedTuples), and a resumed run is
+bit-identical. This module adds relative paths and state replicated by `jax.pmap`:
+`save(..., replicated=True)` writes one replica and `restore(..., devices=...)`
+replicates it onto any number of devices.
 
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as checkpointer:        # leaving it waits for the write
-      checkpointer.save(path, {"params": params, "opt_state": opt_state})  # path: absolute
-    like = {"params": params0, "opt_state": tx.init(params0)}  # or jax.eval_shape of it
-    with ocp.StandardCheckpointer() as checkpointer:
-      restored = checkpointer.restore(path, like)
-
-Training continued from `restored` is bit-identical to an uninterrupted run: nothing outside
-the pytree (no Python counter, no global RNG) drives the optimizer.
-
-This module adds paths taken as given (orbax wants absolute ones) and state replicated by
-`jax.pmap`: `save(..., replicated=True)` writes one replica, and `restore(..., devices=...)`
-replicates it onto any number of devices, e.g. from a run on 4 devices onto 2:
-
-    jkfac.checkpoint.save(path, {"params": params, "opt_state": opt_state}, replicated=True)
-    tree = jkfac.checkpoint.restore(path, {"params": params0, "opt_state": tx.init(params0)},
-                                    devices=jax.devices()[:2], axis_name="devices")
+Example:
+  >>> jkfac.checkpoint.save(path, {"params": params, "opt_state": opt_state})
+  >>> tree = jkfac.checkpoint.restore(path, {"params": params, "opt_state": opt_state})
 """
 
 from __future__ import annotations

@@ -81,7 +81,11 @@ def describe(loss_fn: Callable[..., Any], params: PyTree, batch: PyTree, *,
 
   Takes the arguments `jkfac.kfac` / `jkfac.precondition` take, so it shows what they
   will do: which layer each parameter belongs to (tagged, recognised, or "generic"
-  for a diagonal block of its own), the approximation and the factor shapes.
+  for a diagonal block of its own), the approximation and the factor shapes, and a
+  last line with the share of parameters under structured blocks.
+
+  Example:
+    >>> print(jkfac.describe(loss_fn, params, batch))
   """
   trace = trace_with_approximations(loss_fn, params, batch, approximations=approximations,
                                     auto_register=auto_register)
