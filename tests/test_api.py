@@ -84,3 +84,29 @@ def test_import_jkfac_does_not_import_flax():
   code = "import sys, jkfac; assert 'flax' not in sys.modules; import jkfac.flax; print('ok')"
   assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                         check=True).stdout.strip() == "ok"
+
+
+def test_an_unbound_collective_in_the_model_says_how_to_bind_it():
+  def loss(params, batch):
+    hidden = batch["x"] @ params["dense"]["kernel"]
+    hidden = hidden - jax.lax.pmean(hidden.mean(0), "batch")   # a collective, as BatchNorm
+    return _loss({**params, "dense": {"kernel": jnp.eye(4, 3)}}, {**batch, "x": hidden @
+                                                                  jnp.ones((3, 4))})
+  with pytest.raises(ValueError, match="axis_name= equal to the model's"):
+    jkfac.describe(loss, _PARAMS, _BATCH)
+
+
+@pytest.mark.parametrize("wrap, match", [
+    (lambda f, x: jax.lax.cond(True, f, f, x), "lax.cond / lax.switch"),
+    (lambda f, x: jax.lax.while_loop(lambda c: c[1] < 1, lambda c: (f(c[0]), c[1] + 1),
+                                     (x, 0))[0], "while_loop"),
+])
+def test_tags_in_cond_and_while_say_why_not(wrap, match):
+  def loss(params, batch):
+    layer = lambda x: jkfac.register_dense(x @ params["w"], x, params["w"])
+    y = wrap(layer, batch["x"])
+    jkfac.register_squared_error(y, batch["y"])
+    return 0.5 * jnp.mean(jnp.sum((y - batch["y"]) ** 2, -1))
+  params, batch = {"w": jnp.eye(4)}, {"x": jnp.ones((5, 4)), "y": jnp.ones((5, 4))}
+  with pytest.raises(NotImplementedError, match=match):
+    jkfac.describe(loss, params, batch)

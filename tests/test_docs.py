@@ -2,7 +2,7 @@
 
 Conventions for documentation snippets:
 
-- Every ```python fenced block of README.md and docs/index.md runs, in file order, in
+- Every ```python fenced block of the files in `SNIPPET_FILES` runs, in file order, in
   one namespace per file: a block may use what an earlier block of its file defined.
   Keep them small (tiny models, a step or two) so this file stays under about a minute.
 - A block that cannot run here (it needs real data, several devices, or stands for
@@ -28,7 +28,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SKIP_MARKER = "# doc-test: skip"
-SNIPPET_FILES = ("README.md", "docs/index.md")
+SNIPPET_FILES = ("README.md", "docs/index.md", "docs/stateful_models.md")
 # README blocks that need the marker but do not have it yet, by their first line. (This
 # test may not edit README.md; once the README marks them, delete the entry.)
 UNMARKED_SKIPS: dict[str, tuple[str, ...]] = {}  # first lines to skip without the marker
