@@ -45,7 +45,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "examples"))
 sys.path.insert(0, _HERE)
 import _compare  # noqa: E402  (the sequence examples' evaluation)
 import _harness  # noqa: E402
-import _progress  # noqa: E402
 import autoencoder  # noqa: E402  (the example's model, loss and optimizers)
 import lstm  # noqa: E402
 import mnist  # noqa: E402
@@ -201,11 +200,10 @@ def sequence_problem(example_module, name: str, args, steps: int,
 
 
 def train(problem: Problem, tx, label: str, args) -> _harness.Run:
-  step = _harness.make_step(problem.loss_fn, tx)
-  with _progress.Progress(problem.steps, label, every=args.log_every) as progress:
-    return _harness.run(step, (problem.params, tx.init(problem.params)), problem.batches(),
-                        problem.eval_fn, steps=problem.steps, eval_every=problem.eval_every,
-                        sync_every=args.sync_every, progress=progress)
+  return _harness.train(problem.loss_fn, tx, problem.params, problem.batches(),
+                        problem.eval_fn, label=label, steps=problem.steps,
+                        eval_every=problem.eval_every, sync_every=args.sync_every,
+                        log_every=args.log_every)
 
 
 def _label(name: str, lr: float) -> str:

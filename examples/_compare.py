@@ -23,7 +23,6 @@ import optax
 import jkfac
 
 import _harness
-import _progress
 
 Params = Any
 Batch = Any
@@ -106,15 +105,11 @@ def make_evaluate(loss_fn, batches: Sequence[Batch]) -> _harness.EvalFn:
 
 
 def train(task: Task, tx: optax.GradientTransformation, label: str, *, steps: int,
-          eval_every: int, seed: int, sync_every: int = 1, log_every: int | None = None
-          ) -> _harness.Run:
+          eval_every: int, seed: int) -> _harness.Run:
   """`tx` for `steps` steps from `task`'s seeded start on its seeded batches, with progress."""
-  params = task.init_params(jax.random.PRNGKey(seed))
-  step = _harness.make_step(task.loss_fn, tx)
-  with _progress.Progress(steps, label, every=log_every or eval_every) as progress:
-    return _harness.run(step, (params, tx.init(params)), task.train_batches(seed),
-                        make_evaluate(task.loss_fn, task.eval_batches), steps=steps,
-                        eval_every=eval_every, sync_every=sync_every, progress=progress)
+  return _harness.train(task.loss_fn, tx, task.init_params(jax.random.PRNGKey(seed)),
+                        task.train_batches(seed), make_evaluate(task.loss_fn, task.eval_batches),
+                        label=label, steps=steps, eval_every=eval_every, log_every=eval_every)
 
 
 def learning_rates(spec: OptimizerSpec, args: argparse.Namespace) -> tuple[float, ...]:

@@ -206,6 +206,20 @@ def run(step_fn: StepFn, init_state: Any, batches: Iterable[Any], eval_fn: EvalF
   return Run(np.asarray(losses), np.asarray(seconds), evals, diverged, compile_seconds, state)
 
 
+def train(loss_fn: Callable[[Any, Any], jax.Array], tx: optax.GradientTransformation,
+          params: Any, batches: Iterable[Any], eval_fn: EvalFn | None = None, *, label: str,
+          steps: int, eval_every: int = 0, sync_every: int = 1, log_every: int = 50,
+          quiet: bool = False) -> Run:
+  """`run` of `make_step(loss_fn, tx)` from `(params, tx.init(params))`, showing a
+  `_progress.Progress` named `label` (a line every `log_every` steps off a terminal)."""
+  step, state = make_step(loss_fn, tx), (params, tx.init(params))
+  kwargs = dict(steps=steps, eval_every=eval_every, sync_every=sync_every)
+  if quiet:
+    return run(step, state, batches, eval_fn, **kwargs)
+  with _progress.Progress(steps, label, every=log_every) as progress:
+    return run(step, state, batches, eval_fn, progress=progress, **kwargs)
+
+
 def _prepend(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
   yield first
   yield from rest

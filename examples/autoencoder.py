@@ -33,7 +33,6 @@ import jkfac
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)  # the helpers sit beside us
 import _harness  # noqa: E402
-import _progress  # noqa: E402
 import mnist_data  # noqa: E402
 
 WIDTHS = (1000, 500, 250, 30, 250, 500, 1000)
@@ -161,14 +160,9 @@ class Trainer:
                               seed=self.args.seed)
 
   def train(self, label: str, tx: optax.GradientTransformation) -> _harness.Run:
-    step = _harness.make_step(self.loss_fn, tx)
-    state = (self.params, tx.init(self.params))
-    kwargs = dict(steps=self.args.steps, sync_every=self.args.sync_every)
-    if self.args.quiet:
-      return _harness.run(step, state, self.batches(), self.evaluate, **kwargs)
-    with _progress.Progress(self.args.steps, label, every=LOG_EVERY) as progress:
-      return _harness.run(step, state, self.batches(), self.evaluate, progress=progress,
-                          **kwargs)
+    return _harness.train(self.loss_fn, tx, self.params, self.batches(), self.evaluate,
+                          label=label, steps=self.args.steps, sync_every=self.args.sync_every,
+                          log_every=LOG_EVERY, quiet=self.args.quiet)
 
 
 def train_all(args: argparse.Namespace, trainer: Trainer) -> dict[str, Any]:
