@@ -10,13 +10,12 @@ inverses every 5 steps; a fixed one); Adam and SGD-momentum run a small learning
     PYTHONPATH=. python examples/autoencoder.py --fake-data --steps 5 --widths 64,8,64
 
 Every optimizer sees the same batches from the same initial parameters. Times are of real
-training steps, compilation and evaluation excluded (see `benchmarks/_harness.py`).
+training steps, compilation and evaluation excluded (see `_harness.py`).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import inspect
 import os
 import sys
@@ -32,8 +31,7 @@ import optax
 import jkfac
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)  # mnist_data sits beside us
-sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "benchmarks"))  # the shared harness
+sys.path.insert(0, _HERE)  # the helpers sit beside us
 import _harness  # noqa: E402
 import mnist_data  # noqa: E402
 
@@ -55,6 +53,8 @@ ADAM_LRS = (3e-4, 1e-3, 3e-3)
 SGD_LRS = (1e-3, 3e-3, 1e-2)  # with (heavy-ball) momentum 0.9
 SGD_MOMENTUM = 0.9
 EVAL_BATCH = 1000
+LOG_EVERY = 50  # steps per progress line where output is no terminal
+METRICS = ("test_loss", "test_sq_err")
 
 
 class Autoencoder(nn.Module):
@@ -125,20 +125,6 @@ def make_baseline(name: str, learning_rate: float, l2: float = L2) -> optax.Grad
   raise ValueError(f"unknown baseline {name!r}")
 
 
-def make_step(loss_fn, tx: optax.GradientTransformation) -> _harness.StepFn:
-  """The jitted train step on `(params, opt_state)`; every optimizer gets the batch."""
-  tx = optax.with_extra_args_support(tx)
-
-  @jax.jit
-  def step(state, batch):
-    params, opt_state = state
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, opt_state = tx.update(grads, opt_state, params, batch=batch)
-    return (optax.apply_updates(params, updates), opt_state), loss
-
-  return step
-
-
 def make_evaluate(model: nn.Module, images: np.ndarray) -> Callable[[Any], dict[str, float]]:
   """`evaluate(state) -> {"test_loss", "test_sq_err"}` per image, over `images`."""
 
@@ -174,38 +160,9 @@ class Trainer:
                               seed=self.args.seed)
 
   def train(self, label: str, tx: optax.GradientTransformation) -> _harness.Run:
-    step = make_step(self.loss_fn, tx)
-    with progress_bar(label, self.args.steps, self.args.quiet) as on_sync:
-      return _harness.run(step, (self.params, tx.init(self.params)), self.batches(),
-                          self.evaluate, steps=self.args.steps, sync_every=self.args.sync_every,
-                          on_sync=on_sync)
-
-
-class progress_bar:
-  """A rich progress bar (loss and steps/s) as an `on_sync` callback; `quiet`: none."""
-
-  def __init__(self, label: str, steps: int, quiet: bool = False):
-    self.label, self.steps, self.quiet = label, steps, quiet
-
-  def __enter__(self) -> Callable[[int, float, float], None] | None:
-    if self.quiet:
-      return None
-    from rich import progress  # ships with flax
-    self.bar = progress.Progress(
-        progress.TextColumn("{task.description:24s}"), progress.BarColumn(),
-        progress.MofNCompleteColumn(), progress.TextColumn("loss {task.fields[loss]:9.3f}"),
-        progress.TextColumn("{task.fields[rate]:6.1f} steps/s"), progress.TimeElapsedColumn())
-    self.bar.start()
-    task = self.bar.add_task(self.label, total=self.steps, loss=float("nan"), rate=0.0)
-
-    def on_sync(step: int, loss: float, seconds: float) -> None:
-      self.bar.update(task, completed=step, loss=loss, rate=step / seconds if seconds else 0.0)
-
-    return on_sync
-
-  def __exit__(self, *exc) -> None:
-    if not self.quiet:
-      self.bar.stop()
+    return _harness.train(self.loss_fn, tx, self.params, self.batches(), self.evaluate,
+                          label=label, steps=self.args.steps, sync_every=self.args.sync_every,
+                          log_every=LOG_EVERY, quiet=self.args.quiet)
 
 
 def train_all(args: argparse.Namespace, trainer: Trainer) -> dict[str, Any]:
@@ -222,35 +179,6 @@ def train_all(args: argparse.Namespace, trainer: Trainer) -> dict[str, Any]:
         results[f"{name} lr {lr:g}"] = trainer.train(f"{name} lr {lr:g}",
                                                      make_baseline(name, lr, args.l2))
   return results
-
-
-def summary_rows(results: Mapping[str, Any], window: int = _harness.WINDOW) -> list[list[Any]]:
-  """One table row per run: final loss, test metrics, ms/step, status."""
-  rows = []
-  for label, r in results.items():
-    if isinstance(r, _harness.Skipped):
-      rows.append([label, None, None, None, None, f"skipped: {r.reason}"])
-      continue
-    metrics = r.evals[-1][2] if r.evals else {}
-    rows.append([label, _harness.final_loss(r.losses, window), metrics.get("test_loss"),
-                 metrics.get("test_sq_err"), r.ms_per_step,
-                 "diverged" if r.diverged else f"ok ({len(r.losses)} steps)"])
-  return rows
-
-
-SUMMARY_HEADERS = ("run", f"train loss (last {_harness.WINDOW})", "test loss", "test sq err",
-                   "ms/step", "status")
-
-
-def write_csv(results: Mapping[str, Any], path: str) -> None:
-  """Long format: run, step, seconds, loss (one row per training step)."""
-  with open(path, "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["run", "step", "seconds", "loss"])
-    for label, r in results.items():
-      if isinstance(r, _harness.Run):
-        for step, seconds, loss in zip(r.steps, r.seconds, r.losses):
-          writer.writerow([label, int(step), f"{seconds:.6f}", f"{loss:.6g}"])
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -276,8 +204,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--sync-every", type=int, default=1,
                       help="block_until_ready every this many steps (default: 1)")
   parser.add_argument("--plot", metavar="PNG", help="save loss against steps and seconds here")
-  parser.add_argument("--metrics-csv", metavar="CSV", help="write every step's loss here")
-  parser.add_argument("--quiet", action="store_true", help="no progress bar")
+  parser.add_argument("--metrics-csv", metavar="CSV",
+                      help="write every step's loss (and the final test metrics) here")
+  parser.add_argument("--quiet", action="store_true",
+                      help="no progress bar (or, where output is no terminal, lines)")
   parser.add_argument("--data-dir", default=os.path.join(_HERE, "..", "..", "shared", "data",
                                                          "mnist"),
                       help="MNIST IDX files; with only t10k, 8,000 train / 2,000 test "
@@ -308,14 +238,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"data: {args.dataset} ({len(data['train'][0])} train / {len(data['test'][0])} test); "
         f"widths {args.widths}, batch {args.batch_size}, {args.steps} steps", flush=True)
   results = train_all(args, Trainer(args, data))
-  print(_harness.format_table(SUMMARY_HEADERS, summary_rows(results)), flush=True)
+  print(_harness.format_table(_harness.run_headers(METRICS),
+                              _harness.run_rows(results, METRICS)), flush=True)
   if args.metrics_csv:
-    write_csv(results, args.metrics_csv)
-    print(f"wrote {args.metrics_csv}")
+    _harness.write_csv(args.metrics_csv, results, METRICS)
   if args.plot:
-    runs = {k: r for k, r in results.items() if isinstance(r, _harness.Run)}
-    _harness.plot({"MNIST autoencoder": runs}, args.plot)
-    print(f"wrote {args.plot}")
+    _harness.plot({"MNIST autoencoder": results}, args.plot)
   return results
 
 

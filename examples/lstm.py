@@ -16,12 +16,12 @@ state after the last digit and the backward state after the first, a ReLU `nn.De
 and a 2-way `nn.Dense`. jkfac finds every layer without tags; each LSTM gate's dense
 layer runs once per position inside the scan and gets a `"kron_indep"` block. (Flax's
 `OptimizedLSTMCell` fuses the gates in a way jkfac does not recognise: only diagonal
-blocks.) The harness, flags and summary are `transformer_lm.py`'s (`_timing`).
+blocks.) The flags and summary are `transformer_lm.py`'s (`_compare`).
 """
 
 from __future__ import annotations
 
-import math
+import argparse
 import os
 import sys
 from typing import Any, Iterator, Sequence
@@ -34,12 +34,12 @@ import optax
 
 import jkfac
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # The harness sits beside us.
-import _timing  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # The helpers sit beside us.
+import _compare  # noqa: E402
 
 OPTIMIZERS = {spec.name: spec for spec in (
-    _timing.kfac_spec(3e-3, (1e-3, 3e-3, 1e-2)),
-    _timing.adam_spec(3e-3, (1e-3, 3e-3, 1e-2)),
+    _compare.kfac_spec(3e-3, (1e-3, 3e-3, 1e-2)),
+    _compare.adam_spec(3e-3, (1e-3, 3e-3, 1e-2)),
 )}
 NUM_DIGITS = 10
 EVAL_SEED = 12345  # The eval set does not depend on --seed.
@@ -92,22 +92,22 @@ def make_loss_fn(model: BiLSTMClassifier):
   return loss_fn
 
 
-def make_task(args) -> _timing.Task:
+def make_task(args) -> _compare.Task:
   model = BiLSTMClassifier(hidden=args.hidden, embed_dim=args.embed_dim)
   tokens = jnp.zeros((args.batch_size, args.length), jnp.int32)
   eval_stream = batches(args.batch_size, args.length, EVAL_SEED)
-  return _timing.Task(
+  return _compare.Task(
       title=(f"BiLSTM (hidden {args.hidden}) on first == last, length {args.length}, "
              f"batch {args.batch_size}"),
       loss_fn=make_loss_fn(model),
       init_params=lambda key: model.init(key, tokens)["params"],
       train_batches=lambda seed: batches(args.batch_size, args.length, seed),
-      eval_batches=[next(eval_stream) for _ in range(args.eval_batches)],
-      max_loss=10 * math.log(2))
+      eval_batches=[next(eval_stream) for _ in range(args.eval_batches)])
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  parser = _timing.make_parser("lstm.py", __doc__.split("\n\n")[0], OPTIMIZERS, steps=400,
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  """The shared flags (`_compare`) and the model's."""
+  parser = _compare.make_parser("lstm.py", __doc__.split("\n\n")[0], OPTIMIZERS, steps=400,
                                batch_size=64)
   model = parser.add_argument_group("model and data")
   model.add_argument("--hidden", type=int, default=32, help="LSTM width (default: 32)")
@@ -115,10 +115,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   model.add_argument("--length", type=int, default=12, help="sequence length (default: 12)")
   model.add_argument("--eval-batches", type=int, default=16,
                      help="held-out batches per eval (default: 16)")
-  args = _timing.parse_args(parser, argv)
+  args = _compare.parse_args(parser, argv)
   if args.length < 2:
     parser.error("--length must be at least 2")
-  return _timing.main(make_task(args), OPTIMIZERS, args)
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  args = parse_args(argv)
+  return _compare.main(make_task(args), OPTIMIZERS, args)
 
 
 if __name__ == "__main__":

@@ -43,13 +43,13 @@ import jkfac
 import jkfac.checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # our helpers sit beside us.
+import _harness  # noqa: E402
 import _progress  # noqa: E402
 import mnist_data  # noqa: E402
 
 OPTIMIZERS = ("kfac", "adam")
 DATA_AXIS = "data"
 EVAL_BATCH_SIZE = 1000
-DIVERGED_LOSS = 1e3  # The cross-entropy starts near ln(10) = 2.3.
 CSV_FIELDS = ("optimizer", "step", "seconds", "train_loss", "test_loss", "test_accuracy")
 
 
@@ -243,7 +243,7 @@ def train(name: str, args: argparse.Namespace, data,
       steps.append(step)
       seconds.append(progress.seconds)
       losses.append(loss)
-      if not loss < DIVERGED_LOSS:  # Also catches NaN.
+      if _harness.is_diverged([loss], losses[0]):  # Not finite, or 10x the first loss.
         print(f"{name}: step {step}: loss {loss:.3g}, diverged; stopping (lower the learning "
               "rate or raise --damping)", flush=True)
         diverged = True
@@ -272,30 +272,6 @@ def train(name: str, args: argparse.Namespace, data,
           "steps_per_second": progress.steps_per_second, "test_loss": test_loss,
           "test_accuracy": test_accuracy, "diverged": diverged, "first_step": first,
           "params": unplace(state).params}
-
-
-def plot(results: dict[str, dict[str, Any]], path: str) -> None:
-  """Training loss against step and against wall-clock seconds, one line per optimizer."""
-  import matplotlib  # Lazy: only --plot needs it.
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4))
-  for name, result in results.items():
-    by_step.plot(result["steps"], result["losses"], label=name, linewidth=1)
-    by_time.plot(result["seconds"], result["losses"], label=name, linewidth=1)
-  by_step.set_xlabel("step")
-  by_time.set_xlabel("seconds (after the compiling first step)")
-  for ax in (by_step, by_time):
-    ax.set_ylabel("training loss (batch)")
-    ax.set_yscale("log")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-  fig.suptitle("MNIST convnet: K-FAC vs Adam")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  print(f"wrote {path}", flush=True)
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
@@ -411,7 +387,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         args.metrics_csv, CSV_FIELDS, append=bool(args.checkpoint_dir)))
     results = {name: train(name, args, data, csv or None) for name in names}
   if args.plot:
-    plot(results, args.plot)
+    runs = {name: _harness.Run(np.asarray(r["losses"]), np.asarray(r["seconds"]), [],
+                               r["diverged"], start=r["first_step"])
+            for name, r in results.items()}
+    _harness.plot({"MNIST convnet: K-FAC vs Adam": runs}, args.plot)
   return results
 
 

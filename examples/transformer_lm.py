@@ -19,6 +19,7 @@ finds in the loss's jaxpr without tags. The loss is the mean over all N*T tokens
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Any, Sequence
@@ -31,13 +32,13 @@ import optax
 import jkfac
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # The helpers sit beside us.
-import _timing  # noqa: E402
+import _compare  # noqa: E402
 import text_data  # noqa: E402
 
 OPTIMIZERS = {spec.name: spec for spec in (
-    _timing.kfac_spec(1e-2, (3e-3, 1e-2, 2e-2)),
-    _timing.adamw_spec(3e-3, (1e-3, 3e-3, 1e-2)),
-    _timing.muon_spec(2e-2, (1e-2, 2e-2, 5e-2)),
+    _compare.kfac_spec(1e-2, (3e-3, 1e-2, 2e-2)),
+    _compare.adamw_spec(3e-3, (1e-3, 3e-3, 1e-2)),
+    _compare.muon_spec(2e-2, (1e-2, 2e-2, 5e-2)),
 )}
 # Tried on this CPU (150 steps): regular momentum stalls or diverges above lr 1e-3;
 # preconditioning the raw-gradient momentum with more damping trains fastest.
@@ -112,7 +113,7 @@ def muon_dimension_numbers(params) -> Any:
   return jax.tree_util.tree_map_with_path(rule, params)
 
 
-def make_task(args) -> _timing.Task:
+def make_task(args) -> _compare.Task:
   files = text_data.read_corpus(args.max_bytes)
   train_files, eval_files = text_data.split_by_file(files)
   train, held_out = text_data.concatenate(train_files), text_data.concatenate(eval_files)
@@ -121,7 +122,7 @@ def make_task(args) -> _timing.Task:
   tokens = jnp.zeros((args.batch_size, args.length), jnp.int32)
   print(f"corpus: {len(train_files)} train files ({len(train):,} bytes), {len(eval_files)} "
         f"eval files ({len(held_out):,} bytes) from {text_data.stdlib_dir()}", flush=True)
-  return _timing.Task(
+  return _compare.Task(
       title=(f"byte-level transformer LM, {args.num_layers} layers, d_model {args.d_model}, "
              f"T={args.length}, batch {args.batch_size}"),
       loss_fn=make_loss_fn(model),
@@ -129,12 +130,12 @@ def make_task(args) -> _timing.Task:
       train_batches=lambda seed: text_data.batches(train, args.batch_size, args.length, seed),
       eval_batches=text_data.eval_batches(held_out, args.eval_batches, args.batch_size,
                                           args.length, seed=EVAL_SEED),
-      max_loss=3 * float(jnp.log(text_data.VOCAB_SIZE)),
       muon_dimension_numbers=muon_dimension_numbers)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  parser = _timing.make_parser("transformer_lm.py", __doc__.split("\n\n")[0], OPTIMIZERS)
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  """The shared flags (`_compare`) with K-FAC's defaults for this model, and the model's."""
+  parser = _compare.make_parser("transformer_lm.py", __doc__.split("\n\n")[0], OPTIMIZERS)
   parser.set_defaults(**KFAC_DEFAULTS)
   model = parser.add_argument_group("model and data")
   model.add_argument("--d-model", type=int, default=64, help="(default: 64)")
@@ -145,8 +146,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      help=f"corpus size cap (default: {text_data.DEFAULT_MAX_BYTES})")
   model.add_argument("--eval-batches", type=int, default=8,
                      help="held-out batches per eval (default: 8)")
-  args = _timing.parse_args(parser, argv)
-  return _timing.main(make_task(args), OPTIMIZERS, args)
+  return _compare.parse_args(parser, argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  args = parse_args(argv)
+  return _compare.main(make_task(args), OPTIMIZERS, args)
 
 
 if __name__ == "__main__":

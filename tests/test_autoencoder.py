@@ -50,7 +50,11 @@ def test_all_optimizers_few_steps(autoencoder, tmp_path, capsys):
     if hasattr(r, "reason"):
       assert f"skipped: {r.reason}" in out
   rows = list(csv.DictReader(path.open()))
-  assert len(rows) == 3 * len(runs) and set(rows[0]) == {"run", "step", "seconds", "loss"}
+  assert len(rows) == 3 * len(runs)
+  assert list(rows[0]) == ["run", "step", "seconds", "train_loss", "test_loss", "test_sq_err"]
+  assert [row["test_loss"] != "" for row in rows[:3]] == [False, False, True]  # at the end
+  assert float(rows[2]["test_loss"]) == pytest.approx(runs[rows[0]["run"]].evals[-1][2][
+      "test_loss"], rel=1e-5)
   assert "| run" in out
 
 
