@@ -278,7 +278,7 @@ def update_inverses(config: PreconditionConfig, trace: Trace, state: Preconditio
   for layer in trace.every_layer:
     inverses[layer.name], fell_back = blocks.for_layer(layer).finite_or_previous(
         new[layer.name], state.inverses[layer.name])
-    fallbacks = fallbacks + fell_back
+    fallbacks = fallbacks + fell_back.astype(fallbacks.dtype)
   return state._replace(inverses=inverses, inverse_fallbacks=fallbacks,
                         damping=jnp.asarray(damping, state.damping.dtype))
 
