@@ -75,7 +75,7 @@ def _abstract(tree: PyTree) -> PyTree:
 
 
 def _value(hyperparameter: ScalarOrSchedule, count: Array) -> Array:
-  return hyperparameter(count) if callable(hyperparameter) else jnp.asarray(hyperparameter)
+  return jnp.asarray(hyperparameter(count) if callable(hyperparameter) else hyperparameter)
 
 
 def _tree_finite(tree: PyTree) -> Array:
@@ -113,6 +113,9 @@ class PreconditionConfig:
   strict: bool = False
 
   def __post_init__(self):
+    _check(_is_number(self.damping) or callable(self.damping)
+           or isinstance(self.damping, jax.Array),
+           f"damping must be a positive number, a schedule or an array, got {self.damping!r}.")
     if _is_number(self.damping):
       _check(self.damping > 0, f"damping must be positive, got {self.damping}.")
     if self.damping is not None and _is_number(self.damping) and self.damping < MIN_DAMPING:
