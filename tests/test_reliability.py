@@ -476,9 +476,6 @@ def test_constant_ema_schedule_equals_the_constant():
   _asserts.assert_trees_close(_run(tx, jit_update(tx)), constant, rtol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "library bug: jkfac/transform.py update_statistics calls `_value(cov_ema_decay, count)"
-    ".astype(...)`, and `_value` returns a schedule's Python float unconverted"))
 def test_python_float_ema_schedule_equals_the_constant():
   constant = _run(*cached("precondition", invert_every=1))
   tx = precondition(invert_every=1, cov_ema_decay=optax.constant_schedule(0.95))
@@ -507,10 +504,7 @@ def test_varying_ema_schedule_matches_a_hand_ema():
 @pytest.mark.parametrize("name,build", [
     ("cov_ema_decay", lambda: precondition(cov_ema_decay="0.9")),
     ("momentum", lambda: kfac(momentum="0.9")),
-    pytest.param("damping", lambda: precondition(damping="0.01"), marks=pytest.mark.xfail(
-        strict=True, raises=pytest.fail.Exception, reason="library bug: PreconditionConfig.__post_init__ (jkfac/transform.py) "
-        "checks damping's value only when it is a number, never its type; a string fails "
-        "later, in update, with a TypeError")),
+    ("damping", lambda: precondition(damping="0.01")),
 ])
 def test_non_number_non_schedule_hyperparameter_raises_at_construction(name, build):
   with pytest.raises(ValueError, match=name):
