@@ -27,6 +27,7 @@ arrays (`AdaptiveState`); `diagnostics(opt_state)` reads what each step recorded
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import Any, Callable, NamedTuple, Sequence
@@ -392,75 +393,109 @@ def _loss_change(problem: _Problem, loss: Array, step: PyTree) -> Array:
 # --- the step ------------------------------------------------------------------------
 
 
-def _adaptation_due(config: AdaptiveConfig, step: Array) -> Array:
-  return step % config.damping_adaptation_interval == 0
+class _Inputs(NamedTuple):
+  """One step's vectors and scalars: `grads` (with l2, this device's), `source` (what was
+  preconditioned: `grads`, or the "adam" trace of g, `velocity`), `delta` = F̂⁻¹ source."""
+  grads: PyTree
+  source: PyTree
+  velocity: PyTree
+  delta: PyTree
+  damping: Array
+  step: Array
+  learning_rate: Array | None
+  momentum: Array
+
+
+class _Result(NamedTuple):
+  """What a step computed: the update and the next velocity, damping and diagnostics."""
+  update: PyTree
+  velocity: PyTree
+  damping: Array
+  rho: Array
+  alpha: Array
+  mu: Array
+  quad_change: Array
+  norm_scale: Array
+
+
+def _f32(x: Any) -> Array:
+  return jnp.asarray(x, jnp.float32)
+
+
+def _adaptation(config: AdaptiveConfig, problem: _Problem, state: AdaptiveState,
+                inputs: _Inputs, measure: Callable[[], tuple[Array, Array]]
+                ) -> tuple[Array, Array, Array]:
+  """`(new λ, ρ, M(δ))`. On adaptation steps, `measure()` gives `(L(θ+δ) − L(θ),
+  M(δ))` and λ follows the LM rule; on the others λ and ρ stay."""
+  old = inputs.damping, state.diagnostics.rho, state.diagnostics.quad_change
+  if not config.adapt_damping:
+    return old
+
+  def adapt():
+    loss_change, quad = measure()
+    rho = _f32(reduction_ratio(loss_change, quad))
+    return adapted_damping(config, inputs.damping, rho), rho, _f32(quad)
+
+  return jax.lax.cond(inputs.step % config.damping_adaptation_interval == 0, adapt,
+                      lambda: old)
 
 
 def _qmodel_step(config: AdaptiveConfig, problem: _Problem, state: AdaptiveState,
-                 grads: PyTree, delta: PyTree, damping: Array, step: Array,
-                 learning_rate: Array | None, momentum: Array | None):
-  """δ = α Δ + μ v with (α, μ) from the exact quadratic model; ρ on adaptation steps."""
-  previous = state.velocity
-  loss, curvature = _curvature(problem, [delta, previous])
-  gram = jnp.array([[_dot(v, w) for w in (delta, previous)] for v in (delta, previous)])
-  b = parallel.pmean(jnp.stack([_dot(grads, delta), _dot(grads, previous)]), problem.axis)
-  fixed_mu = momentum if config.momentum_type == "qmodel_fixedmu" else None
-  alpha, mu = solve_quadratic_model(curvature, gram, b, damping, fixed_mu)
-  if learning_rate is not None:  # a multiplier on the model's step
-    alpha, mu = learning_rate * alpha, learning_rate * mu
-  coefficients = jnp.stack([alpha, mu]).astype(jnp.float32)
-  update = _scaled_sum([(alpha, delta), (mu, previous)])
-  quad = quadratic_change(coefficients, curvature, b).astype(jnp.float32)
-  new_damping, rho = _maybe_adapt(config, problem, state, loss, update, quad, damping, step)
-  return update, update, new_damping, rho, alpha, mu, quad, jnp.ones([], jnp.float32)
+                 inputs: _Inputs) -> _Result:
+  """δ = α Δ + μ v with (α, μ) from the exact quadratic model (μ fixed for
+  "qmodel_fixedmu"); `learning_rate`, if set, multiplies both."""
+  vectors = (inputs.delta, state.velocity)
+  loss, curvature = _curvature(problem, vectors)
+  gram = jnp.array([[_dot(v, w) for w in vectors] for v in vectors])
+  b = parallel.pmean(jnp.stack([_dot(inputs.grads, v) for v in vectors]), problem.axis)
+  fixed_mu = inputs.momentum if config.momentum_type == "qmodel_fixedmu" else None
+  alpha, mu = solve_quadratic_model(curvature, gram, b, _f32(inputs.damping), fixed_mu)
+  if inputs.learning_rate is not None:
+    alpha, mu = inputs.learning_rate * alpha, inputs.learning_rate * mu
+  update = _scaled_sum([(alpha, vectors[0]), (mu, vectors[1])])
+  quad = _f32(quadratic_change(jnp.stack([alpha, mu]), curvature, b))
+  damping, rho, _ = _adaptation(config, problem, state, inputs,
+                                lambda: (_loss_change(problem, loss, update), quad))
+  return _Result(update, update, damping, rho, alpha, mu, quad, _f32(1.0))
 
 
 def _fixed_step(config: AdaptiveConfig, problem: _Problem, state: AdaptiveState,
-                grads: PyTree, source: PyTree, velocity: PyTree, delta: PyTree,
-                damping: Array, step: Array, learning_rate: Array, momentum: Array):
+                inputs: _Inputs) -> _Result:
   """`-lr · momentum(Δ)` as in `jkfac.kfac` ("regular": the trace of Δ; "adam": Δ of the
-  trace of g, `velocity`), Δ scaled by the norm constraint; ρ on adaptation steps."""
-  g_delta = parallel.pmean(_dot(source, delta), problem.axis)
-  scale = norm_scale(config.norm_constraint, learning_rate, g_delta)
-  delta = jax.tree_util.tree_map(lambda d: (scale * d).astype(d.dtype), delta)
+  trace of g), Δ first scaled by the norm constraint."""
+  lr, momentum = inputs.learning_rate, inputs.momentum
+  g_delta = parallel.pmean(_dot(inputs.source, inputs.delta), problem.axis)
+  scale = norm_scale(config.norm_constraint, lr, g_delta)
+  delta = jax.tree_util.tree_map(lambda d: (scale * d).astype(d.dtype), inputs.delta)
+  velocity = inputs.velocity
   if config.momentum_type == "regular":
-    velocity = _scaled_sum([(momentum, state.velocity), (jnp.ones([]), delta)])
-    update = _scaled_sum([(-learning_rate, velocity)])
+    velocity = _scaled_sum([(momentum, state.velocity), (_f32(1.0), delta)])
+    update = _scaled_sum([(-lr, velocity)])
   else:
-    update = _scaled_sum([(-learning_rate, delta)])
-  quad, rho, new_damping = state.diagnostics.quad_change, state.diagnostics.rho, damping
-  if config.adapt_damping:
-    def adapt():
-      loss, curvature = _curvature(problem, [update])
-      b = parallel.pmean(_dot(grads, update), problem.axis)
-      quad = (b + 0.5 * curvature[0, 0]).astype(jnp.float32)
-      rho = reduction_ratio(_loss_change(problem, loss, update), quad).astype(jnp.float32)
-      return adapted_damping(config, damping, rho), rho, quad
+    update = _scaled_sum([(-lr, delta)])
 
-    new_damping, rho, quad = jax.lax.cond(_adaptation_due(config, step), adapt,
-                                          lambda: (damping, rho, quad))
-  return (update, velocity, new_damping, rho, -learning_rate * scale,
-          jnp.asarray(momentum, jnp.float32), quad, scale)
+  def measure():  # one JVP with δ for M(δ), one forward pass at θ + δ
+    loss, curvature = _curvature(problem, [update])
+    quad = parallel.pmean(_dot(inputs.grads, update), problem.axis) + 0.5 * curvature[0, 0]
+    return _loss_change(problem, loss, update), quad
+
+  damping, rho, quad = _adaptation(config, problem, state, inputs, measure)
+  return _Result(update, velocity, damping, rho, _f32(-lr * scale), _f32(momentum), quad,
+                 scale)
 
 
-def _maybe_adapt(config: AdaptiveConfig, problem: _Problem, state: AdaptiveState, loss: Array,
-                 update: PyTree, quad: Array, damping: Array, step: Array):
-  """`(new λ, ρ)`: on adaptation steps from one forward pass at θ + δ, else unchanged."""
-  if not config.adapt_damping:
-    return damping, state.diagnostics.rho
-
-  def adapt():
-    rho = reduction_ratio(_loss_change(problem, loss, update), quad).astype(jnp.float32)
-    return adapted_damping(config, damping, rho), rho
-
-  return jax.lax.cond(_adaptation_due(config, step), adapt,
-                      lambda: (damping, state.diagnostics.rho))
+def _burn_in(state: AdaptiveState, inputs: _Inputs) -> _Result:
+  """Statistics only: a zero update; velocity, damping and ρ stay."""
+  d = state.diagnostics
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, inputs.delta)
+  return _Result(zeros, state.velocity, inputs.damping, d.rho, _f32(0.0), _f32(0.0),
+                 d.quad_change, d.norm_scale)
 
 
 def _value(hyperparameter: ScalarOrSchedule | None, count: Array) -> Array | None:
   if hyperparameter is None:
     return None
-  return jnp.asarray(transform._value(hyperparameter, count), jnp.float32)
+  return _f32(transform._value(hyperparameter, count))
 
 
 def init(config: AdaptiveConfig, preconditioner: optax.GradientTransformation,
@@ -489,64 +524,56 @@ def init(config: AdaptiveConfig, preconditioner: optax.GradientTransformation,
                               quad_change=zero, update_norm=zero, norm_scale=zero + 1))
 
 
+def _problem(config: AdaptiveConfig, params: PyTree, batch: PyTree,
+             model_params: PyTree | None) -> _Problem:
+  masked = masking.is_masked(params)
+  _check(not masked or model_params is not None, transform._MASKED + "pass "
+         "tx.update(..., model_params=params), the whole model's parameters.")
+  full = model_params if masked else params
+  return _Problem(
+      params, full, (lambda v: masking.unmask(v, model_params)) if masked else (lambda v: v),
+      model(config.loss_fn, full, batch) if config.needs_model else None,
+      l2_mask(params, config.l2_reg_exclude),
+      None if config.l2_reg is None else _f32(config.l2_reg), config.device_axis)
+
+
 def update(config: AdaptiveConfig, preconditioner: optax.GradientTransformationExtraArgs,
            grads: PyTree, state: AdaptiveState, params: PyTree, batch: PyTree,
            curvature: interpreter.Curvature | None = None,
            model_params: PyTree | None = None) -> tuple[PyTree, AdaptiveState]:
   """One adaptive K-FAC step (see the module docstring)."""
-  masked = masking.is_masked(params)
-  _check(not masked or model_params is not None, transform._MASKED + "pass "
-         "tx.update(..., model_params=params), the whole model's parameters.")
-  full = model_params if masked else params
+  problem = _problem(config, params, batch, model_params)
   burnin = config.num_burnin_steps
   step = state.count if burnin is None else jnp.maximum(state.count - burnin, 0)
-  l2 = None if config.l2_reg is None else jnp.asarray(config.l2_reg, jnp.float32)
-  mask = l2_mask(params, config.l2_reg_exclude)
-  problem = _Problem(
-      params, full, (lambda v: masking.unmask(v, model_params)) if masked else (lambda v: v),
-      model(config.loss_fn, full, batch) if config.needs_model else None, mask, l2,
-      config.device_axis)
-  if l2 is not None:
-    grads = add_l2(grads, params, l2, mask)
-  learning_rate, momentum = _value(config.learning_rate, step), _value(config.momentum, step)
-  momentum = jnp.zeros([], jnp.float32) if momentum is None else momentum
+  if problem.l2 is not None:
+    grads = add_l2(grads, params, problem.l2, problem.mask)
+  momentum = _value(config.momentum, step)
+  momentum = _f32(0.0) if momentum is None else momentum
   velocity, source = state.velocity, grads
-  if config.momentum_type == "adam":  # the trace of (device-averaged) raw gradients
+  if config.momentum_type == "adam":  # the trace of the device-averaged gradients
     source = parallel.pmean(grads, config.device_axis)
-    velocity = source = _scaled_sum([(momentum, state.velocity), (jnp.ones([]), source)])
+    velocity = source = _scaled_sum([(momentum, state.velocity), (_f32(1.0), source)])
   damping = state.damping if config.adapt_damping else jnp.maximum(
       _value(config.damping, step), transform.MIN_DAMPING).astype(state.damping.dtype)
-  delta, pstate = preconditioner.update(
+  delta, preconditioner_state = preconditioner.update(
       source, state.preconditioner, params, batch=batch, curvature=curvature,
-      model_params=model_params, damping=damping if l2 is None else damping + l2)
-
-  def take_step():
-    if config.qmodel:
-      return _qmodel_step(config, problem, state, grads, delta, damping, step, learning_rate,
-                          momentum)
-    return _fixed_step(config, problem, state, grads, source, velocity, delta, damping, step,
-                       learning_rate, momentum)
-
-  def burn_in():  # statistics only: zero update, nothing else changes
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    d = state.diagnostics
-    return (zeros, state.velocity, damping, d.rho, d.alpha * 0, d.mu * 0, d.quad_change,
-            d.norm_scale)
-
-  if burnin is None:
-    results = take_step()
-  else:
-    results = jax.lax.cond(state.count < burnin, burn_in, take_step)
-  new_update, new_velocity, new_damping, rho, alpha, mu, quad, scale = results
+      model_params=model_params,
+      damping=damping if problem.l2 is None else damping + problem.l2)
+  inputs = _Inputs(grads, source, velocity, delta, damping, step,
+                   _value(config.learning_rate, step), momentum)
+  take_step = functools.partial(_qmodel_step if config.qmodel else _fixed_step, config,
+                                problem, state, inputs)
+  result = take_step() if burnin is None else jax.lax.cond(
+      state.count < burnin, lambda: _burn_in(state, inputs), take_step)
   diagnostics = Diagnostics(
-      damping=damping, rho=rho, alpha=jnp.asarray(alpha, jnp.float32),
-      mu=jnp.asarray(mu, jnp.float32), quad_change=jnp.asarray(quad, jnp.float32),
-      update_norm=jnp.sqrt(_dot(new_update, new_update)).astype(jnp.float32),
-      norm_scale=jnp.asarray(scale, jnp.float32))
-  new = AdaptiveState(optax.safe_increment(state.count), new_damping, new_velocity, pstate,
-                      diagnostics)
-  return _unless_skipped(pstate.skipped_steps > state.preconditioner.skipped_steps, new_update,
-                         new, state)
+      damping=damping, rho=result.rho, alpha=_f32(result.alpha), mu=_f32(result.mu),
+      quad_change=_f32(result.quad_change),
+      update_norm=_f32(jnp.sqrt(_dot(result.update, result.update))),
+      norm_scale=_f32(result.norm_scale))
+  new = AdaptiveState(optax.safe_increment(state.count), result.damping, result.velocity,
+                      preconditioner_state, diagnostics)
+  skipped = preconditioner_state.skipped_steps > state.preconditioner.skipped_steps
+  return _unless_skipped(skipped, result.update, new, state)
 
 
 def _unless_skipped(skipped: Array, update: PyTree, new: AdaptiveState, old: AdaptiveState
