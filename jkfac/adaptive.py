@@ -183,8 +183,9 @@ class AdaptiveConfig:
       _check(low > 0, f"min_damping must be positive, got {low}.")
     if _is_number(low) and _is_number(high):
       _check(low <= high, f"min_damping ({low}) must not exceed max_damping ({high}).")
-      if _is_number(self.damping):
-        _check(low <= self.damping <= high, f"damping (the initial value, {self.damping}) "
+      if _is_number(self.initial_damping):
+        _check(low <= self.initial_damping <= high,
+               f"damping (the initial value, {self.initial_damping}) "
                f"must lie in [min_damping, max_damping] = [{low}, {high}].")
 
   @property
@@ -422,9 +423,8 @@ def _f32(x: Any) -> Array:
   return jnp.asarray(x, jnp.float32)
 
 
-def _adaptation(config: AdaptiveConfig, problem: _Problem, state: AdaptiveState,
-                inputs: _Inputs, measure: Callable[[], tuple[Array, Array]]
-                ) -> tuple[Array, Array, Array]:
+def _adaptation(config: AdaptiveConfig, state: AdaptiveState, inputs: _Inputs,
+                measure: Callable[[], tuple[Array, Array]]) -> tuple[Array, Array, Array]:
   """`(new λ, ρ, M(δ))`. On adaptation steps, `measure()` gives `(L(θ+δ) − L(θ),
   M(δ))` and λ follows the LM rule; on the others λ and ρ stay."""
   old = inputs.damping, state.diagnostics.rho, state.diagnostics.quad_change
@@ -454,7 +454,7 @@ def _qmodel_step(config: AdaptiveConfig, problem: _Problem, state: AdaptiveState
     alpha, mu = inputs.learning_rate * alpha, inputs.learning_rate * mu
   update = _scaled_sum([(alpha, vectors[0]), (mu, vectors[1])])
   quad = _f32(quadratic_change(jnp.stack([alpha, mu]), curvature, b))
-  damping, rho, _ = _adaptation(config, problem, state, inputs,
+  damping, rho, _ = _adaptation(config, state, inputs,
                                 lambda: (_loss_change(problem, loss, update), quad))
   return _Result(update, update, damping, rho, alpha, mu, quad, _f32(1.0))
 
@@ -479,7 +479,7 @@ def _fixed_step(config: AdaptiveConfig, problem: _Problem, state: AdaptiveState,
     quad = parallel.pmean(_dot(inputs.grads, update), problem.axis) + 0.5 * curvature[0, 0]
     return _loss_change(problem, loss, update), quad
 
-  damping, rho, quad = _adaptation(config, problem, state, inputs, measure)
+  damping, rho, quad = _adaptation(config, state, inputs, measure)
   return _Result(update, velocity, damping, rho, _f32(-lr * scale), _f32(momentum), quad,
                  scale)
 

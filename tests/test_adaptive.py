@@ -98,6 +98,11 @@ def mlp_batch(step=0, size=32):
   return {"x": x, "y": jnp.argmax(x @ teacher, axis=-1)}
 
 
+def jitted_update(tx, grads, params, batch):
+  """`tx.update` of a fresh state, jitted (eager steps dispatch op by op: slow)."""
+  return jax.jit(lambda: tx.update(grads, tx.init(params), params, batch=batch))()
+
+
 def jitted_step(tx, loss_fn):
   @jax.jit
   def step(params, state, batch):
@@ -303,11 +308,11 @@ def test_norm_constraint_bounds_the_step():
   params, batch = mlp_params(), mlp_batch()
   grads = jax.grad(mlp_loss)(params, batch)
   pre = jkfac.precondition(mlp_loss, batch, damping=1e-2, estimation="exact")
-  delta, _ = pre.update(grads, pre.init(params), params, batch=batch)
+  delta, _ = jitted_update(pre, grads, params, batch)
   g_delta = flat(grads) @ flat(delta)
   for constraint in (1e-3, 1e6):
     tx = jkfac.kfac(mlp_loss, batch, learning_rate=2.0, norm_constraint=constraint, **kw)
-    updates, state = tx.update(grads, tx.init(params), params, batch=batch)
+    updates, state = jitted_update(tx, grads, params, batch)
     scale = min(1.0, math.sqrt(constraint / (4.0 * g_delta)))
     np.testing.assert_allclose(jkfac.diagnostics(state)["norm_scale"], scale, rtol=1e-4)
     np.testing.assert_allclose(flat(updates), -2.0 * scale * flat(delta), rtol=1e-4,
@@ -316,8 +321,8 @@ def test_norm_constraint_bounds_the_step():
     assert 4.0 * scale ** 2 * g_delta <= constraint * (1 + 1e-4)
   assert scale == 1.0  # the last constraint does not bind: plain K-FAC's step
   plain = jkfac.kfac(mlp_loss, batch, learning_rate=2.0, **kw)
-  np.testing.assert_allclose(flat(plain.update(grads, plain.init(params), params,
-                                               batch=batch)[0]), flat(updates), rtol=1e-5)
+  np.testing.assert_allclose(flat(jitted_update(plain, grads, params, batch)[0]),
+                             flat(updates), rtol=1e-5)
 
 
 def test_norm_constraint_keeps_a_too_large_learning_rate_from_diverging():
@@ -338,6 +343,51 @@ def test_norm_constraint_keeps_a_too_large_learning_rate_from_diverging():
   assert not np.all(np.isfinite(alone)) or alone[-5:].mean() > constrained[0], alone
 
 
+@pytest.mark.parametrize("momentum_type", ["regular", "adam"])
+def test_without_adaptation_the_adaptive_path_is_plain_kfac(momentum_type):
+  """`l2_reg=0` and a constraint that never binds take the adaptive path; its steps are
+  plain K-FAC's (momentum and a learning-rate schedule included)."""
+  kw = dict(learning_rate=optax.linear_schedule(0.5, 0.1, 3), damping=1e-2, momentum=0.8,
+            momentum_type=momentum_type, invert_every=2, estimation="empirical")
+  plain = jkfac.kfac(mlp_loss, mlp_batch(), **kw)
+  wrapped = jkfac.kfac(mlp_loss, mlp_batch(), l2_reg=0.0, norm_constraint=1e9, **kw)
+  runs = []
+  for tx in (plain, wrapped):
+    params, step = mlp_params(), jitted_step(tx, mlp_loss)
+    state = tx.init(params)
+    for i in range(4):
+      params, state, _, _ = step(params, state, mlp_batch(i))
+    runs.append(flat(params))
+  np.testing.assert_allclose(runs[1], runs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_qmodel_on_part_of_the_model_under_multi_transform():
+  """qmodel K-FAC for dense0 only (sgd for dense1): its curvature products and loss use
+  the whole model's parameters (`model_params`), its update only dense0's leaves."""
+  params, batch = mlp_params(), mlp_batch()
+  labels = {"dense0": "kfac", "dense1": "sgd"}
+  kfac = jkfac.kfac(mlp_loss, batch, momentum_type="qmodel", adapt_damping=True,
+                    damping_adaptation_interval=1, example_params=params)
+  tx = optax.multi_transform({"kfac": kfac, "sgd": optax.sgd(0.1)}, labels)
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(mlp_loss)(params, batch)
+    updates, state = tx.update(grads, state, params, batch=batch, model_params=params)
+    return optax.apply_updates(params, updates), state, updates
+
+  state = tx.init(params)
+  for _ in range(3):
+    new_params, state, updates = step(params, state)
+    found = jkfac.diagnostics(state)
+    assert np.isfinite(float(found["rho"])) and float(found["alpha"]) < 0
+    np.testing.assert_allclose(flat(updates["dense1"]),
+                               -0.1 * flat(jax.grad(mlp_loss)(params, batch)["dense1"]),
+                               rtol=1e-5, atol=1e-7)
+    assert mlp_loss(new_params, batch) < mlp_loss(params, batch)
+    params = new_params
+
+
 # --- l2, burn-in, skipped batches ------------------------------------------------------------
 
 
@@ -349,12 +399,12 @@ def test_l2_reg_adds_weight_decay_except_excluded_paths():
   grads = jax.grad(mlp_loss)(params, batch)
   tx = jkfac.kfac(mlp_loss, batch, learning_rate=0.5, damping=1e-2, l2_reg=0.1,
                   l2_reg_exclude="*bias*", momentum=None, estimation="exact")
-  updates, _ = tx.update(grads, tx.init(params), params, batch=batch)
+  updates, _ = jitted_update(tx, grads, params, batch)
   decayed = jax.tree_util.tree_map_with_path(
       lambda path, g, p: g if "bias" in jax.tree_util.keystr(path) else g + 0.1 * p,
       grads, params)
   pre = jkfac.precondition(mlp_loss, batch, damping=1e-2 + 0.1, estimation="exact")
-  expected, _ = pre.update(decayed, pre.init(params), params, batch=batch)
+  expected, _ = jitted_update(pre, decayed, params, batch)
   np.testing.assert_allclose(flat(updates), -0.5 * flat(expected), rtol=1e-5, atol=1e-8)
 
 
