@@ -1,16 +1,18 @@
 """Times a jitted train step of jkfac against optax Adam, in one process.
 
-    python benchmarks/step_time.py [--model convnet|mlp|both] [--rounds 3]
+    python benchmarks/step_time.py [--model convnet|mlp|both] [--rounds 3] [--data-dir DIR]
 
 For each model (the seed convnet and an MLP 784-512-256-10, batch 128) it times
 Adam and K-FAC with statistics every step / inverses every 10 steps, and
 statistics every 10 / inverses every 100, each with the plain `tx.update` (its own
 forward pass for the statistics) and with the fused `jkfac.value_and_grad` path.
-Every configuration is timed over whole inverse periods, so the periodic work is
-included at its real rate, at fixed parameters (the optimizer state evolves, the
-parameters stay put, so a long run on one batch cannot drift into divergence).
-Rounds interleave the configurations and the figures are medians over rounds;
-ratios to Adam are what to compare across machines.
+Every configuration is timed over whole inverse periods of real training steps
+(parameters updated, at learning rates that stay finite), cycling over the same
+batches of real digits (`--data-dir`, the first 8,000 test images; random images
+where the files are absent); a run whose loss or parameters stop being finite is
+reported as diverged, since NaN arithmetic has its own speed. Rounds interleave the
+configurations and the figures are medians over rounds; ratios to Adam are what to
+compare across machines.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import jkfac  # noqa: E402
+import mnist_data  # noqa: E402
 from mnist import ConvNet  # noqa: E402  (the example's model: the seed convnet)
+
+BATCH_SIZE, NUM_BATCHES = 128, 16
 
 
 class MLP(nn.Module):
@@ -54,8 +59,8 @@ def make_step(loss_fn, tx, fused: bool):
   @jax.jit
   def step(params, opt_state, batch):
     if fused:
-      loss, grads, stats = jkfac.value_and_grad(loss_fn)(params, batch)
-      extra = {"batch": batch, "stats": stats}
+      loss, grads, curvature = jkfac.value_and_grad(loss_fn)(params, batch)
+      extra = {"batch": batch, "curvature": curvature}
     else:
       loss, grads = jax.value_and_grad(loss_fn)(params, batch)
       extra = {"batch": batch}
@@ -64,20 +69,27 @@ def make_step(loss_fn, tx, fused: bool):
   return step
 
 
-def hold_params(step):
-  """The step at fixed parameters: the optimizer state evolves, the parameters do not.
+def load_batches(data_dir: str) -> list[dict[str, jax.Array]]:
+  """`NUM_BATCHES` batches of real digits (or random images if the files are absent)."""
+  try:
+    images, labels = mnist_data.load_idx(data_dir)["train"]
+  except FileNotFoundError:
+    print(f"no MNIST IDX files in {data_dir}: timing on random images")
+    key = jax.random.PRNGKey(0)
+    images = jax.random.uniform(key, (BATCH_SIZE * NUM_BATCHES, 28, 28, 1))
+    labels = jax.random.randint(key, (BATCH_SIZE * NUM_BATCHES,), 0, 10)
+  return [{"image": jnp.asarray(images[i * BATCH_SIZE:(i + 1) * BATCH_SIZE]),
+           "label": jnp.asarray(labels[i * BATCH_SIZE:(i + 1) * BATCH_SIZE])}
+          for i in range(NUM_BATCHES)]
 
-  Timing many steps on one random batch would otherwise drift into divergence, and
-  NaN or denormal arithmetic has its own, unrepresentative speed.
-  """
-  def held(params, opt_state, batch):
-    new_params, opt_state, loss = step(params, opt_state, batch)
-    return params, opt_state, loss + 0 * jax.tree_util.tree_leaves(new_params)[0].sum()
-  return jax.jit(held)
+
+def finite(params, loss) -> bool:
+  leaves = [loss, *jax.tree_util.tree_leaves(params)]
+  return all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
 
 
 def configurations(loss_fn, batch):
-  kfac = lambda cov, inv: jkfac.kfac(loss_fn, batch, learning_rate=1e-3, damping=1e-1,
+  kfac = lambda cov, inv: jkfac.kfac(loss_fn, batch, learning_rate=5e-4, damping=1e-3,
                                      cov_update_every=cov, invert_every=inv)
   return {
       "adam": (optax.adam(1e-3), False, 10),
@@ -88,36 +100,45 @@ def configurations(loss_fn, batch):
   }
 
 
-def run_model(name: str, model: nn.Module, rounds: int, min_steps: int) -> None:
+def run_model(name: str, model: nn.Module, batches: list, rounds: int, min_steps: int) -> None:
   key = jax.random.PRNGKey(0)
-  batch = {"image": jax.random.uniform(key, (128, 28, 28, 1)),
-           "label": jax.random.randint(key, (128,), 0, 10)}
-  params = model.init(key, batch["image"])["params"]
+  params = model.init(key, batches[0]["image"])["params"]
   loss_fn = make_loss(model)
   runs = {}
-  for label, (tx, fused, period) in configurations(loss_fn, batch).items():
-    step = hold_params(make_step(loss_fn, tx, fused))
-    state = (params, tx.init(params))
+  for label, (tx, fused, period) in configurations(loss_fn, batches[0]).items():
+    step = make_step(loss_fn, tx, fused)
     start = time.perf_counter()
-    p, s, loss = step(*state, batch)
+    p, s, loss = step(params, tx.init(params), batches[0])
     jax.block_until_ready(loss)
     runs[label] = dict(step=step, state=(p, s), compile=time.perf_counter() - start,
-                       steps=max(period, min_steps // period * period), times=[])
+                       steps=max(period, min_steps // period * period), times=[], seen=1,
+                       diverged=False)
   for _ in range(rounds):
     for run in runs.values():
+      if run["diverged"]:
+        continue
       p, s = run["state"]
       start = time.perf_counter()
       for _ in range(run["steps"]):
-        p, s, loss = run["step"](p, s, batch)
+        p, s, loss = run["step"](p, s, batches[run["seen"] % len(batches)])
+        run["seen"] += 1
       jax.block_until_ready(loss)
       run["times"].append((time.perf_counter() - start) / run["steps"])
       run["state"] = (p, s)
+      run["diverged"] = not finite(p, loss)
+      run["loss"] = float(loss)
   adam = statistics.median(runs["adam"]["times"])
-  print(f"\n{name}, batch 128, {jax.devices()[0].platform}, median of {rounds} rounds")
-  print(f"{'configuration':32s} {'ms/step':>8s} {'x adam':>7s} {'compile s':>10s}")
+  print(f"\n{name}, batch {BATCH_SIZE}, {jax.devices()[0].platform}, median of {rounds} rounds"
+        " of real training steps")
+  print(f"{'configuration':32s} {'ms/step':>8s} {'x adam':>7s} {'compile s':>10s} "
+        f"{'last loss':>9s}")
   for label, run in runs.items():
+    if run["diverged"]:
+      print(f"{label:32s} diverged (loss or parameters not finite): not timed")
+      continue
     ms = statistics.median(run["times"])
-    print(f"{label:32s} {ms * 1e3:8.1f} {ms / adam:7.2f} {run['compile']:10.1f}")
+    print(f"{label:32s} {ms * 1e3:8.1f} {ms / adam:7.2f} {run['compile']:10.1f} "
+          f"{run['loss']:9.4f}")
 
 
 def main(argv=None) -> None:
@@ -126,11 +147,14 @@ def main(argv=None) -> None:
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--min-steps", type=int, default=20,
                       help="time at least this many steps per round (whole inverse periods)")
+  parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2]
+                                                / "shared" / "data" / "mnist"))
   args = parser.parse_args(argv)
+  batches = load_batches(args.data_dir)
   if args.model in ("convnet", "both"):
-    run_model("seed convnet", ConvNet(), args.rounds, args.min_steps)
+    run_model("seed convnet", ConvNet(), batches, args.rounds, args.min_steps)
   if args.model in ("mlp", "both"):
-    run_model("MLP 784-512-256-10", MLP(), args.rounds, args.min_steps)
+    run_model("MLP 784-512-256-10", MLP(), batches, args.rounds, args.min_steps)
 
 
 if __name__ == "__main__":

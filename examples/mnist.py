@@ -6,22 +6,29 @@ convolution uses the diagonal K-FAC block, the others the default Kronecker one.
 
     PYTHONPATH=. python examples/mnist.py --data-dir /path/to/mnist --steps 300
     PYTHONPATH=. python examples/mnist.py --fake-data --steps 20
-    PYTHONPATH=. python examples/mnist.py --data-dir DIR --optimizer both --plot out.png
+    PYTHONPATH=. python examples/mnist.py --data-dir DIR --optimizer both --plot out.png \
+        --metrics-csv metrics.csv
+    PYTHONPATH=. python examples/mnist.py --fake-data --checkpoint-dir /tmp/ckpt  # resumes
 
 jkfac is used as any optax optimizer, with two differences: `jkfac.kfac` needs the
 loss function (with its layers tagged and its loss registered) and an example
 batch, and its `update` takes the batch (`jkfac.flax.TrainState` forwards it).
 All K-FAC work -- statistics, EMAs, periodic inverses -- happens inside the one
 jitted train step.
+
+With `--checkpoint-dir DIR` the parameters, the optimizer state and the step are saved
+(`jkfac.checkpoint`) every `--checkpoint-every` steps and at the end, and a run resumes
+from the latest checkpoint in DIR: it redraws the same batch order from `--seed`, so a run
+stopped and resumed ends with the same bits as one that ran through (on the same devices).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
-import time
 from typing import Any, Sequence
 
 import flax.jax_utils
@@ -33,14 +40,17 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 import jkfac
+import jkfac.checkpoint
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # mnist_data sits beside us.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # our helpers sit beside us.
+import _progress  # noqa: E402
 import mnist_data  # noqa: E402
 
 OPTIMIZERS = ("kfac", "adam")
 DATA_AXIS = "data"
 EVAL_BATCH_SIZE = 1000
 DIVERGED_LOSS = 1e3  # The cross-entropy starts near ln(10) = 2.3.
+CSV_FIELDS = ("optimizer", "step", "seconds", "train_loss", "test_loss", "test_accuracy")
 
 
 class ConvNet(nn.Module):
@@ -108,18 +118,20 @@ def make_train_step(loss_fn, axis_name: str | None = None):
 
 
 def data_parallel(args: argparse.Namespace, state: jkfac.flax.TrainState, loss_fn):
-  """`(state, step, place_batch, params_of)` for one device, pmap, or jit over a mesh.
+  """`(state, step, place_batch, unplace)` for one device, pmap, or jit over a mesh.
+
+  `unplace(state)` is the state as on one device: one replica under pmap.
 
   pmap: the state is replicated and each batch split into `(devices, batch/devices, ...)`.
   mesh: the batch is sharded over the mesh's data axis and jit partitions the step.
   """
   if args.devices == 1:
-    return state, jax.jit(make_train_step(loss_fn)), lambda batch: batch, lambda s: s.params
+    return state, jax.jit(make_train_step(loss_fn)), lambda batch: batch, lambda s: s
   if args.sharding:
     replicated = NamedSharding(args.mesh, PartitionSpec())
     sharded = NamedSharding(args.mesh, PartitionSpec(DATA_AXIS))
     return (jax.device_put(state, replicated), jax.jit(make_train_step(loss_fn)),
-            lambda batch: jax.device_put(batch, sharded), lambda s: s.params)
+            lambda batch: jax.device_put(batch, sharded), lambda s: s)
   step = jax.pmap(make_train_step(loss_fn, DATA_AXIS), axis_name=DATA_AXIS)
 
   def first_device(state, batch):
@@ -128,7 +140,7 @@ def data_parallel(args: argparse.Namespace, state: jkfac.flax.TrainState, loss_f
 
   return (flax.jax_utils.replicate(state, axis_name=DATA_AXIS), first_device,
           lambda batch: jkfac.parallel.split_batch(batch, args.devices),
-          lambda s: flax.jax_utils.unreplicate(s).params)
+          flax.jax_utils.unreplicate)
 
 
 def make_evaluate(model: nn.Module, batch_size: int = EVAL_BATCH_SIZE):
@@ -160,8 +172,40 @@ def make_evaluate(model: nn.Module, batch_size: int = EVAL_BATCH_SIZE):
   return evaluate
 
 
-def train(name: str, args: argparse.Namespace, data) -> dict[str, Any]:
-  """Trains one optimizer for `args.steps` steps; returns its history and test metrics."""
+def latest_checkpoint(directory: str) -> int | None:
+  """The largest step with a complete checkpoint in `directory` (orbax writes unfinished ones
+  under a temporary name), or None."""
+  if not os.path.isdir(directory):
+    return None
+  steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
+  return max(steps, default=None)
+
+
+def checkpoint_tree(state: jkfac.flax.TrainState) -> dict[str, Any]:
+  """What a checkpoint holds: the step also gives the data position (one batch per step)."""
+  return {"params": state.params, "opt_state": state.opt_state,
+          "step": jnp.asarray(state.step, jnp.int32)}
+
+
+def resume(directory: str, state: jkfac.flax.TrainState) -> tuple[jkfac.flax.TrainState, int]:
+  """`state` from the latest checkpoint in `directory` and its step; `(state, 0)` if none."""
+  step = latest_checkpoint(directory)
+  if step is None:
+    return state, 0
+  path = os.path.join(directory, str(step))
+  tree = jkfac.checkpoint.restore(path, checkpoint_tree(state))
+  state = state.replace(params=tree["params"], opt_state=tree["opt_state"], step=tree["step"])
+  return state, int(tree["step"])
+
+
+def save(directory: str, state: jkfac.flax.TrainState, step: int) -> None:
+  """Saves `state` (as on one device) under `directory/step`, replacing one of that step."""
+  jkfac.checkpoint.save(os.path.join(directory, str(step)), checkpoint_tree(state), force=True)
+
+
+def train(name: str, args: argparse.Namespace, data,
+          csv: _progress.MetricsCSV | None = None) -> dict[str, Any]:
+  """Trains one optimizer up to step `args.steps`; returns its history and test metrics."""
   (x_train, y_train), (x_test, y_test) = data["train"], data["test"]
   model = ConvNet()
   loss_fn = make_loss_fn(model)
@@ -172,52 +216,62 @@ def train(name: str, args: argparse.Namespace, data) -> dict[str, Any]:
     example_batch = jax.tree_util.tree_map(lambda x: x[0], example_batch)
   tx = make_optimizer(name, args, loss_fn, example_batch, args.mesh)
   state = jkfac.flax.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-  state, train_step, place_batch, params_of = data_parallel(args, state, loss_fn)
+  directory = args.checkpoint_dir and os.path.join(args.checkpoint_dir, name)
+  state, first = resume(directory, state) if directory else (state, 0)
+  if first:
+    print(f"{name}: resumed from step {first} ({os.path.join(directory, str(first))})",
+          flush=True)
+  state, train_step, place_batch, unplace = data_parallel(args, state, loss_fn)
   evaluate = make_evaluate(model)
   batches = mnist_data.batches(x_train, y_train, args.batch_size, seed=args.seed)
+  for _ in range(first):  # The batches the checkpointed run has already seen.
+    next(batches)
 
-  print(f"--- {name}: {args.steps} steps of batch {args.batch_size} on "
-        f"{len(x_train)} training images", flush=True)
+  if first < args.steps:
+    print(f"--- {name}: steps {first + 1} to {args.steps} of batch {args.batch_size} on "
+          f"{len(x_train)} training images", flush=True)
+  else:
+    print(f"--- {name}: already at step {first} of {args.steps}; nothing to train", flush=True)
   steps, seconds, losses = [], [], []
-  window_loss, window_acc = [], []
-  start = last_time = None
-  last_step, diverged = 1, False
-  for step in range(1, args.steps + 1):
-    state, loss, accuracy = train_step(state, place_batch(next(batches)))
-    # Fetching the loss waits for the step; it costs little and times every step.
-    loss, accuracy = float(loss), float(accuracy)
-    now = time.perf_counter()
-    if step == 1:  # Step 1 compiles; the clock starts after it.
-      start = last_time = now
-    steps.append(step)
-    seconds.append(now - start)
-    losses.append(loss)
-    window_loss.append(loss)
-    window_acc.append(accuracy)
-    if not loss < DIVERGED_LOSS:  # Also catches NaN.
-      print(f"{name}: step {step}: loss {loss:.3g}, diverged; stopping (lower the learning "
-            "rate or raise --damping)", flush=True)
-      diverged = True
-      break
-    if step % args.log_every == 0 or step == args.steps:
-      rate = (f"{(step - last_step) / (now - last_time):7.1f}" if step > last_step else "      -")
-      print(f"{name} step {step:5d}  loss {np.mean(window_loss):.4f}  "
-            f"batch acc {np.mean(window_acc):.3f}  steps/s {rate}", flush=True)
-      window_loss, window_acc = [], []
-      last_step, last_time = step, now
+  diverged = False
+  with _progress.Progress(args.steps, name, every=args.log_every, start=first) as progress:
+    for step in range(first + 1, args.steps + 1):
+      state, loss, accuracy = train_step(state, place_batch(next(batches)))
+      # Fetching the loss waits for the step; it costs little and times every step.
+      loss, accuracy = float(loss), float(accuracy)
+      window = progress.update(step, loss=loss, batch_acc=accuracy)
+      steps.append(step)
+      seconds.append(progress.seconds)
+      losses.append(loss)
+      if not loss < DIVERGED_LOSS:  # Also catches NaN.
+        print(f"{name}: step {step}: loss {loss:.3g}, diverged; stopping (lower the learning "
+              "rate or raise --damping)", flush=True)
+        diverged = True
+        break
+      if directory and step % args.checkpoint_every == 0 and step < args.steps:
+        save(directory, unplace(state), step)
+      if csv and window and step < args.steps:
+        csv.write(optimizer=name, step=step, seconds=seconds[-1], train_loss=window["loss"])
+  if directory and steps and not diverged:
+    save(directory, unplace(state), steps[-1])
 
-  timed_steps = steps[-1] - 1
-  steps_per_second = timed_steps / seconds[-1] if timed_steps and seconds[-1] > 0 else float("nan")
-  test_loss, test_accuracy = evaluate(params_of(state), x_test, y_test)
-  final_loss = float(np.mean(losses[-min(len(losses), args.log_every):]))
-  print(f"{name}: final train loss {final_loss:.4f} (mean of the last "
-        f"{min(len(losses), args.log_every)} steps), {steps_per_second:.1f} steps/s "
-        f"(excluding the compiling first step)", flush=True)
+  test_loss, test_accuracy = evaluate(unplace(state).params, x_test, y_test)
+  window = min(len(losses), args.log_every)
+  final_loss = float(np.mean(losses[-window:])) if losses else float("nan")
+  if losses:
+    print(f"{name}: final train loss {final_loss:.4f} (mean of the last {window} steps), "
+          f"{progress.steps_per_second:.1f} steps/s (excluding the compiling first step)",
+          flush=True)
   print(f"{name}: test loss {test_loss:.4f}, test accuracy {test_accuracy:.4f} "
         f"({len(x_test)} images)", flush=True)
+  if csv:
+    csv.write(optimizer=name, step=steps[-1] if steps else first,
+              seconds=seconds[-1] if seconds else "", train_loss=final_loss if losses else "",
+              test_loss=test_loss, test_accuracy=test_accuracy)
   return {"steps": steps, "seconds": seconds, "losses": losses, "final_loss": final_loss,
-          "steps_per_second": steps_per_second, "test_loss": test_loss,
-          "test_accuracy": test_accuracy, "diverged": diverged}
+          "steps_per_second": progress.steps_per_second, "test_loss": test_loss,
+          "test_accuracy": test_accuracy, "diverged": diverged, "first_step": first,
+          "params": unplace(state).params}
 
 
 def plot(results: dict[str, dict[str, Any]], path: str) -> None:
@@ -254,10 +308,22 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
                       help="seeds the initialization, the batch order and K-FAC's sampling "
                            "(default: 0)")
   parser.add_argument("--log-every", type=int, default=25,
-                      help="print the mean loss and batch accuracy of every this many steps "
-                           "(default: 25)")
+                      help="average the loss and batch accuracy over this many steps: shown "
+                           "in the progress bar, or printed where output is no terminal, and "
+                           "written to --metrics-csv (default: 25)")
   parser.add_argument("--plot", metavar="PNG",
                       help="save the training loss against step and against seconds here")
+  parser.add_argument("--metrics-csv", metavar="FILE",
+                      help="write one row per --log-every steps and one with the test metrics "
+                           f"at the end: {', '.join(CSV_FIELDS)} (a resumed run appends)")
+  checkpoints = parser.add_argument_group("checkpoints")
+  checkpoints.add_argument("--checkpoint-dir", metavar="DIR",
+                           help="save checkpoints in DIR/OPTIMIZER/STEP, and resume from the "
+                                "latest one there (with the same --seed, --batch-size and data, "
+                                "to draw the same batches)")
+  checkpoints.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
+                           help="with --checkpoint-dir: save every N steps, and at the end "
+                                "(default: 100)")
   kfac = parser.add_argument_group("K-FAC")
   kfac.add_argument("--learning-rate", type=float, default=5e-4, help="(default: 5e-4)")
   kfac.add_argument("--damping", type=float, default=1e-3,
@@ -294,7 +360,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
     args.dataset = "idx" if args.data_dir else "tfds"
   if args.dataset == "idx" and not args.data_dir:
     parser.error("--dataset idx needs --data-dir DIR")
-  for flag in ("steps", "batch_size", "log_every", "cov_update_every", "invert_every", "devices"):
+  for flag in ("steps", "batch_size", "log_every", "cov_update_every", "invert_every", "devices",
+               "checkpoint_every"):
     if getattr(args, flag) < 1:
       parser.error(f"--{flag.replace('_', '-')} must be at least 1")
   if args.devices > jax.device_count():
@@ -339,7 +406,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         f"data: {args.dataset} ({len(data['train'][0])} train / {len(data['test'][0])} test)",
         flush=True)
   names = OPTIMIZERS if args.optimizer == "both" else (args.optimizer,)
-  results = {name: train(name, args, data) for name in names}
+  with contextlib.ExitStack() as stack:
+    csv = args.metrics_csv and stack.enter_context(_progress.MetricsCSV(
+        args.metrics_csv, CSV_FIELDS, append=bool(args.checkpoint_dir)))
+    results = {name: train(name, args, data, csv or None) for name in names}
   if args.plot:
     plot(results, args.plot)
   return results

@@ -31,7 +31,7 @@ IDX_FILES = {
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def _read_idx(path: str) -> np.ndarray:
+def read_idx(path: str) -> np.ndarray:
   """Reads one gzipped IDX file into a native-endian array of its dims.
 
   The header is two zero bytes, a type code, the rank, then one big-endian
@@ -58,8 +58,8 @@ def _read_idx(path: str) -> np.ndarray:
 
 def _read_pair(data_dir: str, images_name: str, labels_name: str) -> Split:
   """Reads an MNIST images/labels IDX pair and converts it to model dtypes."""
-  images = _read_idx(os.path.join(data_dir, images_name))
-  labels = _read_idx(os.path.join(data_dir, labels_name))
+  images = read_idx(os.path.join(data_dir, images_name))
+  labels = read_idx(os.path.join(data_dir, labels_name))
   if images.dtype != np.uint8 or images.shape[1:] != IMAGE_SHAPE[:2]:
     raise ValueError(f"{images_name}: want uint8 (N, 28, 28), got {images.dtype} {images.shape}")
   if labels.ndim != 1 or len(labels) != len(images):

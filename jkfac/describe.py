@@ -20,7 +20,8 @@ class ParameterInfo(NamedTuple):
 
   `factors` gives the shapes of the layer's block arrays (a grouped conv's have a
   leading group axis: `A 4x10x10` is 4 groups' 10x10 factors) and `state_bytes` the
-  bytes they take in the state (covariances and inverses), on the layer's first leaf.
+  bytes they take in the state (statistics and inverses), on the layer's first leaf;
+  `itemsize` is the parameter's bytes per entry.
   """
   path: str
   shape: tuple[int, ...]
@@ -29,6 +30,7 @@ class ParameterInfo(NamedTuple):
   approx: str
   factors: str
   state_bytes: int
+  itemsize: int = 4
 
 
 class Description(NamedTuple):
@@ -47,7 +49,21 @@ class Description(NamedTuple):
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(f"K-FAC state: {_size(self.state_bytes)}")
+    lines.append(self.coverage)
     return "\n".join(lines)
+
+  @property
+  def coverage(self) -> str:
+    """One line: parameters (and their bytes) under structured blocks against generic."""
+    sizes = {True: [0, 0], False: [0, 0]}
+    for p in self.parameters:
+      count = math.prod(p.shape)
+      sizes[p.kind != "generic"][0] += count
+      sizes[p.kind != "generic"][1] += count * p.itemsize
+    (structured, structured_bytes), (generic, generic_bytes) = sizes[True], sizes[False]
+    share = 100 * structured / max(structured + generic, 1)
+    return (f"Coverage: {structured:,} parameters ({_size(structured_bytes)}) in structured "
+            f"blocks, {generic:,} ({_size(generic_bytes)}) generic: {share:.1f}% structured")
 
 
 def _size(num_bytes: int) -> str:
@@ -65,7 +81,11 @@ def describe(loss_fn: Callable[..., Any], params: PyTree, batch: PyTree, *,
 
   Takes the arguments `jkfac.kfac` / `jkfac.precondition` take, so it shows what they
   will do: which layer each parameter belongs to (tagged, recognised, or "generic"
-  for a diagonal block of its own), the approximation and the factor shapes.
+  for a diagonal block of its own), the approximation and the factor shapes, and a
+  last line with the share of parameters under structured blocks.
+
+  Example:
+    >>> print(jkfac.describe(loss_fn, params, batch))
   """
   trace = trace_with_approximations(loss_fn, params, batch, approximations=approximations,
                                     auto_register=auto_register)
@@ -84,5 +104,6 @@ def describe(loss_fn: Callable[..., Any], params: PyTree, batch: PyTree, *,
       if index is not None:
         rows[index] = ParameterInfo(trace.param_paths[index], tuple(jnp.shape(leaves[index])),
                                     layer.name, layer.kind, layer.approx, factors,
-                                    state_bytes if index == layer.weight else 0)
+                                    state_bytes if index == layer.weight else 0,
+                                    jnp.dtype(jnp.result_type(leaves[index])).itemsize)
   return Description(tuple(rows[i] for i in sorted(rows)))

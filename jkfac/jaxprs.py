@@ -104,11 +104,21 @@ def tagged_sub_jaxpr(eqn: jcore.JaxprEqn) -> jcore.ClosedJaxpr | None:
     return None
   call = call_jaxpr(eqn)
   if call is None:
-    raise NotImplementedError(
-        f"jkfac found K-FAC tags inside a `{eqn.primitive.name}` equation; tags inside "
-        "while loops and conditionals are not supported (scan is). Tag the layers outside it.")
+    raise NotImplementedError(_UNSUPPORTED.get(eqn.primitive.name, (
+        f"jkfac found K-FAC tags inside a `{eqn.primitive.name}` equation, which it cannot "
+        "follow; tag the layers outside it.")))
   _, sub, inner = call
   return sub if isinstance(sub, jcore.ClosedJaxpr) else jcore.ClosedJaxpr(inner, ())
+
+
+_UNSUPPORTED = {
+    "cond": ("jkfac found K-FAC tags inside lax.cond / lax.switch: a layer that runs in some "
+             "branches only has no fixed statistics, so tags there are not supported. Move "
+             "the layer out of the branch (e.g. compute both and select with jnp.where)."),
+    "while": ("jkfac found K-FAC tags inside lax.while_loop (or a fori_loop with traced "
+              "bounds): the number of uses is not known at trace time, so tags there are not "
+              "supported. Use lax.scan, or a fori_loop with Python int bounds (a scan)."),
+}
 
 
 def read(env: dict, atom: Any) -> Any:

@@ -72,6 +72,7 @@ class Trace:
   param_paths: tuple[str, ...]
   generic: tuple[LayerInfo, ...] = ()
   num_tags: int = 0  # layer tags in the jaxpr, also of layers left out (see `masking`)
+  marked: frozenset[int] = frozenset()  # leaves marked by `register_generic`
 
   @property
   def every_layer(self) -> tuple[LayerInfo, ...]:

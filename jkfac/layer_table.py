@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -32,7 +33,17 @@ def path_str(path: tuple) -> str:
 def make_jaxpr(loss_fn: LossFn, params: PyTree, batch: PyTree, auto_register: bool = True):
   """The jaxpr of `loss_fn(params, batch)` (inputs: the params then batch leaves) and
   the shape of its output; with `auto_register`, untagged layers get tags too."""
-  closed, out_shape = jax.make_jaxpr(loss_fn, return_shape=True)(params, batch)
+  try:
+    closed, out_shape = jax.make_jaxpr(loss_fn, return_shape=True)(params, batch)
+  except NameError as error:
+    if "unbound axis name" not in str(error):
+      raise
+    raise ValueError(
+        f"loss_fn uses a collective over an axis that is not bound where jkfac traced it "
+        f"({error}). jkfac traces loss_fn in tx.init, tx.update and jkfac.describe: call "
+        "them inside the same jax.pmap or jax.shard_map as the train step, with jkfac's "
+        "axis_name= equal to the model's (e.g. BatchNorm(axis_name=...)), or describe a "
+        "copy of the model without the collective.") from error
   if auto_register:
     num_params = len(jax.tree_util.tree_leaves(params))
     claimed = {origin[0] for site in jaxprs.find_tags(closed.jaxpr,
@@ -78,7 +89,33 @@ def trace_layers(loss_fn: LossFn, params: PyTree, batch: PyTree,
                 tags=(), scans=())
       for i, v in enumerate(closed.jaxpr.invars[:len(param_paths)]) if i not in owner)
   num_tags = sum(len(layer.tags) for layer in layers)
-  return Trace(tuple(layers), losses, param_paths, generic, num_tags)
+  return Trace(tuple(layers), losses, param_paths, generic, num_tags, frozenset(marked))
+
+
+class GenericBlockWarning(UserWarning):
+  """A parameter with two or more dimensions got a generic (diagonal) block."""
+
+
+def weak_blocks(trace: Trace) -> list[str]:
+  """The paths of parameters with two or more dimensions that no layer covers (and that
+  `register_generic` did not ask for): a weaker block than their structure allows."""
+  return [layer.name for layer in trace.generic
+          if len(layer.weight_shape) >= 2 and layer.weight not in trace.marked]
+
+
+def check_coverage(trace: Trace, strict: bool) -> None:
+  """Warns once (or with `strict`, raises `ValueError`) naming the `weak_blocks`."""
+  paths = weak_blocks(trace)
+  if not paths:
+    return
+  message = (f"jkfac found no dense, conv, embedding or norm layer using the parameters "
+             f"{paths}, so they get generic diagonal blocks. Tag their layers (e.g. "
+             "jkfac.register_dense), mark them with jkfac.register_generic to accept the "
+             "diagonal block, or see jkfac.describe for what was recognised (layers inside "
+             "lax.cond or lax.while_loop are not recognised).")
+  if strict:
+    raise ValueError(message)
+  warnings.warn(message, GenericBlockWarning, stacklevel=4)
 
 
 def _losses(sites: Sequence[jaxprs.TagSite]) -> tuple[LossInfo, ...]:

@@ -1,23 +1,13 @@
 """Loss kinds: what K-FAC backpropagates from a registered loss.
 
-Each registered loss is a negative log-likelihood of a predictive distribution over
-the last axis of its prediction; every other axis indexes data points ("rows"), and
-the user's loss is the mean over rows. Axis 0 is always the batch: a 1-D prediction
-`(N,)` is N examples with one output each, as `(N, 1)`. The curvature of that loss is a Fisher matrix
-
-    F = sum over losses of (weight / rows) * sum_r J_r^T F_r J_r,
-
-and the tracer estimates it by backpropagating *cotangents* from the prediction:
-for each loss this module returns a stack of cotangents `c` of shape
-`(num_columns, *prediction.shape)` such that `E[sum_k c_k c_k^T] = weight/rows * F_r`
-row by row. Then `G = sum over positions of s s^T`, with `s` the backpropagated
-cotangent, estimates the output factor with the right scale.
-
-- "fisher":    one column, the gradient at targets sampled from the model (MC Fisher).
-- "empirical": one column, the gradient at the true targets (empirical Fisher).
-- "exact":     one column per output unit of every row of an example, the columns of
-               a square root of F_r placed at one row each, so that no cross-row terms
-               enter per-example gradients (rows within an example may interact).
+A registered loss is the negative log-likelihood of a distribution over the last axis
+of its prediction; every other axis indexes rows (axis 0 is the batch, so `(N,)` is N
+examples with one output each), and the user's loss is the mean over rows. For each
+loss, `cotangents` returns a stack `c` of shape `(columns, *prediction.shape)` with
+`E[sum_k c_k c_k^T] = weight/rows * F_r` per row: "fisher" samples targets from the
+model, "empirical" uses the true ones, "exact" backpropagates the columns of a square
+root of `F_r`, one row at a time (so rows of an example that interact add no cross
+terms). docs/architecture.md has the derivation.
 """
 
 from __future__ import annotations

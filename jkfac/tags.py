@@ -77,6 +77,9 @@ def register_dense(y: Array, x: Array, w: Array, b: Array | None = None, *,
   `(batch, ..., *w.shape[:in_axes])`, `y` `(batch, ..., *w.shape[in_axes:])`, `b` of
   shape `w.shape[in_axes:]`. K-FAC treats it as a dense layer with
   `d_in = prod(w.shape[:in_axes])` and `d_out = prod(w.shape[in_axes:])`.
+
+  Example:
+    >>> y = jkfac.register_dense(x @ w + b, x, w, b)
   """
   _check_approx(approx)
   if not isinstance(in_axes, int) or isinstance(in_axes, bool) or in_axes < 1:

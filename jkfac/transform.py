@@ -110,6 +110,7 @@ class PreconditionConfig:
   mesh: jax.sharding.Mesh | None = None
   sub_sample_patches: float | None = None
   example_params: PyTree | None = None
+  strict: bool = False
 
   def __post_init__(self):
     if _is_number(self.damping):
@@ -185,6 +186,7 @@ def init_state(config: PreconditionConfig, params: PyTree) -> PreconditionState:
     trace = config.trace(config.example_params, config.example_batch, masked=params)
   else:
     trace = config.trace(_abstract(params), config.example_batch)
+  layer_table.check_coverage(trace, config.strict)
   dtype = state_dtype(params)
   statistics = {layer.name: jax.tree_util.tree_map(
                     lambda z: z.astype(dtype),
@@ -359,22 +361,28 @@ def _update(config: PreconditionConfig, trace: Trace, updates: PyTree,
     parallel.check_axis(config.device_axis)
     updates = parallel.pmean(updates, config.device_axis)
   check_state(trace, state)
-  new = jax.lax.cond(
-      state.count % config.cov_update_every == 0,
-      lambda s: update_statistics(config, trace, s, params, batch, curvature), lambda s: s,
-      state)
+  # A batch whose gradients or statistics are not finite changes nothing but a counter.
+  grads_finite = _tree_finite(updates)
+
+  def statistics_step(s: PreconditionState) -> tuple[PreconditionState, Array]:
+    new = update_statistics(config, trace, s, params, batch, curvature)
+    finite = _tree_finite(new.statistics)
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, s), finite
+
+  due = state.count % config.cov_update_every == 0
+  new, finite = jax.lax.cond(grads_finite & due, statistics_step,
+                             lambda s: (s, jnp.asarray(True)), state)
+  finite = finite & grads_finite
   damping = _value(config.damping, state.count) if damping is None else damping
   damping = jnp.maximum(damping, MIN_DAMPING)
-  new = jax.lax.cond(new.count % config.invert_every == 0,
+  new = jax.lax.cond(finite & (state.count % config.invert_every == 0),
                      lambda s: update_inverses(config, trace, s, damping), lambda s: s, new)
   preconditioned = precondition_gradients(trace, new.inverses, updates)
-  # A batch whose gradients or statistics are not finite changes nothing but a counter.
-  finite = _tree_finite(updates) & _tree_finite(new.statistics)
-  new = new._replace(count=optax.safe_increment(new.count))
-  skipped = state._replace(skipped_steps=state.skipped_steps + 1)
-  new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, skipped)
   preconditioned = jax.tree_util.tree_map(
       lambda g: jnp.where(finite, g, jnp.zeros_like(g)), preconditioned)
+  skipped = jnp.logical_not(finite).astype(state.skipped_steps.dtype)
+  new = new._replace(count=jnp.where(finite, optax.safe_increment(state.count), state.count),
+                     skipped_steps=state.skipped_steps + skipped)
   return preconditioned, new
 
 
@@ -392,7 +400,8 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
                  placement: str | None = None,
                  mesh: jax.sharding.Mesh | None = None,
                  sub_sample_patches: float | None = None,
-                 example_params: PyTree | None = None
+                 example_params: PyTree | None = None,
+                 strict: bool = False
                  ) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients with the K-FAC approximation of the inverse Fisher.
 
@@ -436,6 +445,9 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       `optax.masked` / `optax.multi_transform`, which show jkfac part of them; then pass
       `model_params=params` (the whole model's) to `update` as well. Layers with
       parameters outside the mask are left to the other transformations.
+    strict: raise `ValueError` in `init`, instead of a `GenericBlockWarning`, when a
+      parameter with two or more dimensions gets a generic diagonal block because no
+      recognised layer uses it.
 
   Returns:
     An optax transformation: `update(grads, state, params, batch=batch)`, optionally
@@ -451,7 +463,7 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       cov_update_every=cov_update_every, invert_every=invert_every, estimation=estimation,
       inverse_method=inverse_method, approximations=approximations, seed=seed,
       auto_register=auto_register, axis_name=axis_name, placement=placement, mesh=mesh,
-      sub_sample_patches=sub_sample_patches, example_params=example_params)
+      sub_sample_patches=sub_sample_patches, example_params=example_params, strict=strict)
 
   def update_fn(updates, state, params=None, *, batch=None, curvature=None, stats=None,
                 model_params=None, damping=None, **extra_args):
@@ -486,6 +498,7 @@ def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
          mesh: jax.sharding.Mesh | None = None,
          sub_sample_patches: float | None = None,
          example_params: PyTree | None = None,
+         strict: bool = False,
          adapt_damping: bool = False,
          damping_adaptation_interval: int = 5,
          damping_adaptation_decay: float = 0.95,
@@ -500,7 +513,7 @@ def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
   With `momentum_type="regular"` the momentum buffer accumulates preconditioned
   gradients; with "adam" (tensorflow/kfac's default) it accumulates raw gradients,
   which are then preconditioned (`v <- momentum v + g`, step `F^-1 v`). The other
-  arguments up to `example_params` are `jkfac.precondition`'s. Use as any optax optimizer,
+  arguments up to `strict` are `jkfac.precondition`'s. Use as any optax optimizer,
   passing the batch: `tx.update(grads, opt_state, params, batch=batch)`. With
   `optax.inject_hyperparams`, pass `static_args=("loss_fn", "example_batch")`.
 
@@ -561,7 +574,7 @@ def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       cov_update_every=cov_update_every, invert_every=invert_every, estimation=estimation,
       inverse_method=inverse_method, approximations=approximations, seed=seed,
       auto_register=auto_register, axis_name=axis_name, placement=placement, mesh=mesh,
-      sub_sample_patches=sub_sample_patches, example_params=example_params)
+      sub_sample_patches=sub_sample_patches, example_params=example_params, strict=strict)
   if config is not None:
     return adaptive.adaptive(config, preconditioner)
   accumulate = optax.identity() if momentum is None else scale_by_momentum(momentum)

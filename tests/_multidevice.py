@@ -96,8 +96,8 @@ def _record(shape, device):
   CALLS.append((int(device), shape))
 
 
-def _recording_invert(block, method, factor, damping, previous):
-  result = _original_invert(block, method, factor, damping, previous)
+def _recording_invert(block, method, factor, damping):
+  result = _original_invert(block, method, factor, damping)
   try:
     device = jax.lax.axis_index(AXIS)
   except NameError:   # no device axis bound: plain jit, or outside shard_map

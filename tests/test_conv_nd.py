@@ -28,6 +28,7 @@ import jkfac
 from jkfac import layer_collection, layers, parallel, tags, layer_table, statistics, transform
 from jkfac.blocks import StackedBlock
 from tests import _nets
+from tests._asserts import assert_trees_close
 
 KEY = jax.random.PRNGKey(0)
 NUM_CLASSES = 3
@@ -56,12 +57,6 @@ def _kfac_steps(loss_fn, params, batch, steps=2, **kwargs):
   return out
 
 
-def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
-  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
-
-
 def _assert_same_as_hand_tagged(auto_loss, hand_loss, params, batch, expected):
   """Same trace, then the same covariances and updates over two `jkfac.kfac` steps.
 
@@ -77,9 +72,9 @@ def _assert_same_as_hand_tagged(auto_loss, hand_loss, params, batch, expected):
   hand_steps = _kfac_steps(hand_loss, params, batch, auto_register=False)
   for (auto_updates, auto_state), (hand_updates, hand_state) in zip(auto_steps, hand_steps):
     assert np.abs(jax.tree_util.tree_leaves(auto_updates)[0]).max() > 0
-    _assert_trees_close(auto_state[0].statistics, hand_state[0].statistics, rtol=1e-4,
+    assert_trees_close(auto_state[0].statistics, hand_state[0].statistics, rtol=1e-4,
                         atol=1e-6)
-    _assert_trees_close(auto_updates, hand_updates, rtol=1e-4, atol=1e-6)
+    assert_trees_close(auto_updates, hand_updates, rtol=1e-4, atol=1e-6)
   return auto, auto_steps
 
 
@@ -644,10 +639,10 @@ def test_sub_sample_patches_in_the_transform():
   full = two_steps()
   sampled = two_steps(sub_sample_patches=0.5)
   everything = two_steps(sub_sample_patches=1000.0)                     # more than every row
-  _assert_trees_close(everything, full)
+  assert_trees_close(everything, full)
   for (updates, covs), (_, full_covs) in zip(sampled, full):
     assert all(np.isfinite(u).all() for u in jax.tree_util.tree_leaves(updates))
-    _assert_trees_close(jax.tree_util.tree_map(jnp.shape, covs),
+    assert_trees_close(jax.tree_util.tree_map(jnp.shape, covs),
                         jax.tree_util.tree_map(jnp.shape, full_covs))
     for name in covs:
       np.testing.assert_allclose(covs[name]["G"], full_covs[name]["G"], rtol=1e-5, atol=1e-7)

@@ -64,7 +64,7 @@ def _check_mnist_split(x: np.ndarray, y: np.ndarray, n: int) -> None:
 def test_read_idx_round_trips_every_type_code(tmp_path, dtype):
   array = (np.arange(24) - 7).reshape(2, 3, 4).astype(dtype)
   _write_idx(tmp_path / "a.gz", array)
-  out = mnist_data._read_idx(str(tmp_path / "a.gz"))
+  out = mnist_data.read_idx(str(tmp_path / "a.gz"))
   assert out.dtype.isnative and out.shape == (2, 3, 4)
   np.testing.assert_array_equal(out, array)
 

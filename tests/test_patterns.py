@@ -22,6 +22,7 @@ from jax.extend import core as jcore
 import jkfac
 from jkfac import layer_collection, layers, tags, layer_table, statistics
 from tests import _nets
+from tests._asserts import assert_trees_close
 
 KEY = jax.random.PRNGKey(0)
 NUM_CLASSES = 3
@@ -66,10 +67,7 @@ def _kfac_steps(loss_fn, params, batch, steps=2, **kwargs):
 
 
 def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
-  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    assert x.dtype == y.dtype
-    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+  assert_trees_close(a, b, rtol=rtol, atol=atol, check_dtype=True)
 
 
 def _statistics(loss_fn, trace, params, batch, auto_register=True):

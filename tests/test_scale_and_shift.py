@@ -21,6 +21,7 @@ from flax import nnx
 import jkfac
 from jkfac import layer_collection, layer_table
 from tests import _nets
+from tests._asserts import assert_trees_close
 
 KEY = jax.random.PRNGKey(0)
 NUM_CLASSES = 3
@@ -46,12 +47,6 @@ def _one_update(loss_fn, params, batch, **kwargs):
       params, batch)
 
 
-def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
-  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
-
-
 def _assert_auto_equals_hand(auto_loss, hand_loss, params, batch, expected, hand_batch=None):
   """Same layer table, covariances and K-FAC step for the untagged and hand-tagged models.
 
@@ -73,8 +68,8 @@ def _assert_auto_equals_hand(auto_loss, hand_loss, params, batch, expected, hand
   covariances = auto_state[0].statistics[norm.name]["diagonal"]
   assert covariances.shape == (1 + (norm.bias is not None), D)
   assert float(covariances.min()) > 0
-  _assert_trees_close(auto_state[0].statistics, hand_state[0].statistics, rtol=1e-4)
-  _assert_trees_close(auto_updates, hand_updates, rtol=1e-4)
+  assert_trees_close(auto_state[0].statistics, hand_state[0].statistics, rtol=1e-4)
+  assert_trees_close(auto_updates, hand_updates, rtol=1e-4)
 
 
 # --- automatic registration == tagging by hand ----------------------------------------------
@@ -444,8 +439,8 @@ def test_register_generic_forces_a_dense_kernel_to_generic():
     return tx.update(grads, tx.init(params), params, batch=batch, curvature=curvature)
 
   fused_updates, fused_state = fused(params, batch)
-  _assert_trees_close(fused_updates, updates)
-  _assert_trees_close(fused_state[0].statistics, state[0].statistics)
+  assert_trees_close(fused_updates, updates)
+  assert_trees_close(fused_state[0].statistics, state[0].statistics)
 
 
 def test_register_generic_keeps_a_norm_generic():

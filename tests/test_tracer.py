@@ -209,7 +209,7 @@ def test_tags_inside_control_flow_raise():
   params, batch = _mlp_params_and_batch()
   in_cond = lambda x, k, b: jax.lax.cond(jnp.all(x > -1e9), _dense, lambda x, k, b: x @ k + b,
                                           x, k, b)
-  with pytest.raises(NotImplementedError, match=r"while loops and conditionals"):
+  with pytest.raises(NotImplementedError, match=r"lax.cond / lax.switch"):
     layer_table.trace_layers(_two_layer_loss(in_cond), params, batch)
 
 

@@ -6,7 +6,6 @@ independently of the tracer from per-example gradients.
 """
 
 import functools
-import gzip
 import math
 import os
 import pathlib
@@ -20,6 +19,8 @@ import optax
 import pytest
 
 import jkfac
+from tests._asserts import assert_trees_close
+from examples import mnist_data
 
 SIZES = (5, 4, 3)  # input, hidden, classes
 BATCH = 8
@@ -109,13 +110,6 @@ def train(tx, steps, *, jit=True, params=None, feed_params=False):
       params = optax.apply_updates(params, updates)
 
 
-def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
-  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-  jax.tree_util.tree_map(
-      lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol),
-      a, b)
-
-
 def trees_equal(a, b):
   return all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
       lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y))), a, b)))
@@ -188,7 +182,8 @@ def test_jit_matches_eager(cov_update_every, invert_every, steps):
 
 def test_precondition_state_fields():
   assert jkfac.PreconditionState._fields == (
-      "count", "key", "ema_weight", "damping", "covariances", "inverses")
+      "count", "key", "ema_weight", "damping", "statistics", "inverses", "skipped_steps",
+      "inverse_fallbacks")
   tx = jkfac.precondition(loss_fn, make_batch(), damping=1e-2,
                           approximations={"dense0": "full", "dense1": "diagonal"})
   state = tx.init(mlp_params())
@@ -530,22 +525,12 @@ def test_state_dtype_follows_params(x64):
 # --- K-FAC beats SGD on real digits ------------------------------------------------------------
 
 
-def _read_idx(path):
-  """A gzipped IDX file (the MNIST format) as a numpy array."""
-  with gzip.open(path, "rb") as f:
-    raw = f.read()
-  ndim = raw[3]
-  dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
-  assert raw[2] == 0x08, "expected unsigned bytes"
-  return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def _mnist_test_subset(n):
   images_path = os.path.join(MNIST_DIR, "t10k-images-idx3-ubyte.gz")
   labels_path = os.path.join(MNIST_DIR, "t10k-labels-idx1-ubyte.gz")
   if not (os.path.exists(images_path) and os.path.exists(labels_path)):
     pytest.skip(f"MNIST t10k IDX files not found in {MNIST_DIR}")
-  images, labels = _read_idx(images_path), _read_idx(labels_path)
+  images, labels = mnist_data.read_idx(images_path), mnist_data.read_idx(labels_path)
   assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
   return {"image": jnp.asarray(images[:n].reshape(n, -1), jnp.float32) / 255.0,
           "label": jnp.asarray(labels[:n], jnp.int32)}

@@ -25,7 +25,7 @@ _CONV = ("conv1d", "conv2d", "conv3d")
 _TABLE: tuple[tuple[tuple[str, ...], str, Block], ...] = (
     (_DENSE + _CONV, "kron", kron.BLOCK),
     (_DENSE + _CONV, "kron_indep", kron.BLOCK),  # uses of a multi-use layer as positions
-    (_CONV, "kron_reduce", kron.REDUCE),
+    (_DENSE + _CONV, "kron_reduce", kron.REDUCE),
     (_DENSE + _CONV, "kron_in_diag", kron_diag.IN_DIAG),
     (_DENSE + _CONV, "kron_out_diag", kron_diag.OUT_DIAG),
     (_DENSE + _CONV, "diagonal", diagonal.BLOCK),

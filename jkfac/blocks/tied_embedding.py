@@ -1,21 +1,11 @@
 """Block of a tied embedding table: F = D1 ⊗ G1 + D2 ⊗ A2, never vocab x vocab.
 
-A `(vocab, d)` table used as a lookup and as the output projection (`logits = x @ W.T`)
-has per-example gradient `dW = sum_t e_{id_t} g1_t^T + sum_s g2_s x_s^T`. Each use is
-a Kronecker product whose vocab-side factor is kept diagonal:
-
-- the lookups: `D1 = diag(counts)` of the id frequencies and `G1 = sum g1 g1^T`, as the
-  embedding block's A and G (`jkfac/blocks/embedding.py`);
-- the projections: `D2 = diag(sum g2 g2^T)` of the logits' cotangents and
-  `A2 = E[x x^T]` of their inputs, as kron's G and A.
-
-Rows of W are then independent, with the `d x d` block `D1[v] G1 + D2[v] A2`. The damping
-goes into the second term by factored Tikhonov (`D2' = D2 + pi sqrt(damping)`,
-`A2' = A2 + sqrt(damping) / pi I`), and the sum is inverted exactly with the generalized
-eigendecomposition of `(G1, A2')`: `Q = A2'^{-1/2} U` with `U diag(s) U^T =
-A2'^{-1/2} G1 A2'^{-1/2}`, so `Q^T A2' Q = I`, `Q^T G1 Q = diag(s)`, and row v of the
-preconditioned gradient is `m_v Q diag(1 / (D1[v] s + D2'[v])) Q^T`. The four factors
-are inverted together (`Block.joint`), as one task.
+A `(vocab, d)` table used as a lookup (`D1` id counts, `G1` the lookups' output
+factor) and as the output projection `x @ W.T` (`D2` the diagonal of the logits'
+cotangent covariance, `A2` the projections' input factor). Rows of W are independent,
+with the `d x d` block `D1[v] G1 + D2[v] A2`, inverted exactly for all rows at once
+through the generalized eigendecomposition of `(G1, A2')` (`Block.joint`); the
+derivation is in docs/architecture.md.
 """
 
 from __future__ import annotations

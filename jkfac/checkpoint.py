@@ -1,0 +1,81 @@
+"""Checkpoints of training state (parameters, optimizer state) with orbax-checkpoint.
+
+jkfac's optimizer state is a pytree of arrays, so `orbax.checkpoint.StandardCheckpointer`
+saves and restores it as it is, into a target such as `tx.init(params)` (without one,
+orbax returns dicts and lists instead of NamedTuples), and a resumed run is
+bit-identical. This module adds relative paths and state replicated by `jax.pmap`:
+`save(..., replicated=True)` writes one replica and `restore(..., devices=...)`
+replicates it onto any number of devices.
+
+Example:
+  >>> jkfac.checkpoint.save(path, {"params": params, "opt_state": opt_state})
+  >>> tree = jkfac.checkpoint.restore(path, {"params": params, "opt_state": opt_state})
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+
+def unreplicate(tree: PyTree) -> PyTree:
+  """The first replica of a tree replicated along axis 0 of every leaf (pmap's layout)."""
+  return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+
+def replicate(tree: PyTree, devices: Sequence[jax.Device], axis_name: str = "devices") -> PyTree:
+  """One copy of `tree` per device, stacked along a new axis 0, to pass to `jax.pmap`.
+
+  The arrays get the sharding of the outputs of `jax.pmap(..., axis_name=axis_name)` over
+  `devices`, so the step is not traced again on its second call.
+  """
+  devices = list(devices)
+  mesh = jax.sharding.Mesh(np.asarray(devices), (axis_name,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis_name))
+
+  def copies(x: Any) -> jax.Array:
+    x = x if isinstance(x, jax.Array) else np.asarray(x)
+    shards = [jax.device_put(x[None], device) for device in devices]
+    return jax.make_array_from_single_device_arrays((len(devices),) + x.shape, sharding, shards)
+
+  return jax.tree_util.tree_map(copies, tree)
+
+
+def save(path: str | os.PathLike, tree: PyTree, *, replicated: bool = False,
+         force: bool = False) -> None:
+  """Writes `tree` to the folder `path` and returns once the checkpoint is complete.
+
+  Args:
+    path: a folder that must not exist yet (unless `force`); relative to the working folder.
+    tree: a pytree of arrays, e.g. `{"params": params, "opt_state": opt_state, "step": step}`.
+    replicated: `tree` is replicated by `jax.pmap` (devices on axis 0): write one replica.
+    force: overwrite an existing checkpoint at `path`.
+  """
+  if replicated:
+    tree = unreplicate(tree)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.abspath(path), tree, force=force)
+
+
+def restore(path: str | os.PathLike, like: PyTree, *,
+            devices: Sequence[jax.Device] | None = None, axis_name: str = "devices") -> PyTree:
+  """The checkpoint at `path`, with the structure, shapes and dtypes of `like`.
+
+  Args:
+    path: a folder written by `save` (or by `StandardCheckpointer.save` of one replica).
+    like: an unreplicated tree of arrays or `jax.ShapeDtypeStruct`s, e.g.
+      `{"params": params, "opt_state": tx.init(params)}` or its `jax.eval_shape`. Arrays are
+      restored onto the sharding of `like`'s arrays, or onto the default device.
+    devices: replicate the restored tree onto these devices for `jax.pmap` (any number,
+      whatever the run that saved it used); `None` leaves it unreplicated.
+    axis_name: the pmap axis name, with `devices` (see `replicate`).
+  """
+  with ocp.StandardCheckpointer() as checkpointer:
+    tree = checkpointer.restore(os.path.abspath(path), like)
+  return tree if devices is None else replicate(tree, devices, axis_name)
