@@ -622,7 +622,7 @@ def diagnostics(opt_state: PyTree) -> dict[str, Array]:
   (of the inverses), skipped_steps and inverse_fallbacks.
 
   Example:
-    >>> loss = ...; updates, opt_state = tx.update(grads, opt_state, params, batch=batch)
+    >>> updates, opt_state = tx.update(grads, opt_state, params, batch=batch)
     >>> print({k: float(v) for k, v in jkfac.diagnostics(opt_state).items()})
   """
   found = _find(opt_state, AdaptiveState)
