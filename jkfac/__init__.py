@@ -22,6 +22,7 @@ from jkfac.tags import (
 from jkfac.describe import Description, describe
 from jkfac.interpreter import Curvature, value_and_grad
 from jkfac.transform import PreconditionState, kfac, precondition
+from jkfac.adaptive import diagnostics
 from jkfac import layer_collection, parallel
 
 __version__ = "0.1.0"
@@ -44,6 +45,7 @@ __all__ = [
     "Description",
     "PreconditionState",
     "describe",
+    "diagnostics",
     "flax",
     "layer_collection",
     "parallel",

@@ -337,8 +337,12 @@ def precondition_gradients(trace: Trace, inverses, updates: PyTree) -> PyTree:
 
 def update(config: PreconditionConfig, updates: PyTree, state: PreconditionState,
            params: PyTree, batch: PyTree, curvature: interpreter.Curvature | None = None,
-           model_params: PyTree | None = None) -> tuple[PyTree, PreconditionState]:
-  """One step of `precondition`: statistics and inverses when due, then `F^-1 g`."""
+           model_params: PyTree | None = None,
+           damping: Array | None = None) -> tuple[PyTree, PreconditionState]:
+  """One step of `precondition`: statistics and inverses when due, then `F^-1 g`.
+
+  `damping`, if given, replaces `config.damping` (an adaptive optimizer's, from its state).
+  """
   _check(jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(params),
          "The gradients and the parameters passed to jkfac have different tree structures.")
   if masking.is_masked(params):
@@ -346,14 +350,16 @@ def update(config: PreconditionConfig, updates: PyTree, state: PreconditionState
            "the whole model's parameters.")
     trace = config.trace(model_params, batch, masked=params)
     full_updates, state = _update(config, trace, masking.unmask(updates, model_params), state,
-                                  model_params, batch, curvature)
+                                  model_params, batch, curvature, damping)
     return masking.remask(full_updates, updates), state
-  return _update(config, config.trace(params, batch), updates, state, params, batch, curvature)
+  return _update(config, config.trace(params, batch), updates, state, params, batch, curvature,
+                 damping)
 
 
 def _update(config: PreconditionConfig, trace: Trace, updates: PyTree,
             state: PreconditionState, params: PyTree, batch: PyTree,
-            curvature: interpreter.Curvature | None) -> tuple[PyTree, PreconditionState]:
+            curvature: interpreter.Curvature | None,
+            damping: Array | None = None) -> tuple[PyTree, PreconditionState]:
   if config.device_axis is not None:
     parallel.check_axis(config.device_axis)
     updates = parallel.pmean(updates, config.device_axis)
@@ -370,7 +376,8 @@ def _update(config: PreconditionConfig, trace: Trace, updates: PyTree,
   new, finite = jax.lax.cond(grads_finite & due, statistics_step,
                              lambda s: (s, jnp.asarray(True)), state)
   finite = finite & grads_finite
-  damping = jnp.maximum(_value(config.damping, state.count), MIN_DAMPING)
+  damping = _value(config.damping, state.count) if damping is None else damping
+  damping = jnp.maximum(damping, MIN_DAMPING)
   new = jax.lax.cond(finite & (state.count % config.invert_every == 0),
                      lambda s: update_inverses(config, trace, s, damping), lambda s: s, new)
   preconditioned = precondition_gradients(trace, new.inverses, updates)
@@ -447,7 +454,8 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
 
   Returns:
     An optax transformation: `update(grads, state, params, batch=batch)`, optionally
-    with `curvature=` from `jkfac.value_and_grad` to reuse its forward pass.
+    with `curvature=` from `jkfac.value_and_grad` to reuse its forward pass, and
+    `damping=` (an array, e.g. an adaptive optimizer's) in place of `damping`.
 
   Example:
     >>> tx = optax.chain(jkfac.precondition(loss_fn, batch, damping=1e-3),
@@ -461,7 +469,7 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       sub_sample_patches=sub_sample_patches, example_params=example_params, strict=strict)
 
   def update_fn(updates, state, params=None, *, batch=None, curvature=None, stats=None,
-                model_params=None, **extra_args):
+                model_params=None, damping=None, **extra_args):
     del extra_args
     _check(params is not None and batch is not None,
            "jkfac needs the parameters and the batch: "
@@ -470,14 +478,14 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       warnings.warn("tx.update(..., stats=) is deprecated; pass curvature= instead.",
                     DeprecationWarning, stacklevel=2)
       curvature = stats if curvature is None else curvature
-    return update(config, updates, state, params, batch, curvature, model_params)
+    return update(config, updates, state, params, batch, curvature, model_params, damping)
 
   return optax.GradientTransformationExtraArgs(functools.partial(init_state, config), update_fn)
 
 
 def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
-         learning_rate: ScalarOrSchedule,
-         damping: ScalarOrSchedule,
+         learning_rate: ScalarOrSchedule | None = None,
+         damping: ScalarOrSchedule | None = None,
          momentum: ScalarOrSchedule | None = 0.9,
          momentum_type: str = "regular",
          cov_ema_decay: float = 0.95,
@@ -493,35 +501,85 @@ def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
          mesh: jax.sharding.Mesh | None = None,
          sub_sample_patches: float | None = None,
          example_params: PyTree | None = None,
-         strict: bool = False) -> optax.GradientTransformationExtraArgs:
-  """The K-FAC optimizer: `-learning_rate * momentum(F^-1 g)`.
+         strict: bool = False,
+         adapt_damping: bool = False,
+         damping_adaptation_interval: int = 5,
+         damping_adaptation_decay: float = 0.95,
+         min_damping: float = MIN_DAMPING,
+         max_damping: float = math.inf,
+         norm_constraint: float | None = None,
+         l2_reg: float | None = None,
+         l2_reg_exclude: Any = None,
+         num_burnin_steps: int | None = None) -> optax.GradientTransformationExtraArgs:
+  """The K-FAC optimizer: `-learning_rate * momentum(F^-1 g)`, or adaptive K-FAC.
 
   With `momentum_type="regular"` the momentum buffer accumulates preconditioned
   gradients; with "adam" (tensorflow/kfac's default) it accumulates raw gradients,
   which are then preconditioned (`v <- momentum v + g`, step `F^-1 v`). The other
-  arguments are `jkfac.precondition`'s. Use as any optax optimizer, passing
-  the batch: `tx.update(grads, opt_state, params, batch=batch)`. With
+  arguments up to `strict` are `jkfac.precondition`'s. Use as any optax optimizer,
+  passing the batch: `tx.update(grads, opt_state, params, batch=batch)`. With
   `optax.inject_hyperparams`, pass `static_args=("loss_fn", "example_batch")`.
+
+  Adaptive K-FAC (`jkfac.adaptive`; any of these keywords switches it on):
+    momentum_type: also "qmodel": the step `alpha F^-1 g + mu v` (v the previous update)
+      with (alpha, mu) minimising the exact (GGN) quadratic model on the batch, plus
+      damping; "qmodel_fixedmu": mu = `momentum`, alpha from the model. `learning_rate`
+      may then be None (else it multiplies the model's step).
+    adapt_damping: Levenberg-Marquardt: every `damping_adaptation_interval` steps the
+      damping is multiplied by `damping_adaptation_decay ** interval` when the reduction
+      ratio rho > 3/4 and divided by it when rho < 1/4, within [`min_damping`,
+      `max_damping`]; `damping` is the initial value (default 1e-3).
+    norm_constraint: C > 0: `F^-1 g` is scaled by `min(1, sqrt(C / (lr^2 g^T F^-1 g)))`
+      (KL clipping, Ba et al. 2017); with "regular" or "adam" only.
+    l2_reg: weight decay `l2_reg * params` added to the gradients (and to the curvature
+      of the quadratic model and the preconditioner's damping), except on the parameters
+      whose path ("a/b/c") matches a glob pattern of `l2_reg_exclude` (e.g. `("*bias*",)`)
+      or for which `l2_reg_exclude(path)` is true.
+    num_burnin_steps: the first this many steps update the statistics only (zero updates).
+  `jkfac.diagnostics(opt_state)` returns what each step did (damping, rho, alpha, ...).
 
   Example:
     >>> tx = jkfac.kfac(loss_fn, batch, learning_rate=1e-3, damping=1e-3)
     >>> opt_state = tx.init(params)
     >>> updates, opt_state = tx.update(grads, opt_state, params, batch=batch)
+    >>> untuned = jkfac.kfac(loss_fn, batch, momentum_type="qmodel", adapt_damping=True)
   """
-  _check(momentum_type in ("regular", "adam"),
-         f"momentum_type must be 'regular' or 'adam', got {momentum_type!r}.")
+  from jkfac import adaptive  # adaptive K-FAC builds on this module
+
+  _check(momentum_type in adaptive.MOMENTUM_TYPES,
+         f"momentum_type must be one of {adaptive.MOMENTUM_TYPES}, got {momentum_type!r}.")
   _check(momentum is None or _is_number(momentum) or callable(momentum)
          or isinstance(momentum, jax.Array),
          f"momentum must be None, a number in [0, 1), a schedule or an array, got "
          f"{momentum!r}.")
   if _is_number(momentum):
     _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}.")
+  is_adaptive = (adapt_damping is not False or momentum_type in adaptive.QMODEL_TYPES
+                 or any(v is not None for v in (norm_constraint, l2_reg, l2_reg_exclude,
+                                                num_burnin_steps)))
+  config = None
+  if is_adaptive:
+    config = adaptive.AdaptiveConfig(
+        loss_fn, example_batch, learning_rate=learning_rate, damping=damping,
+        momentum=momentum, momentum_type=momentum_type, adapt_damping=adapt_damping,
+        damping_adaptation_interval=damping_adaptation_interval,
+        damping_adaptation_decay=damping_adaptation_decay, min_damping=min_damping,
+        max_damping=max_damping, norm_constraint=norm_constraint, l2_reg=l2_reg,
+        l2_reg_exclude=l2_reg_exclude, num_burnin_steps=num_burnin_steps,
+        axis_name=axis_name, mesh=mesh, example_params=example_params)
+    damping = config.initial_damping
+  else:
+    _check(learning_rate is not None, "learning_rate is required (only momentum_type "
+           "'qmodel' and 'qmodel_fixedmu' may leave it None).")
+    _check(damping is not None, "damping is required (unless adapt_damping=True).")
   preconditioner = precondition(
       loss_fn, example_batch, damping=damping, cov_ema_decay=cov_ema_decay,
       cov_update_every=cov_update_every, invert_every=invert_every, estimation=estimation,
       inverse_method=inverse_method, approximations=approximations, seed=seed,
       auto_register=auto_register, axis_name=axis_name, placement=placement, mesh=mesh,
       sub_sample_patches=sub_sample_patches, example_params=example_params, strict=strict)
+  if config is not None:
+    return adaptive.adaptive(config, preconditioner)
   accumulate = optax.identity() if momentum is None else scale_by_momentum(momentum)
   steps = [preconditioner, accumulate] if momentum_type == "regular" else [accumulate,
                                                                            preconditioner]
