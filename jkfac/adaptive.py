@@ -1,27 +1,11 @@
 """Adaptive K-FAC: quadratic-model step size and momentum, LM damping, norm constraint.
 
 `adaptive(config, preconditioner)` wraps `jkfac.precondition` into a whole optimizer
-(what `jkfac.kfac` returns when one of its adaptive keywords is used). One step:
-
-1. `g = grads + l2_reg * params` (leaves not excluded), averaged over the device axis;
-2. `Δ = F̂⁻¹ g` by the preconditioner, with the damping `λ` this state holds (adapted),
-   or the `damping` setting (fixed or scheduled), plus `l2_reg`;
-3. the step `δ = α Δ + μ v`, with `v` the previous update (`momentum_type` "qmodel":
-   α, μ minimise the quadratic model below; "qmodel_fixedmu": μ fixed, α minimises it),
-   or `-lr · momentum(Δ)` as in `jkfac.kfac` ("regular", "adam"), where `Δ` is first
-   scaled by `min(1, sqrt(C / (lr² gᵀΔ)))` with `norm_constraint=C` (KL clipping);
-4. every `damping_adaptation_interval` steps, Levenberg–Marquardt:
-   `ρ = (L(θ+δ) − L(θ)) / M(δ)` on the same batch; `λ ← λ·ω` if ρ > 3/4, `λ/ω` if
-   ρ < 1/4, with `ω = damping_adaptation_decay ** interval`, clipped to
-   `[min_damping, max_damping]`.
-
-The quadratic model is `M(δ) = gᵀδ + ½ δᵀ(G + l2·I)δ` with `G` the exact generalised
-Gauss–Newton matrix of the batch, applied by Jacobian-vector products of the registered
-predictions and the loss's output Hessian (softmax: `diag(p) − ppᵀ`, sigmoid:
-`p(1−p)`, squared error: `I`; times weight / rows); (α, μ) minimise it plus `½ λ ‖δ‖²`,
-while ρ uses `M` without the damping term (so ρ = 1 for an exactly quadratic loss).
-Only the steps that need it run the extra forward pass (`lax.cond`). All state is
-arrays (`AdaptiveState`); `diagnostics(opt_state)` reads what each step recorded.
+(what `jkfac.kfac` returns when one of its adaptive keywords is used): the step
+`δ = α Δ + μ v` from the exact Gauss-Newton quadratic model of the batch (or a fixed
+learning rate with momentum and KL clipping), and Levenberg-Marquardt damping every
+`damping_adaptation_interval` steps. All state is arrays (`AdaptiveState`);
+`diagnostics(opt_state)` reads what each step recorded. docs/concepts.md has the maths.
 """
 
 from __future__ import annotations
