@@ -36,6 +36,7 @@ def test_loss_is_the_batch_mean_of_per_image_pixel_sums(autoencoder):
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
 
 
+@pytest.mark.slow  # an example end to end; run with -m slow
 def test_all_optimizers_few_steps(autoencoder, tmp_path, capsys):
   path = tmp_path / "metrics.csv"
   results = autoencoder.main([*SMALL, "--optimizer", "all", "--adam-lrs", "1e-3",

@@ -154,10 +154,11 @@ def test_describe_str_is_a_table():
   lines = str(description).splitlines()
   assert lines[0].split() == ["parameter", "shape", "layer", "kind", "approx", "factors", "state"]
   assert set(lines[1].replace(" ", "")) == {"-"}
-  assert len(lines) == 2 + len(CONVNET_ROWS) + 1
-  assert lines[-1] == f"K-FAC state: {_size(description.state_bytes)}"
+  assert len(lines) == 2 + len(CONVNET_ROWS) + 2
+  assert lines[-2] == f"K-FAC state: {_size(description.state_bytes)}"
+  assert lines[-1].startswith("Coverage: ")
   assert description.state_bytes > 1024   # so the line reads KiB
-  body = {line.split()[0]: line.split() for line in lines[2:-1]}
+  body = {line.split()[0]: line.split() for line in lines[2:-2]}
   assert body["Dense_2/kernel"][:5] == ["Dense_2/kernel", "6x3", "Dense_2", "dense", "full"]
   assert body["Dense_2/kernel"][5:7] == ["F", "21x21"]
   assert body["Conv_0/kernel"][:5] == ["Conv_0/kernel", "3x3x2x4", "Conv_0", "conv2d", "kron"]

@@ -65,6 +65,7 @@ def test_adam_fake_data(mnist, capsys):
   _check_run(capsys.readouterr().out, results["adam"], "adam")
 
 
+@pytest.mark.slow  # an example end to end; run with -m slow
 def test_plot_and_metrics_csv_both(mnist, capsys, tmp_path):
   png, table = tmp_path / "loss.png", tmp_path / "metrics.csv"
   results = mnist.main(["--fake-data", "--optimizer", "both", "--steps", "2", "--batch-size",
@@ -129,6 +130,7 @@ def test_missing_data_dir_is_one_line_error(mnist, capsys, tmp_path):
   assert "--fake-data" in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # an example end to end; run with -m slow
 @pytest.mark.multidevice
 @pytest.mark.parametrize("mode", [[], ["--sharding"]], ids=["pmap", "sharding"])
 def test_data_parallel_runs(mode):

@@ -72,6 +72,7 @@ def _check_outputs(result, csv_path, png_path, names, steps):
   assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # an example end to end; run with -m slow
 def test_transformer_all_optimizers(lm, tmp_path, capsys):
   csv_path, png_path = tmp_path / "m.csv", tmp_path / "m.png"
   result = lm.main([*TINY_LM, "--describe", "--metrics-csv", str(csv_path),
@@ -98,6 +99,7 @@ def test_unsupported_kfac_keyword_is_skipped(lstm, capsys):
   assert "skipped: unsupported keyword no_such" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # an example end to end; run with -m slow
 def test_sweep_and_divergence(lm, tmp_path, capsys):
   result = lm.main([*TINY_LM, "--optimizer", "adamw", "--sweep"])
   sweep = result["sweeps"]["adamw"]

@@ -331,7 +331,9 @@ def test_collect_statistics_loss_cotangents(kind, estimation):
     np.testing.assert_allclose(stats.output_grads[0][0], residual(z, targets) * np.sqrt(scale),
                                rtol=1e-5, atol=1e-6)
   else:
-    c = stats.output_grads[0]
-    assert c.shape == (classes, n, positions, classes)
+    c = stats.output_grads[0]   # one set of columns per row of an example
+    assert c.shape == (positions * classes, n, positions, classes)
     np.testing.assert_allclose(jnp.einsum("k...i,k...j->...ij", c, c), scale * fisher(z),
                                rtol=1e-5, atol=1e-6)
+    # No cross terms between the rows of an example.
+    np.testing.assert_allclose(jnp.einsum("knpi,knqj->npqij", c, c)[:, 0, 1], 0, atol=1e-7)
