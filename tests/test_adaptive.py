@@ -474,7 +474,8 @@ def test_untuned_qmodel_with_adaptive_damping_trains():
     (dict(learning_rate=None), "learning_rate"),
     (dict(learning_rate=None, adapt_damping=True), "learning_rate"),
     (dict(damping=None), "damping"),
-], ids=lambda v: (repr(v) if "<function" not in repr(v) else "schedule") if isinstance(v, dict) else None)
+], ids=lambda v: (("schedule" if "<function" in repr(v) else repr(v))
+                  if isinstance(v, dict) else None))
 def test_bad_settings_raise(kwargs, name):
   kwargs = dict(dict(learning_rate=0.1, damping=1e-2), **kwargs)
   with pytest.raises(ValueError, match=name):
