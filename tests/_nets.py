@@ -374,3 +374,14 @@ def conv_patches(x, kernel_size, conv):
   features ordered as a channels-last kernel reshaped to `(-1, c_out)`."""
   slices = jkfac.layers._patch_slices(x, kernel_size, conv)
   return jkfac.layers._stack_features(slices)
+
+
+def import_script(path, name: str):
+  """Imports a script (examples/ and benchmarks/ are scripts, not packages) as `name`."""
+  import importlib.util
+  import sys
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # Flax's dataclasses look their module up there.
+  spec.loader.exec_module(module)
+  return module

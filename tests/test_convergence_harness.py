@@ -3,7 +3,6 @@ for benchmarks/convergence.py's targets and flags. No wall-clock thresholds."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import pathlib
 import sys
@@ -13,15 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import _nets
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _import(name: str, path: pathlib.Path):
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module
-  spec.loader.exec_module(module)
-  return module
 
 
 sys.path.insert(0, str(ROOT / "examples"))  # as the examples and the benchmark import it
@@ -247,7 +240,7 @@ def test_eval_targets_without_interpolation():
 
 @pytest.fixture(scope="module")
 def convergence():
-  return _import("convergence", ROOT / "benchmarks" / "convergence.py")
+  return _nets.import_script(ROOT / "benchmarks" / "convergence.py", "convergence")
 
 
 def test_models_and_steps_flags(convergence):

@@ -1,7 +1,6 @@
 """Runs of examples/mnist.py, called in-process through its `main(argv)`, and its helpers."""
 
 import csv
-import importlib.util
 import io
 import math
 import os
@@ -12,6 +11,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+
+from tests import _nets
 import rich.console
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -19,22 +20,14 @@ MNIST_DIR = os.environ.get("JKFAC_MNIST_DIR", str(ROOT.parent / "shared" / "data
 SMOKE = ["--steps", "3", "--batch-size", "32", "--log-every", "1"]
 
 
-def _import_example(name: str):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # Flax's dataclasses look their module up there.
-  spec.loader.exec_module(module)
-  return module
-
-
 @pytest.fixture(scope="module")
 def mnist():
-  return _import_example("mnist")
+  return _nets.import_script(ROOT / "examples" / "mnist.py", "mnist")
 
 
 @pytest.fixture(scope="module")
 def progress():
-  return _import_example("_progress")
+  return _nets.import_script(ROOT / "examples" / "_progress.py", "_progress")
 
 
 def _check_run(out: str, result: dict, name: str, steps: int = 3) -> None:

@@ -11,21 +11,14 @@ import sys
 import numpy as np
 import pytest
 
+from tests import _nets
+
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 # shared/ lies beside the checkout, locally and in CI; the real data stays there.
 _SHARED_MNIST = _REPO.parent / "shared" / "data" / "mnist"
 
 
-def _import_by_path(name: str, path: pathlib.Path):
-  """Imports a module from a file; examples/ is scripts, not a package."""
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module
-  spec.loader.exec_module(module)
-  return module
-
-
-mnist_data = _import_by_path("mnist_data", _REPO / "examples" / "mnist_data.py")
+mnist_data = _nets.import_script(_REPO / "examples" / "mnist_data.py", "mnist_data")
 
 _TYPE_CODES = {">u1": 0x08, ">i1": 0x09, ">i2": 0x0B, ">i4": 0x0C, ">f4": 0x0D, ">f8": 0x0E}
 

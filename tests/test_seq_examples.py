@@ -4,13 +4,14 @@ The examples run in-process through their `main(argv)` on tiny configurations.
 """
 
 import csv
-import importlib.util
 import math
 import pathlib
 import sys
 
 import numpy as np
 import pytest
+
+from tests import _nets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_LM = ["--steps", "3", "--eval-every", "2", "--batch-size", "4", "--length", "16",
@@ -20,27 +21,19 @@ TINY_LSTM = ["--steps", "3", "--eval-every", "2", "--batch-size", "8", "--length
              "--hidden", "8", "--embed-dim", "4", "--eval-batches", "1"]
 
 
-def _load(name: str):
-  spec = importlib.util.spec_from_file_location(f"{name}_example", ROOT / "examples" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # Flax's dataclasses look their module up there.
-  spec.loader.exec_module(module)
-  return module
-
-
 @pytest.fixture(scope="module")
 def lm():
-  return _load("transformer_lm")
+  return _nets.import_script(ROOT / "examples" / "transformer_lm.py", "transformer_lm_example")
 
 
 @pytest.fixture(scope="module")
 def lstm():
-  return _load("lstm")
+  return _nets.import_script(ROOT / "examples" / "lstm.py", "lstm_example")
 
 
 @pytest.fixture(scope="module")
 def text_data():
-  return _load("text_data")
+  return _nets.import_script(ROOT / "examples" / "text_data.py", "text_data_example")
 
 
 def _rows(path) -> list[dict[str, str]]:
