@@ -242,7 +242,9 @@ def update_statistics(config: PreconditionConfig, trace: Trace, state: Precondit
              None if patch_key is None else jax.random.fold_in(patch_key, index))
          for index, layer in enumerate(trace.every_layer)}
   new = parallel.pmean(new, config.device_axis)
+  # Statistics every k steps forget as much per step as every step with `decay`.
   decay = _value(config.cov_ema_decay, state.count).astype(state.ema_weight.dtype)
+  decay = decay ** config.cov_update_every
   statistics = jax.tree_util.tree_map(
       lambda old, x: decay * old + (1 - decay) * x.astype(old.dtype), state.statistics, new)
   return state._replace(key=key, statistics=statistics,
@@ -416,8 +418,11 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
     example_batch: a batch, or `jax.ShapeDtypeStruct`s with its shapes and dtypes.
     damping: Tikhonov damping λ (float or schedule of the step), > 0; values below
       `MIN_DAMPING` (1e-8), e.g. from a schedule, are raised to it.
-    cov_ema_decay: EMA decay of the curvature statistics, in [0, 1) (or a schedule).
-    cov_update_every: statistics are computed on every this many steps.
+    cov_ema_decay: EMA decay of the curvature statistics per step, in [0, 1) (or a
+      schedule).
+    cov_update_every: statistics are computed on every this many steps; each update
+      then decays the EMA by `cov_ema_decay ** cov_update_every`, so the EMA's memory
+      in steps does not depend on the cadence.
     invert_every: inverses are recomputed on every this many steps.
     estimation: "fisher" (sampled targets), "empirical" (true targets) or "exact"
       (one backward pass per output unit).

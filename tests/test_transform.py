@@ -266,6 +266,18 @@ def test_covariances_change_only_every_cov_update_every():
     previous = state
 
 
+def test_cov_update_every_raises_the_decay_to_its_power():
+  # Statistics every 5 steps forget as much per step as every step: after k updates the
+  # EMA weight is 1 - decay^(5k), and the newest batch weighs 1 - decay^5.
+  decay, every = 0.9, 5
+  tx = jkfac.precondition(loss_fn, make_batch(), damping=1e-2, cov_ema_decay=decay,
+                          cov_update_every=every, invert_every=1)
+  for i, _, _, state in train(tx, 11, feed_params=True):
+    updates = i // every + 1
+    np.testing.assert_allclose(float(state.ema_weight), 1 - decay ** (every * updates),
+                               rtol=1e-6)
+
+
 def test_inverses_change_only_every_invert_every_with_damping_schedule():
   damping = lambda count: 0.1 + 0.01 * count
   tx = jkfac.precondition(loss_fn, make_batch(), damping=damping, cov_update_every=1,
