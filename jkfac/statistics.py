@@ -83,9 +83,11 @@ def collect_statistics(loss_fn: Callable[..., Any], trace: Trace, params: PyTree
 
 
 def block_statistics(layer: LayerInfo, statistics: LayerStatistics,
-                     sub_sample_patches: float | None = None, key: Array | None = None):
+                     sub_sample_patches: float | None = None, key: Array | None = None,
+                     inverses: dict[str, Array] | None = None):
   """The block statistics of one layer for one batch, from every use of the layer; see
-  `jkfac.precondition` for `sub_sample_patches` (`key` draws the patch rows)."""
+  `jkfac.precondition` for `sub_sample_patches` (`key` draws the patch rows). A block
+  that measures in the basis of its inverses (EKFAC) needs the layer's `inverses`."""
   if layer.kind == "generic":
     return diagonal.generic_statistics(statistics.output_grads[0])
   layer_block = blocks.for_slice(layer)
@@ -97,13 +99,20 @@ def block_statistics(layer: LayerInfo, statistics: LayerStatistics,
   gs = [layers.scan_axes_first(scans, g, skip=1)
         for scans, g in zip(layer.scans, statistics.output_grads)]
 
-  def one_layer(xs, gs):
+  basis = ()
+  if layer_block.uses_basis:
+    if inverses is None:
+      raise ValueError(f"Layer {layer.name!r}: {layer.approx!r} statistics need the layer's "
+                       "inverses.")
+    basis = (inverses,)
+
+  def one_layer(xs, gs, *basis):
     return layer_block.statistics(*layers.block_inputs(
-        layer, xs, gs, layer_block.reduce_positions, sample))
+        layer, xs, gs, layer_block.reduce_positions, sample), *basis)
 
   if layer.stack:  # independent layers: one block each
-    return jax.vmap(one_layer, in_axes=(0, 1))(xs, gs)
-  return one_layer([x[0] for x in xs], [g[:, 0] for g in gs])
+    return jax.vmap(one_layer, in_axes=(0, 1) + (0,) * len(basis))(xs, gs, *basis)
+  return one_layer([x[0] for x in xs], [g[:, 0] for g in gs], *basis)
 
 
 def _random_example_signs(cotangents: list[Array], key: Array) -> list[Array]:

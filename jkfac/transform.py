@@ -239,7 +239,8 @@ def update_statistics(config: PreconditionConfig, trace: Trace, state: Precondit
   found = layer_stats.astype(found, state.ema_weight.dtype)  # low precision: float32
   new = {layer.name: layer_stats.block_statistics(
              layer, found[layer.name], config.sub_sample_patches,
-             None if patch_key is None else jax.random.fold_in(patch_key, index))
+             None if patch_key is None else jax.random.fold_in(patch_key, index),
+             state.inverses[layer.name])
          for index, layer in enumerate(trace.every_layer)}
   new = parallel.pmean(new, config.device_axis)
   # Statistics every k steps forget as much per step as every step with `decay`.
@@ -247,8 +248,15 @@ def update_statistics(config: PreconditionConfig, trace: Trace, state: Precondit
   decay = decay ** config.cov_update_every
   statistics = jax.tree_util.tree_map(
       lambda old, x: decay * old + (1 - decay) * x.astype(old.dtype), state.statistics, new)
-  return state._replace(key=key, statistics=statistics,
-                        ema_weight=decay * state.ema_weight + (1 - decay))
+  ema_weight = decay * state.ema_weight + (1 - decay)
+  inverses = dict(state.inverses)
+  for layer in trace.every_layer:
+    layer_block = blocks.for_layer(layer)
+    if layer_block.refresh is not None:  # EKFAC: its scaling enters the inverses now
+      inverses[layer.name] = layer_block.refresh(inverses[layer.name], jax.tree_util.tree_map(
+          lambda c: c / ema_weight, statistics[layer.name]))
+  return state._replace(key=key, statistics=statistics, ema_weight=ema_weight,
+                        inverses=inverses)
 
 
 def update_inverses(config: PreconditionConfig, trace: Trace, state: PreconditionState,
@@ -279,19 +287,25 @@ def update_inverses(config: PreconditionConfig, trace: Trace, state: Preconditio
   new: dict[str, dict[str, Array]] = {name: {} for name in state.inverses}
   for (name, factor), inverse in zip(slots, results):
     new[name].update(inverse if factor is None else {factor: inverse})
-  inverses, fallbacks = {}, state.inverse_fallbacks
+  inverses, statistics, fallbacks = {}, dict(state.statistics), state.inverse_fallbacks
   for layer in trace.every_layer:
-    inverses[layer.name], fell_back = blocks.for_layer(layer).finite_or_previous(
+    layer_block = blocks.for_layer(layer)
+    inverses[layer.name], fell_back = layer_block.finite_or_previous(
         new[layer.name], state.inverses[layer.name])
     fallbacks = fallbacks + fell_back.astype(fallbacks.dtype)
-  return state._replace(inverses=inverses, inverse_fallbacks=fallbacks,
+    if layer_block.rebase is not None:  # EKFAC: the scaling restarts in the new basis
+      statistics[layer.name] = layer_block.rebase(statistics[layer.name],
+                                                  inverses[layer.name], state.ema_weight)
+  return state._replace(inverses=inverses, statistics=statistics, inverse_fallbacks=fallbacks,
                         damping=jnp.asarray(damping, state.damping.dtype))
 
 
 def _inverse_cost(layer_block: Block | StackedBlock, factor: Array) -> int:
-  """The work of inverting `factor`: its size if entrywise, else `d^3` per matrix (a
-  stacked factor holds several)."""
-  return factor.size * (1 if layer_block.is_entrywise(factor) else factor.shape[-1])
+  """The work of inverting `factor`: its size if entrywise or not square, else `d^3` per
+  matrix (a stacked factor holds several)."""
+  square = factor.ndim >= 2 and factor.shape[-1] == factor.shape[-2]
+  return factor.size * (factor.shape[-1] if square and not layer_block.is_entrywise(factor)
+                        else 1)
 
 
 def _invert_factor(layer_block: Block | StackedBlock, method: str, factor: Array,

@@ -96,7 +96,7 @@ def _unrolled_params(conv, params):
 
 
 @pytest.mark.parametrize("conv", [False, True], ids=["dense", "conv"])
-@pytest.mark.parametrize("approx", [None, "diagonal"])
+@pytest.mark.parametrize("approx", [None, "diagonal", "ekfac"])
 def test_stacked_layers_match_the_unrolled_loop(conv, approx):
   batch = _batch((5, 5, 2) if conv else (4,))
   model = _Stacked(conv)
@@ -121,11 +121,14 @@ def test_stacked_layers_match_the_unrolled_loop(conv, approx):
   for i in range(DEPTH):
     for factor, value in unrolled_state.statistics[f"block_{i}"].items():
       _close(stacked_state.statistics[name][factor][i], value)
-  _close_trees(_unrolled_params(conv, stacked_updates), unrolled_updates)
+  # EKFAC's batched eigh (stacked) and unbatched eigh round apart at about 1e-6 of the
+  # largest update.
+  _close_trees(_unrolled_params(conv, stacked_updates), unrolled_updates,
+               atol=1e-5 if approx == "ekfac" else 1e-6)
 
 
-def _close_trees(actual, expected):
-  jax.tree_util.tree_map(lambda a, e: _close(a, e, rtol=2e-4, atol=1e-6), actual, expected)
+def _close_trees(actual, expected, atol=1e-6):
+  jax.tree_util.tree_map(lambda a, e: _close(a, e, rtol=2e-4, atol=atol), actual, expected)
 
 
 def test_stacked_layers_train_and_describe():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 from jkfac import layers
-from jkfac.blocks import (diagonal, embedding, full, kron, kron_diag, scale_and_shift,
+from jkfac.blocks import (diagonal, ekfac, embedding, full, kron, kron_diag, scale_and_shift,
                           tied_embedding)
 from jkfac.blocks.base import Block
 from jkfac.blocks.stacked import StackedBlock
@@ -30,6 +30,7 @@ _TABLE: tuple[tuple[tuple[str, ...], str, Block], ...] = (
     (_DENSE + _CONV, "kron_out_diag", kron_diag.OUT_DIAG),
     (_DENSE + _CONV, "diagonal", diagonal.BLOCK),
     (_DENSE + _CONV, "full", full.BLOCK),
+    (_DENSE + _CONV, "ekfac", ekfac.BLOCK),
     (("embedding",), "kron", embedding.BLOCK),
     (("embedding",), "kron_indep", embedding.BLOCK),
     (("tied_embedding",), "kron_indep", tied_embedding.BLOCK),

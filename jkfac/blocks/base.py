@@ -33,6 +33,12 @@ class Block(NamedTuple):
                          example's positions (K-FAC-reduce) instead of every position.
   separate_input_factor: the input factor is estimated apart from the output side, so
                          `sub_sample_patches` may thin its rows.
+  refresh, rebase: optional, for a block whose statistics are measured in the basis of
+                its inverses (EKFAC): `statistics` then takes the layer's inverses as a
+                third argument, `refresh(inverses, covariances) -> inverses` brings the
+                bias-corrected statistics into the inverses after every statistics step,
+                and `rebase(statistics, inverses, ema_weight) -> statistics` restarts the
+                raw EMAs that belong to the old basis after every inverse update.
   """
   zeros: Callable[[int, int], Arrays]
   statistics: Callable[[Array, Array], Arrays]
@@ -42,6 +48,13 @@ class Block(NamedTuple):
   joint: Callable[[Arrays, Array, str], Arrays] | None = None
   reduce_positions: bool = False
   separate_input_factor: bool = False
+  refresh: Callable[[Arrays, Arrays], Arrays] | None = None
+  rebase: Callable[[Arrays, Arrays, Array], Arrays] | None = None
+
+  @property
+  def uses_basis(self) -> bool:
+    """Whether `statistics` takes the layer's inverses (see `refresh`)."""
+    return self.refresh is not None
 
   def is_entrywise(self, factor: Array) -> bool:
     """Whether `factor` is inverted entrywise: all of an entrywise block, or a vector."""

@@ -27,12 +27,13 @@ class StackedBlock(NamedTuple):
     return jax.tree_util.tree_map(lambda z: jnp.broadcast_to(z, (self.size,) + z.shape),
                                   self.block.zeros(d_in, d_out))
 
-  def statistics(self, a: LayerInputs | Array, g: Array) -> Arrays:
-    """From inputs and output gradients whose arrays lead with the stack axis."""
+  def statistics(self, a: LayerInputs | Array, g: Array, *basis: Arrays) -> Arrays:
+    """From inputs and output gradients (and inverses, see `Block.refresh`) whose arrays
+    lead with the stack axis."""
     if isinstance(a, LayerInputs):  # map over the arrays; the bias flag is static
-      return jax.vmap(lambda parts, g: self.block.statistics(LayerInputs(parts, a.bias), g))(
-          a.groups, g)
-    return jax.vmap(self.block.statistics)(a, g)
+      return jax.vmap(lambda parts, g, *basis: self.block.statistics(
+          LayerInputs(parts, a.bias), g, *basis))(a.groups, g, *basis)
+    return jax.vmap(self.block.statistics)(a, g, *basis)
 
   def factors(self, covariances: Arrays, damping: Array) -> dict[str, tuple[Array, Array]]:
     return jax.vmap(self.block.factors, in_axes=(0, None))(covariances, damping)
@@ -43,6 +44,18 @@ class StackedBlock(NamedTuple):
   @property
   def joint(self):
     return self.block.joint
+
+  @property
+  def uses_basis(self) -> bool:
+    return self.block.uses_basis
+
+  @property
+  def refresh(self):
+    return self.block.refresh and jax.vmap(self.block.refresh)
+
+  @property
+  def rebase(self):
+    return self.block.rebase and jax.vmap(self.block.rebase, in_axes=(0, 0, None))
 
   @property
   def reduce_positions(self) -> bool:
