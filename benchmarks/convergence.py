@@ -60,6 +60,9 @@ _FIXED = dict(learning_rate=5e-4, damping=1e-3, momentum=0.9)  # examples/mnist.
 _ADAPTIVE = dict(adapt_damping=True, momentum_type="qmodel", damping=1.0)  # untuned
 CLASSIFIER_KFAC = {
     "kfac adaptive": dict(_ADAPTIVE, cov_update_every=1, invert_every=10),
+    "kfac adaptive cov 5 / inv 50": dict(_ADAPTIVE, cov_update_every=5, invert_every=50),
+    "kfac adaptive ekfac cov 1 / inv 50": dict(_ADAPTIVE, approximations={"*": "ekfac"},
+                                               cov_update_every=1, invert_every=50),
     "kfac cov 1 / inv 10": dict(_FIXED, cov_update_every=1, invert_every=10),
     "kfac cov 10 / inv 100": dict(_FIXED, cov_update_every=10, invert_every=100),
 }

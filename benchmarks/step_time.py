@@ -18,10 +18,15 @@ compare across machines.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
+
+# One OpenBLAS thread for jaxlib's CPU Cholesky (see benchmarks/convergence.py); set before
+# jax loads, override from the environment.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import flax.linen as nn
 import jax

@@ -107,7 +107,7 @@ class AdaptiveConfig:
   adapt_damping: bool = False
   damping_adaptation_interval: int = 5
   damping_adaptation_decay: float = 0.95
-  min_damping: float = transform.MIN_DAMPING
+  min_damping: float = transform.DEFAULT_MIN_DAMPING
   max_damping: float = math.inf
   norm_constraint: float | None = None
   l2_reg: float | None = None

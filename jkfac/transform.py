@@ -58,6 +58,11 @@ class PreconditionState(NamedTuple):
 # Scheduled or injected damping below this is raised to it: zero or negative damping
 # would make the factors singular and their inverses fall back for good.
 MIN_DAMPING = 1e-8
+# The default floor of adaptive K-FAC's damping (`kfac(min_damping=)`). ρ is measured on
+# the batch the quadratic model was fitted to, so it stays near 1 and keeps lowering λ;
+# far below 1e-4 the steps fit single batches (MNIST MLP, batch 128: the training loss
+# rose from 0.04 to 0.14 over 50 steps at λ = 1e-6 and ended at 0.035 with this floor).
+DEFAULT_MIN_DAMPING = 1e-4
 
 
 def _is_number(value: Any) -> bool:
@@ -524,7 +529,7 @@ def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
          adapt_damping: bool = False,
          damping_adaptation_interval: int = 5,
          damping_adaptation_decay: float = 0.95,
-         min_damping: float = MIN_DAMPING,
+         min_damping: float = DEFAULT_MIN_DAMPING,
          max_damping: float = math.inf,
          norm_constraint: float | None = None,
          l2_reg: float | None = None,
@@ -547,7 +552,8 @@ def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
     adapt_damping: Levenberg-Marquardt: every `damping_adaptation_interval` steps the
       damping is multiplied by `damping_adaptation_decay ** interval` when the reduction
       ratio rho > 3/4 and divided by it when rho < 1/4, within [`min_damping`,
-      `max_damping`]; `damping` is the initial value (default 1e-3).
+      `max_damping`] (default [1e-4, inf]: see `DEFAULT_MIN_DAMPING`);
+      `damping` is the initial value (default 1e-3).
     norm_constraint: C > 0: `F^-1 g` is scaled by `min(1, sqrt(C / (lr^2 g^T F^-1 g)))`
       (KL clipping, Ba et al. 2017); with "regular" or "adam" only.
     l2_reg: weight decay `l2_reg * params` added to the gradients (and to the curvature
