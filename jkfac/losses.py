@@ -6,9 +6,9 @@ examples with one output each), and the user's loss is `sum_r s_r NLL_r`, with t
 row factors `s_r` of `row_scales`: `weight / rows` (the mean over rows), or with per-row
 weights and a mask, `weight_r * mask_r / sum(mask)`. For each loss, `cotangents` returns
 a stack `c` of shape `(columns, *prediction.shape)` with `E[sum_k c_k c_k^T] = s_r F_r`
-per row: "fisher" samples targets from the model, "empirical" uses the true ones, "exact" backpropagates the columns of a square
-root of `F_r`, one row at a time (so rows of an example that interact add no cross
-terms). docs/architecture.md has the derivation.
+per row: "fisher" samples targets from the model, "empirical" uses the true ones,
+"exact" backpropagates the columns of a square root of `F_r`, one row at a time (so rows
+of an example that interact add no cross terms). docs/architecture.md has the derivation.
 """
 
 from __future__ import annotations

@@ -346,3 +346,73 @@ def test_bad_masks_and_weights_raise(kwargs, match):
                                          **kwargs)
   with pytest.raises(ValueError, match="squared_error loss"):
     jkfac.register_squared_error(jnp.zeros(N), jnp.zeros(N), mask=jnp.ones((N, 1)))
+
+
+# --- the loss-scale check ------------------------------------------------------------------------
+
+
+def _token_loss(reduce, has_aux=False, masked=True):
+  """The masked LM-style loss with its per-token losses reduced by `reduce(losses, mask)`."""
+  def loss_fn(params, batch):
+    mask = batch["mask"] if masked else None
+    logits = jkfac.register_softmax_cross_entropy(_logits(params, batch["x"]), batch["y"],
+                                                  mask=mask)
+    loss = reduce(optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]),
+                  jnp.ones(batch["y"].shape, bool) if mask is None else mask)
+    return (loss, {"logits": logits}) if has_aux else loss
+  return loss_fn
+
+
+_MEAN = lambda losses, mask: jnp.sum(mask * losses) / jnp.sum(mask)
+_PER_SEQUENCE_SUM = lambda losses, mask: jnp.mean(jnp.sum(mask * losses, axis=1))
+
+
+def _scale_warnings(tx, params):
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    tx.init(params)
+  return [w for w in caught if issubclass(w.category, jkfac.LossScaleWarning)]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_per_sequence_sum_warns_at_init_and_strict_raises(masked):
+  params, (batch, _) = _params(), _padded((N, T))
+  loss_fn = _token_loss(_PER_SEQUENCE_SUM, masked=masked)
+  with pytest.warns(jkfac.LossScaleWarning, match="looks like a per-sequence sum"):
+    jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-2).init(params)
+  with pytest.raises(ValueError, match="per-sequence sum: use the mean over all rows"):
+    jkfac.precondition(loss_fn, batch, damping=1e-2, strict=True).init(params)
+  loss, registered = jkfac.check_loss_scale(_token_loss(_MEAN, masked=masked), params, batch)
+  counted = float(np.asarray(batch["mask"]).sum()) if masked else N * T
+  with pytest.warns(jkfac.LossScaleWarning):
+    summed, _ = jkfac.check_loss_scale(loss_fn, params, batch)
+  np.testing.assert_allclose(summed, loss * counted / N, rtol=1e-6)
+  np.testing.assert_allclose(registered, loss, rtol=1e-6)
+
+
+def test_the_mean_over_rows_does_not_warn_also_with_aux():
+  params, (batch, _) = _params(), _padded((N, T))
+  for loss_fn in (_token_loss(_MEAN), _token_loss(_MEAN, has_aux=True)):
+    assert not _scale_warnings(jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-2),
+                               params)
+  with pytest.warns(jkfac.LossScaleWarning):
+    jkfac.check_loss_scale(_token_loss(_PER_SEQUENCE_SUM, has_aux=True), params, batch)
+
+
+def test_a_mask_normalised_by_all_rows_warns():
+  params, (batch, _) = _params(), _padded((N, T))
+  counted = float(np.asarray(batch["mask"]).sum())
+  assert counted / (N * T) < 1 / 1.5
+  loss_fn = _token_loss(lambda losses, mask: jnp.mean(mask * losses))
+  with pytest.warns(jkfac.LossScaleWarning, match="ratio"):
+    jkfac.check_loss_scale(loss_fn, params, batch)
+
+
+def test_the_check_needs_concrete_values():
+  """Under jit, or with an example batch of shapes, `init` has no values to compare."""
+  params, (batch, _) = _params(), _padded((N, T))
+  loss_fn = _token_loss(_PER_SEQUENCE_SUM)
+  tx = jkfac.precondition(loss_fn, batch, damping=1e-2, strict=True)
+  jax.eval_shape(tx.init, params)
+  shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+  jkfac.precondition(loss_fn, shapes, damping=1e-2, strict=True).init(params)
