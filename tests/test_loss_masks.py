@@ -228,6 +228,56 @@ def test_masked_input_factor_of_a_model_that_mixes_positions():
   np.testing.assert_allclose(stats["dense0"]["A"], want, rtol=1e-5, atol=1e-6)
 
 
+def test_a_layer_inside_a_scan_over_time_keeps_every_row():
+  """dense0 runs per step on `(N, D)` inputs, which are not the loss's `(N, T)` rows: its A
+  averages every row; dense1, on the stacked `(N, T, H)` outputs, averages the real ones."""
+  params = _params()
+  padded, _ = _padded((N, T), seed=11)
+
+  def loss_fn(params, batch):
+    def step(carry, x):
+      return carry, jnp.tanh(_dense(params["dense0"], x))
+    _, hidden = jax.lax.scan(step, None, jnp.swapaxes(batch["x"], 0, 1))   # (T, N, H)
+    hidden = jnp.swapaxes(hidden, 0, 1)
+    logits = jkfac.register_softmax_cross_entropy(_dense(params["dense1"], hidden), batch["y"],
+                                                  mask=batch["mask"])
+    return _masked_mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]),
+                        batch["mask"])
+
+  stats = _step(loss_fn, params, padded, "fisher", {"*": "kron"})[2]
+  m = np.asarray(padded["mask"], np.float64)
+  a = np.concatenate([np.asarray(padded["x"]), np.ones((N, T, 1))], axis=-1)
+  np.testing.assert_allclose(stats["dense0"]["A"], np.einsum("ntd,nte->de", a, a) / (N * T),
+                             rtol=1e-6)
+  h = np.tanh(np.asarray(_dense(params["dense0"], padded["x"], tag=False)))
+  h = np.concatenate([h, np.ones((N, T, 1))], axis=-1)
+  np.testing.assert_allclose(stats["dense1"]["A"], np.einsum("nt,ntd,nte->de", m, h, h) / m.sum(),
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize("second_masked", [True, False])
+def test_several_lined_up_losses_count_a_row_if_any_counts_it(second_masked):
+  params = _params()
+  padded, _ = _padded((N, T), seed=12)
+  other = jnp.asarray(np.random.default_rng(13).random((N, T)) < 0.5)
+
+  def loss_fn(params, batch):
+    logits = _logits(params, batch["x"])
+    first = jkfac.register_softmax_cross_entropy(logits, batch["y"], mask=batch["mask"])
+    second = jkfac.register_squared_error(logits, jnp.zeros_like(logits),
+                                          mask=other if second_masked else None)
+    return (_masked_mean(optax.softmax_cross_entropy_with_integer_labels(first, batch["y"]),
+                         batch["mask"])
+            + _masked_mean(0.5 * jnp.sum(second ** 2, -1), other if second_masked else None))
+
+  stats = _step(loss_fn, params, padded, "fisher", {"*": "kron"})[2]
+  m = (np.maximum(np.asarray(padded["mask"]), np.asarray(other)) if second_masked
+       else np.ones((N, T))).astype(np.float64)
+  a = np.concatenate([np.asarray(padded["x"]), np.ones((N, T, 1))], axis=-1)
+  np.testing.assert_allclose(stats["dense0"]["A"], np.einsum("nt,ntd,nte->de", m, a, a) / m.sum(),
+                             rtol=1e-6)
+
+
 def test_one_dimensional_predictions_take_per_example_weights():
   params = _params((D, H, 1))
   rng = np.random.default_rng(6)
