@@ -21,6 +21,7 @@ from jkfac.tags import (
 )
 from jkfac.describe import Description, describe
 from jkfac.interpreter import Curvature, value_and_grad
+from jkfac.loss_check import LossScaleWarning, check_loss_scale
 from jkfac.transform import PreconditionState, kfac, precondition
 from jkfac.adaptive import diagnostics
 from jkfac import layer_collection, parallel
@@ -43,7 +44,9 @@ def __getattr__(name: str):
 __all__ = [
     "Curvature",
     "Description",
+    "LossScaleWarning",
     "PreconditionState",
+    "check_loss_scale",
     "describe",
     "diagnostics",
     "flax",

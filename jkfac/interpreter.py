@@ -33,19 +33,25 @@ class Curvature(NamedTuple):
   pullback:    maps cotangents of the predictions to `(gradients of params, gradients
                at every layer's output)` (a `jax.tree_util.Partial`, so it may cross
                into `tx.update`).
+  masks:       each registered loss's mask, None where it has none.
+  row_weights: each registered loss's per-row weights, None where it has none.
   """
   inputs: list[Array]
   predictions: list[Array]
   targets: list[Array]
   pullback: jax.tree_util.Partial
+  masks: Sequence[Array | None] = ()
+  row_weights: Sequence[Array | None] = ()
 
 
 class _Recorded(NamedTuple):
   """What a forward pass saw at the tags: each layer tag's input (stacked over the
-  steps of enclosing scans) and each loss's prediction and targets."""
+  steps of enclosing scans) and each loss's prediction, targets, mask and row weights."""
   inputs: list[Array]
   predictions: list[Array]
   targets: list[Array]
+  masks: list[Array | None]
+  row_weights: list[Array | None]
 
 
 def _evaluate(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any],
@@ -55,13 +61,17 @@ def _evaluate(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any],
   env: dict = {}
   env.update(zip(jaxpr.constvars, consts))
   env.update(zip(jaxpr.invars, args))
-  recorded = _Recorded([], [], [])
+  recorded = _Recorded([], [], [], [], [])
   perturbations = iter(perturbations)
   for eqn in jaxpr.eqns:
     invals = [jaxprs.read(env, v) for v in eqn.invars]
     if eqn.primitive is tags.loss_tag_p:
       recorded.predictions.append(invals[0])
       recorded.targets.append(invals[1])
+      mask, row_weights = tags.loss_operands(eqn.params, invals)
+      recorded.masks.append(None if mask is None else jax.lax.stop_gradient(mask))
+      recorded.row_weights.append(
+          None if row_weights is None else jax.lax.stop_gradient(row_weights))
       outvals = [invals[0]]
     elif jaxprs.is_generic_tag(eqn):
       outvals = [invals[0]]
@@ -111,13 +121,13 @@ def _evaluate_scan(body: jcore.Jaxpr, body_consts: Sequence[Any], args: Sequence
   carry, (ys, inputs) = jax.lax.scan(step, carry, (xs, list(perturbations)),
                                      length=eqn.params["length"], reverse=eqn.params["reverse"],
                                      unroll=eqn.params["unroll"])
-  return list(carry) + list(ys), _Recorded(list(inputs), [], [])
+  return list(carry) + list(ys), _Recorded(list(inputs), [], [], [], [])
 
 
-def _forward(closed: jcore.ClosedJaxpr, args: list[Any], perturbations: list[Array]):
+def _forward(closed: jcore.ClosedJaxpr, args: list[Any],
+             perturbations: list[Array]) -> tuple[list[Any], _Recorded]:
   """Evaluates the loss jaxpr, adding `perturbations` at the layer tags' outputs."""
-  outputs, recorded = _evaluate(closed.jaxpr, closed.consts, args, perturbations)
-  return outputs, recorded.predictions, recorded.inputs, recorded.targets
+  return _evaluate(closed.jaxpr, closed.consts, args, perturbations)
 
 
 def _zero_perturbations(closed: jcore.ClosedJaxpr) -> list[Array]:
@@ -139,14 +149,15 @@ def linearize(loss_fn: LossFn, params: PyTree, batch: PyTree,
 
   def forward(params, perturbations):
     args = jax.tree_util.tree_leaves(params) + batch_leaves
-    _, predictions, inputs, targets = _forward(closed, args, perturbations)
-    return ((), predictions), (inputs, targets)
+    _, recorded = _forward(closed, args, perturbations)
+    return ((), recorded.predictions), recorded._replace(predictions=[])
 
   # Gradients of params are only used for generic parameters; XLA drops the rest.
-  (_, predictions), pullback, (inputs, targets) = jax.vjp(
+  (_, predictions), pullback, recorded = jax.vjp(
       forward, params, _zero_perturbations(closed), has_aux=True)
-  return Curvature(inputs, predictions, targets,
-                   jax.tree_util.Partial(_from_predictions, pullback, ()))
+  return Curvature(recorded.inputs, predictions, recorded.targets,
+                   jax.tree_util.Partial(_from_predictions, pullback, ()), recorded.masks,
+                   recorded.row_weights)
 
 
 def value_and_grad(loss_fn: LossFn, has_aux: bool = False,
@@ -171,17 +182,17 @@ def value_and_grad(loss_fn: LossFn, has_aux: bool = False,
 
     def forward(params, perturbations):
       args = jax.tree_util.tree_leaves(params) + batch_leaves
-      outputs, predictions, inputs, targets = _forward(closed, args, perturbations)
+      outputs, recorded = _forward(closed, args, perturbations)
       value = jax.tree_util.tree_unflatten(out_tree, outputs)
       loss, aux = value if has_aux else (value, None)
-      return (loss, predictions), (aux, inputs, targets)
+      return (loss, recorded.predictions), (aux, recorded._replace(predictions=[]))
 
-    (loss, predictions), pullback, (aux, inputs, targets) = jax.vjp(
+    (loss, predictions), pullback, (aux, recorded) = jax.vjp(
         forward, params, perturbations, has_aux=True)
     zeros = [jnp.zeros_like(p) for p in predictions]
     grads, _ = pullback((jnp.ones_like(loss), zeros))
-    curvature = Curvature(inputs, predictions, targets, jax.tree_util.Partial(
-        _from_predictions, pullback, jnp.zeros_like(loss)))
+    curvature = Curvature(recorded.inputs, predictions, recorded.targets, jax.tree_util.Partial(
+        _from_predictions, pullback, jnp.zeros_like(loss)), recorded.masks, recorded.row_weights)
     return ((loss, aux) if has_aux else loss), grads, curvature
 
   return value_grads_and_curvature

@@ -54,9 +54,12 @@ class LayerInfo:
 
 @dataclasses.dataclass(frozen=True)
 class LossInfo:
-  """A registered loss: its kind (see `tags.LOSS_KINDS`) and per-row weight."""
+  """A registered loss: its kind (see `tags.LOSS_KINDS`), its scalar weight, and whether
+  its tag also holds a mask and per-row weights (operands, see `tags.loss_operands`)."""
   kind: str
   weight: float
+  has_mask: bool = False
+  has_row_weights: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

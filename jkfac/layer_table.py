@@ -125,8 +125,14 @@ def _losses(sites: Sequence[jaxprs.TagSite]) -> tuple[LossInfo, ...]:
   if not loss_sites:
     raise ValueError("No loss is registered in loss_fn: call e.g. "
                      "jkfac.register_softmax_cross_entropy(logits, labels) inside it.")
-  return tuple(LossInfo(site.eqn.params["kind"], site.eqn.params["weight"])
-               for site in loss_sites)
+  return tuple(loss_info(site) for site in loss_sites)
+
+
+def loss_info(site: jaxprs.TagSite) -> LossInfo:
+  """The record of a loss tag."""
+  params = site.eqn.params
+  return LossInfo(params["kind"], params["weight"], params.get("has_mask", False),
+                  params.get("has_row_weights", False))
 
 
 def _owners(layers: Sequence[LayerInfo], param_paths: Sequence[str]) -> dict[int, str]:

@@ -35,27 +35,70 @@ class LayerInputs(NamedTuple):
   uses the symmetry for the rest (about 60% of the products for a 5x5 kernel), and
   adds the bias row from column sums instead of a column of ones. (Column groups are
   not a grouped conv's feature groups: those are a leading axis of every array.)
+
+  `row_weights` `(batch, positions)`, if set, make `covariance` the weighted mean
+  `sum_r w_r a_r a_r^T / sum_r w_r`: with a loss mask, padded rows count for nothing.
+  `rows` ignores them (the output gradients of masked rows are zero already).
   """
   groups: list[Array]   # each (batch, positions, d_i)
   bias: bool
+  row_weights: Array | None = None
 
   def rows(self) -> Array:
     """`a` itself: `(batch, positions, d_in [+1])`."""
     a = self.groups[0] if len(self.groups) == 1 else jnp.concatenate(self.groups, axis=-1)
     return _append_ones(a) if self.bias else a
 
+  def _weights(self, dtype) -> tuple[Array | None, Array | int]:
+    """The flat row weights (None: all 1) and their sum (the rows' count)."""
+    if self.row_weights is None:
+      return None, math.prod(self.groups[0].shape[:-1])
+    w = self.row_weights.reshape(-1).astype(dtype)
+    return w, _total(w)
+
   def covariance(self) -> Array:
-    """The mean of `a a^T` over examples and positions."""
+    """The mean of `a a^T` over examples and positions (weighted by `row_weights`)."""
     flat = [x.reshape(-1, x.shape[-1]) for x in self.groups]
-    count = flat[0].shape[0]
-    products = {(i, j): flat[i].T @ flat[j] for i in range(len(flat)) for j in range(i, len(flat))}
+    w, count = self._weights(flat[0].dtype)
+    weighted = flat if w is None else [w[:, None] * x for x in flat]
+    products = {(i, j): weighted[i].T @ flat[j] for i in range(len(flat))
+                for j in range(i, len(flat))}
     a = jnp.concatenate([jnp.concatenate([products[i, j] if i <= j else products[j, i].T
                                           for j in range(len(flat))], axis=1)
                          for i in range(len(flat))], axis=0)
     if self.bias:
-      sums = jnp.concatenate([x.sum(axis=0) for x in flat])
+      sums = jnp.concatenate([x.sum(axis=0) for x in weighted])
       a = jnp.block([[a, sums[:, None]], [sums[None, :], jnp.full((1, 1), count, a.dtype)]])
     return a / count
+
+  def covariance_diagonal(self) -> Array:
+    """The diagonal of `covariance`, without the products."""
+    a = self.rows()
+    a = a.reshape(-1, a.shape[-1])
+    w, count = self._weights(a.dtype)
+    return (a ** 2 if w is None else w[:, None] * a ** 2).sum(axis=0) / count
+
+
+def _total(weights: Array) -> Array:
+  """The sum of `weights`, or 1 where it is 0 (all rows masked: zero statistics)."""
+  total = jnp.sum(weights)
+  return jnp.where(total > 0, total, jnp.ones_like(total))
+
+
+def covariance_diagonal(a: LayerInputs | Array) -> Array:
+  """The mean of `a ** 2` over examples and positions, from `LayerInputs` or as given."""
+  return (a if isinstance(a, LayerInputs) else LayerInputs([a], bias=False)
+          ).covariance_diagonal()
+
+
+def _weighted_means(inputs: LayerInputs) -> LayerInputs:
+  """Each example's weighted mean input over its positions (K-FAC-reduce with a mask): one
+  position per example, weighted 1 if any of its rows is, else 0."""
+  w = inputs.row_weights
+  totals = w.sum(axis=1, keepdims=True)
+  means = [jnp.einsum("np,npd->nd", w.astype(x.dtype), x)[:, None, :]
+           / jnp.where(totals > 0, totals, 1).astype(x.dtype)[..., None] for x in inputs.groups]
+  return LayerInputs(means, inputs.bias, (totals > 0).astype(w.dtype))
 
 
 def layer_inputs(layer: LayerInfo, x: Array, reduce: bool = False,
@@ -103,14 +146,17 @@ def conv_kernel_size(layer: LayerInfo) -> tuple[int, ...]:
   return tuple(layer.weight_shape[:-2])
 
 
-def embedding_counts(layer: LayerInfo, ids: Array) -> Array:
+def embedding_counts(layer: LayerInfo, ids: Array, weights: Array | None = None) -> Array:
   """The diagonal of the mean one-hot outer product of `ids`: `(vocab,)` id frequencies.
 
   Negative ids wrap as in `jnp.take`; out-of-range ids count nowhere (their lookup
-  gives the table no gradient).
+  gives the table no gradient). With `weights` (one per id), the weighted mean.
   """
   vocab = layer.weight_shape[0]
-  return jnp.zeros(vocab).at[ids.ravel()].add(1.0, mode="drop") / ids.size
+  if weights is None:
+    return jnp.zeros(vocab).at[ids.ravel()].add(1.0, mode="drop") / ids.size
+  w = weights.ravel()
+  return jnp.zeros(vocab, w.dtype).at[ids.ravel()].add(w, mode="drop") / _total(w)
 
 
 def sample_rows(layer: LayerInfo, per_dimension: float, key: Array) -> Array | None:
@@ -212,7 +258,8 @@ def _use_rows(layer: LayerInfo, x: Array, g: Array, reduce: bool,
 
 
 def block_inputs(layer: LayerInfo, xs: list[Array], gs: list[Array], reduce: bool = False,
-                 sample: Array | None = None) -> tuple[LayerInputs | Array, Array]:
+                 sample: Array | None = None, row_weights: Array | None = None
+                 ) -> tuple[LayerInputs | Array, Array]:
   """What a block's `statistics` take, from every use of the layer: `(inputs, rows)`.
 
   `xs[u]` `(R_u, batch, ...)` and `gs[u]` `(columns, R_u, batch, ...)` are use u's
@@ -220,12 +267,16 @@ def block_inputs(layer: LayerInfo, xs: list[Array], gs: list[Array], reduce: boo
   adds positions ("kron_indep": A averages over them, G sums); with `reduce`, the
   inputs are averaged and the gradients summed over all of them. An embedding's
   inputs are its id counts; a tied embedding's are `tied_inputs`. `sample` (see
-  `layer_inputs`) is for a single use.
+  `layer_inputs`) is for a single use. `row_weights` (a loss mask; not for a conv
+  layer) weigh the rows of every use and repeat, shape `(batch, ...)`: each step's input
+  rows, its shape without the feature axes.
   """
   if layer.kind == "tied_embedding":
-    return tied_inputs(layer, xs, gs)
+    return tied_inputs(layer, xs, gs, row_weights)
   if sample is not None and (len(xs) > 1 or xs[0].shape[0] > 1):
     raise ValueError(f"Layer {layer.name!r}: patch sampling needs a layer of one use.")
+  if row_weights is not None:
+    return _weighted_block_inputs(layer, xs, gs, reduce, row_weights)
   lead = int(feature_groups(layer) > 1)  # a grouped conv's group axis
   uses = [_use_rows(layer, x, g, reduce, sample) for x, g in zip(xs, gs)]
   rows = (uses[0][1] if len(uses) == 1
@@ -244,7 +295,31 @@ def block_inputs(layer: LayerInfo, xs: list[Array], gs: list[Array], reduce: boo
   return LayerInputs(parts, uses[0][0].bias), rows
 
 
-def tied_inputs(layer: LayerInfo, xs: list[Array], gs: list[Array]
+def _weighted_block_inputs(layer: LayerInfo, xs: list[Array], gs: list[Array], reduce: bool,
+                           row_weights: Array) -> tuple[LayerInputs | Array, Array]:
+  """`block_inputs` with `row_weights` on the input rows of every use and repeat."""
+  uses = [_use_rows(layer, x, g, False, None) for x, g in zip(xs, gs)]
+  rows = uses[0][1] if len(uses) == 1 else jnp.concatenate([r for _, r in uses], axis=2)
+  if layer.kind == "embedding":
+    weights = jnp.concatenate([_repeated(row_weights, x.shape[0]).ravel() for x in xs])
+    return embedding_counts(layer, jnp.concatenate([ids for ids, _ in uses]), weights), rows
+  per_example = row_weights.reshape(row_weights.shape[0], -1)   # (batch, positions)
+  weights = jnp.concatenate([jnp.moveaxis(_repeated(per_example, x.shape[0]), 0, 1).reshape(
+      per_example.shape[0], -1) for x in xs], axis=1)           # positions: (use, repeat, t)
+  parts = [jnp.concatenate(part, axis=1) for part in zip(*(u.groups for u, _ in uses))]
+  inputs = LayerInputs(parts, uses[0][0].bias, weights)
+  if reduce:
+    return _weighted_means(inputs), rows.sum(axis=2, keepdims=True)
+  return inputs, rows
+
+
+def _repeated(row_weights: Array, repeats: int) -> Array:
+  """`row_weights` for every scan repeat of a use: `(repeats, *row_weights.shape)`."""
+  return jnp.broadcast_to(row_weights, (repeats,) + row_weights.shape)
+
+
+def tied_inputs(layer: LayerInfo, xs: list[Array], gs: list[Array],
+                row_weights: Array | None = None
                 ) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
   """A tied embedding's `((counts, x), (g1, g2))` from every use (see `block_inputs`).
 
@@ -252,16 +327,23 @@ def tied_inputs(layer: LayerInfo, xs: list[Array], gs: list[Array]
   `x` `(rows, d)` the projections' inputs at every position, `g1` `(rows, d)` the
   lookups' and `g2` `(rows, vocab)` the projections' output gradients at every column,
   position and scan step (their factors are sums over rows, so the layout is free).
+  With `row_weights`, the counts are weighted and each row of `x` is scaled by
+  `sqrt(w_r * rows / sum_r w_r)`, so that the block's `x^T x / rows` is the weighted mean.
   """
   vocab, d = layer.weight_shape
   roles = layer.roles
   lookups = [(x, g) for role, x, g in zip(roles, xs, gs) if role == "embedding"]
   projections = [(x, g) for role, x, g in zip(roles, xs, gs) if role != "embedding"]
   dtype = projections[0][1].dtype
-  counts = (embedding_counts(layer, jnp.concatenate([x.ravel() for x, _ in lookups]))
-            if lookups else jnp.zeros((vocab,), dtype))
+  weights = lambda uses: (None if row_weights is None else jnp.concatenate(
+      [_repeated(row_weights, x.shape[0]).ravel() for x, _ in uses]))
+  counts = (embedding_counts(layer, jnp.concatenate([x.ravel() for x, _ in lookups]),
+                             weights(lookups)) if lookups else jnp.zeros((vocab,), dtype))
   g1 = jnp.concatenate([jnp.zeros((0, d), dtype), *(g.reshape(-1, d) for _, g in lookups)])
   x = jnp.concatenate([x.reshape(-1, d) for x, _ in projections])
+  if row_weights is not None:
+    w = weights(projections).astype(x.dtype)
+    x = x * jnp.sqrt(w * x.shape[0] / _total(w))[:, None]
   g2 = jnp.concatenate([g.reshape(-1, vocab) for _, g in projections])
   return (counts, x), (g1, g2)
 

@@ -2,12 +2,13 @@
 
 A registered loss is the negative log-likelihood of a distribution over the last axis
 of its prediction; every other axis indexes rows (axis 0 is the batch, so `(N,)` is N
-examples with one output each), and the user's loss is the mean over rows. For each
-loss, `cotangents` returns a stack `c` of shape `(columns, *prediction.shape)` with
-`E[sum_k c_k c_k^T] = weight/rows * F_r` per row: "fisher" samples targets from the
-model, "empirical" uses the true ones, "exact" backpropagates the columns of a square
-root of `F_r`, one row at a time (so rows of an example that interact add no cross
-terms). docs/architecture.md has the derivation.
+examples with one output each), and the user's loss is `sum_r s_r NLL_r`, with the
+row factors `s_r` of `row_scales`: `weight / rows` (the mean over rows), or with per-row
+weights and a mask, `weight_r * mask_r / sum(mask)`. For each loss, `cotangents` returns
+a stack `c` of shape `(columns, *prediction.shape)` with `E[sum_k c_k c_k^T] = s_r F_r`
+per row: "fisher" samples targets from the model, "empirical" uses the true ones,
+"exact" backpropagates the columns of a square root of `F_r`, one row at a time (so rows
+of an example that interact add no cross terms). docs/architecture.md has the derivation.
 """
 
 from __future__ import annotations
@@ -17,13 +18,47 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jkfac import tags
+
 Array = jax.Array
 
 ESTIMATIONS = ("fisher", "empirical", "exact")
 
 
-def _rows(prediction: Array) -> int:
-  return math.prod(prediction.shape[:-1])
+def row_scales(prediction: Array, weight: float, mask: Array | None = None,
+               row_weights: Array | None = None) -> float | Array:
+  """The factor `s_r` of every row in the registered loss `sum_r s_r NLL_r`.
+
+  `weight * row_weights_r * mask_r / sum(mask)`, or `/ rows` without a mask (a mask that
+  is zero everywhere gives zeros); the float `weight / rows` without either.
+  """
+  rows = tags.row_shape(prediction)
+  if mask is None and row_weights is None:
+    return weight / math.prod(rows)
+  dtype = jnp.promote_types(prediction.dtype, jnp.float32)
+  scale = weight * (jnp.ones(rows, dtype) if row_weights is None else row_weights.astype(dtype))
+  if mask is None:
+    return jax.lax.stop_gradient(scale / math.prod(rows))
+  mask = mask.astype(dtype)
+  total = jnp.sum(mask)
+  return jax.lax.stop_gradient(scale * mask / jnp.where(total > 0, total, 1))
+
+
+def nll(kind: str, prediction: Array, targets: Array) -> Array:
+  """The negative log-likelihood of every row (in float32 or wider): shape `row_shape`."""
+  if prediction.ndim == 1:
+    return nll(kind, prediction[:, None], targets[:, None])
+  prediction = prediction.astype(jnp.promote_types(prediction.dtype, jnp.float32))
+  if kind == "softmax_cross_entropy":
+    log_p = jax.nn.log_softmax(prediction)
+    return -jnp.sum(_one_hot(targets, prediction) * log_p, axis=-1)
+  t = targets.astype(prediction.dtype)
+  if kind == "sigmoid_cross_entropy":
+    return -jnp.sum(t * jax.nn.log_sigmoid(prediction) + (1 - t) * jax.nn.log_sigmoid(-prediction),
+                    axis=-1)
+  if kind == "squared_error":
+    return 0.5 * jnp.sum((prediction - t) ** 2, axis=-1)
+  raise ValueError(f"Unknown loss kind {kind!r}.")
 
 
 def _one_hot(targets: Array, prediction: Array) -> Array:
@@ -80,11 +115,12 @@ def _one_row_each(cols: Array) -> Array:
   return spread.reshape((num_rows * cols.shape[0],) + cols.shape[1:])
 
 
-def cotangents(kind: str, prediction: Array, targets: Array, weight: float,
+def cotangents(kind: str, prediction: Array, targets: Array, scale: float | Array,
                estimation: str, key: Array) -> Array:
-  """The stacked cotangents of one loss, shape `(num_columns, *prediction.shape)`."""
+  """The stacked cotangents of one loss, shape `(num_columns, *prediction.shape)`; `scale`
+  is the loss's `row_scales` (rows of zero scale, masked ones, get zero columns)."""
   if prediction.ndim == 1:  # N examples with one output each
-    cols = cotangents(kind, prediction[:, None], targets[:, None], weight, estimation, key)
+    cols = cotangents(kind, prediction[:, None], targets[:, None], scale, estimation, key)
     return cols[..., 0]
   prediction = jax.lax.stop_gradient(prediction)
   if estimation == "fisher":
@@ -97,4 +133,6 @@ def cotangents(kind: str, prediction: Array, targets: Array, weight: float,
       cols = _one_row_each(cols)
   else:
     raise ValueError(f"Unknown estimation {estimation!r}; expected one of {ESTIMATIONS}.")
-  return cols * jnp.sqrt(weight / _rows(prediction)).astype(prediction.dtype)
+  if jnp.ndim(scale) == 0:
+    return cols * jnp.sqrt(scale).astype(prediction.dtype)
+  return cols * jnp.sqrt(scale).astype(prediction.dtype)[..., None]

@@ -7,6 +7,7 @@ and output gradients into its block's statistics (e.g. `A` and `G` for "kron").
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -30,22 +31,28 @@ class LayerStatistics(NamedTuple):
                 axis of estimator columns: `(columns, *scan lengths, *output_shape)`;
                 for a generic parameter, one array at the parameter itself:
                 `(columns, *param_shape)`.
+  row_weights:  the mask of the input rows (see `input_masks`), or None.
   """
   inputs: tuple[Array, ...]
   output_grads: tuple[Array, ...]
+  row_weights: Array | None = None
 
 
 def layer_statistics(trace: Trace, curvature: interpreter.Curvature, key: Array,
                      estimation: str) -> dict[str, LayerStatistics]:
-  """Per-layer inputs and output gradients of the estimated Fisher."""
+  """Per-layer inputs and output gradients of the estimated Fisher, and the masks of the
+  input rows (`input_masks`)."""
   num_tags = trace.num_tags
   if len(curvature.inputs) != num_tags:
     raise ValueError(f"The curvature has {len(curvature.inputs)} layer tags but the transform "
                      f"traced {num_tags}: use the same auto_register setting in "
                      "jkfac.value_and_grad and the transform.")
   sign_key, *keys = jax.random.split(key, len(curvature.predictions) + 1)
-  cotangents = [losses.cotangents(info.kind, p, t, info.weight, estimation, k) for info, p, t, k
-                in zip(trace.losses, curvature.predictions, curvature.targets, keys)]
+  masks, row_weights = _per_loss(curvature.masks, trace), _per_loss(curvature.row_weights, trace)
+  cotangents = [losses.cotangents(info.kind, p, t, losses.row_scales(p, info.weight, m, w),
+                                  estimation, k)
+                for info, p, t, m, w, k in zip(trace.losses, curvature.predictions,
+                                               curvature.targets, masks, row_weights, keys)]
   if trace.generic and estimation != "fisher":
     cotangents = _random_example_signs(cotangents, sign_key)
   if len(cotangents) > 1 and any(c.shape[0] > 1 for c in cotangents):
@@ -58,8 +65,10 @@ def layer_statistics(trace: Trace, curvature: interpreter.Curvature, key: Array,
   else:
     param_grads, output_grads = jax.vmap(curvature.pullback)(cotangents)
   param_grads = jax.tree_util.tree_leaves(param_grads)
+  input_weights = input_masks(trace, curvature)
   found = {layer.name: LayerStatistics(tuple(curvature.inputs[i] for i in layer.tags),
-                                       tuple(output_grads[i] for i in layer.tags))
+                                       tuple(output_grads[i] for i in layer.tags),
+                                       input_weights.get(layer.name))
            for layer in trace.layers}
   found.update({layer.name: LayerStatistics((), (param_grads[layer.weight],))
                 for layer in trace.generic})
@@ -108,11 +117,53 @@ def block_statistics(layer: LayerInfo, statistics: LayerStatistics,
 
   def one_layer(xs, gs, *basis):
     return layer_block.statistics(*layers.block_inputs(
-        layer, xs, gs, layer_block.reduce_positions, sample), *basis)
+        layer, xs, gs, layer_block.reduce_positions, sample, statistics.row_weights),
+        *basis)
 
   if layer.stack:  # independent layers: one block each
     return jax.vmap(one_layer, in_axes=(0, 1) + (0,) * len(basis))(xs, gs, *basis)
   return one_layer([x[0] for x in xs], [g[:, 0] for g in gs], *basis)
+
+
+def _per_loss(values, trace: Trace) -> list:
+  """A `Curvature`'s masks or row weights, one per loss (None for a curvature without)."""
+  return list(values) if len(values) else [None] * len(trace.losses)
+
+
+def _input_rows(layer: LayerInfo, role: str, step_shape: tuple[int, ...]
+                ) -> tuple[int, ...] | None:
+  """The rows of one use's per-step input: its shape without the feature axes (None for a
+  conv, whose patches are no loss's rows)."""
+  if role in tags.CONV_KINDS:
+    return None
+  if role == "embedding":  # integer ids: every entry is a row
+    return step_shape
+  return step_shape[:len(step_shape) - (layer.in_axes if role == "dense" else 1)]
+
+
+def input_masks(trace: Trace, curvature: interpreter.Curvature) -> dict[str, Array]:
+  """Per layer name, the mask of its input rows, for the layers whose rows line up with
+  masked losses' rows.
+
+  A layer lines up with a loss when the per-step input of every use has the loss's rows
+  (the input's shape without its feature axes equals `prediction.shape[:-1]`), e.g. a
+  dense layer on `(N, T, d)` inputs under `(N, T, C)` logits. A row counts if a lining-up
+  loss counts it: the mask is the elementwise maximum of their masks, and a lining-up
+  loss without a mask means no mask. Layers that line up with no loss (convs, layers
+  inside a scan over time) keep every row. Output gradients need no mask: the
+  cotangents of masked rows are zero.
+  """
+  masks = _per_loss(curvature.masks, trace)
+  found = {}
+  for layer in trace.layers:
+    rows = {_input_rows(layer, role, tuple(curvature.inputs[i].shape[len(scans):]))
+            for i, role, scans in zip(layer.tags, layer.roles or (layer.kind,) * len(layer.tags),
+                                      layer.scans)}
+    lined_up = [m for p, m in zip(curvature.predictions, masks)
+                if rows == {tags.row_shape(p)}]
+    if lined_up and all(m is not None for m in lined_up):
+      found[layer.name] = functools.reduce(jnp.maximum, lined_up)
+  return found
 
 
 def _random_example_signs(cotangents: list[Array], key: Array) -> list[Array]:

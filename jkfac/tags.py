@@ -6,7 +6,8 @@ visible as an equation in `jax.make_jaxpr`, together with the arrays K-FAC needs
 tags and the interpreter reads those operands.
 
 Two primitives serve every layer and loss kind; what is tagged is said by the
-`kind` parameter, plus hashable metadata (`approx`, conv settings, loss weight).
+`kind` parameter, plus hashable metadata (`approx`, conv settings, loss weight). A
+loss's mask and per-row weights are operands: they are traced values.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
@@ -277,52 +279,112 @@ class ConvParams(tuple):
   feature_group_count = property(lambda self: self[4])
 
 
-def _register_loss(kind: str, prediction: Array, targets: Array, weight: float) -> Array:
+def row_shape(prediction: Array) -> tuple[int, ...]:
+  """The rows of a registered prediction: every axis but the last; `(N,)` is N rows."""
+  return tuple(prediction.shape if prediction.ndim == 1 else prediction.shape[:-1])
+
+
+def _row_array(kind: str, name: str, values, prediction: Array) -> Array:
+  """`values` (a mask or per-row weights) checked to be one non-negative number per row,
+  as floats (at least float32, so that their sums stay exact)."""
+  rows = row_shape(prediction)
+  concrete = not isinstance(values, jax.core.Tracer)
+  values = jnp.asarray(values)
+  if name == "weight" and values.ndim == 0:  # a traced scalar weight: the same for every row
+    values = jnp.broadcast_to(values, rows)
+  if tuple(values.shape) != rows:
+    raise ValueError(f"{kind} loss: {name} of shape {values.shape} must have one entry per "
+                     f"row, shape {rows} (the prediction {prediction.shape} without its last "
+                     "axis).")
+  if not (jnp.issubdtype(values.dtype, jnp.number) or values.dtype == jnp.bool_):
+    raise ValueError(f"{kind} loss: {name} must be numbers or booleans, got {values.dtype}.")
+  if concrete and bool(np.any(np.asarray(values) < 0)):  # traced values are not checked
+    raise ValueError(f"{kind} loss: {name} must be non-negative, got {values}.")
+  dtype = (jnp.promote_types(prediction.dtype, jnp.float32)
+           if jnp.issubdtype(prediction.dtype, jnp.floating) else jnp.float32)
+  return values.astype(dtype)
+
+
+def _register_loss(kind: str, prediction: Array, targets: Array, weight: float | Array,
+                   mask: Array | None) -> Array:
+  """Checks and tags a loss; a scalar `weight` is a tag parameter, per-row weights and the
+  mask are operands (traced values): `(prediction, targets, [mask], [row weights])`."""
   if prediction.ndim == 0:
     raise ValueError(f"{kind} loss: the prediction must have a batch axis (axis 0), got a "
                      "scalar.")
   if targets.shape != prediction.shape and targets.shape != prediction.shape[:-1]:
     raise ValueError(f"{kind} loss: targets of shape {targets.shape} match neither the "
                      f"prediction shape {prediction.shape} nor its leading dimensions.")
-  if not weight > 0:
-    raise ValueError(f"{kind} loss: weight must be positive, got {weight}.")
-  return loss_tag_p.bind(prediction, targets, kind=kind, weight=float(weight))
+  row_weights = None
+  if jnp.ndim(weight) == 0 and not isinstance(weight, jax.core.Tracer):
+    if not weight > 0:
+      raise ValueError(f"{kind} loss: weight must be positive, got {weight}.")
+    weight = float(weight)
+  else:
+    row_weights, weight = _row_array(kind, "weight", weight, prediction), 1.0
+  if mask is not None:
+    mask = _row_array(kind, "mask", mask, prediction)
+  extra = [a for a in (mask, row_weights) if a is not None]
+  return loss_tag_p.bind(prediction, targets, *extra, kind=kind, weight=weight,
+                         has_mask=mask is not None, has_row_weights=row_weights is not None)
 
 
-def register_softmax_cross_entropy(logits: Array, labels: Array, *, weight: float = 1.0) -> Array:
+def loss_operands(params: dict, operands: Sequence) -> tuple:
+  """`(mask, row_weights)` of a loss tag's operands, each None where absent."""
+  extra = iter(operands[2:])
+  mask = next(extra) if params.get("has_mask", False) else None
+  row_weights = next(extra) if params.get("has_row_weights", False) else None
+  return mask, row_weights
+
+
+def register_softmax_cross_entropy(logits: Array, labels: Array, *,
+                                   weight: float | Array = 1.0,
+                                   mask: Array | None = None) -> Array:
   """Registers softmax cross-entropy on `logits` (integer or one-hot `labels`).
 
   `logits` are `(batch, ..., classes)`; every axis before the last is a row (for
-  `(N, T, C)` sequence logits, N*T tokens). The per-row loss is `weight * CE`; the
-  user's loss must be its mean over all rows. Returns `logits` unchanged.
+  `(N, T, C)` sequence logits, N*T tokens). The user's loss must be the mean over all
+  rows of `weight * CE` (not a per-sequence sum); with `mask` (bool or 0/1, one entry
+  per row: shape `logits.shape[:-1]`), `sum_r mask_r * weight_r * CE_r / sum_r mask_r`.
+  `weight` is a positive float, or non-negative per-row weights of the mask's shape.
+  Masked rows count for nothing, also in the input factors of layers whose inputs have
+  these rows (see docs/sequence_models.md). Returns `logits` unchanged.
   """
   if logits.ndim < 2:
     raise ValueError(f"softmax_cross_entropy loss: logits need a batch and a class axis, got "
                      f"shape {logits.shape}.")
-  return _register_loss("softmax_cross_entropy", logits, labels, weight)
+  return _register_loss("softmax_cross_entropy", logits, labels, weight, mask)
 
 
-def register_sigmoid_cross_entropy(logits: Array, targets: Array, *, weight: float = 1.0) -> Array:
+def register_sigmoid_cross_entropy(logits: Array, targets: Array, *,
+                                   weight: float | Array = 1.0,
+                                   mask: Array | None = None) -> Array:
   """Registers sigmoid cross-entropy (independent Bernoulli outputs); returns `logits`.
 
   Axis 0 is the batch: `(N,)` logits are N examples with one output each, as `(N, 1)`.
+  A row's loss is the sum of its outputs' cross-entropies; the user's loss must be the
+  mean over rows of `weight * row loss` (masked: `sum_r mask_r weight_r loss_r / sum_r
+  mask_r`), with `weight` and `mask` as in `register_softmax_cross_entropy`.
   """
   if targets.shape != logits.shape:
     raise ValueError(f"sigmoid_cross_entropy loss: targets {targets.shape} must have the "
                      f"logits' shape {logits.shape}.")
-  return _register_loss("sigmoid_cross_entropy", logits, targets, weight)
+  return _register_loss("sigmoid_cross_entropy", logits, targets, weight, mask)
 
 
-def register_squared_error(prediction: Array, targets: Array, *, weight: float = 1.0) -> Array:
+def register_squared_error(prediction: Array, targets: Array, *,
+                           weight: float | Array = 1.0,
+                           mask: Array | None = None) -> Array:
   """Registers `weight * 0.5 * ||prediction - targets||^2` per row; returns `prediction`.
 
   Axis 0 is the batch: a `(N,)` prediction is N examples with one output each, as
-  `(N, 1)`; the user's loss must be the mean over rows.
+  `(N, 1)`; the user's loss must be the mean over rows (masked: `sum_r mask_r weight_r
+  loss_r / sum_r mask_r`), with `weight` and `mask` as in `register_softmax_cross_entropy`.
   """
   if targets.shape != prediction.shape:
     raise ValueError(f"squared_error loss: targets {targets.shape} must have the prediction's "
                      f"shape {prediction.shape}.")
-  return _register_loss("squared_error", prediction, targets, weight)
+  return _register_loss("squared_error", prediction, targets, weight, mask)
 
 
 # tensorflow/kfac's names.

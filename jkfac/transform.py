@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from jkfac import blocks, interpreter, layer_table, layers, linalg, losses, masking, parallel
+from jkfac import loss_check
 from jkfac import statistics as layer_stats
 from jkfac.blocks import Block, StackedBlock
 from jkfac.layer_info import LayerInfo, Trace
@@ -157,6 +158,7 @@ class PreconditionConfig:
       _check(self.axis_name in self.mesh.axis_names,
              f"With mesh=, axis_name must name one of its axes {self.mesh.axis_names}; got "
              f"{self.axis_name!r}.")
+    object.__setattr__(self, "_concrete_batch", self.example_batch)  # for the loss check
     object.__setattr__(self, "example_batch", _abstract(self.example_batch))
     if self.example_params is not None:
       object.__setattr__(self, "example_params", _abstract(self.example_params))
@@ -195,6 +197,7 @@ def init_state(config: PreconditionConfig, params: PyTree) -> PreconditionState:
   else:
     trace = config.trace(_abstract(params), config.example_batch)
   layer_table.check_coverage(trace, config.strict)
+  loss_check.check_if_concrete(config.loss_fn, params, config._concrete_batch, config.strict)
   dtype = state_dtype(params)
   statistics = {layer.name: jax.tree_util.tree_map(
                     lambda z: z.astype(dtype),
@@ -474,7 +477,9 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       parameters outside the mask are left to the other transformations.
     strict: raise `ValueError` in `init`, instead of a `GenericBlockWarning`, when a
       parameter with two or more dimensions gets a generic diagonal block because no
-      recognised layer uses it.
+      recognised layer uses it, and instead of a `LossScaleWarning` when `loss_fn`'s value
+      is far from its registered losses' (see `jkfac.check_loss_scale`; checked when
+      `init` gets concrete parameters and `example_batch` holds values).
 
   Returns:
     An optax transformation: `update(grads, state, params, batch=batch)`, optionally

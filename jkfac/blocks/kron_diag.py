@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from jkfac import layers
 from jkfac.blocks import kron
-from jkfac.blocks.base import Arrays, Array, Block, covariance, rows
+from jkfac.blocks.base import Arrays, Array, Block, covariance
 from jkfac.layers import LayerInputs
 
 
@@ -23,8 +24,8 @@ def zeros_in_diag(d_in: int, d_out: int) -> Arrays:
 
 
 def statistics_in_diag(a: LayerInputs | Array, g: Array) -> Arrays:
-  a, g = _flat(rows(a)), _flat(g)
-  return {"A": jnp.mean(a ** 2, axis=0), "G": g.T @ g}
+  g = _flat(g)
+  return {"A": layers.covariance_diagonal(a), "G": g.T @ g}
 
 
 def precondition_in_diag(inverses: Arrays, gradient: Array) -> Array:
