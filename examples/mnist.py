@@ -303,13 +303,15 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
   kfac = parser.add_argument_group("K-FAC")
   kfac.add_argument("--learning-rate", type=float, default=5e-4, help="(default: 5e-4)")
   kfac.add_argument("--damping", type=float, default=1e-3,
-                    help="Tikhonov damping; keep --learning-rate at most about --damping, "
-                         "there is no KL clipping yet (default: 1e-3)")
+                    help="Tikhonov damping; keep --learning-rate at most about --damping "
+                         "(default: 1e-3)")
   kfac.add_argument("--momentum", type=float, default=0.9, help="(default: 0.9)")
-  kfac.add_argument("--cov-update-every", type=int, default=1,
-                    help="update the curvature statistics every this many steps (default: 1)")
-  kfac.add_argument("--invert-every", type=int, default=10,
-                    help="recompute the inverses every this many steps (default: 10)")
+  kfac.add_argument("--cov-update-every", type=int, default=10,
+                    help="update the curvature statistics every this many steps (default: 10,"
+                         " jkfac.kfac's)")
+  kfac.add_argument("--invert-every", type=int, default=100,
+                    help="recompute the inverses every this many steps (default: 100, "
+                         "jkfac.kfac's)")
   adam = parser.add_argument_group("Adam")
   adam.add_argument("--adam-learning-rate", type=float, default=3e-3, help="(default: 3e-3)")
   devices = parser.add_argument_group(

@@ -64,6 +64,13 @@ MIN_DAMPING = 1e-8
 # far below 1e-4 the steps fit single batches (MNIST MLP, batch 128: the training loss
 # rose from 0.04 to 0.14 over 50 steps at λ = 1e-6 and ended at 0.035 with this floor).
 DEFAULT_MIN_DAMPING = 1e-4
+# `kfac`'s default cadences `(cov_update_every, invert_every)`: those that reached the
+# target loss in the fewest seconds in benchmarks/convergence.py (seed convnet and MLP
+# on MNIST, this project's CPU; README "Performance"). A fixed-learning-rate step is
+# cheap enough to amortise statistics and inverses over many steps; an adaptive one
+# adapts the damping every 5 steps, which reaches the preconditioner at inverse updates.
+DEFAULT_CADENCE = (10, 100)
+DEFAULT_ADAPTIVE_CADENCE = (5, 50)
 
 
 def _is_number(value: Any) -> bool:
@@ -518,8 +525,8 @@ def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
          momentum: ScalarOrSchedule | None = 0.9,
          momentum_type: str = "regular",
          cov_ema_decay: float = 0.95,
-         cov_update_every: int = 1,
-         invert_every: int = 10,
+         cov_update_every: int | None = None,
+         invert_every: int | None = None,
          estimation: str = "fisher",
          inverse_method: str = "cholesky",
          approximations: Mapping[str, str] | None = None,
@@ -545,7 +552,10 @@ def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
   With `momentum_type="regular"` the momentum buffer accumulates preconditioned
   gradients; with "adam" (tensorflow/kfac's default) it accumulates raw gradients,
   which are then preconditioned (`v <- momentum v + g`, step `F^-1 v`). The other
-  arguments up to `strict` are `jkfac.precondition`'s. Use as any optax optimizer,
+  arguments up to `strict` are `jkfac.precondition`'s, but `cov_update_every` and
+  `invert_every` default to the cadences measured fastest in seconds: statistics every 10
+  steps and inverses every 100 (`DEFAULT_CADENCE`), or every 5 and 50 for adaptive K-FAC
+  (`DEFAULT_ADAPTIVE_CADENCE`). Use as any optax optimizer,
   passing the batch: `tx.update(grads, opt_state, params, batch=batch)`. With
   `optax.inject_hyperparams`, pass `static_args=("loss_fn", "example_batch")`.
 
@@ -587,6 +597,9 @@ def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
   is_adaptive = (adapt_damping is not False or momentum_type in adaptive.QMODEL_TYPES
                  or any(v is not None for v in (norm_constraint, l2_reg, l2_reg_exclude,
                                                 num_burnin_steps)))
+  default_cov, default_invert = DEFAULT_ADAPTIVE_CADENCE if is_adaptive else DEFAULT_CADENCE
+  cov_update_every = default_cov if cov_update_every is None else cov_update_every
+  invert_every = default_invert if invert_every is None else invert_every
   config = None
   if is_adaptive:
     config = adaptive.AdaptiveConfig(

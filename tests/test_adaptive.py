@@ -118,7 +118,7 @@ def jitted_step(tx, loss_fn):
 @pytest.mark.parametrize("l2_reg", [None, 0.3], ids=["no_l2", "l2_except_bias"])
 def test_qmodel_solves_the_2x2_system_and_rho_is_one(l2_reg):
   extra = {} if l2_reg is None else dict(l2_reg=l2_reg, l2_reg_exclude=("b",))
-  settings = dict(estimation="exact", invert_every=1)
+  settings = dict(estimation="exact", cov_update_every=1, invert_every=1)
   tx = jkfac.kfac(linear_loss, linear_batch(), momentum_type="qmodel", damping=0.05,
                   adapt_damping=True, damping_adaptation_interval=1, **settings, **extra)
   pre = jkfac.precondition(linear_loss, linear_batch(), damping=1.0, **settings)
@@ -304,7 +304,8 @@ def _pmap_check() -> None:
 def test_norm_constraint_bounds_the_step():
   """`lr² gᵀΔ` of the scaled Δ is C: the scale is `sqrt(C / (lr² gᵀΔ))`, with Δ from
   `jkfac.precondition`; a constraint that does not bind changes nothing."""
-  kw = dict(damping=1e-2, momentum=None, estimation="exact")
+  kw = dict(damping=1e-2, momentum=None, estimation="exact", cov_update_every=1,
+            invert_every=10)
   params, batch = mlp_params(), mlp_batch()
   grads = jax.grad(mlp_loss)(params, batch)
   pre = jkfac.precondition(mlp_loss, batch, damping=1e-2, estimation="exact")

@@ -84,7 +84,8 @@ def with_skip_counter(opt_state, value):
 
 
 def kfac(**kwargs):
-  kwargs = {"learning_rate": 0.1, "damping": 1e-2, "invert_every": 2, **kwargs}
+  kwargs = {"learning_rate": 0.1, "damping": 1e-2, "cov_update_every": 1, "invert_every": 2,
+            **kwargs}
   return jkfac.kfac(classifier_loss, make_batch(), **kwargs)
 
 

@@ -139,7 +139,8 @@ def test_stacked_layers_train_and_describe():
   rows = {p.path: (p.kind, p.approx, p.factors) for p in
           jkfac.describe(loss_fn, params, batch).parameters}
   assert rows["ScanCheckpoint_ScanBlock_0/Dense_0/kernel"] == ("dense", "kron", "A 3x5x5, G 3x4x4")
-  tx = jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-2, invert_every=2)
+  tx = jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-2, cov_update_every=1,
+                  invert_every=2)
   losses, params, state = _nets.train_losses(loss_fn, tx, params, batch, steps=6)
   assert losses[-1] < losses[0]
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves((params, state)))
