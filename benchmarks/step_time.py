@@ -3,9 +3,11 @@
     python benchmarks/step_time.py [--model convnet|mlp|both] [--rounds 3] [--data-dir DIR]
 
 For each model (the seed convnet and an MLP 784-512-256-10, batch 128) it times
-Adam and K-FAC with statistics every step / inverses every 10 steps, and
-statistics every 10 / inverses every 100, each with the plain `tx.update` (its own
-forward pass for the statistics) and with the fused `jkfac.value_and_grad` path.
+Adam and K-FAC with statistics every step / inverses every 10 steps, and statistics
+every 10 / inverses every 100 (`jkfac.kfac`'s default), each with the plain `tx.update`
+(its own forward pass for the statistics) and with the fused `jkfac.value_and_grad`
+path, and untuned adaptive K-FAC at its default cadence (statistics every 5 / inverses
+every 50).
 Every configuration is timed over whole inverse periods of real training steps
 (parameters updated, at learning rates that stay finite), cycling over the same
 batches of real digits (`--data-dir`, the first 8,000 test images; random images
@@ -102,6 +104,8 @@ def configurations(loss_fn, batch):
       "kfac cov 1 / inv 10, fused": (kfac(1, 10), True, 10),
       "kfac cov 10 / inv 100": (kfac(10, 100), False, 100),
       "kfac cov 10 / inv 100, fused": (kfac(10, 100), True, 100),
+      "kfac adaptive (cov 5 / inv 50)": (jkfac.kfac(loss_fn, batch, momentum_type="qmodel",
+                                                    adapt_damping=True), False, 50),
   }
 
 

@@ -381,6 +381,18 @@ def test_damped_inverse(method, rank):
                 np.linalg.inv(matrix + damping * np.eye(5)), rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("n", [1, 7, 64, 65, 130, 201])
+def test_lower_triangular_inverse_by_halves(n):
+  # Sizes at, around and past the leaf size (64), odd splits included; float64.
+  rng = np.random.default_rng(n)
+  lower = np.tril(rng.standard_normal((n, n))) + 3 * np.eye(n)
+  with jax.enable_x64(True):
+    got = linalg.lower_triangular_inverse(jnp.asarray(lower))
+    expected = np.linalg.inv(lower)  # its upper triangle is round-off, ~1e-12
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-10 * np.abs(expected).max())
+    assert np.all(np.triu(np.asarray(got), 1) == 0)
+
+
 def test_damped_inverse_eigh_clips_negative_eigenvalues():
   rng = np.random.default_rng(1)
   q, _ = np.linalg.qr(rng.standard_normal((4, 4)))
