@@ -1,0 +1,85 @@
+"""Where a K-FAC step's time goes: its periodic work switched on one part at a time.
+
+    python benchmarks/step_breakdown.py [--model mlp|convnet] [--rounds 5]
+
+In one process, real training steps of the model of `benchmarks/step_time.py` at a
+learning rate that stays finite: Adam; K-FAC preconditioning only (statistics and
+inverses once, at step 0); statistics every step without new inverses (plain and
+fused); statistics every step and inverses every 10. Differences between rows are the
+cost of each part; medians over interleaved rounds of 20 steps (a whole inverse period).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see benchmarks/convergence.py
+
+import jax  # noqa: E402
+import optax  # noqa: E402
+
+_HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE.parent / "examples"))
+sys.path.insert(0, str(_HERE))
+import jkfac  # noqa: E402
+from mnist import ConvNet  # noqa: E402
+from step_time import MLP, finite, load_batches, make_loss, make_step  # noqa: E402
+
+NEVER = 2 ** 30  # a period no run reaches: the work happens at step 0 only
+STEPS = 20
+
+
+def configurations(loss_fn, batch):
+  kfac = lambda cov, inv: jkfac.kfac(loss_fn, batch, learning_rate=5e-4, damping=1e-3,
+                                     cov_update_every=cov, invert_every=inv)
+  return {
+      "adam": (optax.adam(1e-3), False),
+      "kfac: preconditioning only": (kfac(NEVER, NEVER), False),
+      "kfac: + statistics every step": (kfac(1, NEVER), False),
+      "kfac: + statistics every step, fused": (kfac(1, NEVER), True),
+      "kfac: + inverses every 10": (kfac(1, 10), False),
+  }
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", choices=("mlp", "convnet"), default="mlp")
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--data-dir", default=str(_HERE.parents[1] / "shared" / "data" / "mnist"))
+  args = parser.parse_args(argv)
+  batches = load_batches(args.data_dir)
+  model = MLP() if args.model == "mlp" else ConvNet()
+  params = model.init(jax.random.PRNGKey(0), batches[0]["image"])["params"]
+  loss_fn = make_loss(model)
+  runs = {}
+  for label, (tx, fused) in configurations(loss_fn, batches[0]).items():
+    step = make_step(loss_fn, tx, fused)
+    p, s, loss = step(params, tx.init(params), batches[0])
+    jax.block_until_ready(loss)
+    runs[label] = dict(step=step, state=(p, s), times=[], seen=1)
+  for _ in range(args.rounds):
+    for run in runs.values():
+      p, s = run["state"]
+      start = time.perf_counter()
+      for _ in range(STEPS):
+        p, s, loss = run["step"](p, s, batches[run["seen"] % len(batches)])
+        run["seen"] += 1
+      jax.block_until_ready(loss)
+      run["times"].append((time.perf_counter() - start) / STEPS)
+      run["state"], run["loss"] = (p, s), loss
+  adam = statistics.median(runs["adam"]["times"])
+  print(f"{args.model}, batch 128, {jax.devices()[0].platform}, median of {args.rounds} rounds")
+  print(f"{'configuration':40s} {'ms/step':>8s} {'x adam':>7s} {'finite':>7s}")
+  for label, run in runs.items():
+    ms = statistics.median(run["times"])
+    print(f"{label:40s} {ms * 1e3:8.2f} {ms / adam:7.2f} "
+          f"{str(finite(run['state'][0], run['loss'])):>7s}")
+
+
+if __name__ == "__main__":
+  main()
