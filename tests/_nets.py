@@ -385,3 +385,28 @@ def import_script(path, name: str):
   sys.modules[name] = module  # Flax's dataclasses look their module up there.
   spec.loader.exec_module(module)
   return module
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def row_scaled_ggn(logits_fn, params, x, name, kind, scale=None):
+  """`sum_r s_r J_r^T H_r J_r` for layer `name`'s flat `(d_in + 1, d_out)` matrix (row
+  major): `J` by `jax.jacfwd` of the untagged `(N, T, C)` logits
+  (`logits_fn(params, x, tag=False)`), `H` the per-row Hessian of softmax cross-entropy
+  or squared error, `s` the `(N, T)` row factors (default `1 / (N T)`: the mean)."""
+  w, b = params[name]["kernel"], params[name]["bias"]
+
+  def logits_of(flat):
+    m = flat.reshape(-1, w.shape[1])
+    return logits_fn({**params, name: {"kernel": m[:-1], "bias": m[-1]}}, x, tag=False)
+
+  jac = jax.jacfwd(logits_of)(jnp.concatenate([w, b[None]]).reshape(-1))  # (N, T, C, P)
+  logits = logits_fn(params, x, tag=False)
+  classes = logits.shape[-1]
+  if kind == "softmax_cross_entropy":
+    p = jax.nn.softmax(logits)
+    hess = jnp.einsum("ntc,cd->ntcd", p, jnp.eye(classes)) - p[..., :, None] * p[..., None, :]
+  else:
+    hess = jnp.broadcast_to(jnp.eye(classes), logits.shape + (classes,))
+  if scale is None:
+    scale = jnp.full(logits.shape[:2], 1.0 / (logits.shape[0] * logits.shape[1]), logits.dtype)
+  return jnp.einsum("nt,ntcp,ntcd,ntdq->pq", scale, jac, hess, jac)

@@ -22,7 +22,7 @@ import pytest
 import jkfac
 from jkfac import adaptive
 
-from tests import _asserts
+from tests import _asserts, _nets
 
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
@@ -178,25 +178,6 @@ def _mixing_problem(kind, mask, weights):
   return params, (x, targets), loss_fn, logits_fn
 
 
-@functools.partial(jit, static_argnums=(0, 3, 4))
-def _weighted_ggn(logits_fn, params, x, name, kind, scale):
-  """`sum_r s_r J_r^T H_r J_r` for the layer's flat `(d_in + 1, d_out)` matrix."""
-  w, b = params[name]["kernel"], params[name]["bias"]
-
-  def logits_of(flat):
-    m = flat.reshape(-1, w.shape[1])
-    return logits_fn({**params, name: {"kernel": m[:-1], "bias": m[-1]}}, x, tag=False)
-
-  jac = jax.jacfwd(logits_of)(jnp.concatenate([w, b[None]]).reshape(-1))  # (N, T, C, P)
-  logits = logits_fn(params, x, tag=False)
-  if kind == "softmax_cross_entropy":
-    p = jax.nn.softmax(logits)
-    hess = jnp.einsum("ntc,cd->ntcd", p, jnp.eye(C)) - p[..., :, None] * p[..., None, :]
-  else:
-    hess = jnp.broadcast_to(jnp.eye(C), logits.shape + (C,))
-  return jnp.einsum("nt,ntcp,ntcd,ntdq->pq", scale, jac, hess, jac)
-
-
 @pytest.mark.parametrize("with_mask", [False, True])
 @pytest.mark.parametrize("kind", ["softmax_cross_entropy", "squared_error"])
 def test_row_weights_give_the_weighted_ggn(kind, with_mask):
@@ -209,7 +190,7 @@ def test_row_weights_give_the_weighted_ggn(kind, with_mask):
   m = np.ones((N, T)) if mask is None else np.asarray(mask, np.float64)
   scale = jnp.asarray(np.asarray(weights) * m / m.sum())
   for name, approx in approximations.items():
-    ggn = np.asarray(_weighted_ggn(logits_fn, params, batch[0], name, kind, scale))
+    ggn = np.asarray(_nets.row_scaled_ggn(logits_fn, params, batch[0], name, kind, scale))
     want = {"F": ggn} if approx == "full" else {
         "diagonal": np.diag(ggn).reshape(-1, params[name]["kernel"].shape[1])}
     _asserts.assert_trees_close(stats[name], want, rtol=1e-6, atol=1e-12)

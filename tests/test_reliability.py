@@ -22,7 +22,7 @@ import pytest
 import jkfac
 from jkfac import blocks, layer_table, linalg, statistics, transform
 
-from tests import _asserts
+from tests import _asserts, _nets
 
 SIZES = (5, 4, 3)  # input, hidden, classes
 BATCH = 8
@@ -226,27 +226,6 @@ def _sequence_problem(kind):
   return params, (x, targets), loss_fn, logits_fn
 
 
-@functools.partial(jit, static_argnums=(0, 3, 4))
-def _exact_ggn(logits_fn, params, x, name, kind):
-  """`sum_n J_n^T H_n J_n / (N T)` for the layer's flat `(d_in + 1, d_out)` matrix (row
-  major), `J` by `jax.jacfwd` of the untagged logits, `H` the per-row loss Hessian."""
-  w, b = params[name]["kernel"], params[name]["bias"]
-
-  def logits_of(flat):
-    m = flat.reshape(-1, w.shape[1])
-    return logits_fn({**params, name: {"kernel": m[:-1], "bias": m[-1]}}, x, tag=False)
-
-  jac = jax.jacfwd(logits_of)(jnp.concatenate([w, b[None]]).reshape(-1))  # (N, T, C, P)
-  logits = logits_fn(params, x, tag=False)
-  if kind == "softmax_cross_entropy":
-    p = jax.nn.softmax(logits)
-    hess = jnp.einsum("ntc,cd->ntcd", p, jnp.eye(p.shape[-1])) - p[..., :, None] * p[..., None, :]
-  else:
-    hess = jnp.broadcast_to(jnp.eye(logits.shape[-1]), logits.shape + logits.shape[-1:])
-  rows = logits.shape[0] * logits.shape[1]
-  return jnp.einsum("ntcp,ntcd,ntdq->pq", jac, hess, jac) / rows
-
-
 @pytest.mark.parametrize("kind,approximations", [
     ("softmax_cross_entropy", {"dense0": "full", "dense1": "diagonal"}),
     ("squared_error", {"dense0": "diagonal", "dense1": "full"}),
@@ -265,7 +244,7 @@ def test_exact_curvature_of_a_sequence_model_is_the_ggn(kind, approximations):
     state = run(params, batch)
     assert float(state.ema_weight) == 1.0
     for name, approx in approximations.items():
-      ggn = np.asarray(_exact_ggn(logits_fn, params, batch[0], name, kind))
+      ggn = np.asarray(_nets.row_scaled_ggn(logits_fn, params, batch[0], name, kind))
       got = jax.tree_util.tree_map(lambda s: s / state.ema_weight, state.statistics[name])
       if approx == "full":
         _asserts.assert_trees_close(got, {"F": ggn}, rtol=1e-6, atol=1e-12)
