@@ -246,7 +246,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.multidevice
 def test_pmap_on_two_devices_matches_one_device():
   """In a subprocess with 2 host devices: the pmapped adaptive step (qmodel, LM damping,
-  l2) on a split batch equals the jitted step on the whole batch, traced once."""
+  l2) on a split batch, and the jitted one on a batch sharded over a mesh, equal the
+  jitted step on the whole batch, each traced once."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [os.environ.get(
                  "PYTHONPATH")] if p]))
@@ -256,7 +257,7 @@ def test_pmap_on_two_devices_matches_one_device():
   result = subprocess.run([sys.executable, __file__, "pmap"], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stdout + result.stderr[-8000:]
-  assert "ok pmap" in result.stdout
+  assert "ok pmap" in result.stdout and "ok sharded jit" in result.stdout
 
 
 def _pmap_check() -> None:
@@ -296,6 +297,40 @@ def _pmap_check() -> None:
                                  err_msg=key)
   assert len(traces) == 1
   print("ok pmap")
+  _sharded_jit_check(kw, batches)
+
+
+def _sharded_jit_check(kw, batches) -> None:
+  """The adaptive step under `jax.jit` on a batch sharded over a 2-device mesh (`mesh=`,
+  round-robin inverses) equals the single-device step, traced once."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  single = jkfac.kfac(mlp_loss, batches[0], **kw)
+  sharded = jkfac.kfac(mlp_loss, batches[0], mesh=mesh, axis_name="data", **kw)
+  traces = []
+
+  def sharded_step(params, state, batch):
+    traces.append(1)
+    grads = jax.grad(mlp_loss)(params, batch)
+    updates, state = sharded.update(grads, state, params, batch=batch)
+    return optax.apply_updates(params, updates), state
+
+  sharded_step = jax.jit(sharded_step)
+  single_step = jitted_step(single, mlp_loss)
+  params = mlp_params()
+  state = single.init(params)
+  params_s, state_s = jax.device_put((params, sharded.init(params)), NamedSharding(mesh, P()))
+  for batch in batches:
+    params, state, _, _ = single_step(params, state, batch)
+    params_s, state_s = sharded_step(params_s, state_s,
+                                     jax.device_put(batch, NamedSharding(mesh, P("data"))))
+  np.testing.assert_allclose(flat(params_s), flat(params), rtol=1e-4, atol=1e-5)
+  for key, value in jkfac.diagnostics(state_s).items():
+    np.testing.assert_allclose(value, jkfac.diagnostics(state)[key], rtol=1e-3, atol=1e-6,
+                               err_msg=key)
+  assert len(traces) == 1
+  print("ok sharded jit")
 
 
 # --- norm constraint --------------------------------------------------------------------
