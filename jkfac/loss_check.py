@@ -10,6 +10,7 @@ concrete values; `tx.init` runs it when it sees concrete parameters and example 
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any, Callable
@@ -108,14 +109,37 @@ def _concrete(tree: PyTree) -> bool:
                               and not isinstance(x, jax.core.Tracer) for x in leaves)
 
 
-def _evaluated(loss_fn: LossFn, params: PyTree, batch: PyTree):
-  """`registered_values`, evaluated now (also inside a jit trace); None where they are
-  tracers (traced inputs, or a `loss_fn` that closes over traced values)."""
-  with jax.ensure_compile_time_eval():
+def _signature(tree: PyTree) -> tuple:
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  return treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(loss_fn: LossFn):
+  """`registered_values` of `loss_fn` as one jitted program (op by op, a new model's first
+  check took seconds on CPU), and per input signature the losses' kinds and shapes."""
+  static: dict[tuple, list[tuple[str, tuple[int, ...]]]] = {}
+
+  def arrays(params, batch):
     loss, registered, rows = registered_values(loss_fn, params, batch)
-  arrays = [loss, registered] + [counted for _, _, counted in rows]
-  return None if any(isinstance(x, jax.core.Tracer) for x in arrays) else (loss, registered,
-                                                                           rows)
+    static[_signature((params, batch))] = [(kind, shape) for kind, shape, _ in rows]
+    return loss, registered, [jnp.asarray(counted) for _, _, counted in rows]
+
+  return jax.jit(arrays), static
+
+
+def _evaluated(loss_fn: LossFn, params: PyTree, batch: PyTree):
+  """`registered_values`, evaluated now; None where the results are tracers (`init`
+  inside a jit trace)."""
+  try:
+    arrays, static = _compiled(loss_fn)
+  except TypeError:  # an unhashable callable: compile for this call only
+    arrays, static = _compiled.__wrapped__(loss_fn)
+  loss, registered, counted = arrays(params, batch)
+  if any(isinstance(x, jax.core.Tracer) for x in [loss, registered, *counted]):
+    return None
+  rows = static[_signature((params, batch))]
+  return loss, registered, [(kind, shape, c) for (kind, shape), c in zip(rows, counted)]
 
 
 def _report(loss: jax.Array, registered: jax.Array,

@@ -40,6 +40,7 @@ def _check_run(out: str, result: dict, name: str, steps: int = 3) -> None:
   assert "\x1b" not in out  # no terminal control codes in a log
 
 
+@pytest.mark.slow  # an example end to end; run with -m slow
 def test_kfac_learns_fake_data(mnist, capsys):
   """Fake digits are noisy class templates: 20 K-FAC steps get well above chance (0.1)."""
   results = mnist.main(["--fake-data", "--steps", "20", "--batch-size", "32", "--log-every", "5"])

@@ -98,9 +98,10 @@ _APPROXIMATIONS = [{"dense0": "kron", "dense1": "full"},
                    {"dense0": "diagonal", "dense1": "kron"}]
 
 
-@pytest.mark.parametrize("approximations", _APPROXIMATIONS)
-@pytest.mark.parametrize("rows,estimation", [((N, T), "exact"), ((2 * N,), "exact"),
-                                             ((2 * N,), "empirical")])
+# Sequence rows under every block; classifier rows under two of the block sets.
+@pytest.mark.parametrize("rows,estimation,approximations", [
+    *[((N, T), "exact", approximations) for approximations in _APPROXIMATIONS],
+    ((2 * N,), "exact", _APPROXIMATIONS[0]), ((2 * N,), "empirical", _APPROXIMATIONS[2])])
 def test_masked_rows_are_as_if_removed(rows, estimation, approximations):
   params = _params()
   padded, real = _padded(rows)

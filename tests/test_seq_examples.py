@@ -77,6 +77,7 @@ def test_transformer_all_optimizers(lm, tmp_path, capsys):
   assert "steps to AdamW loss" in out and "steps to Muon loss" in out and "s x muon" in out
 
 
+@pytest.mark.slow  # an example end to end; run with -m slow
 def test_lstm_kfac_and_adam(lstm, tmp_path, capsys):
   csv_path, png_path = tmp_path / "l.csv", tmp_path / "l.png"
   result = lstm.main([*TINY_LSTM, "--metrics-csv", str(csv_path), "--plot", str(png_path),

@@ -573,6 +573,7 @@ def _final_loss(tx, params, batch, steps):
   return float(_digits_loss(params, batch))
 
 
+@pytest.mark.slow  # a benchmark as a test; run with -m slow
 def test_kfac_beats_sgd_per_step_on_mnist_digits():
   start = time.time()
   batch = _mnist_test_subset(1000)
