@@ -260,6 +260,16 @@ def test_pmap_on_two_devices_matches_one_device():
   assert "ok pmap" in result.stdout and "ok sharded jit" in result.stdout
 
 
+def _counted_step(tx, traces: list):
+  """A train step of `tx` on the MLP that appends to `traces` each time it is traced."""
+  def step(params, state, batch):
+    traces.append(1)
+    grads = jax.grad(mlp_loss)(params, batch)
+    updates, state = tx.update(grads, state, params, batch=batch)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
 def _pmap_check() -> None:
   import flax.jax_utils
 
@@ -272,14 +282,7 @@ def _pmap_check() -> None:
   multi = jkfac.kfac(mlp_loss, jax.tree_util.tree_map(lambda x: x[0], split(batches[0])),
                      axis_name="data", **kw)
   traces = []
-
-  def multi_step(params, state, batch):
-    traces.append(1)
-    grads = jax.grad(mlp_loss)(params, batch)
-    updates, state = multi.update(grads, state, params, batch=batch)
-    return optax.apply_updates(params, updates), state
-
-  multi_step = jax.pmap(multi_step, axis_name="data")
+  multi_step = jax.pmap(_counted_step(multi, traces), axis_name="data")
   single_step = jitted_step(single, mlp_loss)
   params = mlp_params()
   state = single.init(params)
@@ -309,14 +312,7 @@ def _sharded_jit_check(kw, batches) -> None:
   single = jkfac.kfac(mlp_loss, batches[0], **kw)
   sharded = jkfac.kfac(mlp_loss, batches[0], mesh=mesh, axis_name="data", **kw)
   traces = []
-
-  def sharded_step(params, state, batch):
-    traces.append(1)
-    grads = jax.grad(mlp_loss)(params, batch)
-    updates, state = sharded.update(grads, state, params, batch=batch)
-    return optax.apply_updates(params, updates), state
-
-  sharded_step = jax.jit(sharded_step)
+  sharded_step = jax.jit(_counted_step(sharded, traces))
   single_step = jitted_step(single, mlp_loss)
   params = mlp_params()
   state = single.init(params)
