@@ -22,8 +22,11 @@ from jkfac.tags import (
 from jkfac.describe import Description, describe
 from jkfac.interpreter import Curvature, value_and_grad
 from jkfac.loss_check import LossScaleWarning, check_loss_scale
-from jkfac.transform import PreconditionState, kfac, precondition
-from jkfac.adaptive import diagnostics
+from jkfac.config import MIN_DAMPING
+from jkfac.state import PreconditionState
+from jkfac.precondition import precondition
+from jkfac.alias import kfac
+from jkfac.adaptive import AdaptiveState, diagnostics
 from jkfac import layer_collection, parallel
 
 __version__ = "0.1.0"
@@ -42,6 +45,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "AdaptiveState",
+    "MIN_DAMPING",
     "Curvature",
     "Description",
     "LossScaleWarning",

@@ -7,7 +7,7 @@ Each argument names a group of checks; a failed check raises (non-zero exit). Th
 flag must be set before JAX starts, so the tests run this file in a subprocess.
 
 Every configuration is compared with the same K-FAC step jitted on one device on
-the whole (concatenated) batch. `jkfac.transform._invert_factor`, the function that
+the whole (concatenated) batch. `jkfac.inverses.invert_factor`, the function that
 every inverse task calls, is wrapped with a `jax.debug.callback` that records which
 device ran it on which factor: that shows structurally where each inverse ran.
 """
@@ -27,7 +27,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jkfac
-import jkfac.transform
+import jkfac.inverses
 
 AXIS = "data"
 DEVICES = 8
@@ -89,7 +89,7 @@ PARAMS = jax.tree_util.tree_map(
 # --- recording where each inverse runs ----------------------------------------------------
 
 CALLS: list[tuple[int, tuple[int, ...]]] = []   # (device index or -1, factor shape)
-_original_invert = jkfac.transform._invert_factor
+_original_invert = jkfac.inverses.invert_factor
 
 
 def _record(shape, device):
@@ -106,7 +106,7 @@ def _recording_invert(block, method, factor, damping):
   return result
 
 
-jkfac.transform._invert_factor = _recording_invert   # looked up when a step is traced
+jkfac.inverses.invert_factor = _recording_invert   # looked up when a step is traced
 
 
 def take_calls():

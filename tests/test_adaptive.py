@@ -183,12 +183,9 @@ def test_qmodel_fixedmu_solves_for_alpha_with_the_given_momentum():
 
 
 def test_adapted_damping_rule():
-  config = adaptive.AdaptiveConfig(linear_loss, linear_batch(), learning_rate=0.1, damping=1.0,
-                                   adapt_damping=True, damping_adaptation_interval=2,
-                                   damping_adaptation_decay=0.5, min_damping=0.1,
-                                   max_damping=3.0)
   rule = lambda damping, rho: float(adaptive.adapted_damping(
-      config, jnp.asarray(damping), jnp.asarray(rho)))
+      jnp.asarray(damping), jnp.asarray(rho), decay=0.5, interval=2, min_damping=0.1,
+      max_damping=3.0))
   assert rule(1.0, 0.9) == pytest.approx(0.25)     # ω = 0.5 ** 2
   assert rule(1.0, 0.1) == pytest.approx(3.0)      # 4, clipped to max_damping
   assert rule(0.5, -2.0) == pytest.approx(2.0)

@@ -502,11 +502,11 @@ def test_zero_damping_from_a_schedule_is_raised_to_the_floor(method):
   assert (A[2] == 0).all() and (A[:, 2] == 0).all()
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(updates))
   # Damping 0 became MIN_DAMPING: the inverse is that of the floored damping, not a fallback.
-  assert float(state2.damping) == pytest.approx(jkfac.transform.MIN_DAMPING)
+  assert float(state2.damping) == pytest.approx(jkfac.MIN_DAMPING)
   assert int(state2.inverse_fallbacks) == 0
   G = np.asarray(state2.statistics["Dense_0"]["G"]) / float(state2.ema_weight)
   pi = np.sqrt((np.trace(A) / A.shape[0]) / (np.trace(G) / G.shape[0]))
-  expected = np.linalg.inv(A + pi * np.sqrt(jkfac.transform.MIN_DAMPING) * np.eye(A.shape[0]))
+  expected = np.linalg.inv(A + pi * np.sqrt(jkfac.MIN_DAMPING) * np.eye(A.shape[0]))
   _assert_close(state2.inverses["Dense_0"]["A"], expected, rtol=1e-3, atol=1e-6)
 
 

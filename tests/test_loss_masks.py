@@ -332,9 +332,9 @@ def _gram(loss_fn, params, batch):
   rng = np.random.default_rng(9)
   vectors = [jax.tree_util.tree_map(lambda p: jnp.asarray(rng.standard_normal(p.shape),
                                                           p.dtype), params) for _ in range(2)]
-  problem = adaptive._Problem(params, params, lambda v: v, adaptive.model(loss_fn, params, batch),
+  problem = adaptive.Problem(params, params, lambda v: v, adaptive.model(loss_fn, params, batch),
                               adaptive.l2_mask(params, None), None, None)
-  return jit(lambda: adaptive._curvature(problem, vectors))()
+  return jit(lambda: adaptive.curvature_products(problem, vectors))()
 
 
 @pytest.mark.parametrize("rows", [(N, T), (2 * N,)])

@@ -20,7 +20,7 @@ import optax
 import pytest
 
 import jkfac
-from jkfac import blocks, layer_table, linalg, statistics, transform
+from jkfac import blocks, layer_table, inverses, linalg, statistics
 
 from tests import _asserts, _nets
 
@@ -293,7 +293,7 @@ def test_failed_cholesky_is_retried_with_eigh():
   factor, damping = jnp.diag(jnp.array([1.0, -1.0])), jnp.asarray(0.1)  # indefinite, finite
   block = blocks.REGISTRY["dense", "kron"]
   assert not np.all(np.isfinite(block.invert(factor, damping, "cholesky")))
-  inverse = jit(functools.partial(transform._invert_factor, block, "cholesky"))(factor,
+  inverse = jit(functools.partial(inverses.invert_factor, block, "cholesky"))(factor,
                                                                                     damping)
   _asserts.assert_trees_close(inverse, linalg.damped_inverse(factor, damping, "eigh"), rtol=1e-6)
   _asserts.assert_trees_close(inverse, np.diag([1 / 1.1, 1 / 0.1]), rtol=1e-6)  # -1 clipped to 0
@@ -304,13 +304,13 @@ def test_layer_with_a_nonfinite_inverse_keeps_all_its_previous_inverses(monkeypa
   _, s1, _ = train_step(update, params, init(tx, params), make_batch(1), apply=False)
   _, reference, reference_updates = train_step(update, params, s1, make_batch(2), apply=False)
 
-  original = transform._invert_factor
+  original = inverses.invert_factor
 
   def failing(block, method, factor, damping):  # dense0's G (the only 4 x 4 factor) fails
     inverse = original(block, method, factor, damping)
     return jnp.full_like(inverse, jnp.nan) if factor.shape == (4, 4) else inverse
 
-  monkeypatch.setattr(transform, "_invert_factor", failing)
+  monkeypatch.setattr(inverses, "invert_factor", failing)
   _, s2, updates = train_step(jit_update(tx), params, s1, make_batch(2), apply=False)  # traced now
   monkeypatch.undo()
   assert int(reference.inverse_fallbacks) == 0 and int(s2.inverse_fallbacks) == 1
@@ -326,7 +326,7 @@ def test_layer_with_a_nonfinite_inverse_keeps_all_its_previous_inverses(monkeypa
 
 
 def _assert_floor_inverses(state):
-  assert float(state.damping) == np.float32(transform.MIN_DAMPING)
+  assert float(state.damping) == np.float32(jkfac.MIN_DAMPING)
   _asserts.assert_all_finite(state.inverses)
   assert int(state.inverse_fallbacks) == 0
   for name, factors in state.inverses.items():
@@ -744,5 +744,5 @@ def test_stress_tiny_damping_warns_and_stays_finite():
     params, state, updates = train_step(update, params, state, make_batch(k))
     _asserts.assert_all_finite((updates, params, state))
   kstate = precondition_state(state)
-  assert float(kstate.damping) == np.float32(transform.MIN_DAMPING)
+  assert float(kstate.damping) == np.float32(jkfac.MIN_DAMPING)
   assert int(kstate.skipped_steps) == 0

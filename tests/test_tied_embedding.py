@@ -265,7 +265,7 @@ def test_non_finite_inverses_keep_the_previous_ones():
   covariances = block.zeros(VOCAB, D)
   previous = block.identity(covariances)
   poisoned = dict(covariances, A2=jnp.full((D, D), jnp.nan))
-  new = jkfac.transform._invert_jointly(block, "eigh", poisoned, jnp.asarray(0.1))
+  new = jkfac.inverses.invert_jointly(block, "eigh", poisoned, jnp.asarray(0.1))
   kept, fell_back = block.finite_or_previous(new, previous)
   assert int(fell_back) == 1
   jax.tree_util.tree_map(np.testing.assert_array_equal, kept, previous)

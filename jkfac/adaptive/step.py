@@ -1,0 +1,239 @@
+"""The adaptive K-FAC step: `δ = α Δ + μ v` from the exact Gauss-Newton quadratic model
+of the batch (or a fixed learning rate with momentum and KL clipping), and
+Levenberg-Marquardt damping every `damping_adaptation_interval` steps."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jkfac import interpreter, masking, parallel, schedules
+from jkfac.adaptive.config import AdaptiveConfig
+from jkfac.adaptive.ggn import Problem, curvature_products, loss_change, model
+from jkfac.adaptive.qmodel import (adapted_damping, norm_scale, quadratic_change,
+                                   reduction_ratio, solve_quadratic_model)
+from jkfac.adaptive.state import AdaptiveState, Diagnostics
+from jkfac.adaptive.vectors import add_l2, dot, l2_mask, scaled_sum
+from jkfac.config import MASKED_HINT, MIN_DAMPING, state_dtype
+from jkfac.skipping import keep_unless, zero_if
+from jkfac.validation import abstract, check
+
+Array = jax.Array
+PyTree = Any
+ScalarOrSchedule = schedules.ScalarOrSchedule
+
+
+class _Inputs(NamedTuple):
+  """One step's vectors and scalars: `grads` (with l2, this device's), `source` (what was
+  preconditioned: `grads`, or the "adam" trace of g, `velocity`), `delta` = F̂⁻¹ source."""
+  grads: PyTree
+  source: PyTree
+  velocity: PyTree
+  delta: PyTree
+  damping: Array
+  step: Array
+  learning_rate: Array | None
+  momentum: Array
+
+
+class _Result(NamedTuple):
+  """What a step computed: the update and the next velocity, damping and diagnostics."""
+  update: PyTree
+  velocity: PyTree
+  damping: Array
+  rho: Array
+  alpha: Array
+  mu: Array
+  quad_change: Array
+  norm_scale: Array
+
+
+def _f32(x: Any) -> Array:
+  return jnp.asarray(x, jnp.float32)
+
+
+def _adaptation(config: AdaptiveConfig, state: AdaptiveState, inputs: _Inputs,
+                measure: Callable[[], tuple[Array, Array]]) -> tuple[Array, Array, Array]:
+  """`(new λ, ρ, M(δ))`. On adaptation steps, `measure()` gives `(L(θ+δ) − L(θ),
+  M(δ))` and λ follows the LM rule; on the others λ and ρ stay."""
+  old = inputs.damping, state.diagnostics.rho, state.diagnostics.quad_change
+  if not config.adapt_damping:
+    return old
+
+  def adapt():
+    loss_change, quad = measure()
+    rho = _f32(reduction_ratio(loss_change, quad))
+    return adapted_damping(
+        inputs.damping, rho, config.damping_adaptation_decay, config.damping_adaptation_interval,
+        config.min_damping, config.max_damping), rho, _f32(quad)
+
+  return jax.lax.cond(inputs.step % config.damping_adaptation_interval == 0, adapt,
+                      lambda: old)
+
+
+def _qmodel_step(config: AdaptiveConfig, problem: Problem, state: AdaptiveState,
+                 inputs: _Inputs) -> _Result:
+  """δ = α Δ + μ v with (α, μ) from the exact quadratic model (μ fixed for
+  "qmodel_fixedmu"); `learning_rate`, if set, multiplies both."""
+  vectors = (inputs.delta, state.velocity)
+  loss, curvature = curvature_products(problem, vectors)
+  gram = jnp.array([[dot(v, w) for w in vectors] for v in vectors])
+  b = parallel.pmean(jnp.stack([dot(inputs.grads, v) for v in vectors]), problem.axis)
+  fixed_mu = inputs.momentum if config.momentum_type == "qmodel_fixedmu" else None
+  alpha, mu = solve_quadratic_model(curvature, gram, b, _f32(inputs.damping), fixed_mu)
+  if inputs.learning_rate is not None:
+    alpha, mu = inputs.learning_rate * alpha, inputs.learning_rate * mu
+  update = scaled_sum([(alpha, vectors[0]), (mu, vectors[1])])
+  quad = _f32(quadratic_change(jnp.stack([alpha, mu]), curvature, b))
+  damping, rho, _ = _adaptation(config, state, inputs,
+                                lambda: (loss_change(problem, loss, update), quad))
+  return _Result(update, update, damping, rho, alpha, mu, quad, _f32(1.0))
+
+
+def _fixed_step(config: AdaptiveConfig, problem: Problem, state: AdaptiveState,
+                inputs: _Inputs) -> _Result:
+  """`-lr · momentum(Δ)` as in `jkfac.kfac` ("regular": the trace of Δ; "adam": Δ of the
+  trace of g), Δ first scaled by the norm constraint."""
+  lr, momentum = inputs.learning_rate, inputs.momentum
+  g_delta = parallel.pmean(dot(inputs.source, inputs.delta), problem.axis)
+  scale = norm_scale(config.norm_constraint, lr, g_delta)
+  delta = jax.tree_util.tree_map(lambda d: (scale * d).astype(d.dtype), inputs.delta)
+  velocity = inputs.velocity
+  if config.momentum_type == "regular":
+    velocity = scaled_sum([(momentum, state.velocity), (_f32(1.0), delta)])
+    update = scaled_sum([(-lr, velocity)])
+  else:
+    update = scaled_sum([(-lr, delta)])
+
+  def measure():  # one JVP with δ for M(δ), one forward pass at θ + δ
+    loss, curvature = curvature_products(problem, [update])
+    quad = parallel.pmean(dot(inputs.grads, update), problem.axis) + 0.5 * curvature[0, 0]
+    return loss_change(problem, loss, update), quad
+
+  damping, rho, quad = _adaptation(config, state, inputs, measure)
+  return _Result(update, velocity, damping, rho, _f32(-lr * scale), _f32(momentum), quad,
+                 scale)
+
+
+def _burn_in(state: AdaptiveState, inputs: _Inputs) -> _Result:
+  """Statistics only: a zero update; velocity, damping and ρ stay."""
+  d = state.diagnostics
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, inputs.delta)
+  return _Result(zeros, state.velocity, inputs.damping, d.rho, _f32(0.0), _f32(0.0),
+                 d.quad_change, d.norm_scale)
+
+
+def _value(hyperparameter: ScalarOrSchedule | None, count: Array) -> Array | None:
+  if hyperparameter is None:
+    return None
+  return _f32(schedules.value(hyperparameter, count))
+
+
+def init(config: AdaptiveConfig, preconditioner: optax.GradientTransformation,
+         params: PyTree) -> AdaptiveState:
+  """The preconditioner's state, zero velocity and the initial damping; checks that a
+  step that needs the network's loss finds a registered one."""
+  if config.needs_model:
+    full = params
+    if masking.is_masked(params):
+      check(config.example_params is not None,
+             MASKED_HINT + "pass example_params=params (or their shapes) to jkfac.")
+      full = config.example_params
+    losses = model(config.loss_fn, abstract(full), config.example_batch).losses
+    check(bool(losses), f"momentum_type={config.momentum_type!r} / adapt_damping="
+           f"{config.adapt_damping} need the loss's predictions, but no loss is registered in "
+           "loss_fn: call e.g. jkfac.register_softmax_cross_entropy(logits, labels) inside it.")
+  dtype = state_dtype(params)
+  zero = jnp.zeros([], jnp.float32)
+  damping = jnp.asarray(schedules.value(config.initial_damping, jnp.zeros([], jnp.int32)),
+                        dtype)
+  return AdaptiveState(
+      count=jnp.zeros([], jnp.int32), damping=damping,
+      velocity=jax.tree_util.tree_map(jnp.zeros_like, params),
+      preconditioner=preconditioner.init(params),
+      diagnostics=Diagnostics(damping=damping, rho=zero, alpha=zero, mu=zero,
+                              quad_change=zero, update_norm=zero, norm_scale=zero + 1))
+
+
+def _problem(config: AdaptiveConfig, params: PyTree, batch: PyTree,
+             model_params: PyTree | None) -> Problem:
+  masked = masking.is_masked(params)
+  check(not masked or model_params is not None, MASKED_HINT + "pass "
+         "tx.update(..., model_params=params), the whole model's parameters.")
+  full = model_params if masked else params
+  return Problem(
+      params, full, (lambda v: masking.unmask(v, model_params)) if masked else (lambda v: v),
+      model(config.loss_fn, full, batch) if config.needs_model else None,
+      l2_mask(params, config.l2_reg_exclude),
+      None if config.l2_reg is None else _f32(config.l2_reg), config.device_axis)
+
+
+def update(config: AdaptiveConfig, preconditioner: optax.GradientTransformationExtraArgs,
+           grads: PyTree, state: AdaptiveState, params: PyTree, batch: PyTree,
+           curvature: interpreter.Curvature | None = None,
+           model_params: PyTree | None = None) -> tuple[PyTree, AdaptiveState]:
+  """One adaptive K-FAC step (see the module docstring)."""
+  problem = _problem(config, params, batch, model_params)
+  burnin = config.num_burnin_steps
+  step = state.count if burnin is None else jnp.maximum(state.count - burnin, 0)
+  if problem.l2 is not None:
+    grads = add_l2(grads, params, problem.l2, problem.mask)
+  momentum = _value(config.momentum, step)
+  momentum = _f32(0.0) if momentum is None else momentum
+  velocity, source = state.velocity, grads
+  if config.momentum_type == "adam":  # the trace of the device-averaged gradients
+    source = parallel.pmean(grads, config.device_axis)
+    velocity = source = scaled_sum([(momentum, state.velocity), (_f32(1.0), source)])
+  damping = state.damping if config.adapt_damping else jnp.maximum(
+      _value(config.damping, step), MIN_DAMPING).astype(state.damping.dtype)
+  delta, preconditioner_state = preconditioner.update(
+      source, state.preconditioner, params, batch=batch, curvature=curvature,
+      model_params=model_params,
+      damping=damping if problem.l2 is None else damping + problem.l2)
+  inputs = _Inputs(grads, source, velocity, delta, damping, step,
+                   _value(config.learning_rate, step), momentum)
+  take_step = functools.partial(_qmodel_step if config.qmodel else _fixed_step, config,
+                                problem, state, inputs)
+  result = take_step() if burnin is None else jax.lax.cond(
+      state.count < burnin, lambda: _burn_in(state, inputs), take_step)
+  diagnostics = Diagnostics(
+      damping=damping, rho=result.rho, alpha=_f32(result.alpha), mu=_f32(result.mu),
+      quad_change=_f32(result.quad_change),
+      update_norm=_f32(jnp.sqrt(dot(result.update, result.update))),
+      norm_scale=_f32(result.norm_scale))
+  new = AdaptiveState(optax.safe_increment(state.count), result.damping, result.velocity,
+                      preconditioner_state, diagnostics)
+  skipped = preconditioner_state.skipped_steps > state.preconditioner.skipped_steps
+  return _unless_skipped(skipped, result.update, new, state)
+
+
+def _unless_skipped(skipped: Array, update: PyTree, new: AdaptiveState, old: AdaptiveState
+                    ) -> tuple[PyTree, AdaptiveState]:
+  """A batch the preconditioner skipped (not finite): zero update, and every state as it
+  was but the preconditioner's (which counts the skip)."""
+  kept = keep_unless(skipped, new, old)
+  return zero_if(skipped, update), kept._replace(preconditioner=new.preconditioner)
+
+
+def adaptive(config: AdaptiveConfig, preconditioner: optax.GradientTransformationExtraArgs
+             ) -> optax.GradientTransformationExtraArgs:
+  """The adaptive K-FAC optimizer around `preconditioner` (a `jkfac.precondition`)."""
+
+  def init_fn(params):
+    return init(config, preconditioner, params)
+
+  def update_fn(updates, state, params=None, *, batch=None, curvature=None,
+                model_params=None, **extra_args):
+    del extra_args
+    check(params is not None and batch is not None,
+           "jkfac needs the parameters and the batch: "
+           "tx.update(grads, state, params, batch=batch).")
+    return update(config, preconditioner, updates, state, params, batch, curvature,
+                  model_params)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+

@@ -1,0 +1,33 @@
+"""Checks of user input shared by the optimizer's configurations."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+def check(ok: bool, message: str) -> None:
+  """Raises `ValueError(message)` unless `ok`."""
+  if not ok:
+    raise ValueError(message)
+
+
+def is_number(value: Any) -> bool:
+  """A Python number (not a bool, not an array)."""
+  return isinstance(value, numbers.Number) and not isinstance(value, bool)
+
+
+def is_integer(value: Any) -> bool:
+  """A Python integer (not a bool)."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def abstract(tree: PyTree) -> PyTree:
+  """`tree` as `jax.ShapeDtypeStruct`s: what a static configuration may keep of arrays."""
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)),
+                                tree)
