@@ -47,6 +47,21 @@ def replicate(tree: PyTree, devices: Sequence[jax.Device], axis_name: str = "dev
   return jax.tree_util.tree_map(copies, tree)
 
 
+def process_global(tree: PyTree) -> PyTree:
+  """One process's copy of a tree as arrays replicated over every process's devices.
+
+  Under `jax.distributed` pmap's outputs are process-local arrays, which orbax cannot
+  write; every process holds the same values (pmap averaged them), so they make one
+  global, fully replicated array that orbax writes once. A no-op with one process.
+  """
+  if jax.process_count() == 1:
+    return tree
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("devices",))
+  everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.tree_util.tree_map(
+      lambda x: jax.make_array_from_process_local_data(everywhere, np.asarray(x)), tree)
+
+
 def save(path: str | os.PathLike, tree: PyTree, *, replicated: bool = False,
          force: bool = False) -> None:
   """Writes `tree` to the folder `path` and returns once the checkpoint is complete.
@@ -55,12 +70,26 @@ def save(path: str | os.PathLike, tree: PyTree, *, replicated: bool = False,
     path: a folder that must not exist yet (unless `force`); relative to the working folder.
     tree: a pytree of arrays, e.g. `{"params": params, "opt_state": opt_state, "step": step}`.
     replicated: `tree` is replicated by `jax.pmap` (devices on axis 0): write one replica.
+      Every process of a `jax.distributed` run calls `save`; orbax writes each array once.
     force: overwrite an existing checkpoint at `path`.
   """
   if replicated:
-    tree = unreplicate(tree)
+    tree = process_global(unreplicate(tree))
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.abspath(path), tree, force=force)
+
+
+def _target(leaf: Any) -> Any:
+  """`leaf` if it says where to restore to; else its shape on this process's first device.
+
+  Without a sharding orbax would reuse the saved one, whose devices may belong to other
+  processes (a checkpoint of a `jax.distributed` run) or not exist at all (restored on
+  another topology).
+  """
+  if getattr(leaf, "sharding", None) is not None:
+    return leaf
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=device)
 
 
 def restore(path: str | os.PathLike, like: PyTree, *,
@@ -71,11 +100,12 @@ def restore(path: str | os.PathLike, like: PyTree, *,
     path: a folder written by `save` (or by `StandardCheckpointer.save` of one replica).
     like: an unreplicated tree of arrays or `jax.ShapeDtypeStruct`s, e.g.
       `{"params": params, "opt_state": tx.init(params)}` or its `jax.eval_shape`. Arrays are
-      restored onto the sharding of `like`'s arrays, or onto the default device.
+      restored onto the sharding of `like`'s leaves, or, where a leaf has none, onto this
+      process's first device (`jax.local_devices()[0]`), whatever the saving run's topology.
     devices: replicate the restored tree onto these devices for `jax.pmap` (any number,
       whatever the run that saved it used); `None` leaves it unreplicated.
     axis_name: the pmap axis name, with `devices` (see `replicate`).
   """
   with ocp.StandardCheckpointer() as checkpointer:
-    tree = checkpointer.restore(os.path.abspath(path), like)
+    tree = checkpointer.restore(os.path.abspath(path), jax.tree_util.tree_map(_target, like))
   return tree if devices is None else replicate(tree, devices, axis_name)
