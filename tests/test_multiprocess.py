@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -171,3 +172,22 @@ def test_checkpoint_written_once_and_restored_on_one_process(runs, saved):
     path = jax.tree_util.keystr(path)
     assert leaf.sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0]), path
     np.testing.assert_array_equal(np.asarray(leaf), expected[path], err_msg=path)
+
+
+@pytest.mark.slow
+def test_docs_one_machine_commands_run():
+  """The runnable shell block of docs/data_parallel.md (two processes of
+  examples/multihost.py on loopback) runs, in smoke mode (`JKFAC_SMOKE=1`: 3 steps)."""
+  text = (REPO / "docs" / "data_parallel.md").read_text()
+  blocks = re.findall(r"^```bash\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+  runnable = [b for b in blocks if not b.startswith("# doc-test: skip")]
+  assert len(runnable) == 1 and "127.0.0.1:12355" in runnable[0], runnable
+  script = runnable[0].replace("127.0.0.1:12355", f"127.0.0.1:{free_port()}")
+  env = dict(worker_env(1), JKFAC_SMOKE="1",
+             PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
+  result = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
+  output = f"{result.stdout}\n{result.stderr[-8000:]}"
+  # `wait` hides the first process's exit status: its output shows that it trained.
+  assert result.returncode == 0 and "2 processes, 4 devices" in result.stdout, output
+  assert re.search(r"step +2 +loss \d", result.stdout), output
