@@ -13,9 +13,9 @@ devices it runs the same steps in one process: the reference.
 Each process writes to OUT/process_<id>/: `<run>.npz` (parameters and K-FAC state after
 every step, from its own devices) and `calls.json` (where each inverse ran, recorded by a
 `jax.debug.callback` in `jkfac.inverses.invert_factor`: the callback runs in the process
-that owns the device). With `--checkpoint DIR` the jit run's state is saved to DIR with
-`jkfac.checkpoint.save` (every process calls it; orbax writes each array once) and
-restored onto the same topology. Every check that one process can make is an assertion;
+that owns the device). With `--checkpoint DIR` the jit run's state (global arrays) is
+saved to DIR and the pmap run's (process-local replicas) to DIR_pmap with
+`jkfac.checkpoint.save`, which every process calls, and restored onto the same topology. Every check that one process can make is an assertion;
 the test compares the files across processes.
 """
 
