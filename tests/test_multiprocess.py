@@ -68,10 +68,13 @@ def run_all(commands: dict[str, tuple[list[str], dict[str, str]]], logs: pathlib
       procs[name] = subprocess.Popen([sys.executable, str(WORKER), *args], env=env, cwd=REPO,
                                      stdout=log, stderr=subprocess.STDOUT)
   deadline = time.monotonic() + TIMEOUT_S
+  timed_out = False
   try:
     while any(p.poll() is None for p in procs.values()):
-      failed = [n for n, p in procs.items() if p.poll() not in (None, 0)]
-      if failed or time.monotonic() > deadline:
+      if any(p.poll() not in (None, 0) for p in procs.values()):
+        break
+      if time.monotonic() > deadline:
+        timed_out = True
         break
       time.sleep(0.2)
   finally:
@@ -81,9 +84,10 @@ def run_all(commands: dict[str, tuple[list[str], dict[str, str]]], logs: pathlib
         p.wait()
   bad = {n: p.returncode for n, p in procs.items() if p.returncode != 0}
   if bad:
+    why = f"timed out after {TIMEOUT_S} s" if timed_out else "failed (the others were killed)"
     report = "\n".join(f"--- {n} (exit {bad[n]}) ---\n" + (logs / f"{n}.log").read_text()[-8000:]
                        for n in bad)
-    raise AssertionError(f"workers failed or timed out after {TIMEOUT_S} s:\n{report}")
+    raise AssertionError(f"workers {why}:\n{report}")
 
 
 @pytest.fixture(scope="module")
