@@ -31,7 +31,8 @@ from jkfac import layer_collection, parallel
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = ("flax", "checkpoint")  # import flax only when jkfac.flax is used
+# Imported on first use: jkfac.flax imports flax; jkfac.curvature is not needed to train.
+_LAZY_MODULES = ("flax", "checkpoint", "curvature")
 
 
 def __getattr__(name: str):
@@ -52,6 +53,7 @@ __all__ = [
     "LossScaleWarning",
     "PreconditionState",
     "check_loss_scale",
+    "curvature",
     "describe",
     "diagnostics",
     "flax",

@@ -1,0 +1,134 @@
+"""jkfac.curvature against oracles: hand-written factors averaged over a whole dataset,
+the dense `jax.jacfwd` GGN where K-FAC is exact, projected per-example gradients, the
+Kronecker posterior's covariance, Bayesian linear regression's evidence, dense influence."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import jkfac
+import jkfac.flax
+from jkfac import curvature
+
+import _nets
+
+N = 12
+
+
+def _split(batch, sizes):
+  """`batch` cut into consecutive batches of `sizes`."""
+  edges = np.cumsum((0,) + tuple(sizes))
+  return [jax.tree_util.tree_map(lambda x: x[a:b], batch) for a, b in zip(edges, edges[1:])]
+
+
+@pytest.mark.parametrize("name", ["mlp", "convnet"])
+def test_fit_is_the_factors_averaged_over_all_examples(name):
+  with jax.enable_x64(True):
+    net = _nets.NETS[name]
+    _, params, batch, loss_fn = _nets.make_problem(net, dtype=jnp.float64, batch=N)
+    fitted = curvature.fit(loss_fn, params, _split(batch, (5, 4, 3)))
+    want = _nets.kron_factors_by_hand(net, params, batch, "exact")
+    assert float(fitted.num_examples) == N
+    for layer_name, (a, g) in want.items():
+      np.testing.assert_allclose(fitted.statistics[layer_name]["A"], a, rtol=1e-9, atol=1e-12)
+      np.testing.assert_allclose(fitted.statistics[layer_name]["G"], g, rtol=1e-9, atol=1e-12)
+
+
+def _regression(n=N, d_in=3, d_out=2, seed=0):
+  """One dense layer under squared error, where K-FAC with the exact GGN is exact."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((n, d_in)))
+  y = jnp.asarray(rng.standard_normal((n, d_out)))
+  module = jkfac.flax.Dense(d_out)
+  params = {"Dense_0": {"kernel": jnp.asarray(rng.standard_normal((d_in, d_out))),
+                        "bias": jnp.asarray(rng.standard_normal(d_out))}}
+
+  def apply(params, x):
+    return module.apply({"params": params["Dense_0"]}, x)
+
+  def loss_fn(params, batch):
+    x, y = batch
+    prediction = jkfac.register_squared_error(apply(params, x), y)
+    return 0.5 * jnp.mean(jnp.sum((prediction - y) ** 2, axis=-1))
+
+  return apply, params, (x, y), loss_fn
+
+
+def _dense_ggn(apply, params, x):
+  """The GGN of the mean squared error, `(1/N) sum_n J_n^T J_n`, from `jax.jacfwd`."""
+  flat, unravel = ravel_pytree(params)
+  jac = jax.jacfwd(lambda f: apply(unravel(f), x).reshape(-1))(flat)
+  return jac.T @ jac / x.shape[0], flat, unravel
+
+
+def test_inverse_vector_product_and_logdet_equal_the_dense_ggn_where_kfac_is_exact():
+  with jax.enable_x64(True):
+    apply, params, batch, loss_fn = _regression()
+    fitted = curvature.fit(loss_fn, params, _split(batch, (7, 5)))
+    ggn, flat, unravel = _dense_ggn(apply, params, batch[0])
+    v = jnp.asarray(np.random.default_rng(1).standard_normal(flat.shape))
+    damping, scale = 0.3, 2.5
+    dense = scale * ggn + damping * jnp.eye(flat.size)
+    got = curvature.inverse_vector_product(fitted, unravel(v), damping, scale=scale)
+    np.testing.assert_allclose(ravel_pytree(got)[0], jnp.linalg.solve(dense, v), rtol=1e-10)
+    got = curvature.vector_product(fitted, unravel(v))
+    np.testing.assert_allclose(ravel_pytree(got)[0], ggn @ v, rtol=1e-10)
+    np.testing.assert_allclose(curvature.logdet(fitted, damping, scale=scale),
+                               jnp.linalg.slogdet(dense)[1], rtol=1e-12)
+    assert curvature.num_parameters(fitted) == flat.size
+
+
+def test_ekfac_scaling_is_the_projected_per_example_gradients_second_moment():
+  with jax.enable_x64(True):
+    net = _nets.MLP
+    _, params, batch, loss_fn = _nets.make_problem(net, dtype=jnp.float64, batch=N)
+    fitted = curvature.fit(loss_fn, params, _split(batch, (6, 6)), approximation="ekfac",
+                           estimation="empirical")
+    for name in net.layer_names:
+      grads = _nets.per_example_param_grads(net, params, batch, name)  # (N, (d_in+1) * d_out)
+      eigen = fitted.eigen[name]
+      grads = grads.reshape(N, eigen["QA"].shape[0], eigen["QG"].shape[0])
+      projected = jnp.einsum("ia,nij,jb->nab", eigen["QA"], grads, eigen["QG"])
+      np.testing.assert_allclose(eigen["values"], jnp.mean(projected ** 2, axis=0),
+                                 rtol=1e-9, atol=1e-14)
+      # the bases are K-FAC's: eigenvectors of the empirical factors
+      a = fitted.statistics[name]["A"]
+      np.testing.assert_allclose(eigen["QA"].T @ a @ eigen["QA"],
+                                 jnp.diag(jnp.diag(eigen["QA"].T @ a @ eigen["QA"])), atol=1e-10)
+
+
+def test_sample_covariance_matches_the_kronecker_posterior():
+  with jax.enable_x64(True):
+    net = _nets.MLP
+    _, params, batch, loss_fn = _nets.make_problem(net, dtype=jnp.float64, batch=N)
+    fitted = curvature.fit(loss_fn, params, [batch], layers="Dense_1")
+    tau, num = 2.0, 20000
+    draws = curvature.sample(fitted, params, jax.random.PRNGKey(0), tau, num)
+    # the other layer stays at the point estimate
+    np.testing.assert_array_equal(draws["Dense_0"]["kernel"],
+                                  jnp.broadcast_to(params["Dense_0"]["kernel"],
+                                                   (num,) + params["Dense_0"]["kernel"].shape))
+    m = jax.vmap(lambda p: _nets.layer_matrix(p, "Dense_1").reshape(-1))(draws)
+    a, g = fitted.statistics["Dense_1"]["A"], fitted.statistics["Dense_1"]["G"]
+    want = jnp.linalg.inv(N * jnp.kron(a, g) + tau * jnp.eye(m.shape[1]))
+    empirical = jnp.cov(m.T)
+    # each covariance entry's standard error: sqrt((S_ii S_jj + S_ij^2) / num)
+    se = jnp.sqrt((jnp.outer(jnp.diag(want), jnp.diag(want)) + want ** 2) / num)
+    assert float(jnp.max(jnp.abs(empirical - want) / se)) < 5.0
+    np.testing.assert_allclose(jnp.mean(m, 0), _nets.layer_matrix(params, "Dense_1").reshape(-1),
+                               atol=5 * float(jnp.sqrt(jnp.max(jnp.diag(want)) / num)))
+
+
+def test_fit_rejects_bad_input():
+  with jax.enable_x64(True):
+    _, params, batch, loss_fn = _nets.make_problem(_nets.MLP, dtype=jnp.float64)
+    with pytest.raises(ValueError, match="approximation"):
+      curvature.fit(loss_fn, params, [batch], approximation="kronn")
+    with pytest.raises(ValueError, match="matches no layer"):
+      curvature.fit(loss_fn, params, [batch], layers="Conv_*")
+    with pytest.raises(ValueError, match="num_batches"):
+      curvature.fit(loss_fn, params, lambda i: batch)
+    with pytest.raises(ValueError, match="iterator"):
+      curvature.fit(loss_fn, params, iter([batch]))
