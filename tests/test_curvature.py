@@ -132,3 +132,115 @@ def test_fit_rejects_bad_input():
       curvature.fit(loss_fn, params, lambda i: batch)
     with pytest.raises(ValueError, match="iterator"):
       curvature.fit(loss_fn, params, iter([batch]))
+
+
+def _linear_regression(n=20, tau=1.5, seed=0):
+  """Bayesian linear regression, unit noise: its MAP parameters for prior precision `tau`
+  and the closed-form log evidence `log N(y; 0, I + X Xᵀ / tau)` (X with a ones column)."""
+  apply, params, (x, y), loss_fn = _regression(n=n, d_in=2, d_out=1, seed=seed)
+  features = jnp.concatenate([x, jnp.ones((n, 1))], axis=1)
+  theta = jnp.linalg.solve(features.T @ features + tau * jnp.eye(3), features.T @ y)
+  params = {"Dense_0": {"kernel": theta[:2], "bias": theta[2]}}
+  cov = jnp.eye(n) + features @ features.T / tau
+  evidence = jax.scipy.stats.multivariate_normal.logpdf(y[:, 0], jnp.zeros(n), cov)
+  loss = loss_fn(params, (x, y)) + 0.5 * jnp.log(2 * jnp.pi)  # with the Gaussian's constant
+  return apply, params, (x, y), loss_fn, loss, evidence
+
+
+def test_marginal_likelihood_is_bayesian_linear_regressions_evidence():
+  with jax.enable_x64(True):
+    tau = 1.5
+    _, params, batch, loss_fn, loss, evidence = _linear_regression(tau=tau)
+    fitted = curvature.fit(loss_fn, params, _split(batch, (8, 12)))
+    got = curvature.log_marginal_likelihood(fitted, params, loss, tau)
+    np.testing.assert_allclose(got, evidence, rtol=1e-11)
+    other = curvature.log_marginal_likelihood(fitted, params, loss, 3 * tau)
+    assert not np.isclose(other, evidence, rtol=1e-3)  # the prior precision enters
+
+
+def test_optimized_prior_precision_meets_mackays_condition():
+  with jax.enable_x64(True):
+    apply, params, batch, loss_fn, loss, _ = _linear_regression()
+    fitted = curvature.fit(loss_fn, params, [batch])
+    tau = float(curvature.optimize_prior_precision(fitted, params, loss))
+    ggn, flat, _ = _dense_ggn(apply, params, batch[0])
+    s = jnp.linalg.eigvalsh(len(batch[0]) * ggn)
+    # d/dtau of the evidence: -|θ|²/2 + D/(2 tau) - tr((N F + tau I)^-1)/2 = 0
+    terms = (flat @ flat, flat.size / tau, jnp.sum(1 / (s + tau)))
+    np.testing.assert_allclose(terms[0], terms[1] - terms[2], rtol=1e-6)
+
+
+def test_linearized_predictive_of_a_linear_model_has_its_closed_form_variance():
+  with jax.enable_x64(True):
+    tau = 1.5
+    apply, params, (x, y), loss_fn, _, _ = _linear_regression(tau=tau)
+    fitted = curvature.fit(loss_fn, params, [(x, y)])
+    key, num = jax.random.PRNGKey(3), 4000
+    mean, var = curvature.predictive(fitted, apply, params, x[:5], key, tau, num,
+                                     likelihood="regression")
+    features = jnp.concatenate([x[:5], jnp.ones((5, 1))], axis=1)
+    all_features = jnp.concatenate([x, jnp.ones((len(x), 1))], axis=1)
+    sigma = jnp.linalg.inv(all_features.T @ all_features + tau * jnp.eye(3))
+    want = jnp.einsum("ni,ij,nj->n", features, sigma, features)[:, None]
+    assert float(jnp.max(jnp.abs(var / want - 1))) < 5 * np.sqrt(2 / num)
+    np.testing.assert_allclose(mean, apply(params, x[:5]), atol=5 * float(jnp.sqrt(
+        jnp.max(want) / num)))
+    # for a linear model, sampling the model equals sampling its linearization
+    mc = curvature.predictive_samples(fitted, apply, params, x[:5], key, tau, 7, method="mc")
+    lin = curvature.predictive_samples(fitted, apply, params, x[:5], key, tau, 7)
+    np.testing.assert_allclose(mc, lin, rtol=1e-10)
+
+
+def _dense_block(eigen):
+  """A fitted Kronecker block as a dense matrix on the row-major flattened layer matrix."""
+  q = jnp.kron(eigen["QA"], eigen["QG"])
+  return q @ jnp.diag(eigen["values"].reshape(-1)) @ q.T
+
+
+@pytest.mark.parametrize("approximation", ["kron", "ekfac"])
+def test_influence_equals_the_dense_score_with_the_same_curvature(approximation):
+  with jax.enable_x64(True):
+    net = _nets.MLP
+    _, params, batch, loss_fn = _nets.make_problem(net, dtype=jnp.float64, batch=N)
+    fitted = curvature.fit(loss_fn, params, _split(batch, (6, 6)), approximation=approximation)
+    queries = jax.tree_util.tree_map(lambda x: x[:3], batch)
+    damping = 0.05
+    got = curvature.influence(fitted, loss_fn, params, _split(batch, (5, 7)), queries, damping)
+    want = 0.0
+    for name in net.layer_names:
+      dense = _dense_block(fitted.eigen[name]) + damping * jnp.eye(
+          fitted.eigen[name]["values"].size)
+      train = _nets.per_example_param_grads(net, params, batch, name)
+      query = _nets.per_example_param_grads(net, params, queries, name)
+      want = want + train @ jnp.linalg.solve(dense, query.T)
+    assert got.shape == (N, 3)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_a_planted_mislabelled_example_is_the_most_harmful_for_a_query_of_its_class():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 3.0], [3.0, -2.0], [-3.0, -2.0]])
+    labels = np.repeat(np.arange(3), 10)
+    x = centres[labels] + rng.standard_normal((30, 2))
+    planted = 4
+    labels[planted] = 1  # a class-0 point labelled 1
+    module = jkfac.flax.Dense(3)
+
+    def loss_fn(params, batch):
+      x, y = batch
+      logits = jkfac.register_softmax_cross_entropy(module.apply({"params": params}, x), y)
+      return _nets.cross_entropy(logits, y)
+
+    params = {"kernel": jnp.zeros((2, 3)), "bias": jnp.zeros(3)}
+    batch = (jnp.asarray(x), jnp.asarray(labels))
+    step = jax.jit(lambda p: jax.tree_util.tree_map(
+        lambda w, g: w - 0.5 * (g + 1e-2 * w), p, jax.grad(loss_fn)(p, batch)))
+    for _ in range(300):
+      params = step(params)
+    fitted = curvature.fit(loss_fn, params, [batch])
+    query = (jnp.asarray(centres[:1]), jnp.asarray([0]))
+    scores = curvature.influence(fitted, loss_fn, params, [batch], query)[:, 0]
+    assert int(jnp.argmin(scores)) == planted
+    assert int(jnp.argmax(jnp.abs(scores))) == planted
+    assert float(scores[planted]) < 0

@@ -78,6 +78,15 @@ def spectral_map(curvature: FittedCurvature, vector: PyTree,
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def restrict(curvature: FittedCurvature, vector: PyTree) -> PyTree:
+  """`vector` with zeros in the entries of parameters the curvature does not cover."""
+  leaves, treedef = jax.tree_util.tree_flatten(vector)
+  out = [jnp.zeros_like(x) for x in leaves]
+  for layer in curvature.trace.every_layer:
+    _place(layer, _matrix(layer, leaves), out)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def vector_product(curvature: FittedCurvature, vector: PyTree, damping: float | Array = 0.0,
                    scale: float | Array = 1.0) -> PyTree:
   """`(scale * F + damping * I) v`."""

@@ -105,7 +105,7 @@ def _batch_statistics(loss_fn, trace: Trace, estimation: str, auto_register: boo
           for l in trace.every_layer}
 
 
-def _batches(batches: Iterable[PyTree] | Callable[[int], PyTree],
+def iterate_batches(batches: Iterable[PyTree] | Callable[[int], PyTree],
              num_batches: int | None) -> Iterable[PyTree]:
   if callable(batches):
     check(num_batches is not None and num_batches >= 1,
@@ -130,7 +130,7 @@ def _average(loss_fn, trace: Trace, params: PyTree, batches, num_batches, estima
   one_batch = jax.jit(functools.partial(_batch_statistics, loss_fn, trace, estimation,
                                         auto_register, dtype))
   total, count, started, shown = None, 0, time.monotonic(), 0.0
-  for index, batch in enumerate(_batches(batches, num_batches)):
+  for index, batch in enumerate(iterate_batches(batches, num_batches)):
     size = batch_size(batch)
     found = one_batch(params, batch, jax.random.fold_in(key, index), bases)
     weighted = jax.tree_util.tree_map(lambda x: x * size, found)
@@ -194,8 +194,7 @@ def fit(loss_fn: Callable[..., Any], params: PyTree,
       `num_batches`). Each batch's statistics are weighted by its size (the leading axis
       of its first leaf), so the result is the mean over all examples.
     approximation: the block of dense and conv layers whose tag names none: "kron"
-      (K-FAC), "ekfac" (eigenvalue-corrected, one more pass over `batches`, which must
-      then be re-iterable), "diagonal", "full", "kron_in_diag" or "kron_out_diag".
+      (K-FAC), "ekfac" (eigenvalue-corrected, one more pass over `batches`), "diagonal", "full", "kron_in_diag" or "kron_out_diag".
       Other layers get their default block, as in the optimizer.
     estimation: "exact" (the GGN: one backward pass per output unit), "fisher"
       (sampled targets, with `key`) or "empirical" (true targets).
@@ -209,18 +208,11 @@ def fit(loss_fn: Callable[..., Any], params: PyTree,
   """
   check(estimation in losses.ESTIMATIONS, f"Unknown estimation {estimation!r}; expected one "
         f"of {losses.ESTIMATIONS}.")
-  check(approximation != "ekfac" or not hasattr(batches, "__next__"),
-        "approximation='ekfac' passes over batches twice: give a list or a function of the "
-        "index, not an iterator.")
+  check(not hasattr(batches, "__next__"), "batches must be re-iterable (a list, a sequence) "
+        "or a function of the index; got an iterator.")
   key = jax.random.PRNGKey(0) if key is None else key
-  if callable(batches):
-    check(num_batches is not None and num_batches >= 1,
-          "batches is a function of the batch index: pass num_batches (>= 1) too.")
-    first = batches(0)
-  else:
-    check(not hasattr(batches, "__next__"), "batches must be re-iterable (a list, a "
-          "sequence) or a function of the index; got an iterator.")
-    first = next(iter(batches))
+  first = next(iter(iterate_batches(batches, num_batches)), None)
+  check(first is not None, "fit got no batches.")
   trace = trace_model(loss_fn, params, first, approximation, layers, auto_register)
   run = functools.partial(_average, loss_fn, params=params, batches=batches,
                           num_batches=num_batches, estimation=estimation, key=key,
