@@ -8,11 +8,13 @@ one projection back: the exact matrix function of the block (no factored damping
 what a Laplace posterior and an influence function need.
 
 Vectors are pytrees shaped like the parameters; entries of parameters the curvature
-does not cover (see `fit(layers=)`) come back as zeros.
+does not cover (see `fit(layers=)`) come back as zeros. The public functions are jitted
+(a `FittedCurvature`'s layer table is static), so that calls outside `jit` are one program.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -78,6 +80,7 @@ def spectral_map(curvature: FittedCurvature, vector: PyTree,
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+@jax.jit
 def restrict(curvature: FittedCurvature, vector: PyTree) -> PyTree:
   """`vector` with zeros in the entries of parameters the curvature does not cover."""
   leaves, treedef = jax.tree_util.tree_flatten(vector)
@@ -87,12 +90,14 @@ def restrict(curvature: FittedCurvature, vector: PyTree) -> PyTree:
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+@jax.jit
 def vector_product(curvature: FittedCurvature, vector: PyTree, damping: float | Array = 0.0,
                    scale: float | Array = 1.0) -> PyTree:
   """`(scale * F + damping * I) v`."""
   return spectral_map(curvature, vector, lambda s: scale * s + damping)
 
 
+@jax.jit
 def inverse_vector_product(curvature: FittedCurvature, vector: PyTree,
                            damping: float | Array, scale: float | Array = 1.0) -> PyTree:
   """`(scale * F + damping * I)^-1 v`, exactly for the fitted blocks; `damping` > 0 (or
@@ -100,6 +105,7 @@ def inverse_vector_product(curvature: FittedCurvature, vector: PyTree,
   return spectral_map(curvature, vector, lambda s: 1.0 / (scale * s + damping))
 
 
+@jax.jit
 def logdet(curvature: FittedCurvature, damping: float | Array,
            scale: float | Array = 1.0) -> Array:
   """`log det(scale * F + damping * I)` over the parameters the curvature covers."""
@@ -112,6 +118,7 @@ def eigenvalues(curvature: FittedCurvature) -> Array:
   return jnp.concatenate([e["values"].reshape(-1) for e in curvature.eigen.values()])
 
 
+@functools.partial(jax.jit, static_argnames="num_samples")
 def sample(curvature: FittedCurvature, params: PyTree, key: Array,
            prior_precision: float | Array, num_samples: int) -> PyTree:
   """`num_samples` draws from the Laplace posterior `N(params, (N F + τ I)^-1)`, `τ` the

@@ -139,10 +139,13 @@ def _average(loss_fn, trace: Trace, params: PyTree, batches, num_batches, estima
     if progress and time.monotonic() - shown > 1.0:
       shown = time.monotonic()
       of = f"/{num_batches}" if num_batches else ""
-      print(f"\r{label}: batch {index + 1}{of}, {count} examples, "
-            f"{shown - started:.0f} s", end="", file=sys.stderr, flush=True)
+      line = f"{label}: batch {index + 1}{of}, {count} examples, {shown - started:.0f} s"
+      if sys.stderr.isatty():  # one line, redrawn
+        print("\r" + line, end="", file=sys.stderr, flush=True)
+      else:
+        print(line, file=sys.stderr, flush=True)
   check(count > 0, "fit got no batches.")
-  if progress:
+  if progress and sys.stderr.isatty():
     print(file=sys.stderr)
   return jax.tree_util.tree_map(lambda x: x / count, total), count
 

@@ -70,9 +70,9 @@ def influence(curvature: FittedCurvature, loss_fn: Callable[..., Any], params: P
     damping: λ > 0; None uses `default_damping` (0.1 times F's mean eigenvalue).
   """
   damping = default_damping(curvature) if damping is None else jnp.asarray(damping)
-  queries = per_example_gradients(loss_fn, params, query_batch)
-  preconditioned = jax.vmap(
-      lambda g: algebra.inverse_vector_product(curvature, g, damping))(queries)
+  queries = jax.jit(functools.partial(per_example_gradients, loss_fn))(params, query_batch)
+  preconditioned = jax.jit(jax.vmap(algebra.inverse_vector_product, in_axes=(None, 0, None)))(
+      curvature, queries, damping)
   scores = jax.jit(functools.partial(_scores, loss_fn))
   batches = fitting.iterate_batches(train_batches, num_batches)
   return jnp.concatenate([scores(params, batch, preconditioned) for batch in batches], axis=0)

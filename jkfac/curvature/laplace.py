@@ -46,6 +46,7 @@ def _evidence(values: Array, num_examples: Array, loss: Array, squared_norm: Arr
           - 0.5 * jnp.sum(jnp.log(num_examples * values + prior_precision)))
 
 
+@jax.jit
 def log_marginal_likelihood(curvature: FittedCurvature, params: PyTree, loss: float | Array,
                             prior_precision: float | Array) -> Array:
   """The Laplace approximation of `log p(D | τ)`.
