@@ -22,11 +22,12 @@ from jkfac.tags import (
 from jkfac.describe import Description, describe
 from jkfac.interpreter import Curvature, value_and_grad
 from jkfac.loss_check import LossScaleWarning, check_loss_scale
-from jkfac.config import MIN_DAMPING
+from jkfac.config import MIN_DAMPING, PreconditionConfig
+from jkfac.factor_sizes import LargeFactorWarning
 from jkfac.state import PreconditionState
-from jkfac.precondition import precondition
+from jkfac.preconditioner import precondition
 from jkfac.alias import kfac
-from jkfac.adaptive import AdaptiveState, diagnostics
+from jkfac.adaptive import AdaptiveState, diagnostics, preconditioner_state
 from jkfac import layer_collection, parallel
 
 __version__ = "0.1.0"
@@ -47,6 +48,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "AdaptiveState",
+    "LargeFactorWarning",
+    "PreconditionConfig",
     "MIN_DAMPING",
     "Curvature",
     "Description",
@@ -61,6 +64,7 @@ __all__ = [
     "parallel",
     "kfac",
     "precondition",
+    "preconditioner_state",
     "register_categorical_predictive_distribution",
     "register_conv1d",
     "register_conv2d",

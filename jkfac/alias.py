@@ -1,165 +1,118 @@
 """`jkfac.kfac`: the K-FAC optimizer people call, built from the pieces below it.
 
-As `optax.adam` chains `scale_by_adam` with a learning rate, `kfac` chains
-`jkfac.precondition` with momentum and a learning rate, or wraps it into adaptive K-FAC
-(`jkfac.adaptive`).
+As `optax.adam` chains `scale_by_adam` with a learning rate, `kfac` wraps
+`jkfac.precondition` into the K-FAC step of `jkfac.adaptive` (quadratic model or fixed
+rate, damping, momentum), with the defaults of the one-call configuration.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
 import optax
 
 from jkfac import adaptive
-from jkfac.config import DEFAULT_ADAPTIVE_CADENCE, DEFAULT_CADENCE, DEFAULT_MIN_DAMPING
-from jkfac.precondition import precondition
+from jkfac.config import with_curvature_settings
+from jkfac.preconditioner import precondition
 from jkfac.schedules import ScalarOrSchedule
-from jkfac.skipping import keep_unless, zero_if
-from jkfac.validation import check, is_number
+
+# `kfac`'s curvature settings that differ from `PreconditionConfig`'s defaults: statistics
+# every 5 steps and inverses every 50, and no inverse from a single batch.
+KFAC_CURVATURE = dict(cov_update_every=5, invert_every=50, warm_start=True)
 
 PyTree = Any
 
 
 def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
          learning_rate: ScalarOrSchedule | None = None,
-         damping: ScalarOrSchedule | None = None,
          momentum: ScalarOrSchedule | None = 0.9,
-         momentum_type: str = "regular",
-         cov_ema_decay: float = 0.95,
-         cov_update_every: int | None = None,
-         invert_every: int | None = None,
-         estimation: str = "fisher",
-         inverse_method: str = "cholesky",
-         approximations: Mapping[str, str] | None = None,
-         seed: int = 0,
-         auto_register: bool = True,
-         axis_name: str | None = None,
-         placement: str | None = None,
-         mesh: jax.sharding.Mesh | None = None,
-         sub_sample_patches: float | None = None,
-         example_params: PyTree | None = None,
-         strict: bool = False,
-         adapt_damping: bool = False,
-         damping_adaptation_interval: int = 5,
+         momentum_type: str | None = None,
+         graft: str | None = None,
+         damping: ScalarOrSchedule | None = None,
+         adapt_damping: bool | None = None,
+         reject_steps: bool | None = None,
+         damping_adaptation_interval: int | None = None,
          damping_adaptation_decay: float = 0.95,
-         min_damping: float = DEFAULT_MIN_DAMPING,
+         min_damping: float | None = None,
          max_damping: float = math.inf,
          norm_constraint: float | None = None,
          l2_reg: float | None = None,
          l2_reg_exclude: Any = None,
-         num_burnin_steps: int | None = None) -> optax.GradientTransformationExtraArgs:
-  """The K-FAC optimizer: `-learning_rate * momentum(F^-1 g)`, or adaptive K-FAC.
+         num_burnin_steps: int | None = None,
+         **curvature_settings: Any) -> optax.GradientTransformationExtraArgs:
+  """The K-FAC optimizer. `jkfac.kfac(loss_fn, batch)` with nothing else is the default.
 
-  With `momentum_type="regular"` the momentum buffer accumulates preconditioned
-  gradients; with "adam" (tensorflow/kfac's default) it accumulates raw gradients,
-  which are then preconditioned (`v <- momentum v + g`, step `F^-1 v`). The other
-  arguments up to `strict` are `jkfac.precondition`'s, but `cov_update_every` and
-  `invert_every` default to the cadences measured fastest in seconds: statistics every 10
-  steps and inverses every 100 (`DEFAULT_CADENCE`), or every 5 and 50 for adaptive K-FAC
-  (`DEFAULT_ADAPTIVE_CADENCE`). Use as any optax optimizer,
-  passing the batch: `tx.update(grads, opt_state, params, batch=batch)`. With
-  `optax.inject_hyperparams`, pass `static_args=("loss_fn", "example_batch")`.
+  The default takes each step `δ = α F̂⁻¹g + μ δ_prev` with (α, μ) minimising the exact
+  Gauss-Newton quadratic model of the batch (μ kept in [0, 0.99]), adapts the damping by
+  Levenberg-Marquardt every step starting from the curvature's own scale, and rejects a
+  step that raises the batch loss (raising the damping at once). docs/concepts.md has
+  the maths; `jkfac.diagnostics(opt_state)` reads what each step did.
 
-  Adaptive K-FAC (`jkfac.adaptive`; any of these keywords switches it on):
-    momentum_type: also "qmodel": the step `alpha F^-1 g + mu v` (v the previous update)
-      with (alpha, mu) minimising the exact (GGN) quadratic model on the batch, plus
-      damping; "qmodel_fixedmu": mu = `momentum`, alpha from the model. `learning_rate`
-      may then be None (else it multiplies the model's step).
-    adapt_damping: Levenberg-Marquardt: every `damping_adaptation_interval` steps the
-      damping is multiplied by `damping_adaptation_decay ** interval` when the reduction
-      ratio rho > 3/4 and divided by it when rho < 1/4, within [`min_damping`,
-      `max_damping`] (default [1e-4, inf]: see `DEFAULT_MIN_DAMPING`);
-      `damping` is the initial value (default 1e-3).
-    norm_constraint: C > 0: `F^-1 g` is scaled by `min(1, sqrt(C / (lr^2 g^T F^-1 g)))`
-      (KL clipping, Ba et al. 2017); with "regular" or "adam" only.
-    l2_reg: weight decay `l2_reg * params` added to the gradients (and to the curvature
-      of the quadratic model and the preconditioner's damping), except on the parameters
-      whose path ("a/b/c") matches a glob pattern of `l2_reg_exclude` (e.g. `("*bias*",)`)
-      or for which `l2_reg_exclude(path)` is true.
-    num_burnin_steps: the first this many steps update the statistics only (zero updates).
-  `jkfac.diagnostics(opt_state)` returns what each step did (damping, rho, alpha, ...).
+  Use as any optax optimizer, passing the batch:
+  `tx.update(grads, opt_state, params, batch=batch)`.
+
+  Args:
+    loss_fn: `loss_fn(params, batch)`, the mean over the batch of per-example losses,
+      with its loss registered (`jkfac.register_softmax_cross_entropy`, ...).
+    example_batch: a batch, or its shapes and dtypes.
+    learning_rate: None (default): the quadratic model chooses the step size. A number or
+      schedule: a fixed-rate step `-learning_rate * momentum(F̂⁻¹g)`.
+    momentum: the momentum of a fixed-rate step (or the μ of "qmodel_fixedmu").
+    momentum_type: "qmodel" (the default without a learning rate), "qmodel_fixedmu" (α
+      from the model, μ = `momentum`), "regular" (the default with a learning rate: the
+      trace of F̂⁻¹g) or "adam" (tensorflow/kfac's: F̂⁻¹ of the trace of g).
+    graft: "adam": each parameter's step length is that of Adam's update (with this
+      `learning_rate`), its direction K-FAC's (Shampoo's grafting): Adam users keep
+      their learning rate. Needs a learning rate.
+    damping: None (default): adapted (Levenberg-Marquardt), starting from the K-FAC
+      curvature's mean eigenvalue; with `graft`, that mean eigenvalue at every inverse
+      update, not adapted. A number or schedule fixes it (then it is not adapted unless
+      `adapt_damping=True`, and is the initial value).
+    adapt_damping: whether to adapt the damping; default: when `damping` is None and
+      there is no `graft`.
+    reject_steps: reject a step that raises the batch loss or makes it non-finite (zero
+      update, the state as it was, the damping times 4); default: with `adapt_damping`.
+      It costs one forward pass per step.
+    damping_adaptation_interval: adapt every this many steps, by a factor
+      `damping_adaptation_decay ** interval`; default 1 with `reject_steps`, else 5.
+    damping_adaptation_decay: the LM factor per step, in (0, 1).
+    min_damping: the lower bound of the adapted damping; None keeps it at least 1e-3
+      times the curvature's current mean eigenvalue.
+    max_damping: the upper bound of the adapted damping.
+    norm_constraint: C > 0: with a learning rate, `F̂⁻¹g` is scaled by
+      `min(1, sqrt(C / (lr² gᵀF̂⁻¹g)))` (KL clipping, Ba et al. 2017).
+    l2_reg: weight decay `l2_reg * params` added to the gradients (and to the curvature of
+      the quadratic model and the damping).
+    l2_reg_exclude: parameters without weight decay: those whose path ("a/b/c") matches
+      one of these glob patterns, or for which `l2_reg_exclude(path)` is true.
+    num_burnin_steps: the first this many steps update the statistics only.
+    **curvature_settings: fields of `jkfac.PreconditionConfig` (cadences, estimation,
+      approximations, parallelism, ...). `kfac`'s defaults differ in three:
+      `cov_update_every` 5, `invert_every` 50 and `warm_start` True (`KFAC_CURVATURE`).
 
   Example:
-    >>> tx = jkfac.kfac(loss_fn, batch, learning_rate=1e-3, damping=1e-3)
+    >>> tx = jkfac.kfac(loss_fn, batch)
     >>> opt_state = tx.init(params)
     >>> updates, opt_state = tx.update(grads, opt_state, params, batch=batch)
-    >>> untuned = jkfac.kfac(loss_fn, batch, momentum_type="qmodel", adapt_damping=True)
+    >>> adam_users = jkfac.kfac(loss_fn, batch, learning_rate=3e-4, graft="adam")
   """
-  check(momentum_type in adaptive.MOMENTUM_TYPES,
-         f"momentum_type must be one of {adaptive.MOMENTUM_TYPES}, got {momentum_type!r}.")
-  check(momentum is None or is_number(momentum) or callable(momentum)
-         or isinstance(momentum, jax.Array),
-         f"momentum must be None, a number in [0, 1), a schedule or an array, got "
-         f"{momentum!r}.")
-  if is_number(momentum):
-    check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}.")
-  is_adaptive = (adapt_damping is not False or momentum_type in adaptive.QMODEL_TYPES
-                 or any(v is not None for v in (norm_constraint, l2_reg, l2_reg_exclude,
-                                                num_burnin_steps)))
-  default_cov, default_invert = DEFAULT_ADAPTIVE_CADENCE if is_adaptive else DEFAULT_CADENCE
-  cov_update_every = default_cov if cov_update_every is None else cov_update_every
-  invert_every = default_invert if invert_every is None else invert_every
-  config = None
-  if is_adaptive:
-    config = adaptive.AdaptiveConfig(
-        loss_fn, example_batch, learning_rate=learning_rate, damping=damping,
-        momentum=momentum, momentum_type=momentum_type, adapt_damping=adapt_damping,
-        damping_adaptation_interval=damping_adaptation_interval,
-        damping_adaptation_decay=damping_adaptation_decay, min_damping=min_damping,
-        max_damping=max_damping, norm_constraint=norm_constraint, l2_reg=l2_reg,
-        l2_reg_exclude=l2_reg_exclude, num_burnin_steps=num_burnin_steps,
-        axis_name=axis_name, mesh=mesh, example_params=example_params)
-    damping = config.initial_damping
-  else:
-    check(learning_rate is not None, "learning_rate is required (only momentum_type "
-           "'qmodel' and 'qmodel_fixedmu' may leave it None).")
-    check(damping is not None, "damping is required (unless adapt_damping=True).")
+  config = adaptive.AdaptiveConfig.from_kfac(
+      loss_fn, example_batch, learning_rate=learning_rate, momentum=momentum,
+      momentum_type=momentum_type, graft=graft, damping=damping, adapt_damping=adapt_damping,
+      reject_steps=reject_steps, damping_adaptation_interval=damping_adaptation_interval,
+      damping_adaptation_decay=damping_adaptation_decay, min_damping=min_damping,
+      max_damping=max_damping, norm_constraint=norm_constraint, l2_reg=l2_reg,
+      l2_reg_exclude=l2_reg_exclude, num_burnin_steps=num_burnin_steps,
+      axis_name=curvature_settings.get("axis_name"), mesh=curvature_settings.get("mesh"),
+      example_params=curvature_settings.get("example_params"))
+  settings = {**KFAC_CURVATURE, **curvature_settings}
+  # The step passes its damping to the preconditioner at every update: this one is a
+  # placeholder where the damping is calibrated at the first step.
   preconditioner = precondition(
-      loss_fn, example_batch, damping=damping, cov_ema_decay=cov_ema_decay,
-      cov_update_every=cov_update_every, invert_every=invert_every, estimation=estimation,
-      inverse_method=inverse_method, approximations=approximations, seed=seed,
-      auto_register=auto_register, axis_name=axis_name, placement=placement, mesh=mesh,
-      sub_sample_patches=sub_sample_patches, example_params=example_params, strict=strict)
-  if config is not None:
-    return adaptive.adaptive(config, preconditioner)
-  accumulate = optax.identity() if momentum is None else scale_by_momentum(momentum)
-  steps = [preconditioner, accumulate] if momentum_type == "regular" else [accumulate,
-                                                                           preconditioner]
-  return skip_with(optax.chain(*steps, optax.scale_by_learning_rate(learning_rate)),
-                   steps.index(preconditioner))
+      loss_fn, example_batch, damping=adaptive.DEFAULT_ADAPTIVE_DAMPING if config.calibrated
+      else config.initial_damping, **settings)
+  return adaptive.adaptive(config, preconditioner)
 
 
-def scale_by_momentum(decay: ScalarOrSchedule) -> optax.GradientTransformation:
-  """`optax.trace(decay)`, with `decay` also a schedule of the step count."""
-  if not callable(decay):
-    return optax.trace(decay=decay)
-
-  def init_fn(params):
-    return optax.trace(decay=0.0).init(params), jnp.zeros([], jnp.int32)
-
-  def update_fn(updates, state, params=None):
-    trace_state, count = state
-    updates, trace_state = optax.trace(decay=decay(count)).update(updates, trace_state, params)
-    return updates, (trace_state, optax.safe_increment(count))
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-def skip_with(inner: optax.GradientTransformationExtraArgs,
-              index: int) -> optax.GradientTransformationExtraArgs:
-  """`inner` (a chain) that, when its `precondition` step (the `index`-th) skips a
-  non-finite batch, returns zero updates and leaves every other state as it was: training
-  then goes on as if the batch had not come."""
-
-  def update_fn(updates, state, params=None, **extra_args):
-    new_updates, new_state = inner.update(updates, state, params, **extra_args)
-    skipped = new_state[index].skipped_steps > state[index].skipped_steps
-    kept = keep_unless(skipped, new_state, state)
-    kept = (*kept[:index], new_state[index], *kept[index + 1:])
-    return zero_if(skipped, new_updates), kept
-
-  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+with_curvature_settings(kfac, KFAC_CURVATURE)

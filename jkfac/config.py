@@ -8,6 +8,7 @@ optimizer is made; arrays live in the state. Numbers may arrive as arrays from
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import numbers
 import warnings
 from typing import Any, Callable, Mapping
@@ -15,10 +16,10 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from jkfac import blocks, layer_table, linalg, losses, masking, parallel
+from jkfac import blocks, factor_sizes, layer_table, linalg, losses, masking, parallel
 from jkfac.layer_info import Trace
 from jkfac.schedules import ScalarOrSchedule
-from jkfac.validation import abstract, check, is_number
+from jkfac.validation import abstract, check, is_integer, is_number
 
 PyTree = Any
 
@@ -51,7 +52,66 @@ def state_dtype(params: PyTree) -> jnp.dtype:
 
 @dataclasses.dataclass(frozen=True)
 class PreconditionConfig:
-  """The static settings of `precondition` (see its arguments), validated when built."""
+  """The static settings of `jkfac.precondition`, validated when built: the one place
+  where each setting and its default are written.
+
+  Attributes:
+    loss_fn: `loss_fn(params, batch)`, the mean over the batch of per-example losses,
+      with its layers tagged (`jkfac.flax.Dense`/`Conv`, `jkfac.register_dense`, ...)
+      and its loss registered (`jkfac.register_softmax_cross_entropy`, ...). It may
+      return `(loss, aux)`; only its tags are used.
+    example_batch: a batch, or `jax.ShapeDtypeStruct`s with its shapes and dtypes.
+    damping: Tikhonov damping λ (float or schedule of the step), > 0; values below
+      `MIN_DAMPING` (1e-8), e.g. from a schedule, are raised to it.
+    cov_ema_decay: EMA decay of the curvature statistics per step, in [0, 1) (or a
+      schedule).
+    cov_update_every: statistics are computed on every this many steps; each update
+      then decays the EMA by `cov_ema_decay ** cov_update_every`, so the EMA's memory
+      in steps does not depend on the cadence.
+    invert_every: inverses are recomputed on every this many steps.
+    estimation: "fisher" (sampled targets), "empirical" (true targets) or "exact"
+      (one backward pass per output unit).
+    inverse_method: "cholesky" or "eigh".
+    approximations: glob patterns on layer names (e.g. `{"Conv_0": "diagonal"}`; a
+      pattern also matches a suffix of the name after a "/", so "Conv_0" matches
+      "params/Conv_0") choosing the approximation of layers whose tag names none
+      (patterns that match one layer must agree); by default each kind's first
+      approximation in `jkfac.blocks.REGISTRY` ("kron", "kron_indep" for a multi-use
+      layer or a tied embedding, "diagonal" for a scale-and-shift layer).
+    seed: seed of the PRNG key that samples targets.
+    auto_register: also precondition untagged dense, conv, embedding and norm
+      (scale-and-shift) layers that jkfac recognises in the jaxpr. Hand tags win.
+    axis_name: the `jax.pmap` axis to average gradients and statistics over; with
+      `mesh`, the mesh axis that spreads inverse work under `jax.jit`.
+    placement: "round_robin" (default with an axis) inverts each factor on one device
+      and shares it; "replicated" inverts everything on every device.
+    mesh: for `jax.jit` with a batch sharded over this mesh (data parallel). Arrays
+      are global there, so nothing is averaged by hand.
+    sub_sample_patches: as in tensorflow/kfac: estimate each conv layer's input factor
+      A from at most `int(sub_sample_patches * d_in)` of the batch's patch rows
+      (examples times output positions; `d_in` the patch size), drawn uniformly
+      without replacement with a fresh key on every statistics step; G still uses
+      every position. Cheaper A for large images, unbiased but noisier. Applies to
+      conv layers of one use under "kron", "kron_in_diag" and "kron_out_diag"; None
+      uses every patch.
+    example_params: the whole model's parameters (or their shapes), needed only inside
+      `optax.masked` / `optax.multi_transform`, which show jkfac part of them; then pass
+      `model_params=params` (the whole model's) to `update` as well. Layers with
+      parameters outside the mask are left to the other transformations.
+    strict: raise `ValueError` in `init`, instead of a `GenericBlockWarning`, when a
+      parameter with two or more dimensions gets a generic diagonal block because no
+      recognised layer uses it, and instead of a `LossScaleWarning` when `loss_fn`'s value
+      is far from its registered losses' (see `jkfac.check_loss_scale`; checked when
+      `init` gets concrete parameters and `example_batch` holds values).
+
+    max_factor_dim: a layer whose input or output features exceed this keeps that side's
+      factor diagonal (`jkfac.factor_sizes`), with a warning at `init`; None: 4096
+      (`MAX_FACTOR_DIM`). Static: under `optax.inject_hyperparams`, list it in
+      `static_args`.
+    warm_start: no inverse from a single batch: statistics every step until the first
+      regular inverse update, inverses at steps 1, 2, 4, 8, ... below `invert_every`,
+      and none at step 0 (whose preconditioner is the identity). `jkfac.kfac` turns it on.
+  """
   loss_fn: Callable[..., Any]
   example_batch: PyTree
   damping: ScalarOrSchedule
@@ -69,6 +129,8 @@ class PreconditionConfig:
   sub_sample_patches: float | None = None
   example_params: PyTree | None = None
   strict: bool = False
+  warm_start: bool = False
+  max_factor_dim: int | None = None
 
   def __post_init__(self):
     check(is_number(self.damping) or callable(self.damping)
@@ -106,6 +168,10 @@ class PreconditionConfig:
            f"{self.sub_sample_patches!r}.")
     check(self.placement is None or self.placement in parallel.PLACEMENTS,
            f"Unknown placement {self.placement!r}; expected one of {parallel.PLACEMENTS}.")
+    check(self.max_factor_dim is None or (is_integer(self.max_factor_dim)
+                                          and self.max_factor_dim >= 1),
+          f"max_factor_dim must be None or an integer >= 1 (a static value: under "
+          f"optax.inject_hyperparams, list it in static_args), got {self.max_factor_dim!r}.")
     if self.mesh is not None:
       check(self.axis_name in self.mesh.axis_names,
              f"With mesh=, axis_name must name one of its axes {self.mesh.axis_names}; got "
@@ -118,17 +184,44 @@ class PreconditionConfig:
                        self.placement or ("round_robin" if self.axis_name else "replicated"))
 
   @property
+  def factor_bound(self) -> int:
+    """`max_factor_dim`, its default resolved."""
+    return factor_sizes.MAX_FACTOR_DIM if self.max_factor_dim is None else self.max_factor_dim
+
+  @property
   def device_axis(self) -> str | None:
     """The pmap axis to average over (None under `jax.jit` with a mesh, or alone)."""
     return self.axis_name if self.mesh is None else None
 
-  def trace(self, params: PyTree, batch: PyTree, masked: PyTree | None = None) -> Trace:
-    """The checked layer table of `loss_fn` at these shapes; with `masked` (the view
-    `optax.masked` gives of `params`), only its layers."""
-    trace = layer_table.trace_with_approximations(
+  def trace(self, params: PyTree, batch: PyTree, masked: PyTree | None = None,
+            warn: bool = False) -> Trace:
+    """The checked layer table of `loss_fn` at these shapes, factors bounded by
+    `max_factor_dim` (`warn`: say which); with `masked` (the view `optax.masked` gives of
+    `params`), only its layers."""
+    trace = factor_sizes.bound_factors(layer_table.trace_with_approximations(
         self.loss_fn, params, batch, approximations=self.approximations,
-        auto_register=self.auto_register)
+        auto_register=self.auto_register), self.factor_bound, warn)
     if masked is None:
       return trace
     return masking.only_present(trace, masking.present_leaves(masked, params))
 
+
+
+CURVATURE_FIELDS = tuple(f.name for f in dataclasses.fields(PreconditionConfig)
+                         if f.name not in ("loss_fn", "example_batch", "damping"))
+
+
+def with_curvature_settings(factory: Callable[..., Any], defaults: Mapping[str, Any]
+                            ) -> Callable[..., Any]:
+  """`factory` (which takes `**settings` for `PreconditionConfig`) with a signature that
+  lists every curvature setting as a keyword with its default (`defaults` first), so
+  `inspect` and `optax.inject_hyperparams` see them: the fields stay written once."""
+  signature = inspect.signature(factory)
+  parameters = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
+  fields = {f.name: f for f in dataclasses.fields(PreconditionConfig)}
+  for name in CURVATURE_FIELDS:
+    default = defaults.get(name, fields[name].default)
+    parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                                        default=default, annotation=fields[name].type))
+  factory.__signature__ = signature.replace(parameters=parameters)
+  return factory

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from jkfac import layers
 from jkfac import blocks
+from jkfac import factor_sizes
 from jkfac.layer_table import trace_with_approximations
 
 PyTree = Any
@@ -76,7 +77,8 @@ def _size(num_bytes: int) -> str:
 
 def describe(loss_fn: Callable[..., Any], params: PyTree, batch: PyTree, *,
              approximations: Mapping[str, str] | None = None,
-             auto_register: bool = True) -> Description:
+             auto_register: bool = True,
+             max_factor_dim: int = factor_sizes.MAX_FACTOR_DIM) -> Description:
   """Every parameter of `loss_fn` with the block K-FAC gives it; `print` it for a table.
 
   Takes the arguments `jkfac.kfac` / `jkfac.precondition` take, so it shows what they
@@ -87,8 +89,9 @@ def describe(loss_fn: Callable[..., Any], params: PyTree, batch: PyTree, *,
   Example:
     >>> print(jkfac.describe(loss_fn, params, batch))
   """
-  trace = trace_with_approximations(loss_fn, params, batch, approximations=approximations,
-                                    auto_register=auto_register)
+  trace = factor_sizes.bound_factors(trace_with_approximations(
+      loss_fn, params, batch, approximations=approximations, auto_register=auto_register),
+      max_factor_dim)
   leaves = jax.tree_util.tree_leaves(params)
   itemsize = jnp.zeros(()).dtype.itemsize
   rows: dict[int, ParameterInfo] = {}

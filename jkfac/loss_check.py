@@ -64,6 +64,12 @@ def _hint(ratio: float, rows: list[tuple[str, tuple[int, ...], float]]) -> str:
   if sums:
     return (f" This looks like {' or '.join(dict.fromkeys(sums))}: use the mean over all rows "
             "(masked: the masked sum over the mask sum).")
+  total = math.prod(shape[:-1]) if len(shape) > 1 else shape[0]
+  if counted < total and abs(ratio * total / counted - 1) < 0.15:
+    return (f" This looks like a mean over all {total} rows, padded ones included, while the "
+            f"registered mask counts {counted:.0f}: divide the masked sum by the mask's sum "
+            "(e.g. jnp.sum(loss * mask) / jnp.sum(mask)), or register no mask if padded "
+            "rows should count.")
   if (kind != "softmax_cross_entropy" and len(shape) > 1 and shape[-1] > 1
       and abs(ratio * shape[-1] - 1) < 0.15):
     return (" This looks like a mean over the last axis too: a registered row's loss is the "

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jkfac import blocks, layer_table, layers, loss_check, masking
 from jkfac.config import MASKED_HINT, PreconditionConfig, state_dtype
 from jkfac.layer_info import Trace
-from jkfac.validation import abstract, check
+from jkfac.validation import abstract, check, check_floating
 
 Array = jax.Array
 PyTree = Any
@@ -30,6 +30,8 @@ class PreconditionState(NamedTuple):
                      finite; such a step changes nothing else in the state.
   inverse_fallbacks: layer inversions (slices, for stacked layers) that were not finite
                      even with eigh and kept the layer's previous inverses.
+  curvature_scale:   `tr F̂ / dim F̂` at the last statistics step (`jkfac.damping`), the
+                     scale adaptive K-FAC calibrates its damping to; 0 before.
   """
   count: Array
   key: Array
@@ -39,16 +41,19 @@ class PreconditionState(NamedTuple):
   inverses: dict[str, dict[str, Array]]
   skipped_steps: Array
   inverse_fallbacks: Array
+  curvature_scale: Array
 
 
 def init_state(config: PreconditionConfig, params: PyTree) -> PreconditionState:
   """Zero statistics and identity inverses for every layer of `config.loss_fn`."""
+  check_floating(params)
   if masking.is_masked(params):
     check(config.example_params is not None,
            MASKED_HINT + "pass example_params=params (or their shapes) to jkfac.")
-    trace = config.trace(config.example_params, config.example_batch, masked=params)
+    trace = config.trace(config.example_params, config.example_batch, masked=params,
+                         warn=True)
   else:
-    trace = config.trace(abstract(params), config.example_batch)
+    trace = config.trace(abstract(params), config.example_batch, warn=True)
   layer_table.check_coverage(trace, config.strict)
   loss_check.check_if_concrete(config.loss_fn, params, config._concrete_batch, config.strict)
   dtype = state_dtype(params)
@@ -62,7 +67,7 @@ def init_state(config: PreconditionConfig, params: PyTree) -> PreconditionState:
   return PreconditionState(count=zero, key=jax.random.PRNGKey(config.seed),
                            ema_weight=jnp.zeros([], dtype), damping=jnp.zeros([], dtype),
                            statistics=statistics, inverses=inverses, skipped_steps=zero,
-                           inverse_fallbacks=zero)
+                           inverse_fallbacks=zero, curvature_scale=jnp.zeros([], jnp.float32))
 
 
 def check_state(trace: Trace, state: PreconditionState) -> None:

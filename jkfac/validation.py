@@ -31,3 +31,16 @@ def abstract(tree: PyTree) -> PyTree:
   """`tree` as `jax.ShapeDtypeStruct`s: what a static configuration may keep of arrays."""
   return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)),
                                 tree)
+
+
+def check_floating(params: PyTree) -> None:
+  """Raises `ValueError` naming the first parameter leaf that is not floating point: K-FAC
+  has no curvature for an integer leaf (e.g. a step counter), and its gradient is float0."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      raise ValueError(
+          f"jkfac optimizes floating-point parameters, but {jax.tree_util.keystr(path)} is "
+          f"{dtype}. Keep counters and other integer state out of the parameters (e.g. in "
+          "another Flax collection), or give jkfac only the floating leaves with "
+          "optax.multi_transform (see docs: K-FAC for part of a model).")

@@ -120,7 +120,8 @@ def test_qmodel_solves_the_2x2_system_and_rho_is_one(l2_reg):
   extra = {} if l2_reg is None else dict(l2_reg=l2_reg, l2_reg_exclude=("b",))
   settings = dict(estimation="exact", cov_update_every=1, invert_every=1)
   tx = jkfac.kfac(linear_loss, linear_batch(), momentum_type="qmodel", damping=0.05,
-                  adapt_damping=True, damping_adaptation_interval=1, **settings, **extra)
+                  adapt_damping=True, reject_steps=False, damping_adaptation_interval=1,
+                  warm_start=False, **settings, **extra)
   pre = jkfac.precondition(linear_loss, linear_batch(), damping=1.0, **settings)
   params = linear_params()
   state, pre_state = tx.init(params), pre.init(params)
@@ -164,7 +165,7 @@ def test_qmodel_fixedmu_solves_for_alpha_with_the_given_momentum():
   """With μ fixed, α minimises the model along Δ given μ v: checked against the closed
   form from the same Δ (the update minus μ v)."""
   tx = jkfac.kfac(linear_loss, linear_batch(), momentum_type="qmodel_fixedmu", momentum=0.5,
-                  damping=0.05, estimation="exact", invert_every=1)
+                  damping=0.05, estimation="exact", invert_every=1, warm_start=False)
   params, step = linear_params(), jitted_step(tx, linear_loss)
   state = tx.init(params)
   params, state, previous, _ = step(params, state, linear_batch(0))
@@ -195,7 +196,8 @@ def test_adapted_damping_rule():
 
 
 def test_damping_rises_when_rho_is_small_and_falls_when_it_is_large():
-  kw = dict(damping=1e-2, momentum=None, adapt_damping=True, damping_adaptation_interval=1)
+  kw = dict(damping=1e-2, momentum=None, adapt_damping=True, damping_adaptation_interval=1,
+            reject_steps=False, warm_start=False)
   # A step far too long for a nonlinear net: the model is a poor fit, ρ is small.
   tx = jkfac.kfac(mlp_loss, mlp_batch(), learning_rate=3.0, **kw)
   _, state, _, _ = jitted_step(tx, mlp_loss)(mlp_params(), tx.init(mlp_params()), mlp_batch())
@@ -211,8 +213,8 @@ def test_damping_rises_when_rho_is_small_and_falls_when_it_is_large():
 
 def test_adaptive_step_compiles_once_and_adapts_every_interval():
   tx = jkfac.kfac(mlp_loss, mlp_batch(), momentum_type="qmodel", adapt_damping=True,
-                  damping_adaptation_interval=3, num_burnin_steps=2, l2_reg=1e-4,
-                  l2_reg_exclude=("*bias*",), invert_every=2)
+                  damping=1e-3, reject_steps=False, damping_adaptation_interval=3, num_burnin_steps=2,
+                  l2_reg=1e-4, l2_reg_exclude=("*bias*",), invert_every=2)
   traces = []
 
   @jax.jit
@@ -333,7 +335,7 @@ def test_norm_constraint_bounds_the_step():
   """`lr² gᵀΔ` of the scaled Δ is C: the scale is `sqrt(C / (lr² gᵀΔ))`, with Δ from
   `jkfac.precondition`; a constraint that does not bind changes nothing."""
   kw = dict(damping=1e-2, momentum=None, estimation="exact", cov_update_every=1,
-            invert_every=10)
+            invert_every=10, warm_start=False)
   params, batch = mlp_params(), mlp_batch()
   grads = jax.grad(mlp_loss)(params, batch)
   pre = jkfac.precondition(mlp_loss, batch, damping=1e-2, estimation="exact")
@@ -427,7 +429,7 @@ def test_l2_reg_adds_weight_decay_except_excluded_paths():
       True, True, False, False)
   grads = jax.grad(mlp_loss)(params, batch)
   tx = jkfac.kfac(mlp_loss, batch, learning_rate=0.5, damping=1e-2, l2_reg=0.1,
-                  l2_reg_exclude="*bias*", momentum=None, estimation="exact")
+                  l2_reg_exclude="*bias*", momentum=None, estimation="exact", warm_start=False)
   updates, _ = jitted_update(tx, grads, params, batch)
   decayed = jax.tree_util.tree_map_with_path(
       lambda path, g, p: g if "bias" in jax.tree_util.keystr(path) else g + 0.1 * p,
@@ -467,7 +469,7 @@ def test_diagnostics_keys_in_nested_optax_states():
   assert set(found) == set(adaptive.DIAGNOSTICS)
   assert all(np.isfinite(float(v)) for v in found.values())
   assert float(found["update_norm"]) > 0 and float(found["alpha"]) < 0
-  plain = jkfac.kfac(mlp_loss, batch, learning_rate=0.1, damping=1e-2)
+  plain = jkfac.precondition(mlp_loss, batch, damping=1e-2)
   assert set(jkfac.diagnostics(plain.init(params))) == {
       "damping", "skipped_steps", "inverse_fallbacks"}
   with pytest.raises(ValueError, match="exactly one"):
@@ -500,9 +502,12 @@ def test_untuned_qmodel_with_adaptive_damping_trains():
     (dict(num_burnin_steps=-1), "num_burnin_steps"),
     (dict(momentum_type="qmodel_fixedmu", momentum=None), "momentum"),
     (dict(momentum_type="sgd"), "momentum_type"),
-    (dict(learning_rate=None), "learning_rate"),
-    (dict(learning_rate=None, adapt_damping=True), "learning_rate"),
-    (dict(damping=None), "damping"),
+    (dict(learning_rate=None, momentum_type="regular"), "learning_rate"),
+    (dict(damping=None, adapt_damping=False), "damping"),
+    (dict(graft="sgd"), "graft"),
+    (dict(learning_rate=None, graft="adam"), "graft"),
+    (dict(reject_steps=True), "reject_steps"),
+    (dict(max_factor_dim=0), "max_factor_dim"),
 ], ids=lambda v: (("schedule" if "<function" in repr(v) else repr(v))
                   if isinstance(v, dict) else None))
 def test_bad_settings_raise(kwargs, name):

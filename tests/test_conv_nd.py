@@ -73,7 +73,7 @@ def _assert_same_as_hand_tagged(auto_loss, hand_loss, params, batch, expected):
   hand_steps = _kfac_steps(hand_loss, params, batch, auto_register=False)
   for (auto_updates, auto_state), (hand_updates, hand_state) in zip(auto_steps, hand_steps):
     assert np.abs(jax.tree_util.tree_leaves(auto_updates)[0]).max() > 0
-    assert_trees_close(auto_state[0].statistics, hand_state[0].statistics, rtol=1e-4,
+    assert_trees_close(jkfac.preconditioner_state(auto_state).statistics, jkfac.preconditioner_state(hand_state).statistics, rtol=1e-4,
                         atol=1e-6)
     assert_trees_close(auto_updates, hand_updates, rtol=1e-4, atol=1e-6)
   return auto, auto_steps
@@ -166,8 +166,8 @@ def test_linen_3d_conv_and_dense_general_are_registered_as_hand_tagged():
   conv0, conv1, _, _ = trace.layers
   assert conv0.conv == tags.ConvParams((1, 2, 1), ((0, 1), (1, 1), (0, 1)), (1, 1, 1), (1, 1, 1))
   assert conv1.conv == tags.ConvParams((1, 1, 1), ((0, 0),) * 3, (1, 1, 1), (1, 1, 2), 4)
-  covariances = jkfac.kfac(auto_loss, batch, learning_rate=0.1, damping=1e-2).init(
-      params)[0].statistics
+  covariances = jkfac.preconditioner_state(jkfac.kfac(
+      auto_loss, batch, learning_rate=0.1, damping=1e-2).init(params)).statistics
   assert covariances["Conv_0"]["A"].shape == (2 * 3 * 2 * 2 + 1,) * 2
   assert covariances["Conv_1"]["A"].shape == (4, 8, 8)              # 4 groups, 2x2x2 patches
   assert covariances["Conv_1"]["G"].shape == (4, 2, 2)              # 2 outputs per group
@@ -304,7 +304,7 @@ def test_dense_general_with_batch_dims_or_leading_axes_stays_generic():
       "DenseGeneral_0/bias", "DenseGeneral_0/kernel", "DenseGeneral_1/bias",
       "DenseGeneral_1/kernel"]
   (_, state), = _kfac_steps(loss_fn, params, batch, steps=1)
-  assert state[0].statistics["DenseGeneral_0/kernel"]["diagonal"].shape == (4 * 4 * 2, 1)
+  assert jkfac.preconditioner_state(state).statistics["DenseGeneral_0/kernel"]["diagonal"].shape == (4 * 4 * 2, 1)
 
 
 # --- brute-force references -----------------------------------------------------------------
@@ -681,8 +681,8 @@ def test_describe_shows_stacked_group_factors():
   assert rows["DenseGeneral_0/kernel"].factors == "A 13x13, G 4x4"        # 12 channels
   state = jkfac.kfac(auto_loss, batch, learning_rate=0.1, damping=1e-2).init(params)
   assert rows["Conv_0/kernel"].state_bytes == sum(
-      x.nbytes for x in jax.tree_util.tree_leaves((state[0].statistics["Conv_0"],
-                                                   state[0].inverses["Conv_0"])))
+      x.nbytes for x in jax.tree_util.tree_leaves((jkfac.preconditioner_state(state).statistics["Conv_0"],
+                                                   jkfac.preconditioner_state(state).inverses["Conv_0"])))
 
 
 # --- bad inputs ----------------------------------------------------------------------------------

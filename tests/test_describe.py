@@ -51,7 +51,7 @@ def _rows(description):
 
 def _state_bytes(state):
   """Bytes of the covariances and inverses in a `tx.init` state, per layer."""
-  precondition_state = state[0] if isinstance(state, tuple) else state
+  precondition_state = jkfac.preconditioner_state(state)
   return {name: sum(x.nbytes for x in jax.tree_util.tree_leaves(
       (precondition_state.statistics[name], precondition_state.inverses[name])))
           for name in precondition_state.statistics}
@@ -108,7 +108,7 @@ def test_describe_state_bytes_are_the_state_of_the_transform():
     tx = jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-2,
                     approximations=approximations)
     state = tx.init(params)
-    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state[0].inverses))
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(jkfac.preconditioner_state(state).inverses))
     actual = _state_bytes(state)
     assert description.state_bytes == sum(actual.values())
     rows = _rows(description)
@@ -191,18 +191,21 @@ def test_generic_parameters_get_a_diagonal_block():
     assert rows[path].state_bytes == 2 * 4 * size
   assert rows["Dense_0/kernel"].kind == rows["Dense_1/bias"].kind == "dense"
 
-  tx = jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-1, invert_every=1)
+  tx = jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-1, invert_every=1,
+                  warm_start=False)
   state = tx.init(params)
   for path, shape in GENERIC.items():
-    assert state[0].statistics[path]["diagonal"].shape == (math.prod(shape), 1)
-    assert state[0].inverses[path]["diagonal"].shape == (math.prod(shape), 1)
+    pre = jkfac.preconditioner_state(state)
+    assert pre.statistics[path]["diagonal"].shape == (math.prod(shape), 1)
+    assert pre.inverses[path]["diagonal"].shape == (math.prod(shape), 1)
   grads = jax.grad(loss_fn)(params, batch)
   updates, state = jax.jit(lambda g, s: tx.update(g, s, params, batch=batch))(grads, state)
   # The generic leaves are preconditioned by their diagonal: (F_ii / w + damping)^-1 g_i.
   damping = 1e-1
   for path, get in (("temp", lambda t: t["temp"]),
                     ("LayerNorm_0/scale", lambda t: t["LayerNorm_0"]["scale"])):
-    cov = state[0].statistics[path]["diagonal"][:, 0] / state[0].ema_weight
+    pre = jkfac.preconditioner_state(state)
+    cov = pre.statistics[path]["diagonal"][:, 0] / pre.ema_weight
     assert float(cov.min()) > 0
     expected = -0.1 * get(grads).reshape(-1) / (cov + damping)
     np.testing.assert_allclose(get(updates).reshape(-1), expected, rtol=1e-5)
@@ -312,13 +315,13 @@ def test_without_auto_register_untagged_layers_are_generic():
 
   tx = jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-1, auto_register=False)
   state = tx.init(params)
-  assert sorted(state[0].statistics) == ["Dense_0/bias", "Dense_0/kernel", "Dense_1",
+  assert sorted(jkfac.preconditioner_state(state).statistics) == ["Dense_0/bias", "Dense_0/kernel", "Dense_1",
                                           "Dense_2/kernel"]
-  assert state[0].statistics["Dense_0/kernel"]["diagonal"].shape == (30, 1)
+  assert jkfac.preconditioner_state(state).statistics["Dense_0/kernel"]["diagonal"].shape == (30, 1)
   grads = jax.grad(loss_fn)(params, batch)
   updates, state = jax.jit(lambda g, s: tx.update(g, s, params, batch=batch))(grads, state)
   assert all(np.isfinite(u).all() for u in jax.tree_util.tree_leaves(updates))
-  assert float(jnp.abs(state[0].statistics["Dense_2/kernel"]["diagonal"]).max()) > 0
+  assert float(jnp.abs(jkfac.preconditioner_state(state).statistics["Dense_2/kernel"]["diagonal"]).max()) > 0
 
 
 # --- BatchNorm with mutable state ------------------------------------------------------------
@@ -448,4 +451,4 @@ def test_every_parameter_of_a_mixed_model_gets_its_block(x64):
     losses, state = _train_with_batch_stats(loss_fn, tx, variables["params"], batch)
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
     dtype = jnp.float64 if x64 else jnp.float32
-    assert all(x.dtype == dtype for x in jax.tree_util.tree_leaves(state[0].statistics))
+    assert all(x.dtype == dtype for x in jax.tree_util.tree_leaves(jkfac.preconditioner_state(state).statistics))

@@ -114,4 +114,4 @@ def test_ekfac_trains_and_describes():
   tx = jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-2, invert_every=3)
   losses, params, state = _nets.train_losses(loss_fn, tx, params, batch, steps=8)
   assert losses[-1] < losses[0]
-  assert int(state[0].inverse_fallbacks) == 0
+  assert int(jkfac.preconditioner_state(state).inverse_fallbacks) == 0

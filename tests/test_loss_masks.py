@@ -436,7 +436,9 @@ def test_a_mask_normalised_by_all_rows_warns():
   counted = float(np.asarray(batch["mask"]).sum())
   assert counted / (N * T) < 1 / 1.5
   loss_fn = _token_loss(lambda losses, mask: jnp.mean(mask * losses))
-  with pytest.warns(jkfac.LossScaleWarning, match="ratio"):
+  with pytest.warns(jkfac.LossScaleWarning,
+                    match=f"mean over all {N * T} rows, padded ones included, while the "
+                          f"registered mask counts {counted:.0f}"):
     jkfac.check_loss_scale(loss_fn, params, batch)
 
 

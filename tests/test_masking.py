@@ -61,7 +61,7 @@ def test_multi_transform_kfac_for_the_body_adam_for_the_embeddings():
   tx = optax.multi_transform({"kfac": _kfac(example_params=_PARAMS), "adam": optax.adam(1e-2)},
                              _LABELS)
   updates, state = _run(tx, model_params=_PARAMS)
-  kfac_state = state.inner_states["kfac"].inner_state[0]
+  kfac_state = jkfac.preconditioner_state(state.inner_states["kfac"].inner_state)
   assert set(kfac_state.statistics) == {"Dense_0", "Dense_1"}  # no block for the table
   # At the first step (same parameters), the body's updates equal jkfac on the whole
   # model (blocks are per layer) and the table's equal Adam's.

@@ -106,8 +106,8 @@ def _assert_same_as_hand_tagged(auto_loss, hand_loss, params, batch, expected, s
   auto_updates, auto_state = _kfac_steps(auto_loss, params, batch)
   hand_updates, hand_state = _kfac_steps(hand_loss, params, batch, auto_register=False)
   _assert_trees_close(auto_updates, hand_updates, rtol=1e-4, atol=1e-6)
-  assert sorted(auto_state[0].statistics) == sorted(name for name, *_ in expected)
-  _assert_trees_close(auto_state[0].statistics, hand_state[0].statistics, rtol=1e-4,
+  assert sorted(jkfac.preconditioner_state(auto_state).statistics) == sorted(name for name, *_ in expected)
+  _assert_trees_close(jkfac.preconditioner_state(auto_state).statistics, jkfac.preconditioner_state(hand_state).statistics, rtol=1e-4,
                       atol=1e-6)
 
 
@@ -345,11 +345,11 @@ def test_weight_used_twice_is_one_multi_use_layer():
                   "Dense_1/kernel": ("Dense_1", "dense", "kron")}
 
   tx = jkfac.kfac(loss_fn, batch, learning_rate=0.05, damping=1e-1, invert_every=1)
-  assert tx.init(params)[0].statistics["Dense_0"]["A"].shape == (5, 5)
+  assert jkfac.preconditioner_state(tx.init(params)).statistics["Dense_0"]["A"].shape == (5, 5)
   losses, params, state = _nets.train_losses(loss_fn, tx, params, batch, steps=4)
   assert all(np.isfinite(losses)) and losses[-1] < losses[0]
   assert all(np.isfinite(p).all() for p in jax.tree_util.tree_leaves((params, state)))
-  assert np.abs(state[0].statistics["Dense_0"]["G"]).max() > 0
+  assert np.abs(jkfac.preconditioner_state(state).statistics["Dense_0"]["G"]).max() > 0
 
 
 def test_bias_used_by_two_layers_is_not_registered_twice():
@@ -438,9 +438,9 @@ def test_seed_flow_with_layer_collection_matches_flax_and_auto_registration():
   flax_updates, _ = _kfac_steps(flax_loss, flax_params, batch)
   auto_updates, auto_state = _kfac_steps(auto_loss, flax_params, batch,
                                          approximations={"Conv_0": "diagonal"})
-  assert set(lax_state[0].statistics["conv0"]) == {"diagonal"}
-  assert set(auto_state[0].statistics["Conv_0"]) == {"diagonal"}
-  assert set(auto_state[0].statistics["Conv_1"]) == {"A", "G"}
+  assert set(jkfac.preconditioner_state(lax_state).statistics["conv0"]) == {"diagonal"}
+  assert set(jkfac.preconditioner_state(auto_state).statistics["Conv_0"]) == {"diagonal"}
+  assert set(jkfac.preconditioner_state(auto_state).statistics["Conv_1"]) == {"A", "G"}
   for lax_u, flax_u, auto_u in zip(lax_updates, flax_updates, auto_updates):
     assert np.abs(jax.tree_util.tree_leaves(lax_u)[0]).max() > 0
     _assert_trees_close(lax_u, to_lax(flax_u), rtol=1e-4, atol=1e-7)
@@ -475,13 +475,13 @@ def test_fused_value_and_grad_matches_unfused_update():
     return optax.apply_updates(params, updates), state, (loss, grads, updates)
 
   p1, s1, p2, s2 = params, tx.init(params), params, tx.init(params)
-  assert {"LayerNorm_0/scale", "LayerNorm_0/bias", "temp"} <= set(s1[0].statistics)
+  assert {"LayerNorm_0/scale", "LayerNorm_0/bias", "temp"} <= set(jkfac.preconditioner_state(s1).statistics)
   for _ in range(2):
     p1, s1, out1 = unfused(p1, s1)
     p2, s2, out2 = fused(p2, s2)
     _assert_trees_close(out1, out2, rtol=1e-5, atol=1e-7)
-    _assert_trees_close(s1[0].statistics, s2[0].statistics, rtol=1e-5, atol=1e-7)
-  assert float(jnp.abs(s1[0].statistics["temp"]["diagonal"]).max()) > 0
+    _assert_trees_close(jkfac.preconditioner_state(s1).statistics, jkfac.preconditioner_state(s2).statistics, rtol=1e-5, atol=1e-7)
+  assert float(jnp.abs(jkfac.preconditioner_state(s1).statistics["temp"]["diagonal"]).max()) > 0
 
 
 @pytest.mark.parametrize("grad_auto, tx_auto", [(False, True), (True, False)])

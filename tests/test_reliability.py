@@ -347,7 +347,7 @@ def test_scheduled_damping_at_or_below_zero_is_raised_to_the_floor():
 def test_injected_zero_damping_is_raised_to_the_floor():
   tx = optax.inject_hyperparams(jkfac.kfac, static_args=("loss_fn", "example_batch"))(
       loss_fn=classifier_loss, example_batch=make_batch(), learning_rate=0.1, damping=1e-2,
-      invert_every=1)
+      invert_every=1, warm_start=False)
   params = mlp_params()
   state = init(tx, params)
   state = state._replace(hyperparams={**state.hyperparams,
@@ -531,7 +531,7 @@ def test_momentum_matches_the_hand_recurrence(momentum_type, momentum):
   """regular: v <- mu v + F^-1 g, step -lr v; adam: v <- mu v + g, step -lr F^-1 v; F^-1 from
   a `precondition` with the same settings run alongside."""
   lr = 0.1  # kfac()'s default here
-  ktx, kupdate = cached("kfac", invert_every=1, momentum=momentum,
+  ktx, kupdate = cached("kfac", invert_every=1, momentum=momentum, warm_start=False,
                         **({"momentum_type": "adam"} if momentum_type == "adam" else {}))
   ptx, pupdate = cached("precondition", invert_every=1)
   params = mlp_params()

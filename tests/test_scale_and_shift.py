@@ -65,10 +65,10 @@ def _assert_auto_equals_hand(auto_loss, hand_loss, params, batch, expected, hand
 
   auto_updates, auto_state = _one_update(auto_loss, params, batch)
   hand_updates, hand_state = _one_update(hand_loss, params, hand_batch)
-  covariances = auto_state[0].statistics[norm.name]["diagonal"]
+  covariances = jkfac.preconditioner_state(auto_state).statistics[norm.name]["diagonal"]
   assert covariances.shape == (1 + (norm.bias is not None), D)
   assert float(covariances.min()) > 0
-  assert_trees_close(auto_state[0].statistics, hand_state[0].statistics, rtol=1e-4)
+  assert_trees_close(jkfac.preconditioner_state(auto_state).statistics, jkfac.preconditioner_state(hand_state).statistics, rtol=1e-4)
   assert_trees_close(auto_updates, hand_updates, rtol=1e-4)
 
 
@@ -367,7 +367,7 @@ def test_kfac_trains_an_mlp_with_layer_norm():
   losses, params, state = _nets.train_losses(loss_fn, tx, params, batch, steps=6)
   assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
   assert all(np.isfinite(p).all() for p in jax.tree_util.tree_leaves((params, state)))
-  assert float(state[0].statistics["LayerNorm_0"]["diagonal"].min()) > 0
+  assert float(jkfac.preconditioner_state(state).statistics["LayerNorm_0"]["diagonal"].min()) > 0
 
 
 def test_describe_shows_scale_and_shift():
@@ -425,8 +425,8 @@ def test_register_generic_forces_a_dense_kernel_to_generic():
   np.testing.assert_allclose(loss_fn(params, batch), unmarked(params, batch), rtol=1e-6)
 
   updates, state = _one_update(loss_fn, params, batch)
-  assert state[0].statistics["Dense_0/kernel"]["diagonal"].shape == (20, 1)
-  assert float(state[0].statistics["Dense_0/kernel"]["diagonal"].max()) > 0
+  assert jkfac.preconditioner_state(state).statistics["Dense_0/kernel"]["diagonal"].shape == (20, 1)
+  assert float(jkfac.preconditioner_state(state).statistics["Dense_0/kernel"]["diagonal"].max()) > 0
   assert all(np.isfinite(u).all() for u in jax.tree_util.tree_leaves(updates))
   # The fused path records no input for a generic tag, and takes the same step.
   assert len(jkfac.value_and_grad(loss_fn)(params, batch)[2].inputs) == 1
@@ -440,7 +440,7 @@ def test_register_generic_forces_a_dense_kernel_to_generic():
 
   fused_updates, fused_state = fused(params, batch)
   assert_trees_close(fused_updates, updates)
-  assert_trees_close(fused_state[0].statistics, state[0].statistics)
+  assert_trees_close(jkfac.preconditioner_state(fused_state).statistics, jkfac.preconditioner_state(state).statistics)
 
 
 def test_register_generic_keeps_a_norm_generic():

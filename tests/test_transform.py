@@ -164,7 +164,7 @@ def reference_statistics(params, batch, estimation):
 def test_jit_matches_eager(cov_update_every, invert_every, steps):
   tx = jkfac.kfac(loss_fn, make_batch(), learning_rate=0.3, damping=1e-2, momentum=0.5,
                   cov_update_every=cov_update_every, invert_every=invert_every,
-                  estimation="fisher", approximations={"dense1": "diagonal"})
+                  estimation="fisher", approximations={"dense1": "diagonal"}, warm_start=False)
   eager = list(train(tx, steps, jit=False))
   jitted = list(train(tx, steps, jit=True))
   for (i, p_e, u_e, s_e), (_, p_j, u_j, s_j) in zip(eager, jitted):
@@ -183,7 +183,7 @@ def test_jit_matches_eager(cov_update_every, invert_every, steps):
 def test_precondition_state_fields():
   assert jkfac.PreconditionState._fields == (
       "count", "key", "ema_weight", "damping", "statistics", "inverses", "skipped_steps",
-      "inverse_fallbacks")
+      "inverse_fallbacks", "curvature_scale")
   tx = jkfac.precondition(loss_fn, make_batch(), damping=1e-2,
                           approximations={"dense0": "full", "dense1": "diagonal"})
   state = tx.init(mlp_params())
@@ -226,7 +226,7 @@ def test_state_is_a_pytree_of_arrays(make_tx):
 
 def test_jitted_train_step_is_traced_once():
   tx = jkfac.kfac(loss_fn, make_batch(), learning_rate=0.1, damping=1e-2, invert_every=3,
-                  cov_update_every=2)
+                  cov_update_every=2, warm_start=False)
   traces = []
 
   @jax.jit
@@ -441,7 +441,7 @@ def test_inject_hyperparams_damping_schedule_under_jit():
   damping = optax.linear_schedule(1e-1, 1e-2, transition_steps=6)
   tx = optax.inject_hyperparams(jkfac.kfac, static_args=("loss_fn", "example_batch"))(
       loss_fn=loss_fn, example_batch=make_batch(), learning_rate=0.1, damping=damping,
-      invert_every=2)
+      invert_every=2, warm_start=False)
   for i, _, _, state in train(tx, 5):
     np.testing.assert_allclose(float(state.hyperparams["damping"]), damping(i), rtol=1e-6)
     np.testing.assert_allclose(float(precondition_state(state).damping),
@@ -450,7 +450,8 @@ def test_inject_hyperparams_damping_schedule_under_jit():
 
 def test_kfac_damping_schedule():
   damping = lambda count: 1.0 / (count + 1.0)
-  tx = jkfac.kfac(loss_fn, make_batch(), learning_rate=0.1, damping=damping, invert_every=4)
+  tx = jkfac.kfac(loss_fn, make_batch(), learning_rate=0.1, damping=damping, invert_every=4,
+                  warm_start=False)
   for i, _, _, state in train(tx, 6):
     np.testing.assert_allclose(float(precondition_state(state).damping),
                                damping(4 * (i // 4)), rtol=1e-6)

@@ -14,21 +14,32 @@ LOWER_RHO, UPPER_RHO = 0.25, 0.75  # Martens & Grosse (2015), §6.5
 
 
 def solve_quadratic_model(curvature: Array, gram: Array, b: Array, damping: Array,
-                          fixed_mu: Array | None = None) -> tuple[Array, Array]:
+                          fixed_mu: Array | None = None,
+                          max_mu: float | None = None) -> tuple[Array, Array]:
   """`(α, μ)` minimising `bᵀc + ½ cᵀ(C + λS)c` over `c = (α, μ)` (`curvature` C, `gram`
   S, both 2×2 over (Δ, v)); μ is `fixed_mu` if given. When v is zero (the first step)
-  or parallel to Δ, the 1-D minimiser along Δ with μ = 0."""
+  or parallel to Δ, the 1-D minimiser along Δ with μ = 0.
+
+  With `max_mu`, μ is kept in `[0, max_mu]`: the model restricted to that interval is a
+  convex quadratic in μ once α is minimised out, so the constrained minimiser is the
+  clipped μ with its best α. A step whose α would then ascend along Δ (α > 0) falls back
+  to the 1-D minimiser.
+  """
   h = curvature + damping * gram
   alpha_1d = jnp.where(h[0, 0] > 0, -b[0] / h[0, 0], 0.0)
   if fixed_mu is not None:
-    alpha_2d, mu_2d = -(b[0] + fixed_mu * h[0, 1]) / h[0, 0], fixed_mu
+    mu_2d = fixed_mu
     usable = gram[1, 1] > 0
   else:
     det = h[0, 0] * h[1, 1] - h[0, 1] * h[1, 0]
-    alpha_2d = (-b[0] * h[1, 1] + b[1] * h[0, 1]) / det
     mu_2d = (-b[1] * h[0, 0] + b[0] * h[1, 0]) / det
     usable = (gram[1, 1] > 0) & (det > 1e-6 * h[0, 0] * h[1, 1])
+  if max_mu is not None:
+    mu_2d = jnp.clip(mu_2d, 0.0, max_mu)
+  alpha_2d = -(b[0] + mu_2d * h[0, 1]) / h[0, 0]  # the best α for this μ
   usable = usable & (h[0, 0] > 0)
+  if max_mu is not None:
+    usable = usable & (alpha_2d <= 0)
   alpha = jnp.where(usable, alpha_2d, alpha_1d)
   return alpha.astype(jnp.float32), jnp.where(usable, mu_2d, 0.0).astype(jnp.float32)
 

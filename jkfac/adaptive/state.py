@@ -45,16 +45,22 @@ class AdaptiveState(NamedTuple):
   preconditioner: the state of `jkfac.precondition` (its `damping` field is the damping
                   the inverses were computed with, λ + l2_reg).
   diagnostics:    what the last step did.
+  rejected_steps: steps rejected because they raised the batch loss (or made it not
+                  finite); such a step leaves every other state as it was and raises λ.
+  graft:          with `graft="adam"`, the state of `optax.scale_by_adam` whose step
+                  lengths the updates take; else `optax.EmptyState()`.
   """
   count: Array
   damping: Array
   velocity: PyTree
   preconditioner: PreconditionState
   diagnostics: Diagnostics
+  rejected_steps: Array
+  graft: PyTree
 
 
 DIAGNOSTICS = ("damping", "rho", "alpha", "mu", "quad_change", "update_norm", "norm_scale",
-               "skipped_steps", "inverse_fallbacks")
+               "rejected_steps", "skipped_steps", "inverse_fallbacks")
 
 
 def _find(tree: PyTree, kind: type) -> list:
@@ -67,7 +73,8 @@ def diagnostics(opt_state: PyTree) -> dict[str, Array]:
   of optax states: chains, `inject_hyperparams`, `masked`).
 
   Keys `DIAGNOSTICS`: damping, rho, alpha, mu, quad_change, update_norm, norm_scale (see
-  `Diagnostics`), skipped_steps, inverse_fallbacks (the preconditioner's counters). For
+  `Diagnostics`), rejected_steps (see `AdaptiveState`), skipped_steps, inverse_fallbacks
+  (the preconditioner's counters). For
   `jkfac.kfac` without adaptive keywords or a bare `jkfac.precondition`: only damping
   (of the inverses), skipped_steps and inverse_fallbacks.
 
@@ -80,7 +87,8 @@ def diagnostics(opt_state: PyTree) -> dict[str, Array]:
     check(len(found) == 1, f"opt_state holds {len(found)} adaptive jkfac states; pass one.")
     state = found[0]
     counters = state.preconditioner
-    return {**state.diagnostics._asdict(), "skipped_steps": counters.skipped_steps,
+    return {**state.diagnostics._asdict(), "rejected_steps": state.rejected_steps,
+            "skipped_steps": counters.skipped_steps,
             "inverse_fallbacks": counters.inverse_fallbacks}
   found = _find(opt_state, PreconditionState)
   check(len(found) == 1, f"opt_state holds {len(found)} jkfac preconditioner states; "
@@ -88,3 +96,17 @@ def diagnostics(opt_state: PyTree) -> dict[str, Array]:
   return {"damping": found[0].damping, "skipped_steps": found[0].skipped_steps,
           "inverse_fallbacks": found[0].inverse_fallbacks}
 
+
+
+def preconditioner_state(opt_state: PyTree) -> PreconditionState:
+  """The state of the one `jkfac.precondition` in `opt_state` (any nesting of optax
+  states: `jkfac.kfac`'s, chains, `inject_hyperparams`, `masked`), e.g. to read its
+  statistics or counters.
+
+  Example:
+    >>> jkfac.preconditioner_state(opt_state).skipped_steps
+  """
+  found = _find(opt_state, PreconditionState)
+  check(len(found) == 1, f"opt_state holds {len(found)} jkfac preconditioner states; "
+        "preconditioner_state needs exactly one.")
+  return found[0]

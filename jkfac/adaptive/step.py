@@ -12,19 +12,25 @@ import jax.numpy as jnp
 import optax
 
 from jkfac import interpreter, masking, parallel, schedules
-from jkfac.adaptive.config import AdaptiveConfig
+from jkfac.adaptive.config import (CALIBRATED_DAMPING, DEFAULT_ADAPTIVE_DAMPING, MAX_MU,
+                                   REJECTION_BOOST, RELATIVE_MIN_DAMPING, AdaptiveConfig)
 from jkfac.adaptive.ggn import Problem, curvature_products, loss_change, model
 from jkfac.adaptive.qmodel import (adapted_damping, norm_scale, quadratic_change,
                                    reduction_ratio, solve_quadratic_model)
 from jkfac.adaptive.state import AdaptiveState, Diagnostics
-from jkfac.adaptive.vectors import add_l2, dot, l2_mask, scaled_sum
+from jkfac.adaptive.vectors import add_l2, dot, graft_norms, l2_mask, scaled_sum
 from jkfac.config import MASKED_HINT, MIN_DAMPING, state_dtype
-from jkfac.skipping import keep_unless, zero_if
+from jkfac.skipping import keep_unless, warn_rarely, zero_if
 from jkfac.validation import abstract, check
 
 Array = jax.Array
 PyTree = Any
 ScalarOrSchedule = schedules.ScalarOrSchedule
+
+REJECTING_MESSAGE = (
+    "jkfac rejected {count} steps so far because they raised the batch loss (or made it "
+    "not finite); each raises the damping. If most steps are rejected, the loss may not be "
+    "the registered losses' (see jkfac.check_loss_scale) or max_damping is too low.")
 
 
 class _Inputs(NamedTuple):
@@ -38,6 +44,7 @@ class _Inputs(NamedTuple):
   step: Array
   learning_rate: Array | None
   momentum: Array
+  min_damping: Array
 
 
 class _Result(NamedTuple):
@@ -50,6 +57,8 @@ class _Result(NamedTuple):
   mu: Array
   quad_change: Array
   norm_scale: Array
+  rejected: Array
+  graft: PyTree
 
 
 def _f32(x: Any) -> Array:
@@ -57,22 +66,39 @@ def _f32(x: Any) -> Array:
 
 
 def _adaptation(config: AdaptiveConfig, state: AdaptiveState, inputs: _Inputs,
-                measure: Callable[[], tuple[Array, Array]]) -> tuple[Array, Array, Array]:
-  """`(new λ, ρ, M(δ))`. On adaptation steps, `measure()` gives `(L(θ+δ) − L(θ),
-  M(δ))` and λ follows the LM rule; on the others λ and ρ stay."""
+                measure: Callable[[], tuple[Array, Array]]
+                ) -> tuple[Array, Array, Array, Array]:
+  """`(new λ, ρ, M(δ), rejected)`. `measure()` gives `(L(θ+δ) − L(θ), M(δ))`.
+
+  With `reject_steps`, every step is measured: one that raises the batch loss (or makes
+  it not finite) is rejected and λ multiplied by `REJECTION_BOOST`; otherwise λ follows
+  the LM rule on adaptation steps. Without it, only adaptation steps are measured.
+  """
   old = inputs.damping, state.diagnostics.rho, state.diagnostics.quad_change
   if not config.adapt_damping:
-    return old
+    return (*old, jnp.asarray(False))
+
+  def lm_rule(rho):
+    return adapted_damping(inputs.damping, rho, config.damping_adaptation_decay,
+                           config.damping_adaptation_interval, inputs.min_damping,
+                           config.max_damping)
+
+  due = inputs.step % config.damping_adaptation_interval == 0
+  if config.reject_steps:
+    change, quad = measure()
+    rho = _f32(reduction_ratio(change, quad))
+    rejected = ~(change <= 0)  # a rise, or not finite
+    boosted = jnp.minimum(inputs.damping * REJECTION_BOOST, config.max_damping)
+    damping = jnp.where(rejected, boosted.astype(inputs.damping.dtype),
+                        jnp.where(due, lm_rule(rho), inputs.damping))
+    return damping, rho, _f32(quad), rejected
 
   def adapt():
-    loss_change, quad = measure()
-    rho = _f32(reduction_ratio(loss_change, quad))
-    return adapted_damping(
-        inputs.damping, rho, config.damping_adaptation_decay, config.damping_adaptation_interval,
-        config.min_damping, config.max_damping), rho, _f32(quad)
+    change, quad = measure()
+    rho = _f32(reduction_ratio(change, quad))
+    return lm_rule(rho), rho, _f32(quad)
 
-  return jax.lax.cond(inputs.step % config.damping_adaptation_interval == 0, adapt,
-                      lambda: old)
+  return (*jax.lax.cond(due, adapt, lambda: old), jnp.asarray(False))
 
 
 def _qmodel_step(config: AdaptiveConfig, problem: Problem, state: AdaptiveState,
@@ -84,14 +110,16 @@ def _qmodel_step(config: AdaptiveConfig, problem: Problem, state: AdaptiveState,
   gram = jnp.array([[dot(v, w) for w in vectors] for v in vectors])
   b = parallel.pmean(jnp.stack([dot(inputs.grads, v) for v in vectors]), problem.axis)
   fixed_mu = inputs.momentum if config.momentum_type == "qmodel_fixedmu" else None
-  alpha, mu = solve_quadratic_model(curvature, gram, b, _f32(inputs.damping), fixed_mu)
+  alpha, mu = solve_quadratic_model(curvature, gram, b, _f32(inputs.damping), fixed_mu,
+                                    MAX_MU if config.reject_steps else None)
   if inputs.learning_rate is not None:
     alpha, mu = inputs.learning_rate * alpha, inputs.learning_rate * mu
   update = scaled_sum([(alpha, vectors[0]), (mu, vectors[1])])
   quad = _f32(quadratic_change(jnp.stack([alpha, mu]), curvature, b))
-  damping, rho, _ = _adaptation(config, state, inputs,
-                                lambda: (loss_change(problem, loss, update), quad))
-  return _Result(update, update, damping, rho, alpha, mu, quad, _f32(1.0))
+  damping, rho, _, rejected = _adaptation(config, state, inputs,
+                                          lambda: (loss_change(problem, loss, update), quad))
+  return _Result(update, update, damping, rho, alpha, mu, quad, _f32(1.0), rejected,
+                 state.graft)
 
 
 def _fixed_step(config: AdaptiveConfig, problem: Problem, state: AdaptiveState,
@@ -108,15 +136,20 @@ def _fixed_step(config: AdaptiveConfig, problem: Problem, state: AdaptiveState,
     update = scaled_sum([(-lr, velocity)])
   else:
     update = scaled_sum([(-lr, delta)])
+  graft_state = state.graft
+  if config.graft == "adam":
+    adam, graft_state = optax.scale_by_adam().update(
+        parallel.pmean(inputs.grads, problem.axis), state.graft, problem.params)
+    update = graft_norms(update, scaled_sum([(-lr, adam)]))
 
   def measure():  # one JVP with δ for M(δ), one forward pass at θ + δ
     loss, curvature = curvature_products(problem, [update])
     quad = parallel.pmean(dot(inputs.grads, update), problem.axis) + 0.5 * curvature[0, 0]
     return loss_change(problem, loss, update), quad
 
-  damping, rho, quad = _adaptation(config, state, inputs, measure)
+  damping, rho, quad, rejected = _adaptation(config, state, inputs, measure)
   return _Result(update, velocity, damping, rho, _f32(-lr * scale), _f32(momentum), quad,
-                 scale)
+                 scale, rejected, graft_state)
 
 
 def _burn_in(state: AdaptiveState, inputs: _Inputs) -> _Result:
@@ -124,7 +157,7 @@ def _burn_in(state: AdaptiveState, inputs: _Inputs) -> _Result:
   d = state.diagnostics
   zeros = jax.tree_util.tree_map(jnp.zeros_like, inputs.delta)
   return _Result(zeros, state.velocity, inputs.damping, d.rho, _f32(0.0), _f32(0.0),
-                 d.quad_change, d.norm_scale)
+                 d.quad_change, d.norm_scale, jnp.asarray(False), state.graft)
 
 
 def _value(hyperparameter: ScalarOrSchedule | None, count: Array) -> Array | None:
@@ -156,7 +189,10 @@ def init(config: AdaptiveConfig, preconditioner: optax.GradientTransformation,
       velocity=jax.tree_util.tree_map(jnp.zeros_like, params),
       preconditioner=preconditioner.init(params),
       diagnostics=Diagnostics(damping=damping, rho=zero, alpha=zero, mu=zero,
-                              quad_change=zero, update_norm=zero, norm_scale=zero + 1))
+                              quad_change=zero, update_norm=zero, norm_scale=zero + 1),
+      rejected_steps=jnp.zeros([], jnp.int32),
+      graft=optax.scale_by_adam().init(params) if config.graft == "adam"
+      else optax.EmptyState())
 
 
 def _problem(config: AdaptiveConfig, params: PyTree, batch: PyTree,
@@ -188,14 +224,29 @@ def update(config: AdaptiveConfig, preconditioner: optax.GradientTransformationE
   if config.momentum_type == "adam":  # the trace of the device-averaged gradients
     source = parallel.pmean(grads, config.device_axis)
     velocity = source = scaled_sum([(momentum, state.velocity), (_f32(1.0), source)])
-  damping = state.damping if config.adapt_damping else jnp.maximum(
-      _value(config.damping, step), MIN_DAMPING).astype(state.damping.dtype)
+  if config.adapt_damping:
+    damping = state.damping
+  elif config.calibrated:  # the last statistics' scale (the first inverses come after them)
+    damping = jnp.maximum(CALIBRATED_DAMPING * state.preconditioner.curvature_scale,
+                          MIN_DAMPING).astype(state.damping.dtype)
+  else:
+    damping = jnp.maximum(_value(config.damping, step), MIN_DAMPING).astype(state.damping.dtype)
+  l2 = 0.0 if problem.l2 is None else problem.l2
+  inverted_with = state.preconditioner.damping
+  # λ rose well above the inverses' (a rejection): refresh them now, not at the next due.
+  invert_now = ((inverted_with > 0) & (damping + l2 > 2 * inverted_with)
+                if config.adapt_damping else None)
   delta, preconditioner_state = preconditioner.update(
       source, state.preconditioner, params, batch=batch, curvature=curvature,
-      model_params=model_params,
-      damping=damping if problem.l2 is None else damping + problem.l2)
+      model_params=model_params, damping=damping + l2, invert_now=invert_now)
+  scale = preconditioner_state.curvature_scale.astype(damping.dtype)
+  if config.calibrated and config.adapt_damping:  # the first λ, once the scale is measured
+    calibrated = jnp.where(scale > 0, CALIBRATED_DAMPING * scale, DEFAULT_ADAPTIVE_DAMPING)
+    damping = jnp.where(state.damping > 0, damping, calibrated.astype(damping.dtype))
+  min_damping = (jnp.maximum(RELATIVE_MIN_DAMPING * scale, MIN_DAMPING)
+                 if config.min_damping is None else _f32(config.min_damping))
   inputs = _Inputs(grads, source, velocity, delta, damping, step,
-                   _value(config.learning_rate, step), momentum)
+                   _value(config.learning_rate, step), momentum, min_damping)
   take_step = functools.partial(_qmodel_step if config.qmodel else _fixed_step, config,
                                 problem, state, inputs)
   result = take_step() if burnin is None else jax.lax.cond(
@@ -206,9 +257,21 @@ def update(config: AdaptiveConfig, preconditioner: optax.GradientTransformationE
       update_norm=_f32(jnp.sqrt(dot(result.update, result.update))),
       norm_scale=_f32(result.norm_scale))
   new = AdaptiveState(optax.safe_increment(state.count), result.damping, result.velocity,
-                      preconditioner_state, diagnostics)
+                      preconditioner_state, diagnostics, state.rejected_steps, result.graft)
   skipped = preconditioner_state.skipped_steps > state.preconditioner.skipped_steps
-  return _unless_skipped(skipped, result.update, new, state)
+  update, new = _unless_rejected(result.rejected & ~skipped, result.update, new, state)
+  return _unless_skipped(skipped, update, new, state)
+
+
+def _unless_rejected(rejected: Array, update: PyTree, new: AdaptiveState,
+                     old: AdaptiveState) -> tuple[PyTree, AdaptiveState]:
+  """A rejected step: zero update, every state as it was (the preconditioner's too) but
+  the raised damping, the diagnostics and the rejection count."""
+  rejected_steps = old.rejected_steps + rejected.astype(old.rejected_steps.dtype)
+  warn_rarely(rejected, rejected_steps, REJECTING_MESSAGE)
+  restored = old._replace(damping=new.damping, diagnostics=new.diagnostics,
+                          rejected_steps=rejected_steps)
+  return zero_if(rejected, update), keep_unless(rejected, new, restored)
 
 
 def _unless_skipped(skipped: Array, update: PyTree, new: AdaptiveState, old: AdaptiveState

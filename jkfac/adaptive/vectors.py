@@ -50,3 +50,15 @@ def add_l2(grads: PyTree, params: PyTree, l2: Array, mask: Sequence[bool]) -> Py
          for g, p, keep in zip(leaves, jax.tree_util.tree_leaves(params), mask)]
   return jax.tree_util.tree_unflatten(treedef, new)
 
+
+
+def graft_norms(direction: PyTree, lengths: PyTree) -> PyTree:
+  """Each leaf of `direction` rescaled to the norm of the same leaf of `lengths`
+  (Shampoo's grafting: the step length of one optimizer, the direction of another); a
+  zero leaf of `direction` takes `lengths`' leaf."""
+  def graft(d, u):
+    d_norm = jnp.linalg.norm(d.astype(jnp.float32))
+    u_norm = jnp.linalg.norm(u.astype(jnp.float32))
+    scaled = d * (u_norm / jnp.where(d_norm > 0, d_norm, 1.0)).astype(d.dtype)
+    return jnp.where(d_norm > 0, scaled, u)
+  return jax.tree_util.tree_map(graft, direction, lengths)

@@ -18,12 +18,13 @@ import optax
 
 from jkfac import blocks, interpreter, layers, masking, parallel
 from jkfac import statistics as layer_stats
-from jkfac.config import MASKED_HINT, MIN_DAMPING, PreconditionConfig
+from jkfac.config import MASKED_HINT, MIN_DAMPING, PreconditionConfig, with_curvature_settings
 from jkfac.inverses import update_inverses
 from jkfac.state import PreconditionState, check_state, init_state
 from jkfac.layer_info import LayerInfo, Trace
 from jkfac.schedules import ScalarOrSchedule, value
-from jkfac.skipping import tree_finite
+from jkfac.damping import curvature_scale
+from jkfac.skipping import tree_finite, warn_if_skipping, zero_if
 from jkfac.validation import check
 
 Array = jax.Array
@@ -95,11 +96,12 @@ def precondition_gradients(trace: Trace, inverses, updates: PyTree) -> PyTree:
 
 def update(config: PreconditionConfig, updates: PyTree, state: PreconditionState,
            params: PyTree, batch: PyTree, curvature: interpreter.Curvature | None = None,
-           model_params: PyTree | None = None,
-           damping: Array | None = None) -> tuple[PyTree, PreconditionState]:
+           model_params: PyTree | None = None, damping: Array | None = None,
+           invert_now: Array | None = None) -> tuple[PyTree, PreconditionState]:
   """One step of `precondition`: statistics and inverses when due, then `F^-1 g`.
 
-  `damping`, if given, replaces `config.damping` (an adaptive optimizer's, from its state).
+  `damping`, if given, replaces `config.damping` (an adaptive optimizer's, from its state);
+  `invert_now`, if true, recomputes the inverses at this step even when none are due.
   """
   check(jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(params),
          "The gradients and the parameters passed to jkfac have different tree structures.")
@@ -108,16 +110,37 @@ def update(config: PreconditionConfig, updates: PyTree, state: PreconditionState
            "the whole model's parameters.")
     trace = config.trace(model_params, batch, masked=params)
     full_updates, state = _update(config, trace, masking.unmask(updates, model_params), state,
-                                  model_params, batch, curvature, damping)
+                                  model_params, batch, curvature, damping, invert_now)
     return masking.remask(full_updates, updates), state
   return _update(config, config.trace(params, batch), updates, state, params, batch, curvature,
-                 damping)
+                 damping, invert_now)
+
+
+def _is_power_of_two(count: Array) -> Array:
+  return (count > 0) & ((count & (count - 1)) == 0)
+
+
+def statistics_due(config: PreconditionConfig, count: Array) -> Array:
+  """Whether step `count` computes statistics: every `cov_update_every` steps, and with
+  `warm_start` every step before the first regular inverse update."""
+  due = count % config.cov_update_every == 0
+  return due | (count < config.invert_every) if config.warm_start else due
+
+
+def inverses_due(config: PreconditionConfig, count: Array) -> Array:
+  """Whether step `count` recomputes the inverses: every `invert_every` steps; with
+  `warm_start` not at step 0 (the first step is a gradient step, no one-batch inverse)
+  but at steps 1, 2, 4, 8, ... below `invert_every`, as the statistics accumulate."""
+  due = count % config.invert_every == 0
+  if not config.warm_start:
+    return due
+  return (due & (count > 0)) | ((count < config.invert_every) & _is_power_of_two(count))
 
 
 def _update(config: PreconditionConfig, trace: Trace, updates: PyTree,
             state: PreconditionState, params: PyTree, batch: PyTree,
-            curvature: interpreter.Curvature | None,
-            damping: Array | None = None) -> tuple[PyTree, PreconditionState]:
+            curvature: interpreter.Curvature | None, damping: Array | None = None,
+            invert_now: Array | None = None) -> tuple[PyTree, PreconditionState]:
   if config.device_axis is not None:
     parallel.check_axis(config.device_axis)
     updates = parallel.pmean(updates, config.device_axis)
@@ -128,92 +151,41 @@ def _update(config: PreconditionConfig, trace: Trace, updates: PyTree,
   def statistics_step(s: PreconditionState) -> tuple[PreconditionState, Array]:
     new = update_statistics(config, trace, s, params, batch, curvature)
     finite = tree_finite(new.statistics)
+    new = new._replace(curvature_scale=curvature_scale(trace, new.statistics, new.ema_weight))
     return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, s), finite
 
-  due = state.count % config.cov_update_every == 0
-  new, finite = jax.lax.cond(grads_finite & due, statistics_step,
-                             lambda s: (s, jnp.asarray(True)), state)
+  new, finite = jax.lax.cond(grads_finite & statistics_due(config, state.count),
+                             statistics_step, lambda s: (s, jnp.asarray(True)), state)
   finite = finite & grads_finite
   damping = value(config.damping, state.count) if damping is None else damping
   damping = jnp.maximum(damping, MIN_DAMPING)
-  new = jax.lax.cond(finite & (state.count % config.invert_every == 0),
-                     lambda s: update_inverses(config, trace, s, damping), lambda s: s, new)
+  due = inverses_due(config, state.count)
+  if invert_now is not None:
+    due = due | invert_now
+  new = jax.lax.cond(finite & due, lambda s: update_inverses(config, trace, s, damping),
+                     lambda s: s, new)
   preconditioned = precondition_gradients(trace, new.inverses, updates)
-  preconditioned = jax.tree_util.tree_map(
-      lambda g: jnp.where(finite, g, jnp.zeros_like(g)), preconditioned)
-  skipped = jnp.logical_not(finite).astype(state.skipped_steps.dtype)
+  preconditioned = zero_if(~finite, preconditioned)
+  skipped_steps = state.skipped_steps + jnp.logical_not(finite).astype(state.skipped_steps.dtype)
+  warn_if_skipping(~finite, skipped_steps)
   new = new._replace(count=jnp.where(finite, optax.safe_increment(state.count), state.count),
-                     skipped_steps=state.skipped_steps + skipped)
+                     skipped_steps=skipped_steps)
   return preconditioned, new
 
 
 def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
-                 damping: ScalarOrSchedule,
-                 cov_ema_decay: float = 0.95,
-                 cov_update_every: int = 1,
-                 invert_every: int = 10,
-                 estimation: str = "fisher",
-                 inverse_method: str = "cholesky",
-                 approximations: Mapping[str, str] | None = None,
-                 seed: int = 0,
-                 auto_register: bool = True,
-                 axis_name: str | None = None,
-                 placement: str | None = None,
-                 mesh: jax.sharding.Mesh | None = None,
-                 sub_sample_patches: float | None = None,
-                 example_params: PyTree | None = None,
-                 strict: bool = False
+                 damping: ScalarOrSchedule, **settings: Any
                  ) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients with the K-FAC approximation of the inverse Fisher.
 
   Args:
     loss_fn: `loss_fn(params, batch)`, the mean over the batch of per-example losses,
-      with its layers tagged (`jkfac.flax.Dense`/`Conv`, `jkfac.register_dense`, ...)
-      and its loss registered (`jkfac.register_softmax_cross_entropy`, ...). It may
-      return `(loss, aux)`; only its tags are used.
+      with its layers tagged or recognised and its loss registered (see
+      `PreconditionConfig`).
     example_batch: a batch, or `jax.ShapeDtypeStruct`s with its shapes and dtypes.
-    damping: Tikhonov damping λ (float or schedule of the step), > 0; values below
-      `MIN_DAMPING` (1e-8), e.g. from a schedule, are raised to it.
-    cov_ema_decay: EMA decay of the curvature statistics per step, in [0, 1) (or a
-      schedule).
-    cov_update_every: statistics are computed on every this many steps; each update
-      then decays the EMA by `cov_ema_decay ** cov_update_every`, so the EMA's memory
-      in steps does not depend on the cadence.
-    invert_every: inverses are recomputed on every this many steps.
-    estimation: "fisher" (sampled targets), "empirical" (true targets) or "exact"
-      (one backward pass per output unit).
-    inverse_method: "cholesky" or "eigh".
-    approximations: glob patterns on layer names (e.g. `{"Conv_0": "diagonal"}`; a
-      pattern also matches a suffix of the name after a "/", so "Conv_0" matches
-      "params/Conv_0") choosing the approximation of layers whose tag names none
-      (patterns that match one layer must agree); by default each kind's first
-      approximation in `jkfac.blocks.REGISTRY` ("kron", "kron_indep" for a multi-use
-      layer or a tied embedding, "diagonal" for a scale-and-shift layer).
-    seed: seed of the PRNG key that samples targets.
-    auto_register: also precondition untagged dense, conv, embedding and norm
-      (scale-and-shift) layers that jkfac recognises in the jaxpr. Hand tags win.
-    axis_name: the `jax.pmap` axis to average gradients and statistics over; with
-      `mesh`, the mesh axis that spreads inverse work under `jax.jit`.
-    placement: "round_robin" (default with an axis) inverts each factor on one device
-      and shares it; "replicated" inverts everything on every device.
-    mesh: for `jax.jit` with a batch sharded over this mesh (data parallel). Arrays
-      are global there, so nothing is averaged by hand.
-    sub_sample_patches: as in tensorflow/kfac: estimate each conv layer's input factor
-      A from at most `int(sub_sample_patches * d_in)` of the batch's patch rows
-      (examples times output positions; `d_in` the patch size), drawn uniformly
-      without replacement with a fresh key on every statistics step; G still uses
-      every position. Cheaper A for large images, unbiased but noisier. Applies to
-      conv layers of one use under "kron", "kron_in_diag" and "kron_out_diag"; None
-      uses every patch.
-    example_params: the whole model's parameters (or their shapes), needed only inside
-      `optax.masked` / `optax.multi_transform`, which show jkfac part of them; then pass
-      `model_params=params` (the whole model's) to `update` as well. Layers with
-      parameters outside the mask are left to the other transformations.
-    strict: raise `ValueError` in `init`, instead of a `GenericBlockWarning`, when a
-      parameter with two or more dimensions gets a generic diagonal block because no
-      recognised layer uses it, and instead of a `LossScaleWarning` when `loss_fn`'s value
-      is far from its registered losses' (see `jkfac.check_loss_scale`; checked when
-      `init` gets concrete parameters and `example_batch` holds values).
+    damping: Tikhonov damping λ (float or schedule of the step), > 0.
+    **settings: any other field of `jkfac.PreconditionConfig` (cadences, estimation,
+      approximations, parallelism, ...), where each is documented with its default.
 
   Returns:
     An optax transformation: `update(grads, state, params, batch=batch)`, optionally
@@ -224,15 +196,10 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
     >>> tx = optax.chain(jkfac.precondition(loss_fn, batch, damping=1e-3),
     ...                  optax.sgd(0.1, momentum=0.9))
   """
-  config = PreconditionConfig(
-      loss_fn, example_batch, damping=damping, cov_ema_decay=cov_ema_decay,
-      cov_update_every=cov_update_every, invert_every=invert_every, estimation=estimation,
-      inverse_method=inverse_method, approximations=approximations, seed=seed,
-      auto_register=auto_register, axis_name=axis_name, placement=placement, mesh=mesh,
-      sub_sample_patches=sub_sample_patches, example_params=example_params, strict=strict)
+  config = PreconditionConfig(loss_fn, example_batch, damping=damping, **settings)
 
   def update_fn(updates, state, params=None, *, batch=None, curvature=None, stats=None,
-                model_params=None, damping=None, **extra_args):
+                model_params=None, damping=None, invert_now=None, **extra_args):
     del extra_args
     check(params is not None and batch is not None,
            "jkfac needs the parameters and the batch: "
@@ -241,6 +208,10 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       warnings.warn("tx.update(..., stats=) is deprecated; pass curvature= instead.",
                     DeprecationWarning, stacklevel=2)
       curvature = stats if curvature is None else curvature
-    return update(config, updates, state, params, batch, curvature, model_params, damping)
+    return update(config, updates, state, params, batch, curvature, model_params, damping,
+                  invert_now)
 
   return optax.GradientTransformationExtraArgs(functools.partial(init_state, config), update_fn)
+
+
+with_curvature_settings(precondition, {})

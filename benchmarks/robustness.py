@@ -1,0 +1,230 @@
+"""The one-call default `jkfac.kfac(loss_fn, batch)` on models of several kinds, untuned,
+against Adam with a small learning-rate sweep: does it diverge, and how many steps and
+seconds does it take to reach the best Adam's final loss?
+
+    python benchmarks/robustness.py [--models convnet,mlp,autoencoder,regression,resnet]
+        [--steps 200] [--batch-sizes 128] [--data-dir examples/data/mnist]
+
+Models (real MNIST digits, the first 8,000 of the bundled test split): the seed convnet
+with the whole Flax variables dict as parameters, an MLP 784-512-256-10 (tanh), a
+784-256-64-256-784 autoencoder whose loss sums sigmoid cross-entropy over the pixels, a
+regression MLP with a 1-D output (the digit's value, squared error) and a small ResNet
+with BatchNorm. Every optimizer sees the same initialisation and the same batches, in
+one process; seconds are those of real training steps (compilation excluded). The
+target is the best Adam run's final loss (mean of its last 10 steps); a run reaches it
+when the running mean of 10 steps does. Prints one table per batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import math
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jkfac
+
+WINDOW = 10
+ADAM_RATES = (3e-4, 1e-3, 3e-3)
+
+
+class ConvNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(2):
+      x = nn.max_pool(nn.relu(nn.Conv(16, (5, 5), padding="SAME")(x)), (3, 3), (2, 2), "SAME")
+    return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+class MLP(nn.Module):
+  widths: tuple[int, ...] = (512, 256)
+  outputs: int = 10
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for width in self.widths:
+      x = jnp.tanh(nn.Dense(width)(x))
+    return nn.Dense(self.outputs)(x)
+
+
+class AutoEncoder(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(256)(x.reshape(x.shape[0], -1)))
+    x = nn.relu(nn.Dense(256)(nn.Dense(64)(x)))
+    return nn.Dense(784)(x)
+
+
+class ResNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for width in (16, 32):
+      x = nn.relu(nn.Conv(width, (3, 3), strides=(2, 2))(x))
+      y = nn.relu(nn.BatchNorm(use_running_average=False)(nn.Conv(width, (3, 3))(x)))
+      x = nn.relu(x + nn.BatchNorm(use_running_average=False)(nn.Conv(width, (3, 3))(y)))
+    return nn.Dense(10)(x.mean(axis=(1, 2)))
+
+
+def classifier(model, whole_variables=False):
+  def loss_fn(params, batch):
+    variables = params if whole_variables else {"params": params}
+    logits, _ = model.apply(variables, batch["x"], mutable=["batch_stats"])
+    jkfac.register_softmax_cross_entropy(logits, batch["y"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+  return loss_fn
+
+
+def autoencoder_loss(model):
+  def loss_fn(params, batch):
+    logits = model.apply({"params": params}, batch["x"])
+    pixels = batch["x"].reshape(logits.shape)
+    jkfac.register_sigmoid_cross_entropy(logits, pixels)  # a row's loss sums its outputs
+    return optax.sigmoid_binary_cross_entropy(logits, pixels).sum(-1).mean()
+  return loss_fn
+
+
+def regression_loss(model):
+  def loss_fn(params, batch):
+    y = model.apply({"params": params}, batch["x"])[:, 0]
+    jkfac.register_squared_error(y, batch["t"])
+    return 0.5 * jnp.mean((y - batch["t"]) ** 2)
+  return loss_fn
+
+
+def make_model(name: str, x0: jax.Array):
+  """`(loss_fn, params)` of one benchmark model."""
+  key = jax.random.PRNGKey(0)
+  if name == "convnet":
+    model = ConvNet()
+    return classifier(model, whole_variables=True), model.init(key, x0)
+  if name == "mlp":
+    model = MLP()
+    return classifier(model), model.init(key, x0)["params"]
+  if name == "autoencoder":
+    model = AutoEncoder()
+    return autoencoder_loss(model), model.init(key, x0)["params"]
+  if name == "regression":
+    model = MLP(widths=(128, 128), outputs=1)
+    return regression_loss(model), model.init(key, x0)["params"]
+  if name == "resnet":
+    model = ResNet()
+    return classifier(model), model.init(key, x0)["params"]
+  raise ValueError(f"unknown model {name!r}")
+
+
+def read_idx(path: str) -> np.ndarray:
+  with gzip.open(path, "rb") as f:
+    raw = f.read()
+  dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=raw[3], offset=4))
+  return np.frombuffer(raw, np.uint8, offset=4 + 4 * raw[3]).reshape(dims)
+
+
+def load(data_dir: str) -> tuple[np.ndarray, np.ndarray]:
+  images = read_idx(os.path.join(data_dir, "t10k-images-idx3-ubyte.gz"))
+  labels = read_idx(os.path.join(data_dir, "t10k-labels-idx1-ubyte.gz"))
+  return images[:8000, :, :, None].astype(np.float32) / 255.0, labels[:8000].astype(np.int32)
+
+
+def batches(name: str, images, labels, batch_size: int, steps: int, seed: int = 0):
+  rng = np.random.RandomState(seed)
+  out = []
+  for _ in range(steps):
+    index = rng.randint(0, len(images), batch_size)
+    batch = {"x": jnp.asarray(images[index])}
+    if name == "regression":
+      batch["t"] = jnp.asarray(labels[index] / 4.5 - 1.0, jnp.float32)
+    elif name != "autoencoder":
+      batch["y"] = jnp.asarray(labels[index])
+    out.append(batch)
+  return out
+
+
+def train(loss_fn, params, tx, data):
+  """Losses and seconds after each step (the first step's compilation excluded)."""
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, state = tx.update(grads, state, params, batch=batch)
+    return optax.apply_updates(params, updates), state, loss
+
+  losses, seconds, start = [], [], None
+  for i, batch in enumerate(data):
+    params, state, loss = step(params, state, batch)
+    loss = float(loss)
+    if i == 0:
+      start = time.perf_counter()
+    losses.append(loss)
+    seconds.append(time.perf_counter() - start)
+    if not math.isfinite(loss):
+      break
+  return np.array(losses), np.array(seconds)
+
+
+def hit(losses: np.ndarray, seconds: np.ndarray, target: float):
+  """`(step, seconds)` where the running mean of `WINDOW` losses first reaches `target`."""
+  if len(losses) < WINDOW:
+    return None
+  running = np.convolve(losses, np.ones(WINDOW) / WINDOW, mode="valid")
+  reached = np.nonzero(running <= target)[0]
+  if not len(reached):
+    return None
+  index = reached[0] + WINDOW - 1
+  return index + 1, seconds[index]
+
+
+def compare(name: str, images, labels, batch_size: int, steps: int) -> list[str]:
+  data = batches(name, images, labels, batch_size, steps)
+  loss_fn, params = make_model(name, data[0]["x"][:2])
+  runs = {f"adam {lr:g}": train(loss_fn, params, optax.adam(lr), data) for lr in ADAM_RATES}
+  final = {k: float(np.mean(v[0][-WINDOW:])) if len(v[0]) == steps else math.inf
+           for k, v in runs.items()}
+  best = min(final, key=final.get)
+  best_rate = ADAM_RATES[list(runs).index(best)]
+  runs["kfac default"] = train(loss_fn, params, jkfac.kfac(loss_fn, data[0]), data)
+  runs[f"kfac graft adam {best_rate:g}"] = train(
+      loss_fn, params, jkfac.kfac(loss_fn, data[0], learning_rate=best_rate, graft="adam"), data)
+  target, (_, reference) = final[best], hit(*runs[best], final[best])
+  lines = []
+  for label, (losses, seconds) in runs.items():
+    diverged = len(losses) < steps or not np.all(np.isfinite(losses))
+    end = float(np.mean(losses[-WINDOW:]))
+    reached = None if diverged else hit(losses, seconds, target)
+    ratio = ("-" if reached is None else
+             f"{reached[0] / hit(*runs[best], target)[0]:.2f} / {reached[1] / reference:.2f}")
+    ms = 1e3 * seconds[-1] / max(len(losses) - 1, 1)
+    lines.append(f"{name:11s} {batch_size:5d} {label:24s} {'DIVERGED' if diverged else 'ok':8s}"
+                 f" {end:10.4g} {ms:8.1f} {ratio:>13s}")
+  return lines
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--models", default="convnet,mlp,autoencoder,regression,resnet")
+  parser.add_argument("--steps", type=int, default=200)
+  parser.add_argument("--batch-sizes", default="128")
+  parser.add_argument("--data-dir", default=os.path.join(os.path.dirname(__file__), "..",
+                                                        "examples", "data", "mnist"))
+  args = parser.parse_args()
+  images, labels = load(args.data_dir)
+  print(f"target: the best Adam's final loss (lr in {ADAM_RATES}); ratios: steps / seconds "
+        "to it against that Adam run's")
+  print(f"{'model':11s} {'batch':>5s} {'optimizer':24s} {'status':8s} {'final loss':>10s} "
+        f"{'ms/step':>8s} {'to target':>13s}")
+  for batch_size in map(int, args.batch_sizes.split(",")):
+    for name in args.models.split(","):
+      for line in compare(name, images, labels, batch_size, args.steps):
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+  main()
