@@ -52,7 +52,7 @@ COSTS = [n ** 3 for n, _ in SHAPES]
 def make_optimizer(example_batch, **parallel):
   """The one K-FAC configuration of these runs; `parallel` is axis_name/placement/mesh."""
   return jkfac.kfac(loss_fn, example_batch, learning_rate=0.1, damping=1e-2, invert_every=2,
-                    estimation="empirical", **parallel)
+                    estimation="empirical", warm_start=False, **parallel)
 
 
 def mlp(params, x):
