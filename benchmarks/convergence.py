@@ -58,7 +58,9 @@ MODELS = ("convnet", "mlp", "autoencoder", "lm", "lstm")
 DEFAULT_STEPS = {"convnet": 300, "mlp": 300, "autoencoder": 300, "lm": 400, "lstm": 400}
 _FIXED = dict(learning_rate=5e-4, damping=1e-3, momentum=0.9)  # examples/mnist.py's
 _ADAPTIVE = dict(adapt_damping=True, momentum_type="qmodel", damping=1.0)  # untuned
+DEFAULT = {"kfac default": {}}  # jkfac.kfac(loss_fn, batch), untuned
 CLASSIFIER_KFAC = {
+    **DEFAULT,
     "kfac adaptive": dict(_ADAPTIVE, cov_update_every=1, invert_every=10),
     "kfac adaptive cov 5 / inv 50": dict(_ADAPTIVE, cov_update_every=5, invert_every=50),
     "kfac adaptive ekfac cov 1 / inv 50": dict(_ADAPTIVE, approximations={"*": "ekfac"},
@@ -72,6 +74,7 @@ MLP_KFAC = {
                                                    cov_update_every=1, invert_every=10),
 }
 AUTOENCODER_KFAC = {
+    **DEFAULT,
     "kfac adaptive": autoencoder.KFAC_CONFIGS["kfac adaptive"],
     "kfac cov 1 / inv 10": autoencoder.KFAC_CONFIGS["kfac fixed"],
     "kfac cov 10 / inv 100": dict(autoencoder.FIXED, cov_update_every=10, invert_every=100),
@@ -87,6 +90,7 @@ NORM_CONSTRAINT = 1e-3  # KL clipping; untuned
 
 def _sequence_kfac(fixed: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
   return {
+      **DEFAULT,
       "kfac adaptive": dict(_ADAPTIVE, cov_update_every=1, invert_every=10),
       "kfac cov 1 / inv 10, norm constraint": dict(fixed, norm_constraint=NORM_CONSTRAINT,
                                                    cov_update_every=1, invert_every=10),
@@ -126,7 +130,7 @@ class Problem:
 
 
 def is_adaptive(config: Mapping[str, Any]) -> bool:
-  return (any(k in config for k in ADAPTIVE_KEYWORDS)
+  return ("learning_rate" not in config or any(k in config for k in ADAPTIVE_KEYWORDS)
           or str(config.get("momentum_type", "")).startswith("qmodel"))
 
 
