@@ -2,7 +2,7 @@
 against Adam with a small learning-rate sweep: does it diverge, and how many steps and
 seconds does it take to reach the best Adam's final loss?
 
-    python benchmarks/robustness.py [--models convnet,mlp,autoencoder,regression,resnet]
+    python benchmarks/robustness.py [--models mlp,autoencoder,regression,convnet,resnet]
         [--steps 200] [--batch-sizes 128] [--data-dir examples/data/mnist]
 
 Models (real MNIST digits, the first 8,000 of the bundled test split): the seed convnet
@@ -170,11 +170,15 @@ def train(loss_fn, params, tx, data):
   return np.array(losses), np.array(seconds)
 
 
+def running_mean(losses: np.ndarray) -> np.ndarray:
+  return np.convolve(losses, np.ones(WINDOW) / WINDOW, mode="valid")
+
+
 def hit(losses: np.ndarray, seconds: np.ndarray, target: float):
   """`(step, seconds)` where the running mean of `WINDOW` losses first reaches `target`."""
   if len(losses) < WINDOW:
     return None
-  running = np.convolve(losses, np.ones(WINDOW) / WINDOW, mode="valid")
+  running = running_mean(losses)
   reached = np.nonzero(running <= target)[0]
   if not len(reached):
     return None
@@ -186,8 +190,8 @@ def compare(name: str, images, labels, batch_size: int, steps: int) -> list[str]
   data = batches(name, images, labels, batch_size, steps)
   loss_fn, params = make_model(name, data[0]["x"][:2])
   runs = {f"adam {lr:g}": train(loss_fn, params, optax.adam(lr), data) for lr in ADAM_RATES}
-  final = {k: float(np.mean(v[0][-WINDOW:])) if len(v[0]) == steps else math.inf
-           for k, v in runs.items()}
+  final = {k: float(running_mean(v[0])[-1]) if len(v[0]) == steps and np.isfinite(v[0]).all()
+           else math.inf for k, v in runs.items()}
   best = min(final, key=final.get)
   best_rate = ADAM_RATES[list(runs).index(best)]
   runs["kfac default"] = train(loss_fn, params, jkfac.kfac(loss_fn, data[0]), data)
@@ -197,7 +201,7 @@ def compare(name: str, images, labels, batch_size: int, steps: int) -> list[str]
   lines = []
   for label, (losses, seconds) in runs.items():
     diverged = len(losses) < steps or not np.all(np.isfinite(losses))
-    end = float(np.mean(losses[-WINDOW:]))
+    end = float(running_mean(losses)[-1]) if len(losses) >= WINDOW else math.nan
     reached = None if diverged else hit(losses, seconds, target)
     ratio = ("-" if reached is None else
              f"{reached[0] / hit(*runs[best], target)[0]:.2f} / {reached[1] / reference:.2f}")
@@ -209,7 +213,7 @@ def compare(name: str, images, labels, batch_size: int, steps: int) -> list[str]
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--models", default="convnet,mlp,autoencoder,regression,resnet")
+  parser.add_argument("--models", default="mlp,autoencoder,regression,convnet,resnet")
   parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--batch-sizes", default="128")
   parser.add_argument("--data-dir", default=os.path.join(os.path.dirname(__file__), "..",

@@ -13,12 +13,13 @@ INVERSE_METHODS = ("cholesky", "eigh")
 def damped_inverse(matrix: Array, damping: Array, method: str = "cholesky") -> Array:
   """`(matrix + damping * I)^-1` for a symmetric PSD `matrix`.
 
-  "cholesky" is the fastest; "eigh" clips negative eigenvalues from round-off to
-  zero first, so it is the more robust on badly conditioned factors.
+  "cholesky" is the fastest (`M^T M` with `M = L^-1`, see `inverse_cholesky_factor`);
+  "eigh" clips negative eigenvalues from round-off to zero first, so it is the more
+  robust on badly conditioned factors.
   """
   eye = jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
   if method == "cholesky":
-    inverse_factor = lower_triangular_inverse(jnp.linalg.cholesky(matrix + damping * eye))
+    inverse_factor = inverse_cholesky_factor(matrix + damping * eye)
     return inverse_factor.T @ inverse_factor
   if method == "eigh":
     values, vectors = jnp.linalg.eigh(matrix)
@@ -26,26 +27,51 @@ def damped_inverse(matrix: Array, damping: Array, method: str = "cholesky") -> A
   raise ValueError(f"Unknown inverse method {method!r}; expected one of {INVERSE_METHODS}.")
 
 
-# Blocks up to this size are inverted by a triangular solve, larger ones split in two.
-_TRIANGULAR_LEAF = 64
+# Matrices up to this size are handled by small XLA loops, larger ones split in two.
+_LEAF = 64
 
 
-def lower_triangular_inverse(lower: Array) -> Array:
-  """`L^-1` of a lower-triangular `L`, by halves: `[[A, 0], [B, C]]^-1 =
-  [[A^-1, 0], [-C^-1 B A^-1, C^-1]]`.
+def inverse_cholesky_factor(matrix: Array) -> Array:
+  """`L^-1` of the Cholesky factor `L` of a symmetric positive definite matrix (NaN where
+  it is not), by halves: with `[[A, Bᵀ], [B, C]] = L Lᵀ`, `L^-1 = [[P, 0], [-Q B' P, Q]]`
+  for `P = L_A^-1`, `B' = B Pᵀ`, `Q = L_S^-1` and `S = C - B' B'ᵀ`.
 
-  The work is then matrix products, which XLA runs near peak on every backend; a
-  triangular solve against the identity (what `cho_solve` does) ran at a fraction of it
-  on CPU: a 785 x 785 damped inverse took 26 ms that way and 13 ms this way.
+  All the work is matrix products and small loops that XLA runs itself: no LAPACK call.
+  On CPU, jaxlib's Cholesky and triangular solves run in OpenBLAS, whose threads compete
+  with XLA's: `benchmarks/inverse_time.py` on this project's loaded 2-core machine, in a
+  default environment, 785 x 785: 59 ms that way, 20 ms this way (24 and 20 ms with
+  OPENBLAS_NUM_THREADS=1, which users do not set).
   """
-  n = lower.shape[-1]
-  if n <= _TRIANGULAR_LEAF:
-    return jax.scipy.linalg.solve_triangular(lower, jnp.eye(n, dtype=lower.dtype), lower=True)
+  n = matrix.shape[-1]
+  if n <= _LEAF:
+    return _leaf_triangular_inverse(_leaf_cholesky(matrix))
   half = n // 2
-  top, bottom = lower_triangular_inverse(lower[:half, :half]), lower_triangular_inverse(
-      lower[half:, half:])
-  corner = -bottom @ lower[half:, :half] @ top
-  return jnp.block([[top, jnp.zeros((half, n - half), lower.dtype)], [corner, bottom]])
+  top = inverse_cholesky_factor(matrix[:half, :half])
+  lower_left = matrix[half:, :half] @ top.T
+  bottom = inverse_cholesky_factor(matrix[half:, half:] - lower_left @ lower_left.T)
+  corner = -(bottom @ lower_left) @ top
+  return jnp.block([[top, jnp.zeros((half, n - half), matrix.dtype)], [corner, bottom]])
+
+
+def _leaf_cholesky(matrix: Array) -> Array:
+  """The Cholesky factor, column by column: `L[:, j] = (A[:, j] - L Lᵀ[:, j]) / √·`."""
+  rows = jnp.arange(matrix.shape[-1])
+
+  def column(j, lower):
+    v = matrix[:, j] - lower @ lower[j]  # columns >= j of `lower` are still zero
+    return lower.at[:, j].set(jnp.where(rows >= j, v / jnp.sqrt(v[j]), 0))
+
+  return jax.lax.fori_loop(0, matrix.shape[-1], column, jnp.zeros_like(matrix))
+
+
+def _leaf_triangular_inverse(lower: Array) -> Array:
+  """`L^-1` row by row: `M[i] = (e_i - L[i] M) / L[i, i]` (rows >= i of M still zero)."""
+  eye = jnp.eye(lower.shape[-1], dtype=lower.dtype)
+
+  def row(i, inverse):
+    return inverse.at[i].set((eye[i] - lower[i] @ inverse) / lower[i, i])
+
+  return jax.lax.fori_loop(0, lower.shape[-1], row, jnp.zeros_like(lower))
 
 
 def pi_correction(a: Array, g: Array) -> Array:

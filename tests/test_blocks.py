@@ -382,15 +382,18 @@ def test_damped_inverse(method, rank):
 
 
 @pytest.mark.parametrize("n", [1, 7, 64, 65, 130, 201])
-def test_lower_triangular_inverse_by_halves(n):
+def test_inverse_cholesky_factor_by_halves(n):
   # Sizes at, around and past the leaf size (64), odd splits included; float64.
   rng = np.random.default_rng(n)
-  lower = np.tril(rng.standard_normal((n, n))) + 3 * np.eye(n)
+  x = rng.standard_normal((2 * n, n))
+  matrix = x.T @ x / (2 * n) + 0.1 * np.eye(n)
   with jax.enable_x64(True):
-    got = linalg.lower_triangular_inverse(jnp.asarray(lower))
-    expected = np.linalg.inv(lower)  # its upper triangle is round-off, ~1e-12
+    got = np.asarray(jax.jit(linalg.inverse_cholesky_factor)(jnp.asarray(matrix)))
+    expected = np.linalg.inv(np.linalg.cholesky(matrix))
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-10 * np.abs(expected).max())
-    assert np.all(np.triu(np.asarray(got), 1) == 0)
+    assert np.all(np.triu(got, 1) == 0)
+    indefinite = matrix - 2 * np.eye(n)  # no Cholesky factor: NaN, never a wrong answer
+    assert np.isnan(np.asarray(linalg.inverse_cholesky_factor(jnp.asarray(indefinite)))).any()
 
 
 def test_damped_inverse_eigh_clips_negative_eigenvalues():
