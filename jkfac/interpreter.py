@@ -124,13 +124,13 @@ def _evaluate_scan(body: jcore.Jaxpr, body_consts: Sequence[Any], args: Sequence
   return list(carry) + list(ys), _Recorded(list(inputs), [], [], [], [])
 
 
-def _forward(closed: jcore.ClosedJaxpr, args: list[Any],
+def evaluate(closed: jcore.ClosedJaxpr, args: list[Any],
              perturbations: list[Array]) -> tuple[list[Any], _Recorded]:
   """Evaluates the loss jaxpr, adding `perturbations` at the layer tags' outputs."""
   return _evaluate(closed.jaxpr, closed.consts, args, perturbations)
 
 
-def _zero_perturbations(closed: jcore.ClosedJaxpr) -> list[Array]:
+def zero_perturbations(closed: jcore.ClosedJaxpr) -> list[Array]:
   """Zeros shaped as each layer tag's output (stacked over enclosing scans), in tag order."""
   return [jnp.zeros(site.scan_lengths + site.eqn.invars[0].aval.shape,
                     site.eqn.invars[0].aval.dtype) for site in jaxprs.layer_sites(closed.jaxpr)]
@@ -149,12 +149,12 @@ def linearize(loss_fn: LossFn, params: PyTree, batch: PyTree,
 
   def forward(params, perturbations):
     args = jax.tree_util.tree_leaves(params) + batch_leaves
-    _, recorded = _forward(closed, args, perturbations)
+    _, recorded = evaluate(closed, args, perturbations)
     return ((), recorded.predictions), recorded._replace(predictions=[])
 
   # Gradients of params are only used for generic parameters; XLA drops the rest.
   (_, predictions), pullback, recorded = jax.vjp(
-      forward, params, _zero_perturbations(closed), has_aux=True)
+      forward, params, zero_perturbations(closed), has_aux=True)
   return Curvature(recorded.inputs, predictions, recorded.targets,
                    jax.tree_util.Partial(_from_predictions, pullback, ()), recorded.masks,
                    recorded.row_weights)
@@ -178,11 +178,11 @@ def value_and_grad(loss_fn: LossFn, has_aux: bool = False,
     closed, out_shape = make_jaxpr(loss_fn, params, batch, auto_register)
     out_tree = jax.tree_util.tree_structure(out_shape)
     batch_leaves = jax.tree_util.tree_leaves(batch)
-    perturbations = _zero_perturbations(closed)
+    perturbations = zero_perturbations(closed)
 
     def forward(params, perturbations):
       args = jax.tree_util.tree_leaves(params) + batch_leaves
-      outputs, recorded = _forward(closed, args, perturbations)
+      outputs, recorded = evaluate(closed, args, perturbations)
       value = jax.tree_util.tree_unflatten(out_tree, outputs)
       loss, aux = value if has_aux else (value, None)
       return (loss, recorded.predictions), (aux, recorded._replace(predictions=[]))

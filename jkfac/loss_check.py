@@ -42,7 +42,7 @@ def registered_values(loss_fn: LossFn, params: PyTree, batch: PyTree
   infos = [layer_table.loss_info(site) for site in jaxprs.find_tags(closed.jaxpr, {})
            if site.eqn.primitive is tags.loss_tag_p]
   args = jax.tree_util.tree_leaves(params) + jax.tree_util.tree_leaves(batch)
-  outputs, recorded = interpreter._forward(closed, args, interpreter._zero_perturbations(closed))
+  outputs, recorded = interpreter.evaluate(closed, args, interpreter.zero_perturbations(closed))
   registered, rows = jnp.zeros([], jnp.float32), []
   for info, p, t, m, w in zip(infos, recorded.predictions, recorded.targets, recorded.masks,
                               recorded.row_weights):

@@ -20,6 +20,8 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from jkfac import approximations
+
 Array = jax.Array
 
 CONV_KINDS = ("conv1d", "conv2d", "conv3d")
@@ -59,14 +61,6 @@ layer_tag_p = _make_tag("kfac_layer_tag")
 loss_tag_p = _make_tag("kfac_loss_tag")
 
 
-def _check_approx(approx: str | None) -> None:
-  """Rejects an approximation name that `jkfac.blocks.REGISTRY` does not know."""
-  from jkfac import blocks  # the registry sits above the tags; loaded by the time tags run
-  if approx is not None and approx not in blocks.APPROXIMATIONS:
-    raise ValueError(f"Unknown K-FAC approximation {approx!r}; expected one of "
-                     f"{blocks.APPROXIMATIONS}.")
-
-
 def register_dense(y: Array, x: Array, w: Array, b: Array | None = None, *,
                    approx: str | None = None, in_axes: int = 1) -> Array:
   """Tags `y = x @ w + b` as a dense layer and returns `y` unchanged.
@@ -83,7 +77,7 @@ def register_dense(y: Array, x: Array, w: Array, b: Array | None = None, *,
   Example:
     >>> y = jkfac.register_dense(x @ w + b, x, w, b)
   """
-  _check_approx(approx)
+  approximations.check(approx)
   if not isinstance(in_axes, int) or isinstance(in_axes, bool) or in_axes < 1:
     raise ValueError(f"register_dense: in_axes must be an integer >= 1, got {in_axes!r}.")
   k, features = in_axes, tuple(w.shape[in_axes:])
@@ -107,7 +101,7 @@ def _register_conv(rank: int, y: Array, x: Array, w: Array, b: Array | None, win
                    padding, lhs_dilation, rhs_dilation, feature_group_count: int,
                    approx: str | None) -> Array:
   """Checks and tags a channels-last convolution of `rank` spatial dimensions."""
-  _check_approx(approx)
+  approximations.check(approx)
   name, layout = f"register_conv{rank}d", _CONV_LAYOUTS[rank]
   groups = feature_group_count
   if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
@@ -196,7 +190,7 @@ def register_embedding(y: Array, ids: Array, table: Array, *,
   `ids` are the integer ids of shape `(batch, ...)`, `y` has shape `ids.shape + (d,)`.
   K-FAC keeps the input factor of the table diagonal: the one-hot inputs are never built.
   """
-  _check_approx(approx)
+  approximations.check(approx)
   if table.ndim != 2 or y.shape != ids.shape + (table.shape[1],):
     raise ValueError(f"register_embedding: shapes do not match y = table[ids]: ids {ids.shape}, "
                      f"table {table.shape}, y {y.shape}.")
@@ -214,7 +208,7 @@ def register_embedding_projection(logits: Array, x: Array, table: Array, *,
   lookups (`register_embedding`), the tags make one "tied_embedding" layer; alone, the
   projection is such a layer without lookups.
   """
-  _check_approx(approx)
+  approximations.check(approx)
   if (table.ndim != 2 or x.ndim < 2 or x.shape[-1] != table.shape[1]
       or logits.shape != x.shape[:-1] + (table.shape[0],)):
     raise ValueError(f"register_embedding_projection: shapes do not match logits = x @ table.T: "
@@ -231,7 +225,7 @@ def register_scale_and_shift(y: Array, x: Array, scale: Array, shift: Array | No
   `shift` have shape `(d,)` and broadcast over the last axis. Approximations: "diagonal"
   (the default for this kind) or "full".
   """
-  _check_approx(approx)
+  approximations.check(approx)
   if scale.ndim != 1 or x.ndim < 2 or x.shape[-1] != scale.shape[0] or y.shape != x.shape:
     raise ValueError(f"register_scale_and_shift: shapes do not match y = x * scale + shift "
                      f"over the last axis of a batch: x {x.shape}, scale {scale.shape}, "

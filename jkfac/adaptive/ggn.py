@@ -66,12 +66,12 @@ def model(loss_fn: Callable[..., Any], params: PyTree, batch: PyTree) -> Model:
   closed, _ = layer_table.make_jaxpr(loss_fn, params, batch, auto_register=False)
   infos = tuple(layer_table.loss_info(site) for site in jaxprs.find_tags(closed.jaxpr, {})
                 if site.eqn.primitive is tags.loss_tag_p)
-  perturbations = interpreter._zero_perturbations(closed)
+  perturbations = interpreter.zero_perturbations(closed)
   batch_leaves = jax.tree_util.tree_leaves(batch)
 
   def loss_and_predictions(full_params):
     args = jax.tree_util.tree_leaves(full_params) + batch_leaves
-    outputs, recorded = interpreter._forward(closed, args, perturbations)
+    outputs, recorded = interpreter.evaluate(closed, args, perturbations)
     scales = [jnp.asarray(losses.row_scales(p, info.weight, m, w), jnp.float32)
               for info, p, m, w in zip(infos, recorded.predictions, recorded.masks,
                                        recorded.row_weights)]

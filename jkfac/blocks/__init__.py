@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from jkfac import layers
+from jkfac import approximations, layers
 from jkfac.blocks import (diagonal, ekfac, embedding, full, kron, kron_diag, scale_and_shift,
                           tied_embedding)
 from jkfac.blocks.base import Block
@@ -41,7 +41,10 @@ _TABLE: tuple[tuple[tuple[str, ...], str, Block], ...] = (
 
 REGISTRY: dict[tuple[str, str], Block] = {(kind, approx): block for kinds, approx, block
                                           in _TABLE for kind in kinds}
-APPROXIMATIONS: tuple[str, ...] = tuple(dict.fromkeys(approx for _, approx, _ in _TABLE))
+APPROXIMATIONS: tuple[str, ...] = approximations.APPROXIMATIONS
+if set(APPROXIMATIONS) != {approx for _, approx, _ in _TABLE}:
+  raise ImportError("jkfac.blocks implements other approximations than jkfac.approximations "
+                    "names: add the name there, or the block here.")
 
 
 def supported(kind: str) -> tuple[str, ...]:

@@ -1,0 +1,80 @@
+"""The package's shape: imports point one way (no cycle), no module reaches another's
+private names, and no module is over `MAX_LINES` lines (one idea per file)."""
+
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "jkfac"
+MAX_LINES = 400
+
+
+def _modules() -> dict[str, pathlib.Path]:
+  modules = {}
+  for path in sorted(PACKAGE.rglob("*.py")):
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    modules[name] = path
+  return modules
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: pathlib.Path) -> tuple[dict[str, str], set[str]]:
+  """`(aliases, targets)`: local names bound to jkfac modules, and every jkfac module it
+  imports (also inside functions)."""
+  aliases, targets = {}, set()
+  package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      for alias in node.names:
+        if alias.name in MODULES:
+          targets.add(alias.name)
+          aliases[alias.asname or alias.name] = alias.name
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:  # relative
+        base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]
+                        + ([base] if base else []))
+      for alias in node.names:
+        full = f"{base}.{alias.name}"
+        if full in MODULES:  # `from jkfac import blocks`: the submodule
+          targets.add(full)
+          aliases[alias.asname or alias.name] = full
+        elif base in MODULES:
+          targets.add(base)
+          if alias.name.startswith("_") and not alias.name.startswith("__"):
+            raise AssertionError(f"{name} imports the private name {full}")
+  targets.discard(name)
+  return aliases, targets
+
+
+def test_no_import_cycle():
+  graph = {name: _imports(name, path)[1] - {"jkfac"} for name, path in MODULES.items()}
+  graph["jkfac"] = set()  # the public namespace re-exports; nothing inside imports it
+
+  def visit(node, trail):
+    if node in trail:
+      cycle = trail[trail.index(node):] + [node]
+      pytest.fail("import cycle: " + " -> ".join(cycle))
+    for target in graph.get(node, ()):
+      # A submodule's import runs its package's __init__ first; that is not a cycle.
+      if not node.startswith(target + "."):
+        visit(target, trail + [node])
+
+  for name in graph:
+    visit(name, [])
+
+
+def test_no_private_name_across_modules():
+  found = []
+  for name, path in MODULES.items():
+    aliases, _ = _imports(name, path)
+    for node in ast.walk(ast.parse(path.read_text())):
+      if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+          and node.value.id in aliases and node.attr.startswith("_")
+          and not node.attr.startswith("__")):
+        found.append(f"{name}: {node.value.id}.{node.attr}")
+  assert not found, found
