@@ -28,6 +28,8 @@ class LayerInfo:
   leaves have shape `stack + weight_shape`. Shapes are those of one step's tag.
 
   `in_axes` is a dense layer's number of contracted input axes (> 1 for `DenseGeneral`).
+  `transposed`: a dense weight stored `(d_out, d_in)` and applied as `w @ x` (Equinox,
+  PyTorch layout); `weight_shape` is then the `(d_in, d_out)` shape of its matrix view.
   `roles` is each use's tag kind: a "tied_embedding" layer (a table used as lookup
   and as output projection) has "embedding" and "embedding_projection" uses.
   """
@@ -45,6 +47,7 @@ class LayerInfo:
   scans: tuple[tuple[str, ...], ...] = ((),)
   stack: tuple[int, ...] = ()
   roles: tuple[str, ...] = ()
+  transposed: bool = False
 
   @property
   def multi_use(self) -> bool:

@@ -208,11 +208,13 @@ def _layer_info(weight_uses: list, param_paths: Sequence[str], approx_for) -> La
     raise ValueError(f"The weight {param_paths[weight]!r} is tagged several times with "
                      "different kinds, settings, biases or stacking; its tags must agree.")
   roles = tuple(s.eqn.params["kind"] for _, s in weight_uses)
+  transposed = eqn.params.get("transposed", False)
   layer = LayerInfo(
       name=_layer_name(param_paths[weight]), kind=_layer_kind(roles), approx="", weight=weight,
       bias=site.origin[3][0] if eqn.params["has_bias"] else None,
       input_shape=tuple(eqn.invars[1].aval.shape), output_shape=tuple(eqn.invars[0].aval.shape),
-      weight_shape=tuple(eqn.invars[2].aval.shape), conv=eqn.params["conv"],
+      weight_shape=tuple(eqn.invars[2].aval.shape)[::-1 if transposed else 1],
+      conv=eqn.params["conv"], transposed=transposed,
       in_axes=eqn.params.get("in_axes", 1), tags=tuple(i for i, _ in weight_uses),
       scans=tuple(s.origin[2][1] for _, s in weight_uses), stack=_stack(site), roles=roles)
   approx = eqn.params["approx"] or (approx_for and approx_for(layer.name, layer.kind))

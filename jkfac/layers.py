@@ -377,6 +377,7 @@ def param_matrix(layer: LayerInfo, w: Array, b: Array | None) -> Array:
   A generic parameter is a column: `(size, 1)`. A grouped conv gives one matrix per
   group, `(groups, d_in [+1], d_out / groups)`.
   """
+  w = w.T if layer.transposed else w
   rows = math.prod(w.shape[:_row_axes(layer)])
   m = w.reshape(rows, -1)
   groups = feature_groups(layer)
@@ -393,7 +394,8 @@ def split_param_matrix(layer: LayerInfo, m: Array) -> tuple[Array, Array | None]
   if feature_groups(layer) > 1:
     w = w.swapaxes(0, 1)
   bias_shape = layer.weight_shape[_row_axes(layer):]
-  return w.reshape(layer.weight_shape), None if b is None else b.reshape(bias_shape)
+  w = w.reshape(layer.weight_shape)
+  return w.T if layer.transposed else w, None if b is None else b.reshape(bias_shape)
 
 
 def matrix_shape(layer: LayerInfo) -> tuple[int, int]:

@@ -58,7 +58,7 @@ class Match:
   weight's params leaf (None for a split dense layer: see `split`) and `bias` the bias
   parameter variable (for a split layer, the joined biases). Kind-specific: `in_axes` and
   `features` (dense, conv, scale-and-shift), `ids` (embedding), `table` (projection),
-  `x_hat` and `scale` (scale-and-shift).
+  `x_hat` and `scale` (scale-and-shift); `transposed` (dense `w @ x`, weight `(out, in)`).
   """
   kind: str
   eqn: jcore.JaxprEqn
@@ -73,6 +73,7 @@ class Match:
   x_hat: tuple[jcore.Var, ...] = ()
   scale: jcore.Var | None = None
   split: Split | None = None
+  transposed: bool = False
 
 
 @dataclasses.dataclass
@@ -89,6 +90,7 @@ class _Level:
   transposed: dict = dataclasses.field(default_factory=dict)  # `table.T` -> 2-D parameter
   joins: dict = dataclasses.field(default_factory=dict)  # -> its `Split` (no biases yet)
   partial: dict = dataclasses.field(default_factory=dict)  # `factor * scale` -> its Match
+  weight_first: dict = dataclasses.field(default_factory=dict)  # `w @ x` -> its Match
   by_output: dict = dataclasses.field(default_factory=dict)  # -> start index of its Match
   matches: dict = dataclasses.field(default_factory=dict)  # start index -> Match
 
@@ -270,6 +272,30 @@ def _split_dense(level: _Level, index: int, eqn: jcore.JaxprEqn) -> Match | None
                features=tuple(w.aval.shape[in_axes:]), split=split)
 
 
+def _weight_first(level: _Level, index: int, eqn: jcore.JaxprEqn) -> None:
+  """Notes a dense `w @ x` (a `(out, in)` weight first, examples on `x`'s leading axes,
+  as `vmap` batches Equinox's `Linear`): it is a layer once `_batch_first` sees its
+  output's `out` axis moved last."""
+  w, x = eqn.invars
+  if not (_is_var(w) and w in level.origin and w.aval.ndim == 2 and _is_var(x)
+          and x.aval.ndim >= 2 and _has_examples(level, x)):
+    return
+  if eqn.params["dimension_numbers"] == (((1,), (x.aval.ndim - 1,)), ((), ())):
+    level.weight_first[eqn.outvars[0]] = Match(
+        "dense", eqn, index, index, level.origin[w], features=(w.aval.shape[0],),
+        transposed=True)
+
+
+def _batch_first(level: _Level, index: int, eqn: jcore.JaxprEqn) -> Match | None:
+  """The `w @ x` layer whose `(out, *batch)` output `eqn` transposes to `(*batch, out)`."""
+  match = level.weight_first.get(eqn.invars[0])
+  ndim = eqn.outvars[0].aval.ndim
+  if (match is None or level.uses[eqn.invars[0]] != 1
+      or tuple(eqn.params["permutation"]) != (*range(1, ndim), 0)):
+    return None
+  return dataclasses.replace(match, last=index)
+
+
 def _projection(level: _Level, index: int, eqn: jcore.JaxprEqn) -> Match | None:
   """A tied embedding's output projection `x @ table.T`."""
   table = _projection_table(eqn, level.origin, level.transposed, level.uses)
@@ -376,9 +402,13 @@ def _match(level: _Level, index: int, eqn: jcore.JaxprEqn) -> None:
     match = _scale(level, index, eqn) if all_vars else None
   elif name == "add":
     match = _bias(level, index, eqn) if all_vars else None
+  elif name == "transpose":
+    match = _batch_first(level, index, eqn) if all_vars else None
   else:
     match = (_dense_or_conv(level, index, eqn) or _split_dense(level, index, eqn)
              or _projection(level, index, eqn) or _lookup(level, index, eqn))
+    if match is None and name == "dot_general" and len(eqn.invars) == 2:
+      _weight_first(level, index, eqn)
   if match is None:
     return
   level.add(match)
@@ -422,11 +452,13 @@ def _tag(match: Match, rename: dict, output: jcore.Var) -> list[jcore.JaxprEqn]:
                                         eqn.params, jcore.no_effects))
       x = before[-1].outvars[0]
   else:
-    x, w = (rename.get(v, v) for v in eqn.invars)
+    x, w = (rename.get(v, v) for v in eqn.invars[::-1 if match.transposed else 1])
   operands = [output, x, w] + ([] if match.bias is None else [match.bias])
   params = dict(kind=match.kind, has_bias=match.bias is not None)
   if match.kind == "dense":
     params["in_axes"] = match.in_axes
+    if match.transposed:
+      params["transposed"] = True
   elif match.kind in tags.CONV_KINDS:
     p = eqn.params
     params["conv"] = tags.conv_params(p["window_strides"], p["padding"], p["lhs_dilation"],
@@ -544,7 +576,8 @@ def _rewrite(jaxpr: jcore.Jaxpr, origin: dict, claimed: set, dropped_biases: set
         match = dataclasses.replace(match, bias=None)
       tagging = _tag(match, rename, eqn.outvars[0])
       bias = None if match.bias is None else origin[match.bias]
-      found[match.weight].append((match.kind, bias, tagging[-1].invars[2].aval.shape))
+      kind = match.kind + ("_transposed" if match.transposed else "")
+      found[match.weight].append((kind, bias, tagging[-1].invars[2].aval.shape))
       rename[eqn.outvars[0]] = tagging[-1].outvars[0]
       eqns += tagging
   if not rename and all(a is b for a, b in zip(eqns, jaxpr.eqns)) and len(eqns) == len(
