@@ -29,7 +29,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SKIP_MARKER = "# doc-test: skip"
 SNIPPET_FILES = ("README.md", "docs/index.md", "docs/stateful_models.md",
-                 "docs/sequence_models.md")
+                 "docs/sequence_models.md", "docs/equinox.md")
 # README blocks that need the marker but do not have it yet, by their first line. (This
 # test may not edit README.md; once the README marks them, delete the entry.)
 UNMARKED_SKIPS: dict[str, tuple[str, ...]] = {}  # first lines to skip without the marker
