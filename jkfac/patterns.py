@@ -91,6 +91,8 @@ class _Level:
   joins: dict = dataclasses.field(default_factory=dict)  # -> its `Split` (no biases yet)
   partial: dict = dataclasses.field(default_factory=dict)  # `factor * scale` -> its Match
   weight_first: dict = dataclasses.field(default_factory=dict)  # `w @ x` -> its Match
+  padded_ids: dict = dataclasses.field(default_factory=dict)  # `[ids, column]` -> ids
+  unsqueezed: dict = dataclasses.field(default_factory=dict)  # `(..., 1, d)` lookup -> Match
   by_output: dict = dataclasses.field(default_factory=dict)  # -> start index of its Match
   matches: dict = dataclasses.field(default_factory=dict)  # start index -> Match
 
@@ -220,6 +222,9 @@ def _track(level: _Level, eqn: jcore.JaxprEqn) -> None:
   if (name in ("broadcast_in_dim", "reshape") and first is not None
       and eqn.outvars[0].aval.shape == first.aval.shape + (1,)):
     level.ids_source[eqn.outvars[0]] = first
+  if (name == "concatenate" and len(eqn.invars) == 2 and first in level.ids_source
+      and eqn.params["dimension"] == first.aval.ndim - 1 and eqn.outvars[0].aval.shape[-1] == 2):
+    level.padded_ids[eqn.outvars[0]] = level.ids_source[first]
   if (name == "transpose" and first in level.origin and first.aval.ndim == 2
       and tuple(eqn.params["permutation"]) == (1, 0)):
     level.transposed[eqn.outvars[0]] = first
@@ -292,6 +297,35 @@ def _batch_first(level: _Level, index: int, eqn: jcore.JaxprEqn) -> Match | None
   ndim = eqn.outvars[0].aval.ndim
   if (match is None or level.uses[eqn.invars[0]] != 1
       or tuple(eqn.params["permutation"]) != (*range(1, ndim), 0)):
+    return None
+  return dataclasses.replace(match, last=index)
+
+
+def _row_slice_lookup(level: _Level, index: int, eqn: jcore.JaxprEqn) -> None:
+  """Notes a lookup `table[ids]` as `vmap` batches Equinox's `Embedding`: a clipped
+  `gather` of `(1, d)` slices at `[ids, column]` (a full-row slice clips any column to
+  0), giving `(..., 1, d)`; it is a layer once `_squeezed` sees that axis dropped."""
+  if eqn.primitive.name != "gather" or not all(_is_var(v) for v in eqn.invars):
+    return
+  table, indices = eqn.invars
+  if table not in level.origin or table.aval.ndim != 2 or indices not in level.padded_ids:
+    return
+  dn, n = eqn.params["dimension_numbers"], indices.aval.ndim
+  if (tuple(dn.offset_dims) == (n - 1, n) and not tuple(dn.collapsed_slice_dims)
+      and tuple(dn.start_index_map) == (0, 1)
+      and not tuple(getattr(dn, "operand_batching_dims", ()))
+      and eqn.params["mode"] == lax.GatherScatterMode.CLIP
+      and tuple(eqn.params["slice_sizes"]) == (1, table.aval.shape[1])):
+    level.unsqueezed[eqn.outvars[0]] = Match("embedding", eqn, index, index,
+                                             level.origin[table], ids=level.padded_ids[indices])
+
+
+def _squeezed(level: _Level, index: int, eqn: jcore.JaxprEqn) -> Match | None:
+  """The lookup whose `(..., 1, d)` output `eqn` squeezes to `(..., d)`."""
+  match = level.unsqueezed.get(eqn.invars[0])
+  ndim = eqn.invars[0].aval.ndim
+  if (match is None or level.uses[eqn.invars[0]] != 1
+      or tuple(eqn.params["dimensions"]) != (ndim - 2,)):
     return None
   return dataclasses.replace(match, last=index)
 
@@ -404,11 +438,15 @@ def _match(level: _Level, index: int, eqn: jcore.JaxprEqn) -> None:
     match = _bias(level, index, eqn) if all_vars else None
   elif name == "transpose":
     match = _batch_first(level, index, eqn) if all_vars else None
+  elif name == "squeeze":
+    match = _squeezed(level, index, eqn) if all_vars else None
   else:
     match = (_dense_or_conv(level, index, eqn) or _split_dense(level, index, eqn)
              or _projection(level, index, eqn) or _lookup(level, index, eqn))
     if match is None and name == "dot_general" and len(eqn.invars) == 2:
       _weight_first(level, index, eqn)
+    elif match is None:
+      _row_slice_lookup(level, index, eqn)
   if match is None:
     return
   level.add(match)

@@ -62,13 +62,13 @@ def _flax_params(eqx_params):
           for i, layer in enumerate(eqx_params.layers)}
 
 
-def _kfac_steps(loss_fn, params, steps=2):
+def _kfac_steps(loss_fn, params, steps=2, batch=(X, Y)):
   """The updates and preconditioner state after `steps` K-FAC steps from `params`."""
-  tx = jkfac.kfac(loss_fn, (X, Y), learning_rate=0.1, damping=1e-2)
+  tx = jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-2)
   state = tx.init(params)
   for _ in range(steps):
-    grads = jax.grad(loss_fn)(params, (X, Y))
-    updates, state = tx.update(grads, state, params, batch=(X, Y))
+    grads = jax.grad(loss_fn)(params, batch)
+    updates, state = tx.update(grads, state, params, batch=batch)
   stats = [s.statistics for s in jax.tree_util.tree_leaves(
       state, is_leaf=lambda s: isinstance(s, jkfac.PreconditionState))
            if isinstance(s, jkfac.PreconditionState)]
@@ -134,3 +134,39 @@ def test_import_does_not_need_equinox():
   code = ("import sys; sys.modules['equinox'] = None; import jkfac; "
           "assert 'equinox' not in sys.modules or sys.modules['equinox'] is None")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_weight_in_both_orientations_is_generic():
+  """`x @ w` and `w @ x` of one square weight are no single layer: it stays generic."""
+  w = jax.random.normal(KEY, (4, 4))
+
+  def loss_fn(params, batch):
+    x, y = batch
+    h = jax.vmap(lambda xi: params["w"] @ xi)(x @ params["w"])
+    return _squared_error(h[:, :3], y)
+
+  trace = jkfac.layer_table.trace_layers(loss_fn, {"w": w}, (X, Y))
+  assert not trace.layers and [l.name for l in trace.generic] == ["w"]
+
+
+def test_embedding_equals_take():
+  """`eqx.nn.Embedding` under `vmap` (a clipped gather of `(1, d)` slices) is the embedding
+  layer `jnp.take(table, ids, axis=0)` is: same statistics, same update."""
+  emb = eqx.nn.Embedding(10, 3, key=KEY)
+  params, static = eqx.partition(emb, eqx.is_array)
+  batch = (jnp.arange(16) * 7 % 10, Y)
+
+  def eqx_loss(params, batch):
+    return _squared_error(jax.vmap(eqx.combine(params, static))(batch[0]), batch[1])
+
+  def take_loss(params, batch):
+    return _squared_error(jnp.take(params["weight"], batch[0], axis=0), batch[1])
+
+  trace = jkfac.layer_table.trace_layers(eqx_loss, params, batch)
+  assert not trace.generic and [l.kind for l in trace.layers] == ["embedding"]
+  updates, stats = _kfac_steps(eqx_loss, params, batch=batch)
+  take_updates, take_stats = _kfac_steps(take_loss, {"weight": params.weight}, batch=batch)
+  for factor in ("A", "G"):
+    np.testing.assert_allclose(stats["weight"][factor], take_stats["weight"][factor],
+                               rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(updates.weight, take_updates["weight"], rtol=1e-5, atol=1e-6)
