@@ -1,6 +1,6 @@
 """Times the cheaper conv input factors on the seed convnet, in one process.
 
-    python benchmarks/conv_statistics.py [--rounds 5]
+    python -m benchmarks.conv_statistics [--rounds 5]
 
 The seed convnet's second conv (`Conv_1`: 5x5x16 patches at 128·14·14 positions, a
 401x401 input factor A) dominates K-FAC's statistics. This times, jitted:
@@ -23,12 +23,11 @@ from pathlib import Path
 import jax
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jkfac  # noqa: E402
-from jkfac import layers, tracer  # noqa: E402
+from jkfac import layer_table, layers  # noqa: E402
+from jkfac import statistics as layer_stats  # noqa: E402
 from mnist import ConvNet  # noqa: E402
-from step_time import hold_params, make_loss, make_step  # noqa: E402
+from benchmarks.step_time import make_loss, make_step  # noqa: E402
 
 LAYER = "Conv_1"
 SUB_SAMPLE = 3.0
@@ -77,13 +76,13 @@ def main(argv=None) -> None:
   params = model.init(key, batch["image"])["params"]
   loss_fn = make_loss(model)
 
-  trace = tracer.trace_layers(loss_fn, params, batch)
+  trace = layer_table.trace_layers(loss_fn, params, batch)
   layer = next(layer for layer in trace.layers if layer.name == LAYER)
-  x = tracer.collect_statistics(loss_fn, trace, params, batch, key, "fisher")[LAYER].inputs[0]
+  x = layer_stats.collect_statistics(loss_fn, trace, params, batch, key, "fisher")[LAYER].inputs[0]
   factor_fns = input_factor_functions(layer)
   steps = {}
   for label, tx in step_configurations(loss_fn, batch).items():
-    step = hold_params(make_step(loss_fn, tx, fused=False))
+    step = make_step(loss_fn, tx, fused=False)
     state = (params, tx.init(params))
     jax.block_until_ready(step(*state, batch)[2])
     steps[label] = dict(step=step, state=state)

@@ -1,6 +1,6 @@
 """Loss against steps and against seconds: jkfac K-FAC against Adam, SGD, AdamW and Muon.
 
-    python benchmarks/convergence.py [--models convnet,mlp,autoencoder,lm,lstm] [--steps N]
+    python -m benchmarks.convergence [--models convnet,mlp,autoencoder,lm,lstm] [--steps N]
         [--plot conv.png]
 
 For each chosen model -- the seed convnet, the MLP 784-512-256-10, the MNIST deep autoencoder
@@ -17,7 +17,7 @@ to the first baseline's best run (the reference): that run's final training loss
 its last `WINDOW` steps), for the LM AdamW's final eval loss after the fixed budget
 (evaluated every `--eval-every` steps), and for the convnet also 98% test accuracy. Seconds
 are training seconds of real steps, compilation and evaluation excluded; the smoothing and
-divergence rules are examples/_harness.py's. A diverged run's times are not used.
+divergence rules are benchmarks/harness.py's. A diverged run's times are not used.
 """
 
 from __future__ import annotations
@@ -41,16 +41,14 @@ import optax
 import jkfac
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "examples"))
-sys.path.insert(0, _HERE)
-import _compare  # noqa: E402  (the sequence examples' evaluation)
-import _harness  # noqa: E402
+from benchmarks import compare as _compare  # noqa: E402  (the sequence examples' evaluation)
+from benchmarks import harness as _harness  # noqa: E402
 import autoencoder  # noqa: E402  (the example's model, loss and optimizers)
 import lstm  # noqa: E402
 import mnist  # noqa: E402
 import mnist_data  # noqa: E402
 import transformer_lm  # noqa: E402
-from step_time import MLP, make_loss  # noqa: E402  (the MLP and the classifiers' loss)
+from benchmarks.step_time import MLP, make_loss  # noqa: E402  (the MLP and the classifiers' loss)
 
 WINDOW = _harness.WINDOW
 ACCURACY_TARGET = 0.98
@@ -338,8 +336,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                            "terminal (default: 50)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--plot", metavar="PNG", default="convergence.png")
-  parser.add_argument("--data-dir", default=os.path.join(_HERE, "..", "..", "shared", "data",
-                                                         "mnist"))
+  parser.add_argument("--data-dir", default=mnist_data.BUNDLED_DIR)
   parser.add_argument("--fake-data", action="store_true")
   args = parser.parse_args(argv)
   args.models = tuple(m for m in args.models.split(",") if m)

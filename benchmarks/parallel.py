@@ -1,6 +1,6 @@
 """Times the pmapped K-FAC step on 1, 2, 4 and 8 host devices, and its inverse work.
 
-    python benchmarks/parallel.py [--model mlp|convnet] [--batch 256] [--rounds 5]
+    python -m benchmarks.parallel [--model mlp|convnet] [--batch 256] [--rounds 5]
 
 Sets `XLA_FLAGS=--xla_force_host_platform_device_count=8` (and `JAX_PLATFORMS=cpu`
 unless set) before importing JAX, so one process sees 8 CPU "devices". For each
@@ -62,11 +62,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import jkfac  # noqa: E402
-from jkfac.blocks import BLOCKS  # noqa: E402
+from jkfac.blocks import REGISTRY  # noqa: E402
 from mnist import ConvNet  # noqa: E402  (the example's model: the seed convnet)
-from step_time import MLP, make_loss  # noqa: E402
+from benchmarks.step_time import MLP, make_loss  # noqa: E402
 
 AXIS = "batch"
 NO_INVERSION = 10 ** 9
@@ -93,7 +92,7 @@ def factor_list(state) -> list[tuple[str, str, tuple[int, ...]]]:
 
 def model_cost(factor: str, shape) -> float:
   """jkfac's cost model: n^3 for a matrix, the size for an entrywise block."""
-  return float(np.prod(shape)) if BLOCKS[FACTOR_BLOCKS[factor]].entrywise else float(shape[0]) ** 3
+  return float(np.prod(shape)) if REGISTRY["dense", FACTOR_BLOCKS[factor]].entrywise else float(shape[0]) ** 3
 
 
 def measured_costs(factors, reduce, repeats: int = 20) -> list[float]:
@@ -104,7 +103,7 @@ def measured_costs(factors, reduce, repeats: int = 20) -> list[float]:
   """
   jobs = []
   for _, factor, shape in factors:
-    block = BLOCKS[FACTOR_BLOCKS[factor]]
+    block = REGISTRY["dense", FACTOR_BLOCKS[factor]]
     rng = np.random.default_rng(0)
     if block.entrywise:
       matrix = np.abs(rng.standard_normal(shape))

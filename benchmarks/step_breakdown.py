@@ -1,6 +1,6 @@
 """Where a K-FAC step's time goes: its periodic work switched on one part at a time.
 
-    python benchmarks/step_breakdown.py [--model mlp|convnet] [--rounds 5]
+    python -m benchmarks.step_breakdown [--model mlp|convnet] [--rounds 5]
 
 In one process, real training steps of the model of `benchmarks/step_time.py` at a
 learning rate that stays finite: Adam; K-FAC preconditioning only (statistics and
@@ -24,11 +24,10 @@ import jax  # noqa: E402
 import optax  # noqa: E402
 
 _HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(_HERE.parent / "examples"))
-sys.path.insert(0, str(_HERE))
 import jkfac  # noqa: E402
 from mnist import ConvNet  # noqa: E402
-from step_time import MLP, finite, load_batches, make_loss, make_step  # noqa: E402
+import mnist_data  # noqa: E402
+from benchmarks.step_time import MLP, finite, load_batches, make_loss, make_step  # noqa: E402
 
 NEVER = 2 ** 30  # a period no run reaches: the work happens at step 0 only
 STEPS = 20
@@ -50,7 +49,7 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", choices=("mlp", "convnet"), default="mlp")
   parser.add_argument("--rounds", type=int, default=5)
-  parser.add_argument("--data-dir", default=str(_HERE.parents[1] / "shared" / "data" / "mnist"))
+  parser.add_argument("--data-dir", default=mnist_data.BUNDLED_DIR)
   args = parser.parse_args(argv)
   batches = load_batches(args.data_dir)
   model = MLP() if args.model == "mlp" else ConvNet()

@@ -1,6 +1,6 @@
 """Times a jitted train step of jkfac against optax Adam, in one process.
 
-    python benchmarks/step_time.py [--model convnet|mlp|both] [--rounds 3] [--data-dir DIR]
+    python -m benchmarks.step_time [--model convnet|mlp|both] [--rounds 3] [--data-dir DIR]
 
 For each model (the seed convnet and an MLP 784-512-256-10, batch 128) it times
 Adam, the one-call default `jkfac.kfac(loss_fn, batch)` (statistics every 5 steps,
@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import jkfac  # noqa: E402
 import mnist_data  # noqa: E402
 from mnist import ConvNet  # noqa: E402  (the example's model: the seed convnet)
@@ -153,8 +152,7 @@ def main(argv=None) -> None:
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--min-steps", type=int, default=20,
                       help="time at least this many steps per round (whole inverse periods)")
-  parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2]
-                                                / "shared" / "data" / "mnist"))
+  parser.add_argument("--data-dir", default=mnist_data.BUNDLED_DIR)
   args = parser.parse_args(argv)
   batches = load_batches(args.data_dir)
   if args.model in ("convnet", "both"):

@@ -6,11 +6,11 @@ and an l2 penalty of 1e-5. K-FAC runs every configuration of `KFAC_CONFIGS` the 
 jkfac accepts (the paper's: adaptive damping, quadratic-model step size and momentum,
 inverses every 5 steps; a fixed one); Adam and SGD-momentum run a small learning-rate sweep.
 
-    PYTHONPATH=. python examples/autoencoder.py --data-dir ../shared/data/mnist --optimizer all
+    PYTHONPATH=. python examples/autoencoder.py --optimizer all
     PYTHONPATH=. python examples/autoencoder.py --fake-data --steps 5 --widths 64,8,64
 
 Every optimizer sees the same batches from the same initial parameters. Times are of real
-training steps, compilation and evaluation excluded (see `_harness.py`).
+training steps, compilation and evaluation excluded (see benchmarks/harness.py).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import optax
 import jkfac
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)  # the helpers sit beside us
-import _harness  # noqa: E402
+sys.path.insert(0, os.path.dirname(_HERE))  # the repository root: benchmarks/ measures
+from benchmarks import harness as _harness  # noqa: E402
 import mnist_data  # noqa: E402
 
 WIDTHS = (1000, 500, 250, 30, 250, 500, 1000)
@@ -208,10 +208,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="write every step's loss (and the final test metrics) here")
   parser.add_argument("--quiet", action="store_true",
                       help="no progress bar (or, where output is no terminal, lines)")
-  parser.add_argument("--data-dir", default=os.path.join(_HERE, "..", "..", "shared", "data",
-                                                         "mnist"),
+  parser.add_argument("--data-dir", default=mnist_data.BUNDLED_DIR,
                       help="MNIST IDX files; with only t10k, 8,000 train / 2,000 test "
-                           "(default: ../shared/data/mnist)")
+                           "(default: the bundled examples/data/mnist)")
   parser.add_argument("--dataset", choices=("idx", "tfds", "fake"), default="idx")
   parser.add_argument("--fake-data", action="store_true", help="same as --dataset fake")
   args = parser.parse_args(argv)

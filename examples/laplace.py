@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # our helpers si
 import mnist  # noqa: E402
 import mnist_data  # noqa: E402
 
-DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mnist")
+DEFAULT_DATA_DIR = mnist_data.BUNDLED_DIR
 EVAL_BATCH = 500
 ECE_BINS = 15
 

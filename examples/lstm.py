@@ -34,8 +34,8 @@ import optax
 
 import jkfac
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # The helpers sit beside us.
-import _compare  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from benchmarks import compare as _compare  # noqa: E402
 
 OPTIMIZERS = {spec.name: spec for spec in (
     _compare.kfac_spec(3e-3, (1e-3, 3e-3, 1e-2)),

@@ -4,11 +4,10 @@ The model is the seed's small convnet: two 5x5 convolutions with 16 channels, ea
 followed by ReLU and a 3x3/2 max-pool, then a dense softmax layer. The first
 convolution uses the diagonal K-FAC block, the others the default Kronecker one.
 
-    PYTHONPATH=. python examples/mnist.py --data-dir /path/to/mnist --steps 300
-    PYTHONPATH=. python examples/mnist.py --fake-data --steps 20
-    PYTHONPATH=. python examples/mnist.py --data-dir DIR --optimizer both --plot out.png \
-        --metrics-csv metrics.csv
-    PYTHONPATH=. python examples/mnist.py --fake-data --checkpoint-dir /tmp/ckpt  # resumes
+    python examples/mnist.py --steps 300   # the bundled digits
+    python examples/mnist.py --fake-data --steps 20
+    python examples/mnist.py --optimizer both --plot out.png --metrics-csv metrics.csv
+    python examples/mnist.py --fake-data --checkpoint-dir /tmp/ckpt  # resumes
 
 jkfac is used as any optax optimizer, with two differences: `jkfac.kfac` needs the
 loss function (with its layers tagged and its loss registered) and an example
@@ -42,9 +41,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 import jkfac
 import jkfac.checkpoint
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # our helpers sit beside us.
-import _harness  # noqa: E402
-import _progress  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from benchmarks import harness as _harness  # noqa: E402
+from benchmarks import progress as _progress  # noqa: E402
 import mnist_data  # noqa: E402
 
 OPTIMIZERS = ("kfac", "adam")
@@ -323,10 +322,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
                             "instead of pmap")
   data = parser.add_argument_group("data")
   data.add_argument("--dataset", choices=("tfds", "idx", "fake"),
-                    help="where MNIST comes from (default: idx with --data-dir, else tfds)")
+                    help="where MNIST comes from (default: idx, the bundled 10,000 test digits)")
   data.add_argument("--data-dir", metavar="DIR",
-                    help="a folder of MNIST IDX .gz files (the TFDS data_dir with "
-                         "--dataset tfds)")
+                    help="a folder of MNIST IDX .gz files (default: the bundled examples/data/mnist; "
+                         "the TFDS data_dir with --dataset tfds)")
   data.add_argument("--fake-data", action="store_true",
                     help="random MNIST-shaped data, for smoke runs (same as --dataset fake)")
   args = parser.parse_args(argv)
@@ -335,9 +334,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
       parser.error(f"--fake-data conflicts with --dataset {args.dataset}")
     args.dataset = "fake"
   elif args.dataset is None:
-    args.dataset = "idx" if args.data_dir else "tfds"
+    args.dataset = "idx"
   if args.dataset == "idx" and not args.data_dir:
-    parser.error("--dataset idx needs --data-dir DIR")
+    args.data_dir = mnist_data.BUNDLED_DIR
   for flag in ("steps", "batch_size", "log_every", "cov_update_every", "invert_every", "devices",
                "checkpoint_every"):
     if getattr(args, flag) < 1:

@@ -31,8 +31,8 @@ import optax
 
 import jkfac
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # The helpers sit beside us.
-import _compare  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from benchmarks import compare as _compare  # noqa: E402
 import text_data  # noqa: E402
 
 OPTIMIZERS = {spec.name: spec for spec in (

@@ -1,4 +1,4 @@
-"""Tests for examples/_harness.py against hand-made curves with closed-form answers, and
+"""Tests for benchmarks/harness.py against hand-made curves with closed-form answers, and
 for benchmarks/convergence.py's targets and flags. No wall-clock thresholds."""
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from tests import _nets
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-sys.path.insert(0, str(ROOT / "examples"))  # as the examples and the benchmark import it
-import _harness as harness  # noqa: E402
+from benchmarks import harness  # noqa: E402
 
 
 def _run(losses, seconds=None, diverged=False, evals=()) -> harness.Run:

@@ -16,7 +16,7 @@ from tests import _nets
 import rich.console
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MNIST_DIR = os.environ.get("JKFAC_MNIST_DIR", str(ROOT.parent / "shared" / "data" / "mnist"))
+MNIST_DIR = str(ROOT / "examples" / "data" / "mnist")  # the bundled t10k pair
 SMOKE = ["--steps", "3", "--batch-size", "32", "--log-every", "1"]
 
 
@@ -27,7 +27,7 @@ def mnist():
 
 @pytest.fixture(scope="module")
 def progress():
-  return _nets.import_script(ROOT / "examples" / "_progress.py", "_progress")
+  return _nets.import_script(ROOT / "benchmarks" / "progress.py", "progress")
 
 
 def _check_run(out: str, result: dict, name: str, steps: int = 3) -> None:
@@ -106,8 +106,6 @@ def test_checkpoint_resume_is_bit_identical(mnist, capsys, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.skipif(not os.path.isdir(MNIST_DIR),
-                    reason=f"no MNIST IDX files at {MNIST_DIR} (set JKFAC_MNIST_DIR)")
 def test_kfac_real_data(mnist, capsys):
   results = mnist.main(["--data-dir", MNIST_DIR, *SMOKE])
   out = capsys.readouterr().out
@@ -149,7 +147,7 @@ def test_devices_beyond_what_jax_sees_is_a_clear_error(mnist, capsys):
   assert "xla_force_host_platform_device_count" in capsys.readouterr().err
 
 
-# --- examples/_progress.py --------------------------------------------------------------------
+# --- benchmarks/progress.py --------------------------------------------------------------------
 
 
 def _console(terminal: bool) -> rich.console.Console:

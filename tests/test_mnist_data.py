@@ -14,8 +14,8 @@ import pytest
 from tests import _nets
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
-# shared/ lies beside the checkout, locally and in CI; the real data stays there.
-_SHARED_MNIST = _REPO.parent / "shared" / "data" / "mnist"
+# The bundled MNIST t10k pair (real digits, CC BY-SA 3.0; see its NOTICE).
+_BUNDLED_MNIST = _REPO / "examples" / "data" / "mnist"
 
 
 mnist_data = _nets.import_script(_REPO / "examples" / "mnist_data.py", "mnist_data")
@@ -103,12 +103,9 @@ def test_load_idx_rejects_mismatched_label_count(tmp_path):
     mnist_data.load_idx(str(tmp_path))
 
 
-@pytest.mark.skipif(
-    not (_SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file(),
-    reason=f"real MNIST t10k files not found in {_SHARED_MNIST}",
-)
-def test_load_idx_splits_shared_t10k_into_8000_and_2000():
-  data = mnist_data.load_idx(str(_SHARED_MNIST))
+def test_load_idx_splits_bundled_t10k_into_8000_and_2000():
+  assert mnist_data.BUNDLED_DIR == str(_BUNDLED_MNIST)
+  data = mnist_data.load_idx()  # the bundled pair is the default
   _check_mnist_split(*data["train"], 8000)
   _check_mnist_split(*data["test"], 2000)
   assert set(np.unique(data["test"][1])) == set(range(10))

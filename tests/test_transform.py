@@ -25,7 +25,7 @@ from examples import mnist_data
 SIZES = (5, 4, 3)  # input, hidden, classes
 BATCH = 8
 LAYERS = ("dense0", "dense1")
-MNIST_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+MNIST_DIR = mnist_data.BUNDLED_DIR
 
 
 # --- a tiny tagged MLP and its data ----------------------------------------------------------
@@ -541,8 +541,6 @@ def test_state_dtype_follows_params(x64):
 def _mnist_test_subset(n):
   images_path = os.path.join(MNIST_DIR, "t10k-images-idx3-ubyte.gz")
   labels_path = os.path.join(MNIST_DIR, "t10k-labels-idx1-ubyte.gz")
-  if not (os.path.exists(images_path) and os.path.exists(labels_path)):
-    pytest.skip(f"MNIST t10k IDX files not found in {MNIST_DIR}")
   images, labels = mnist_data.read_idx(images_path), mnist_data.read_idx(labels_path)
   assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
   return {"image": jnp.asarray(images[:n].reshape(n, -1), jnp.float32) / 255.0,

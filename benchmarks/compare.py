@@ -1,9 +1,9 @@
 """The optimizer comparison of the sequence examples (transformer_lm.py, lstm.py): flags,
-optimizers, learning-rate sweeps and the summary; the measuring is `_harness`'s.
+optimizers, learning-rate sweeps and the summary; the measuring is `harness`'s.
 
 An example describes what it trains as a `Task` and which optimizers it compares as
 `OptimizerSpec`s; `main` parses the shared flags, runs every optimizer at every learning
-rate of its sweep from the same initialization on the same batches (`_harness.run`: real
+rate of its sweep from the same initialization on the same batches (`harness.run`: real
 steps timed after compilation, the divergence rule), and prints every run, then a target
 table: each baseline's best final eval loss as a target, and the steps and seconds every
 optimizer's best run takes to reach it, as evaluated every `--eval-every` steps.
@@ -22,7 +22,7 @@ import optax
 
 import jkfac
 
-import _harness
+from benchmarks import harness
 
 Params = Any
 Batch = Any
@@ -40,7 +40,7 @@ class Task:
   muon_dimension_numbers: Callable[[Params], Any] | None = None
 
 
-Make = Callable[[float, Task, Batch, argparse.Namespace], Any]  # -> tx or _harness.Skipped
+Make = Callable[[float, Task, Batch, argparse.Namespace], Any]  # -> tx or harness.Skipped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,14 +57,14 @@ class OptimizerSpec:
 
 def kfac_spec(learning_rate: float, sweep: tuple[float, ...]) -> OptimizerSpec:
   """jkfac.kfac with the --damping / --momentum / cadence flags and --kfac-kwargs; a keyword
-  the installed jkfac does not take makes it `_harness.Skipped`."""
+  the installed jkfac does not take makes it `harness.Skipped`."""
 
   def make(lr, task, example_batch, args):
     kwargs = dict(damping=args.damping, momentum=args.momentum,
                   momentum_type=args.momentum_type, cov_update_every=args.cov_update_every,
                   invert_every=args.invert_every, seed=args.seed)
     kwargs.update(args.kfac_kwargs)
-    return _harness.try_build(jkfac.kfac, task.loss_fn, example_batch, learning_rate=lr,
+    return harness.try_build(jkfac.kfac, task.loss_fn, example_batch, learning_rate=lr,
                               **kwargs)
 
   return OptimizerSpec("kfac", "K-FAC", learning_rate, sweep, make)
@@ -93,7 +93,7 @@ def muon_spec(learning_rate: float, sweep: tuple[float, ...]) -> OptimizerSpec:
 
 # -- Training ------------------------------------------------------------------------------
 
-def make_evaluate(loss_fn, batches: Sequence[Batch]) -> _harness.EvalFn:
+def make_evaluate(loss_fn, batches: Sequence[Batch]) -> harness.EvalFn:
   """`state -> {"eval_loss": mean of loss_fn over a fixed list of equally shaped batches}`."""
   batch_loss = jax.jit(loss_fn)
 
@@ -105,9 +105,9 @@ def make_evaluate(loss_fn, batches: Sequence[Batch]) -> _harness.EvalFn:
 
 
 def train(task: Task, tx: optax.GradientTransformation, label: str, *, steps: int,
-          eval_every: int, seed: int) -> _harness.Run:
+          eval_every: int, seed: int) -> harness.Run:
   """`tx` for `steps` steps from `task`'s seeded start on its seeded batches, with progress."""
-  return _harness.train(task.loss_fn, tx, task.init_params(jax.random.PRNGKey(seed)),
+  return harness.train(task.loss_fn, tx, task.init_params(jax.random.PRNGKey(seed)),
                         task.train_batches(seed), make_evaluate(task.loss_fn, task.eval_batches),
                         label=label, steps=steps, eval_every=eval_every, log_every=eval_every)
 
@@ -123,53 +123,53 @@ def label(name: str, lr: float) -> str:
 
 
 def run_sweep(task: Task, spec: OptimizerSpec, lrs: Sequence[float], args: argparse.Namespace
-              ) -> _harness.Sweep:
+              ) -> harness.Sweep:
   """`spec` at each of `lrs`; the best has the lowest final eval loss."""
   example = next(task.train_batches(args.seed))
 
-  def run_one(lr: float) -> _harness.Run | _harness.Skipped:
+  def run_one(lr: float) -> harness.Run | harness.Skipped:
     tx = spec.make(lr, task, example, args)
-    if isinstance(tx, _harness.Skipped):
-      print(f"{label(spec.name, lr)}: {_harness.status(tx)}", flush=True)
+    if isinstance(tx, harness.Skipped):
+      print(f"{label(spec.name, lr)}: {harness.status(tx)}", flush=True)
       return tx
     return train(task, tx, label(spec.name, lr), steps=args.steps,
                  eval_every=args.eval_every, seed=args.seed)
 
-  return _harness.sweep(run_one, lrs, metric=EVAL_METRIC)
+  return harness.sweep(run_one, lrs, metric=EVAL_METRIC)
 
 
-def best_runs(sweeps: dict[str, _harness.Sweep]) -> dict[str, _harness.Run]:
+def best_runs(sweeps: dict[str, harness.Sweep]) -> dict[str, harness.Run]:
   """`{label: run}` of each optimizer's best run (none where no run finished)."""
   return {label(name, s.best): s.runs[s.best] for name, s in sweeps.items()
           if s.best is not None}
 
 
-def eval_targets(specs: dict[str, OptimizerSpec], best: dict[str, _harness.Run]
-                 ) -> list[_harness.Target]:
+def eval_targets(specs: dict[str, OptimizerSpec], best: dict[str, harness.Run]
+                 ) -> list[harness.Target]:
   """Each baseline's best final eval loss (every optimizer but K-FAC) as a target."""
   targets = []
   for run_label, r in best.items():
     name = run_label.split()[0]
     if name != "kfac":
-      targets.append(_harness.Target(f"{specs[name].label} loss", r.final_metric(EVAL_METRIC),
+      targets.append(harness.Target(f"{specs[name].label} loss", r.final_metric(EVAL_METRIC),
                                      run_label, EVAL_METRIC))
   return targets
 
 
-def summary(specs: dict[str, OptimizerSpec], sweeps: dict[str, _harness.Sweep],
+def summary(specs: dict[str, OptimizerSpec], sweeps: dict[str, harness.Sweep],
             window: int) -> list[str]:
   """Every run's table, then the best runs' table of steps and seconds to the targets."""
   runs = {label(name, lr): r for name, s in sweeps.items() for lr, r in s.runs.items()}
   best = best_runs(sweeps)
-  lines = [_harness.format_table(_harness.run_headers([EVAL_METRIC], window),
-                                 _harness.run_rows(runs, [EVAL_METRIC], best, window))]
+  lines = [harness.format_table(harness.run_headers([EVAL_METRIC], window),
+                                 harness.run_rows(runs, [EVAL_METRIC], best, window))]
   targets = eval_targets(specs, best)
   for t in targets:
     lines.append(f"target {t.name}: {t.reference}'s final eval loss {t.value:.4f}")
   if targets and len(best) > 1:
-    lines.append(_harness.format_table(
-        _harness.target_headers(targets, [EVAL_METRIC], window),
-        _harness.target_rows(best, targets, [EVAL_METRIC], window)))
+    lines.append(harness.format_table(
+        harness.target_headers(targets, [EVAL_METRIC], window),
+        harness.target_rows(best, targets, [EVAL_METRIC], window)))
   return lines
 
 
@@ -239,7 +239,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
 def main(task: Task, specs: dict[str, OptimizerSpec], args: argparse.Namespace
          ) -> dict[str, Any]:
   """Runs the chosen optimizers and sweeps; prints, writes and returns the results:
-  `{"sweeps": {name: _harness.Sweep over lr}, "summary": lines}`."""
+  `{"sweeps": {name: harness.Sweep over lr}, "summary": lines}`."""
   names = tuple(specs) if args.optimizer == "all" else (args.optimizer,)
   if args.describe:
     params = task.init_params(jax.random.PRNGKey(args.seed))
@@ -254,7 +254,7 @@ def main(task: Task, specs: dict[str, OptimizerSpec], args: argparse.Namespace
   print("\n".join(lines), flush=True)
   runs = {label(name, lr): r for name, s in sweeps.items() for lr, r in s.runs.items()}
   if args.metrics_csv:
-    _harness.write_csv(args.metrics_csv, runs, [EVAL_METRIC])
+    harness.write_csv(args.metrics_csv, runs, [EVAL_METRIC])
   if args.plot:
-    _harness.plot({task.title: runs}, args.plot, eval_metric=EVAL_METRIC)
+    harness.plot({task.title: runs}, args.plot, eval_metric=EVAL_METRIC)
   return {"sweeps": sweeps, "summary": lines}

@@ -1,7 +1,8 @@
 """Measuring optimizers: timed runs, targets, sweeps, skipped configurations, tables, plots.
 
-Used by the examples (autoencoder.py, and through `_compare.py` transformer_lm.py and
-lstm.py) and by benchmarks/convergence.py; `_progress.py` shows progress and writes CSV.
+Used by the examples (autoencoder.py, and through `benchmarks.compare` transformer_lm.py
+and lstm.py) and by benchmarks/convergence.py; `benchmarks.progress` shows progress and
+writes CSV.
 
 The clock: `run` times real training steps (the jitted step, its state threaded through,
 parameters updated), synchronised with `jax.block_until_ready` every `sync_every` steps
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import _progress
+from benchmarks import progress as _progress
 
 StepFn = Callable[[Any, Any], tuple[Any, jax.Array]]  # (state, batch) -> (state, loss)
 EvalFn = Callable[[Any], Mapping[str, float]]          # state -> metrics
