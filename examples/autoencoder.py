@@ -208,10 +208,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="write every step's loss (and the final test metrics) here")
   parser.add_argument("--quiet", action="store_true",
                       help="no progress bar (or, where output is no terminal, lines)")
-  parser.add_argument("--data-dir", default=mnist_data.BUNDLED_DIR,
+  parser.add_argument("--data-dir",
                       help="MNIST IDX files; with only t10k, 8,000 train / 2,000 test "
-                           "(default: the bundled examples/data/mnist)")
-  parser.add_argument("--dataset", choices=("idx", "tfds", "fake"), default="idx")
+                           "(default: the bundled examples/data/mnist; with --dataset "
+                           "download, ~/.cache/jkfac/mnist)")
+  parser.add_argument("--dataset", choices=("idx", "download", "fake"), default="idx")
   parser.add_argument("--fake-data", action="store_true", help="same as --dataset fake")
   args = parser.parse_args(argv)
   if args.fake_data:
@@ -225,9 +226,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def load_data(args: argparse.Namespace) -> mnist_data.Dataset:
   if args.dataset == "fake":
     return mnist_data.fake_data(seed=args.seed)
-  if args.dataset == "tfds":
-    return mnist_data.load_tfds(args.data_dir)
-  return mnist_data.load_idx(args.data_dir)
+  if args.dataset == "download":
+    return mnist_data.load_download(args.data_dir)
+  return mnist_data.load_idx(args.data_dir or mnist_data.BUNDLED_DIR)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

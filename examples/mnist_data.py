@@ -1,4 +1,4 @@
-"""MNIST for the examples, as numpy arrays: IDX files, TFDS, or fake data.
+"""MNIST for the examples, as numpy arrays: the bundled digits, a download, or fake data.
 
 Every loader returns ``{"train": (images, labels), "test": (images, labels)}``
 with images float32 in [0, 1] of shape (N, 28, 28, 1) and labels int32 in
@@ -8,9 +8,12 @@ with images float32 in [0, 1] of shape (N, 28, 28, 1) and labels int32 in
 from __future__ import annotations
 
 import gzip
-import importlib.util
+import hashlib
 import math
 import os
+import shutil
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -96,7 +99,8 @@ def load_idx(data_dir: str = BUNDLED_DIR, *, test_size: int = 2000) -> Dataset:
       return _split_in_order(_read_pair(data_dir, *IDX_FILES[split]), test_size)
   raise FileNotFoundError(
       f"no MNIST IDX pair ({' + '.join(IDX_FILES['test'])}) in {data_dir!r}; "
-      "use --fake-data, or --dataset tfds where a download works"
+      "leave --data-dir out for the bundled digits, or use --dataset download where a network "
+      "is reachable"
   )
 
 
@@ -109,59 +113,67 @@ def _split_in_order(data: Split, test_size: int) -> Dataset:
   return {"train": (x[:cut], y[:cut]), "test": (x[cut:], y[cut:])}
 
 
-def load_tfds(data_dir: str | None = None) -> Dataset:
-  """Loads MNIST through ``tfds.data_source`` (array_record records, PIL decode).
+# Full MNIST (60,000 train / 10,000 test) from TFDS's mirror, each file checked against
+# the size and SHA-256 that TFDS records for it (tensorflow_datasets/url_checksums/mnist.txt).
+MNIST_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
+CHECKSUMS = {
+    "train-images-idx3-ubyte.gz":
+        (9912422, "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+    "train-labels-idx1-ubyte.gz":
+        (28881, "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+    "t10k-images-idx3-ubyte.gz":
+        (1648877, "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+    "t10k-labels-idx1-ubyte.gz":
+        (4542, "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+}
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jkfac", "mnist")
 
-  Reading a prepared array_record copy needs no TensorFlow, unlike
-  ``tfds.load``, which builds a ``tf.data`` pipeline. Preparing MNIST the
-  first time needs a network and, in TFDS 4.9.10, TensorFlow; without
-  TensorFlow this fails at once instead of downloading first.
+
+def load_download(data_dir: str | None = None, *, base_url: str | None = None,
+                  timeout: float = 30.0) -> Dataset:
+  """Full MNIST, downloaded once into ``data_dir`` (default ``~/.cache/jkfac/mnist``).
+
+  Files already there with the recorded size and SHA-256 are reused; missing ones are
+  fetched from ``base_url`` (default ``MNIST_URL``; standard library only: no TensorFlow, no TFDS) and checked
+  before they are kept. Raises ``ConnectionError`` (one line) where the server cannot
+  be reached and ``ValueError`` where a download does not match its checksum.
   """
+  data_dir, base_url = data_dir or CACHE_DIR, base_url or MNIST_URL
+  os.makedirs(data_dir, exist_ok=True)
+  for name, (size, sha256) in CHECKSUMS.items():
+    path = os.path.join(data_dir, name)
+    if not _matches(path, size, sha256):
+      _fetch(base_url + name, path, size, sha256, timeout)
+  return {split: _read_pair(data_dir, *IDX_FILES[split]) for split in IDX_FILES}
+
+
+def _matches(path: str, size: int, sha256: str) -> bool:
+  """Whether ``path`` exists with the given size and SHA-256."""
+  if not os.path.isfile(path) or os.path.getsize(path) != size:
+    return False
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest() == sha256
+
+
+def _fetch(url: str, path: str, size: int, sha256: str, timeout: float) -> None:
+  """Downloads ``url`` to ``path`` through a temporary file, kept only if it checks out."""
+  partial = path + ".part"
   try:
-    return _load_tfds(data_dir)
-  except Exception as e:  # Import, download and prepare failures all end here.
-    cause = (str(e).strip().splitlines() or [""])[0][:200]
-    raise RuntimeError(
-        f"tfds could not load mnist here ({type(e).__name__}: {cause}); "
-        "use --data-dir DIR with MNIST IDX files, or --fake-data"
-    ) from e
-
-
-def _load_tfds(data_dir: str | None) -> Dataset:
-  """Reads a prepared copy, preparing one only where TensorFlow exists."""
-  import tensorflow_datasets as tfds  # Lazy: an optional, heavy import.
-
-  kwargs = dict(
-      split=["train", "test"],
-      data_dir=data_dir,
-      builder_kwargs={"file_format": "array_record"},
-  )
-  try:
-    sources = tfds.data_source("mnist", download=False, **kwargs)
-  except Exception as e:
-    if not _has_tensorflow():
-      where = data_dir or "the default TFDS data_dir"
-      raise ModuleNotFoundError(
-          f"mnist is not prepared in {where} and TFDS needs tensorflow to prepare it"
-      ) from e
-    sources = tfds.data_source("mnist", download=True, **kwargs)
-  return {name: _source_arrays(src) for name, src in zip(("train", "test"), sources)}
-
-
-def _has_tensorflow() -> bool:
-  """Whether TensorFlow is importable, without importing it."""
-  return importlib.util.find_spec("tensorflow") is not None
-
-
-def _source_arrays(source: Sequence[dict[str, np.ndarray]], chunk: int = 4096) -> Split:
-  """Decodes a random-access TFDS source into stacked image/label arrays."""
-  images, labels = [], []
-  for start in range(0, len(source), chunk):
-    keys = list(range(start, min(start + chunk, len(source))))
-    for example in source.__getitems__(keys):
-      images.append(np.asarray(example["image"]))
-      labels.append(np.asarray(example["label"]))
-  return _to_model_dtypes(np.stack(images), np.stack(labels))
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as f:
+      shutil.copyfileobj(response, f)
+  except (OSError, urllib.error.URLError) as e:  # Includes timeouts and HTTP errors.
+    if os.path.exists(partial):
+      os.remove(partial)
+    reason = getattr(e, "reason", None) or e
+    raise ConnectionError(
+        f"could not download {url} ({reason}); offline, use the bundled digits "
+        "(the default, --dataset idx)") from e
+  if not _matches(partial, size, sha256):
+    got = os.path.getsize(partial)
+    os.remove(partial)
+    raise ValueError(f"{url}: the download ({got} bytes) does not match the recorded size "
+                     f"{size} and SHA-256 {sha256[:12]}...; nothing was kept")
+  os.replace(partial, path)
 
 
 def fake_data(num_train: int = 1024, num_test: int = 256, seed: int = 0) -> Dataset:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import pathlib
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -377,9 +378,11 @@ def conv_patches(x, kernel_size, conv):
 
 
 def import_script(path, name: str):
-  """Imports a script (examples/ and benchmarks/ are scripts, not packages) as `name`."""
+  """Imports a script as `name`, its folder importable as when it runs (`import mnist_data`)."""
   import importlib.util
   import sys
+  if str(pathlib.Path(path).parent) not in sys.path:
+    sys.path.append(str(pathlib.Path(path).parent))
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   sys.modules[name] = module  # Flax's dataclasses look their module up there.

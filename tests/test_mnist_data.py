@@ -1,12 +1,15 @@
-"""Tests for examples/mnist_data.py: IDX parsing, splits, TFDS, fake data, batches."""
+"""Tests for examples/mnist_data.py: IDX parsing, splits, the download, fake data, batches."""
 
 from __future__ import annotations
 
+import functools
 import gzip
-import importlib.util
+import hashlib
+import http.server
 import pathlib
+import socket
 import struct
-import sys
+import threading
 
 import numpy as np
 import pytest
@@ -118,7 +121,7 @@ def test_load_idx_missing_folder_names_folder_and_options(tmp_path):
     mnist_data.load_idx(str(missing))
   message = str(info.value)
   assert "\n" not in message
-  assert str(missing) in message and "--fake-data" in message and "--dataset tfds" in message
+  assert str(missing) in message and "bundled" in message and "--dataset download" in message
 
 
 def test_fake_data_has_mnist_shapes_and_is_seeded():
@@ -156,44 +159,84 @@ def test_batches_remainder_and_seed():
     next(mnist_data.batches(x, y, 11, seed=0))
 
 
-def test_load_tfds_reads_mocked_mnist_without_tensorflow(monkeypatch):
-  import tensorflow_datasets as tfds
-  from tensorflow_datasets.core.data_sources import array_record
-
-  # TFDS 4.9.10's mock sets `__getitems__` as an unbound partial, so batched
-  # reads raise TypeError under mock_data; read the mock one key at a time.
-  monkeypatch.setattr(
-      array_record.ArrayRecordDataSource, "__getitems__", lambda self, keys: [self[k] for k in keys]
-  )
-  with tfds.testing.mock_data(num_examples=12):
-    data = mnist_data.load_tfds()
-  _check_mnist_split(*data["train"], 12)
-  _check_mnist_split(*data["test"], 12)
+# --- --dataset download: a local file server on 127.0.0.1, never the network ------------------
 
 
-@pytest.mark.parametrize("has_tensorflow", [False, True])
-def test_load_tfds_failure_is_one_runtime_error_line(monkeypatch, has_tensorflow):
-  import tensorflow_datasets as tfds
+@pytest.fixture
+def mnist_server(tmp_path):
+  """Serves tiny MNIST-format files from a folder on 127.0.0.1; yields (url, folder, data)."""
+  served = tmp_path / "served"
+  served.mkdir()
+  data = {"train": _tiny(6, seed=10), "test": _tiny(4, seed=11)}
+  for split, pair in data.items():
+    _write_pair(served, split, *pair)
+  handler = functools.partial(_QuietHandler, directory=str(served))
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  yield f"http://127.0.0.1:{server.server_address[1]}/", served, data
+  server.shutdown()
+  server.server_close()
 
-  def fail(*args, **kwargs):
-    raise ConnectionError("no route to host\nsecond line of detail")
 
-  monkeypatch.setattr(tfds, "data_source", fail)
-  monkeypatch.setattr(mnist_data, "_has_tensorflow", lambda: has_tensorflow)
-  with pytest.raises(RuntimeError) as info:
-    mnist_data.load_tfds()
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+  """Serves files without a log line per request on stderr."""
+
+  def log_message(self, *args) -> None:
+    pass
+
+
+def _record(monkeypatch, folder: pathlib.Path, corrupt: str | None = None) -> None:
+  """Records the served files' sizes and SHA-256 sums as `CHECKSUMS` (one altered)."""
+  sums = {}
+  for name in mnist_data.CHECKSUMS:
+    raw = (folder / name).read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    sums[name] = (len(raw), "0" * 64 if name == corrupt else digest)
+  monkeypatch.setattr(mnist_data, "CHECKSUMS", sums)
+
+
+def test_recorded_checksums_match_the_bundled_test_pair():
+  for name in mnist_data.IDX_FILES["test"]:
+    raw = (_BUNDLED_MNIST / name).read_bytes()
+    assert mnist_data.CHECKSUMS[name] == (len(raw), hashlib.sha256(raw).hexdigest())
+
+
+def test_load_download_fetches_checks_reads_and_caches(monkeypatch, mnist_server, tmp_path):
+  url, served, data = mnist_server
+  _record(monkeypatch, served)
+  cache = tmp_path / "cache"
+  loaded = mnist_data.load_download(str(cache), base_url=url)
+  for split, (images, labels) in data.items():
+    _check_mnist_split(*loaded[split], len(labels))  # both pairs: no 8,000/2,000 split
+    np.testing.assert_array_equal(loaded[split][0][..., 0], images.astype(np.float32) / 255)
+    np.testing.assert_array_equal(loaded[split][1], labels)
+  assert sorted(p.name for p in cache.iterdir()) == sorted(mnist_data.CHECKSUMS)
+  for name in mnist_data.CHECKSUMS:  # The server gone, the checked copies are reused.
+    (served / name).unlink()
+  again = mnist_data.load_download(str(cache), base_url=url)
+  np.testing.assert_array_equal(again["train"][1], data["train"][1])
+
+
+def test_load_download_rejects_a_checksum_mismatch_and_keeps_nothing(monkeypatch, mnist_server,
+                                                                     tmp_path):
+  url, served, _ = mnist_server
+  _record(monkeypatch, served, corrupt="train-labels-idx1-ubyte.gz")
+  cache = tmp_path / "cache"
+  with pytest.raises(ValueError, match="train-labels-idx1-ubyte.gz: the download .* does not "
+                                       "match the recorded size"):
+    mnist_data.load_download(str(cache), base_url=url)
+  assert not (cache / "train-labels-idx1-ubyte.gz").exists()
+  assert not list(cache.glob("*.part"))
+
+
+def test_load_download_unreachable_is_one_line_connection_error(tmp_path):
+  with socket.socket() as s:  # A port nothing listens on: refused at once.
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  with pytest.raises(ConnectionError) as info:
+    mnist_data.load_download(str(tmp_path), base_url=f"http://127.0.0.1:{port}/", timeout=5)
   message = str(info.value)
-  assert "\n" not in message and message.startswith("tfds could not load mnist here")
-  assert "--data-dir" in message and "--fake-data" in message
-  assert ("tensorflow" in message) != has_tensorflow
-  assert info.value.__cause__ is not None
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("tensorflow") is not None,
-    reason="with tensorflow installed, load_tfds would try to download MNIST",
-)
-def test_load_tfds_unprepared_dir_fails_fast_without_tensorflow(tmp_path):
-  with pytest.raises(RuntimeError, match="needs tensorflow to prepare it"):
-    mnist_data.load_tfds(str(tmp_path))
-  assert not any(tmp_path.rglob("*.gz"))  # Failed before downloading anything.
+  assert "\n" not in message and message.startswith("could not download http://127.0.0.1")
+  assert "bundled" in message and "--dataset idx" in message
+  assert not list(tmp_path.iterdir())
