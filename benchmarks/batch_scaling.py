@@ -1,7 +1,7 @@
 """Steps and seconds to a fixed training loss against batch size: Adam, SGD with momentum
 (each with a small learning-rate sweep per batch size) and the default `jkfac.kfac`.
 
-    python benchmarks/batch_scaling.py [--models mlp,convnet] [--batch-sizes 128,512,2048,4096]
+    python -m benchmarks.batch_scaling [--models mlp,convnet] [--batch-sizes 128,512,2048,4096]
         [--steps 300] [--plot batch_scaling.png] [--data-dir examples/data/mnist]
 
 K-FAC's preconditioning costs the same at every batch size, so its per-step advantage
@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import robustness  # noqa: E402  (models, data, training loop)
+from benchmarks import robustness  # noqa: E402  (models, data, training loop)
 
 import jkfac  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Damped Cholesky inverses: jkfac's (matrix products and small XLA loops) against
 jaxlib's LAPACK Cholesky and triangular solve, in one process.
 
-    python benchmarks/inverse_time.py [--sizes 257,513,785] [--rounds 7]
+    python -m benchmarks.inverse_time [--sizes 257,513,785] [--rounds 7]
 
 Run it as users run code, without thread variables, then with OPENBLAS_NUM_THREADS=1:
 jaxlib's CPU Cholesky runs in OpenBLAS, whose threads compete with XLA's own, so the

@@ -2,7 +2,7 @@
 against Adam with a small learning-rate sweep: does it diverge, and how many steps and
 seconds does it take to reach the best Adam's final loss?
 
-    python benchmarks/robustness.py [--models mlp,autoencoder,regression,convnet,resnet]
+    python -m benchmarks.robustness [--models mlp,autoencoder,regression,convnet,resnet]
         [--steps 200] [--batch-sizes 128] [--data-dir examples/data/mnist]
 
 Models (real MNIST digits, the first 8,000 of the bundled test split): the seed convnet

@@ -16,7 +16,7 @@ state after the last digit and the backward state after the first, a ReLU `nn.De
 and a 2-way `nn.Dense`. jkfac finds every layer without tags; each LSTM gate's dense
 layer runs once per position inside the scan and gets a `"kron_indep"` block. (Flax's
 `OptimizedLSTMCell` fuses the gates in a way jkfac does not recognise: only diagonal
-blocks.) The flags and summary are `transformer_lm.py`'s (`_compare`).
+blocks.) The flags and summary are `transformer_lm.py`'s (`benchmarks.compare`).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def make_task(args) -> _compare.Task:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  """The shared flags (`_compare`) and the model's."""
+  """The shared flags (`benchmarks.compare`) and the model's."""
   parser = _compare.make_parser("lstm.py", __doc__.split("\n\n")[0], OPTIMIZERS, steps=400,
                                batch_size=64)
   model = parser.add_argument_group("model and data")

@@ -81,8 +81,7 @@ def train(name: str, args: argparse.Namespace, data) -> dict[str, Any]:
   model, batches = ConvNet(), mnist_data.batches(x, y, args.batch_size, seed=args.seed)
   loss_fn, batch = make_loss_fn(model), next(batches)
   params = model.init(jax.random.PRNGKey(args.seed), batch["image"])["params"]
-  tx = (jkfac.kfac(loss_fn, batch, momentum_type="qmodel", adapt_damping=True)
-        if name == "kfac" else optax.adam(args.adam_learning_rate))
+  tx = jkfac.kfac(loss_fn, batch) if name == "kfac" else optax.adam(args.adam_learning_rate)
   state = jkfac.flax.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
   step, losses, seconds, start = jax.jit(make_train_step(loss_fn)), [], [], time.perf_counter()
   for i in range(1, args.steps + 1):

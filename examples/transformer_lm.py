@@ -134,7 +134,7 @@ def make_task(args) -> _compare.Task:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  """The shared flags (`_compare`) with K-FAC's defaults for this model, and the model's."""
+  """The shared flags (`benchmarks.compare`) with K-FAC's defaults for this model, and the model's."""
   parser = _compare.make_parser("transformer_lm.py", __doc__.split("\n\n")[0], OPTIMIZERS)
   parser.set_defaults(**KFAC_DEFAULTS)
   model = parser.add_argument_group("model and data")

@@ -24,6 +24,7 @@ from jkfac.interpreter import Curvature, value_and_grad
 from jkfac.loss_check import LossScaleWarning, check_loss_scale
 from jkfac.config import MIN_DAMPING, PreconditionConfig
 from jkfac.factor_sizes import LargeFactorWarning
+from jkfac.layer_table import GenericBlockWarning
 from jkfac.state import PreconditionState
 from jkfac.preconditioner import precondition
 from jkfac.alias import kfac
@@ -49,6 +50,7 @@ def __getattr__(name: str):
 __all__ = [
     "AdaptiveState",
     "LargeFactorWarning",
+    "GenericBlockWarning",
     "PreconditionConfig",
     "MIN_DAMPING",
     "Curvature",

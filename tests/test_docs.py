@@ -28,7 +28,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SKIP_MARKER = "# doc-test: skip"
-SNIPPET_FILES = ("README.md", "docs/index.md", "docs/stateful_models.md",
+SNIPPET_FILES = ("README.md", "docs/index.md", "docs/usage.md", "docs/stateful_models.md",
                  "docs/sequence_models.md", "docs/equinox.md")
 # README blocks that need the marker but do not have it yet, by their first line. (This
 # test may not edit README.md; once the README marks them, delete the entry.)
@@ -88,3 +88,25 @@ def test_mkdocs_build_strict(tmp_path):
                           text=True, timeout=300)
   assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stdout}{result.stderr}"
   assert (tmp_path / "site" / "api" / "index.html").exists()
+
+
+def test_api_page_lists_every_public_name_and_only_existing_ones():
+  """Every name of `jkfac.__all__` appears on docs/api.md as `jkfac.NAME`, and every
+  `::: path` directive there names something that exists."""
+  import importlib
+
+  import jkfac
+  text = (ROOT / "docs" / "api.md").read_text()
+  missing = [n for n in jkfac.__all__ if not re.search(rf"jkfac\.{re.escape(n)}\b", text)]
+  assert not missing, f"docs/api.md lacks {missing}"
+  for path in re.findall(r"^::: (\S+)", text, re.MULTILINE):
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):  # the longest importable module prefix
+      try:
+        obj = importlib.import_module(".".join(parts[:cut]))
+        break
+      except ImportError:
+        continue
+    for attr in parts[cut:]:
+      assert hasattr(obj, attr), f"docs/api.md: ::: {path} does not exist"
+      obj = getattr(obj, attr)

@@ -1,4 +1,4 @@
-"""The sequence examples (transformer_lm.py, lstm.py), their corpus and `_compare`.
+"""The sequence examples (transformer_lm.py, lstm.py), their corpus and `benchmarks.compare`.
 
 The examples run in-process through their `main(argv)` on tiny configurations.
 """

@@ -1,0 +1,166 @@
+"""Every shell command that README.md and docs/*.md show runs, in a smoke mode.
+
+How a command of a ```bash / ```sh block is treated (`classify`):
+
+- set-up steps are recognised and not run: `python3 -m venv .venv`, `. .venv/bin/activate`,
+  `pip install ...` (its extras must exist in pyproject.toml), `mkdocs ...` (the site is
+  built by tests/test_docs.py);
+- `python -m pytest ...` must be the command .ci/run runs; it is not run from inside the
+  suite;
+- `wait` and a leading `# doc-test: skip` line (a block that needs several hosts or a
+  cluster) are skipped;
+- every other command runs, through bash from a scratch folder that links the checkout's
+  `examples/`, `benchmarks/` and `jkfac/`, with `JKFAC_SMOKE=1` (the examples run 3 steps)
+  and the script's entry of `SMOKE_FLAGS` appended (a later flag wins in argparse). A
+  script without an entry fails `test_every_command_is_recognised`: add its smoke flags.
+
+The README's first command runs in the default suite; the others, each a few model
+compilations, are marked slow.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+_BLOCK = re.compile(r"^```(?:bash|sh|shell)[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
+SETUP = (re.compile(r"^python3? -m venv \S+$"), re.compile(r"^\. \S*/bin/activate$"),
+         re.compile(r"^mkdocs\b"))
+# Flags that make each script a quick check (appended after the documented flags).
+SMOKE_FLAGS = {
+    "examples/mnist.py": ["--batch-size", "32"],
+    "examples/laplace.py": ["--steps", "3", "--train-size", "256", "--num-samples", "2",
+                            "--queries", "2"],
+    "examples/multihost.py": ["--steps", "3", "--batch-size", "16"],
+    "benchmarks.convergence": ["--steps", "2", "--ae-steps", "2", "--eval-every", "1",
+                               "--classifier-adam-lrs", "1e-3", "--classifier-sgd-lrs", "0.1",
+                               "--ae-adam-lrs", "1e-3", "--ae-sgd-lrs", "1e-3",
+                               "--lm-adamw-lrs", "1e-3", "--lm-muon-lrs", "1e-2",
+                               "--lstm-adam-lrs", "1e-3", "--widths", "16,4,16"],
+    "benchmarks.step_time": ["--model", "mlp", "--rounds", "1", "--min-steps", "1"],
+    "benchmarks.step_breakdown": ["--rounds", "1"],
+    "benchmarks.conv_statistics": ["--rounds", "1"],
+    "benchmarks.parallel": ["--model", "mlp", "--rounds", "1", "--steps", "1", "--devices",
+                            "1,2"],
+}
+_SCRIPT = re.compile(r"python3? (?:-m (\S+)|(\S+\.py))")
+
+
+def commands(text: str) -> list[str]:
+  """The shell blocks of a Markdown text, one string each (continuation lines joined,
+  comments dropped); a block whose first line is `# doc-test: skip` gives none."""
+  found = []
+  for block in _BLOCK.findall(text):
+    if block.lstrip().startswith("# doc-test: skip"):
+      continue
+    lines = [line.split(" #")[0].strip() for line in block.replace("\\\n", " ").splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if lines:
+      found.append("\n".join(lines))
+  return found
+
+
+def classify(part: str) -> tuple[str, list[str]]:
+  """`("setup" | "tests" | "wait" | "run", smoke flags)` of one `&&`-separated part."""
+  if any(p.match(part) for p in SETUP) or part.startswith("pip install"):
+    return "setup", []
+  if part.startswith("python -m pytest"):
+    return "tests", []
+  if part == "wait":
+    return "wait", []
+  match = _SCRIPT.search(part)
+  if not match or (match.group(1) or match.group(2)) not in SMOKE_FLAGS:
+    raise ValueError(f"no smoke flags for {part!r}: add its script to SMOKE_FLAGS")
+  return "run", SMOKE_FLAGS[match.group(1) or match.group(2)]
+
+
+def _parts(block: str) -> list[str]:
+  return [p.strip() for line in block.splitlines() for p in line.split("&&")]
+
+
+def smoke_script(block: str) -> str:
+  """`block` with its set-up parts dropped and smoke flags appended to each run; one
+  line per part, a background part (`... &`) kept in the background."""
+  kept = []
+  for part in _parts(block):
+    kind, flags = classify(part.rstrip("&").strip())
+    if kind == "run":
+      line = part.rstrip("&").strip() + " " + " ".join(map(shlex.quote, flags))
+      kept.append(line + (" &" if part.endswith("&") else ""))
+    elif kind == "wait":
+      kept.append("wait")
+  return "\n".join(kept)
+
+
+def _all_commands() -> list[tuple[str, str]]:
+  return [(name, c) for name in DOCS for c in commands((ROOT / name).read_text())]
+
+
+def test_commands_parser():
+  text = ("```bash\npython a.py \\\n  --x 1   # note\n# comment\nwait\n```\n"
+          "```bash\n# doc-test: skip (two hosts)\npython b.py\n```\n```python\nx\n```\n")
+  assert commands(text) == ["python a.py    --x 1\nwait"]
+  assert smoke_script('python3 -m venv .venv && . .venv/bin/activate && pip install -e '
+                      '".[examples]" && python examples/mnist.py') == (
+                          "python examples/mnist.py --batch-size 32")
+  with pytest.raises(ValueError, match="SMOKE_FLAGS"):
+    classify("python examples/unknown.py")
+
+
+def test_every_command_is_recognised():
+  """Each documented command is a set-up step, CI's test command, or has smoke flags;
+  installs name extras that exist."""
+  extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+      "optional-dependencies"])
+  ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.strip().startswith("python -m pytest")]
+  assert _all_commands()
+  for name, command in _all_commands():
+    for part in _parts(command):
+      kind, _ = classify(part.rstrip("&").strip())
+      if kind == "tests":
+        assert [part] == ci, f"{name}: {part!r} is not what .ci/run runs ({ci})"
+      for extra in re.findall(r"\.\[(\w+)\]", part):
+        assert extra in extras, f"{name}: pip install names a missing extra {extra!r}"
+
+
+def _run(command: str, tmp_path: pathlib.Path) -> subprocess.CompletedProcess:
+  for folder in ("examples", "benchmarks", "jkfac"):
+    (tmp_path / folder).symlink_to(ROOT / folder)
+  env = dict(os.environ, JKFAC_SMOKE="1", PYTHONPATH=str(tmp_path), MPLBACKEND="Agg")
+  env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+  script = "set -e\n" + smoke_script(command).replace("\nwait", "\nwait $!")
+  return subprocess.run(["bash", "-c", script], cwd=tmp_path,
+                        env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_readme_first_command_trains_and_reports(tmp_path):
+  """The README's first command (less the install) on the bundled digits, 3 steps."""
+  first = commands((ROOT / "README.md").read_text())[0]
+  assert first.endswith("python examples/mnist.py")
+  run = _run(first, tmp_path)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert run.stdout.startswith("8000 training and 2000 test digits")
+  assert "kfac step 3/3" in run.stdout and "adam step 3/3" in run.stdout
+  assert re.search(r"^kfac +[\d.]+ +[\d.]+ +[01]\.\d{4} ", run.stdout, re.MULTILINE)
+  assert re.search(r"^adam +[\d.]+ +[\d.]+ +[01]\.\d{4} ", run.stdout, re.MULTILINE)
+  assert (tmp_path / "mnist.png").is_file()
+
+
+@pytest.mark.slow  # every other documented command, each a few compilations
+@pytest.mark.parametrize("name,command", _all_commands()[1:],
+                         ids=[f"{n}:{c[:40]}" for n, c in _all_commands()[1:]])
+def test_documented_command_runs(name, command, tmp_path):
+  if not smoke_script(command):
+    pytest.skip("set-up or test command only (see test_every_command_is_recognised)")
+  run = _run(command, tmp_path)
+  assert run.returncode == 0, f"{name}: {command}\n{run.stderr[-3000:]}"
