@@ -5,7 +5,7 @@ seconds does it take to reach the best Adam's final loss?
     python -m benchmarks.robustness [--models mlp,autoencoder,regression,convnet,resnet]
         [--steps 200] [--batch-sizes 128] [--data-dir examples/data/mnist]
 
-Models (real MNIST digits, the first 8,000 of the bundled test split): the seed convnet
+Models (real MNIST digits, the first 8,000 of the bundled test split): the MNIST convnet
 with the whole Flax variables dict as parameters, an MLP 784-512-256-10 (tanh), a
 784-256-64-256-784 autoencoder whose loss sums sigmoid cross-entropy over the pixels, a
 regression MLP with a 1-D output (the digit's value, squared error) and a small ResNet
@@ -18,9 +18,7 @@ when the running mean of 10 steps does. Prints one table per batch size.
 from __future__ import annotations
 
 import argparse
-import gzip
 import math
-import os
 import time
 
 import flax.linen as nn
@@ -30,6 +28,7 @@ import numpy as np
 import optax
 
 import jkfac
+import mnist_data  # the examples' data, importable through the benchmarks package
 
 WINDOW = 10
 ADAM_RATES = (3e-4, 1e-3, 3e-3)
@@ -120,17 +119,10 @@ def make_model(name: str, x0: jax.Array):
   raise ValueError(f"unknown model {name!r}")
 
 
-def read_idx(path: str) -> np.ndarray:
-  with gzip.open(path, "rb") as f:
-    raw = f.read()
-  dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=raw[3], offset=4))
-  return np.frombuffer(raw, np.uint8, offset=4 + 4 * raw[3]).reshape(dims)
-
-
 def load(data_dir: str) -> tuple[np.ndarray, np.ndarray]:
-  images = read_idx(os.path.join(data_dir, "t10k-images-idx3-ubyte.gz"))
-  labels = read_idx(os.path.join(data_dir, "t10k-labels-idx1-ubyte.gz"))
-  return images[:8000, :, :, None].astype(np.float32) / 255.0, labels[:8000].astype(np.int32)
+  """The 8,000 training digits of the bundled split (`examples/mnist_data.py`)."""
+  images, labels = mnist_data.load_idx(data_dir)["train"]
+  return np.asarray(images, np.float32), np.asarray(labels, np.int32)
 
 
 def batches(name: str, images, labels, batch_size: int, steps: int, seed: int = 0):
@@ -216,8 +208,7 @@ def main() -> None:
   parser.add_argument("--models", default="mlp,autoencoder,regression,convnet,resnet")
   parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--batch-sizes", default="128")
-  parser.add_argument("--data-dir", default=os.path.join(os.path.dirname(__file__), "..",
-                                                        "examples", "data", "mnist"))
+  parser.add_argument("--data-dir", default=mnist_data.BUNDLED_DIR)
   args = parser.parse_args()
   images, labels = load(args.data_dir)
   print(f"target: the best Adam's final loss (lr in {ADAM_RATES}); ratios: steps / seconds "
