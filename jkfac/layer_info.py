@@ -57,7 +57,7 @@ class LayerInfo:
 
 @dataclasses.dataclass(frozen=True)
 class LossInfo:
-  """A registered loss: its kind (see `tags.LOSS_KINDS`), its scalar weight, and whether
+  """A registered loss: its kind (see `losses.LOSSES`), its scalar weight, and whether
   its tag also holds a mask and per-row weights (operands, see `tags.loss_operands`)."""
   kind: str
   weight: float

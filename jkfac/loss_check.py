@@ -70,7 +70,7 @@ def _hint(ratio: float, rows: list[tuple[str, tuple[int, ...], float]]) -> str:
             f"registered mask counts {counted:.0f}: divide the masked sum by the mask's sum "
             "(e.g. jnp.sum(loss * mask) / jnp.sum(mask)), or register no mask if padded "
             "rows should count.")
-  if (kind != "softmax_cross_entropy" and len(shape) > 1 and shape[-1] > 1
+  if (losses.loss_kind(kind).sums_outputs and len(shape) > 1 and shape[-1] > 1
       and abs(ratio * shape[-1] - 1) < 0.15):
     return (" This looks like a mean over the last axis too: a registered row's loss is the "
             "sum over its outputs.")

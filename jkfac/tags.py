@@ -30,7 +30,7 @@ CONV_KINDS = ("conv1d", "conv2d", "conv3d")
 LAYER_KINDS = ("dense", *CONV_KINDS, "embedding", "embedding_projection", "scale_and_shift")
 # Tag kinds that may share one weight (a tied embedding table): they make one layer.
 TIED_EMBEDDING_ROLES = frozenset({"embedding", "embedding_projection"})
-LOSS_KINDS = ("softmax_cross_entropy", "sigmoid_cross_entropy", "squared_error")
+
 
 def _make_tag(name: str) -> Primitive:
   """An identity primitive on operand 0 that survives `jit`, `grad`, `vmap`."""

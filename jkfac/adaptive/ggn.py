@@ -16,22 +16,6 @@ Array = jax.Array
 PyTree = Any
 
 
-def output_curvature(kind: str, prediction: Array, tangent: Array) -> Array:
-  """The per-row output Hessian (the Fisher, for these losses) of a loss kind times a
-  prediction-space `tangent`, row by row over the last axis."""
-  if prediction.ndim == 1:  # N examples with one output each
-    return output_curvature(kind, prediction[:, None], tangent[:, None])[:, 0]
-  if kind == "softmax_cross_entropy":
-    p = jax.nn.softmax(prediction)
-    return p * tangent - p * jnp.sum(p * tangent, axis=-1, keepdims=True)
-  if kind == "sigmoid_cross_entropy":
-    p = jax.nn.sigmoid(prediction)
-    return p * (1 - p) * tangent
-  if kind == "squared_error":
-    return tangent
-  raise ValueError(f"Unknown loss kind {kind!r}.")
-
-
 def ggn_gram(kinds: Sequence[str], scales: Sequence[float | Array],
              predictions: Sequence[Array], tangents: Sequence[Sequence[Array]]) -> Array:
   """`[vᵢᵀ G vⱼ]` for the GGN `G` of the registered loss `Σ_r s_r NLL_r` (`scales`: each
@@ -42,7 +26,7 @@ def ggn_gram(kinds: Sequence[str], scales: Sequence[float | Array],
   for index, (kind, scale, prediction) in enumerate(zip(kinds, scales, predictions)):
     prediction = prediction.astype(jnp.float32)
     us = [t[index].astype(jnp.float32) for t in tangents]
-    hus = [output_curvature(kind, prediction, u) for u in us]
+    hus = [losses.output_curvature(kind, prediction, u) for u in us]
     if jnp.ndim(scale) == 0:
       gram = gram + scale * jnp.array([[jnp.sum(u * hu) for hu in hus] for u in us])
     else:  # one factor per row
