@@ -1,10 +1,8 @@
 """jkfac: K-FAC natural-gradient optimization for JAX, as optax transformations."""
 
 import importlib
-import warnings
 
 from jkfac.tags import (
-    register_categorical_predictive_distribution,
     register_conv1d,
     register_conv2d,
     register_conv3d,
@@ -12,8 +10,6 @@ from jkfac.tags import (
     register_embedding,
     register_embedding_projection,
     register_generic,
-    register_multi_bernoulli_predictive_distribution,
-    register_normal_predictive_distribution,
     register_scale_and_shift,
     register_sigmoid_cross_entropy,
     register_softmax_cross_entropy,
@@ -40,10 +36,6 @@ _LAZY_MODULES = ("flax", "checkpoint", "curvature")
 def __getattr__(name: str):
   if name in _LAZY_MODULES:
     return importlib.import_module(f"jkfac.{name}")
-  if name.startswith("APPROX_") and hasattr(layer_collection, name):
-    warnings.warn(f"jkfac.{name} is deprecated; use jkfac.layer_collection.{name}.",
-                  DeprecationWarning, stacklevel=2)
-    return getattr(layer_collection, name)
   raise AttributeError(f"module 'jkfac' has no attribute {name!r}")
 
 
@@ -67,7 +59,6 @@ __all__ = [
     "kfac",
     "precondition",
     "preconditioner_state",
-    "register_categorical_predictive_distribution",
     "register_conv1d",
     "register_conv2d",
     "register_conv3d",
@@ -75,8 +66,6 @@ __all__ = [
     "register_embedding",
     "register_embedding_projection",
     "register_generic",
-    "register_multi_bernoulli_predictive_distribution",
-    "register_normal_predictive_distribution",
     "register_scale_and_shift",
     "register_sigmoid_cross_entropy",
     "register_softmax_cross_entropy",

@@ -14,11 +14,11 @@ from typing import Sequence
 import jax
 
 from jkfac import tags
-from jkfac.tags import (  # noqa: F401  (re-exported under tensorflow/kfac's names)
-    register_categorical_predictive_distribution,
-    register_multi_bernoulli_predictive_distribution,
-    register_normal_predictive_distribution,
-)
+
+# tensorflow/kfac's loss names.
+register_categorical_predictive_distribution = tags.register_softmax_cross_entropy
+register_multi_bernoulli_predictive_distribution = tags.register_sigmoid_cross_entropy
+register_normal_predictive_distribution = tags.register_squared_error
 
 # Approximation names, spelled as in tensorflow/kfac (see `jkfac.blocks.REGISTRY`).
 APPROX_KRONECKER_NAME = "kron"

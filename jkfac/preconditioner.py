@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from typing import Any, Callable, Mapping
 
 import jax
@@ -198,16 +197,12 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
   """
   config = PreconditionConfig(loss_fn, example_batch, damping=damping, **settings)
 
-  def update_fn(updates, state, params=None, *, batch=None, curvature=None, stats=None,
+  def update_fn(updates, state, params=None, *, batch=None, curvature=None,
                 model_params=None, damping=None, invert_now=None, **extra_args):
     del extra_args
     check(params is not None and batch is not None,
            "jkfac needs the parameters and the batch: "
            "tx.update(grads, state, params, batch=batch).")
-    if stats is not None:
-      warnings.warn("tx.update(..., stats=) is deprecated; pass curvature= instead.",
-                    DeprecationWarning, stacklevel=2)
-      curvature = stats if curvature is None else curvature
     return update(config, updates, state, params, batch, curvature, model_params, damping,
                   invert_now)
 

@@ -381,8 +381,3 @@ def register_squared_error(prediction: Array, targets: Array, *,
   return _register_loss("squared_error", prediction, targets, weight, mask)
 
 
-# tensorflow/kfac's names.
-register_categorical_predictive_distribution = register_softmax_cross_entropy
-register_multi_bernoulli_predictive_distribution = register_sigmoid_cross_entropy
-register_normal_predictive_distribution = register_squared_error
-

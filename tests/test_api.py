@@ -1,5 +1,6 @@
 """The public surface: coverage warnings, `strict`, names and deprecation paths."""
 
+import inspect
 import subprocess
 import sys
 import warnings
@@ -60,21 +61,18 @@ def test_approximation_patterns_match_a_suffix_after_a_slash():
   assert not layer_table.pattern_matches("arams/Conv_0", "params/Conv_0")
 
 
-def test_stats_is_a_deprecated_alias_of_curvature():
+def test_pre_release_shims_are_gone():
   tx = jkfac.precondition(_loss, _BATCH, damping=1e-2)
-  state = tx.init(_PARAMS)
-  _, grads, curvature = jkfac.value_and_grad(_loss)(_PARAMS, _BATCH)
-  new, _ = tx.update(grads, state, _PARAMS, batch=_BATCH, curvature=curvature)
-  with pytest.warns(DeprecationWarning, match="curvature="):
-    old, _ = tx.update(grads, state, _PARAMS, batch=_BATCH, stats=curvature)
-  for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old)):
-    assert (a == b).all()
+  assert "stats" not in inspect.signature(tx.update).parameters
+  for name in ("APPROX_KRONECKER_NAME", "register_categorical_predictive_distribution",
+               "register_multi_bernoulli_predictive_distribution",
+               "register_normal_predictive_distribution"):
+    assert not hasattr(jkfac, name)
+    assert hasattr(jkfac.layer_collection, name)
 
 
 def test_approx_constants_live_in_layer_collection():
   assert jkfac.layer_collection.APPROX_KRON_INDEP_NAME == "kron_indep"
-  with pytest.warns(DeprecationWarning, match="layer_collection"):
-    assert jkfac.APPROX_KRONECKER_NAME == "kron"
   assert set(jkfac.blocks.APPROXIMATIONS) >= {
       getattr(jkfac.layer_collection, n) for n in dir(jkfac.layer_collection)
       if n.startswith("APPROX_")}
