@@ -1,6 +1,6 @@
 """Walking jaxprs: sub-jaxprs of calls and scans, parameter tracking, tag discovery.
 
-Shared by the pattern matcher (`patterns.py`), the layer table (`layer_table.py`) and
+Shared by the pattern matcher (`patterns/`), the layer table (`layer_table.py`) and
 the interpreter (`interpreter.py`). `find_tags` lists the tag equations of a jaxpr in
 evaluation order, through `jit`, `remat`, `custom_jvp` and `scan`, with the `params`
 leaf each operand comes from.

@@ -373,8 +373,8 @@ def input_rows(layer, x, reduce: bool = False):
 def conv_patches(x, kernel_size, conv):
   """The input patch of every output pixel, `(batch, *out, prod(kernel_size) * c_in)`,
   features ordered as a channels-last kernel reshaped to `(-1, c_out)`."""
-  slices = jkfac.layers._patch_slices(x, kernel_size, conv)
-  return jkfac.layers._stack_features(slices)
+  slices = jkfac.layers.patch_slices(x, kernel_size, conv)
+  return jkfac.layers.stack_features(slices)
 
 
 def import_script(path, name: str):

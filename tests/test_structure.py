@@ -78,3 +78,9 @@ def test_no_private_name_across_modules():
           and not node.attr.startswith("__")):
         found.append(f"{name}: {node.value.id}.{node.attr}")
   assert not found, found
+
+
+def test_no_module_over_max_lines():
+  long = {name: n for name, path in MODULES.items()
+          if (n := len(path.read_text().splitlines())) > MAX_LINES}
+  assert not long, f"modules over {MAX_LINES} lines: {long}"

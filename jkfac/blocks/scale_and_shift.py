@@ -3,7 +3,7 @@
 The layer acts channel by channel, so there is nothing to factor: each example's
 gradient is cheap to form exactly, `sum_t x_hat_t * g_t` for the scale and `sum_t g_t`
 for the shift (sums over positions), as the rows of the layer's `(2, d)` matrix view
-(`(1, d)` without shift; see `jkfac/layers.py`). "diagonal" keeps their squares,
+(`(1, d)` without shift; see `jkfac/layers/`). "diagonal" keeps their squares,
 "full" their `(2d)^2` outer products, both summed over estimator columns and examples:
 the output gradients carry the 1/batch scale (`jkfac/losses.py`), so the sums are the
 means of the diagonal and full blocks.

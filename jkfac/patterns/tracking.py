@@ -1,0 +1,92 @@
+"""Following parameters through one jaxpr level: casts, broadcasts (biases, norm scales),
+joins of parameters, transposes and id columns, recorded in the level's maps so the
+matchers can look them up by variable."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax.extend import core as jcore
+
+from jkfac.jaxprs import TRANSPARENT_PRIMITIVES, is_var, track_parameters
+from jkfac.patterns.records import Level, Split
+
+BROADCASTS = frozenset({"reshape", "broadcast_in_dim", "convert_element_type", "copy"})
+
+
+
+# Primitives that join parameters into one weight, and the name of their axis parameter.
+JOINS = {"concatenate": "dimension", "stack": "axis"}
+
+
+
+def _last_axis_source(eqn: jcore.JaxprEqn, origin: dict, last_axis: dict) -> jcore.Var | None:
+  """The 1-D parameter that `eqn` lays along the last axis of its output, if any: a cast,
+  a `reshape` to `(1, ..., 1, d)`, or a `broadcast_in_dim` that keeps it last."""
+  first = eqn.invars[0] if eqn.invars and is_var(eqn.invars[0]) else None
+  source = last_axis.get(first)
+  if source is None and first in origin and first.aval.ndim == 1:
+    source = first
+  if source is None or eqn.primitive.name not in BROADCASTS:
+    return None
+  (d,), out = source.aval.shape, eqn.outvars[0].aval.shape
+  if eqn.primitive.name == "reshape":
+    return source if out == (1,) * (len(out) - 1) + (d,) else None
+  if eqn.primitive.name == "broadcast_in_dim":
+    dims = eqn.params["broadcast_dimensions"]
+    return source if out[-1] == d and dims and dims[-1] == len(out) - 1 else None
+  return source
+
+
+
+def _join(eqn: jcore.JaxprEqn, origin: dict) -> Split | None:
+  """The `Split` of a `concatenate` or `stack` of two or more parameters."""
+  if (eqn.primitive.name not in JOINS or len(eqn.invars) < 2
+      or not all(is_var(v) and v in origin for v in eqn.invars)):
+    return None
+  parts = tuple(eqn.invars)
+  return Split(eqn.params[JOINS[eqn.primitive.name]], parts, tuple(origin[v] for v in parts),
+               eqn.primitive.name == "stack")
+
+
+
+def track(level: Level, eqn: jcore.JaxprEqn) -> None:
+  """Extends the level's maps by what `eqn` computes from parameters (or ids)."""
+  first = eqn.invars[0] if eqn.invars and is_var(eqn.invars[0]) else None
+  name = eqn.primitive.name
+  track_parameters(eqn, level.origin)
+  operands = [v for v in eqn.invars if is_var(v)]
+  if operands and all(v in level.fixed for v in operands):
+    level.fixed.update(eqn.outvars)
+  if (source := _last_axis_source(eqn, level.origin, level.last_axis)) is not None:
+    level.last_axis[eqn.outvars[0]] = source
+  if name in BROADCASTS and (first in level.bias_source or first in level.origin
+                              or first in level.joins):
+    level.bias_source[eqn.outvars[0]] = level.bias_source.get(first, first)
+    level.bias_casts[eqn.outvars[0]] = level.bias_casts.get(first, ()) + _cast(eqn)
+  if (name in ("broadcast_in_dim", "reshape") and first is not None
+      and eqn.outvars[0].aval.shape == first.aval.shape + (1,)):
+    level.ids_source[eqn.outvars[0]] = first
+  if (name == "concatenate" and len(eqn.invars) == 2 and first in level.ids_source
+      and eqn.params["dimension"] == first.aval.ndim - 1 and eqn.outvars[0].aval.shape[-1] == 2):
+    level.padded_ids[eqn.outvars[0]] = level.ids_source[first]
+  if (name == "transpose" and first in level.origin and first.aval.ndim == 2
+      and tuple(eqn.params["permutation"]) == (1, 0)):
+    level.transposed[eqn.outvars[0]] = first
+  if (split := _join(eqn, level.origin)) is not None:
+    level.joins[eqn.outvars[0]] = split
+  elif name in TRANSPARENT_PRIMITIVES and first in level.joins:
+    split = level.joins[first]
+    level.joins[eqn.outvars[0]] = split._replace(casts=split.casts + _cast(eqn))
+
+
+
+def _cast(eqn: jcore.JaxprEqn) -> tuple[jnp.dtype, ...]:
+  """The dtype `eqn` casts to, if it is a cast."""
+  return (eqn.outvars[0].aval.dtype,) if eqn.primitive.name == "convert_element_type" else ()
+
+
+
+def has_examples(level: Level, x: jcore.Var | jcore.Literal) -> bool:
+  """Whether an input is no variable computed from parameters alone (those have no
+  examples, so the equation using them is no layer)."""
+  return not (is_var(x) and x in level.fixed)
