@@ -91,7 +91,7 @@ def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       approximations, parallelism, ...). `kfac`'s defaults differ in three:
       `cov_update_every` 5, `invert_every` 50 and `warm_start` True (`KFAC_CURVATURE`).
 
-  Example:
+  Examples:
     >>> tx = jkfac.kfac(loss_fn, batch)
     >>> opt_state = tx.init(params)
     >>> updates, opt_state = tx.update(grads, opt_state, params, batch=batch)

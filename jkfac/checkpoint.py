@@ -7,7 +7,7 @@ bit-identical. This module adds relative paths and state replicated by `jax.pmap
 `save(..., replicated=True)` writes one replica and `restore(..., devices=...)`
 replicates it onto any number of devices.
 
-Example:
+Examples:
   >>> jkfac.checkpoint.save(path, {"params": params, "opt_state": opt_state})
   >>> tree = jkfac.checkpoint.restore(path, {"params": params, "opt_state": opt_state})
 """

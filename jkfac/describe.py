@@ -86,7 +86,7 @@ def describe(loss_fn: Callable[..., Any], params: PyTree, batch: PyTree, *,
   for a diagonal block of its own), the approximation and the factor shapes, and a
   last line with the share of parameters under structured blocks.
 
-  Example:
+  Examples:
     >>> print(jkfac.describe(loss_fn, params, batch))
   """
   trace = factor_sizes.bound_factors(trace_with_approximations(

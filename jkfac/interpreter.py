@@ -168,7 +168,7 @@ def value_and_grad(loss_fn: LossFn, has_aux: bool = False,
   `curvature=curvature` to `tx.update` and K-FAC's statistics reuse this forward pass
   instead of running their own. `auto_register` must match the transform's.
 
-  Example:
+  Examples:
     >>> loss, grads, curvature = jkfac.value_and_grad(loss_fn)(params, batch)
     >>> updates, opt_state = tx.update(grads, opt_state, params, batch=batch,
     ...                                curvature=curvature)

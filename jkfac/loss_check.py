@@ -88,7 +88,7 @@ def check_loss_scale(loss_fn: LossFn, params: PyTree, batch: PyTree,
   too large for a per-sequence sum of `(N, T, C)` token losses. The loss is the first
   leaf of `loss_fn`'s output (that of `(loss, aux)`). Needs values, not tracers.
 
-  Example:
+  Examples:
     >>> loss, registered = jkfac.check_loss_scale(loss_fn, params, batch)
   """
   values = _evaluated(loss_fn, params, batch)

@@ -191,7 +191,7 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
     with `curvature=` from `jkfac.value_and_grad` to reuse its forward pass, and
     `damping=` (an array, e.g. an adaptive optimizer's) in place of `damping`.
 
-  Example:
+  Examples:
     >>> tx = optax.chain(jkfac.precondition(loss_fn, batch, damping=1e-3),
     ...                  optax.sgd(0.1, momentum=0.9))
   """

@@ -74,7 +74,7 @@ def register_dense(y: Array, x: Array, w: Array, b: Array | None = None, *,
   shape `w.shape[in_axes:]`. K-FAC treats it as a dense layer with
   `d_in = prod(w.shape[:in_axes])` and `d_out = prod(w.shape[in_axes:])`.
 
-  Example:
+  Examples:
     >>> y = jkfac.register_dense(x @ w + b, x, w, b)
   """
   approximations.check(approx)

@@ -78,7 +78,7 @@ def diagnostics(opt_state: PyTree) -> dict[str, Array]:
   `jkfac.kfac` without adaptive keywords or a bare `jkfac.precondition`: only damping
   (of the inverses), skipped_steps and inverse_fallbacks.
 
-  Example:
+  Examples:
     >>> updates, opt_state = tx.update(grads, opt_state, params, batch=batch)
     >>> print({k: float(v) for k, v in jkfac.diagnostics(opt_state).items()})
   """
@@ -103,7 +103,7 @@ def preconditioner_state(opt_state: PyTree) -> PreconditionState:
   states: `jkfac.kfac`'s, chains, `inject_hyperparams`, `masked`), e.g. to read its
   statistics or counters.
 
-  Example:
+  Examples:
     >>> jkfac.preconditioner_state(opt_state).skipped_steps
   """
   found = _find(opt_state, PreconditionState)
