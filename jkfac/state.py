@@ -19,19 +19,20 @@ PyTree = Any
 class PreconditionState(NamedTuple):
   """All K-FAC arrays of `precondition`: a plain pytree.
 
-  count:        steps taken so far.
-  key:          PRNG key for sampling targets (MC Fisher).
-  ema_weight:   accumulated EMA weight; statistics / ema_weight is bias corrected.
-  damping:      the damping the current inverses were computed with.
-  statistics:   per layer name, the raw (not yet bias corrected) EMAs of the block's
-                statistics (e.g. "A" and "G" for "kron", "diagonal", "F").
-  inverses:     per layer name, the damped inverses of the block.
-  skipped_steps:     steps skipped because their gradients or statistics were not
-                     finite; such a step changes nothing else in the state.
-  inverse_fallbacks: layer inversions (slices, for stacked layers) that were not finite
-                     even with eigh and kept the layer's previous inverses.
-  curvature_scale:   `tr F̂ / dim F̂` at the last statistics step (`jkfac.damping`), the
-                     scale adaptive K-FAC calibrates its damping to; 0 before.
+  Attributes:
+    count: steps taken so far.
+    key: PRNG key for sampling targets (MC Fisher).
+    ema_weight: accumulated EMA weight; statistics / ema_weight is bias corrected.
+    damping: the damping the current inverses were computed with.
+    statistics: per layer name, the raw (not yet bias corrected) EMAs of the block's
+      statistics (e.g. "A" and "G" for "kron", "diagonal", "F").
+    inverses: per layer name, the damped inverses of the block.
+    skipped_steps: steps skipped because their gradients or statistics were not
+      finite; such a step changes nothing else in the state.
+    inverse_fallbacks: layer inversions (slices, for stacked layers) that were not finite
+      even with eigh and kept the layer's previous inverses.
+    curvature_scale: `tr F̂ / dim F̂` at the last statistics step (`jkfac.damping`), the
+      scale adaptive K-FAC calibrates its damping to; 0 before.
   """
   count: Array
   key: Array

@@ -38,17 +38,18 @@ class Diagnostics(NamedTuple):
 class AdaptiveState(NamedTuple):
   """The state of `adaptive`: a plain pytree of arrays.
 
-  count:          steps taken, burn-in included (a skipped batch does not count).
-  damping:        the damping λ of the next step.
-  velocity:       "regular": the trace of Δ; "adam": the trace of g; "qmodel*": the
-                  previous update.
-  preconditioner: the state of `jkfac.precondition` (its `damping` field is the damping
-                  the inverses were computed with, λ + l2_reg).
-  diagnostics:    what the last step did.
-  rejected_steps: steps rejected because they raised the batch loss (or made it not
-                  finite); such a step leaves every other state as it was and raises λ.
-  graft:          with `graft="adam"`, the state of `optax.scale_by_adam` whose step
-                  lengths the updates take; else `optax.EmptyState()`.
+  Attributes:
+    count: steps taken, burn-in included (a skipped batch does not count).
+    damping: the damping λ of the next step.
+    velocity: "regular": the trace of Δ; "adam": the trace of g; "qmodel*": the
+      previous update.
+    preconditioner: the state of `jkfac.precondition` (its `damping` field is the damping
+      the inverses were computed with, λ + l2_reg).
+    diagnostics: what the last step did.
+    rejected_steps: steps rejected because they raised the batch loss (or made it not
+      finite); such a step leaves every other state as it was and raises λ.
+    graft: with `graft="adam"`, the state of `optax.scale_by_adam` whose step
+      lengths the updates take; else `optax.EmptyState()`.
   """
   count: Array
   damping: Array
