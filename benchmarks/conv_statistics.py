@@ -1,6 +1,6 @@
 """Times the cheaper conv input factors on the seed convnet, in one process.
 
-    python -m benchmarks.conv_statistics [--rounds 5]
+    python -m benchmarks.conv_statistics [--rounds 5] [--batch 128] [--steps 10]
 
 The seed convnet's second conv (`Conv_1`: 5x5x16 patches at 128·14·14 positions, a
 401x401 input factor A) dominates K-FAC's statistics. This times, jitted:
@@ -68,10 +68,14 @@ def step_configurations(loss_fn, batch):
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--steps", type=int, default=10,
+                      help="calls timed per round (default: 10, one inverse period); 0: the "
+                           "input factors only, no whole steps")
   args = parser.parse_args(argv)
   key = jax.random.PRNGKey(0)
-  batch = {"image": jax.random.uniform(key, (128, 28, 28, 1)),
-           "label": jax.random.randint(key, (128,), 0, 10)}
+  batch = {"image": jax.random.uniform(key, (args.batch, 28, 28, 1)),
+           "label": jax.random.randint(key, (args.batch,), 0, 10)}
   model = ConvNet()
   params = model.init(key, batch["image"])["params"]
   loss_fn = make_loss(model)
@@ -81,7 +85,7 @@ def main(argv=None) -> None:
   x = layer_stats.collect_statistics(loss_fn, trace, params, batch, key, "fisher")[LAYER].inputs[0]
   factor_fns = input_factor_functions(layer)
   steps = {}
-  for label, tx in step_configurations(loss_fn, batch).items():
+  for label, tx in (step_configurations(loss_fn, batch) if args.steps else {}).items():
     step = make_step(loss_fn, tx, fused=False)
     state = (params, tx.init(params))
     jax.block_until_ready(step(*state, batch)[2])
@@ -91,14 +95,14 @@ def main(argv=None) -> None:
   step_times = {label: [] for label in steps}
   for _ in range(args.rounds):
     for label, fn in factor_fns.items():
-      factor_times[label].append(timed(fn, x, repeats=10))
+      factor_times[label].append(timed(fn, x, repeats=max(args.steps, 1)))
     for label, run in steps.items():
       p, s = run["state"]
       start = time.perf_counter()
-      for _ in range(10):   # one inverse period
+      for _ in range(args.steps):
         p, s, loss = run["step"](p, s, batch)
       jax.block_until_ready(loss)
-      step_times[label].append((time.perf_counter() - start) / 10)
+      step_times[label].append((time.perf_counter() - start) / args.steps)
 
   print(f"\n{LAYER} input factor A ({layer.input_shape} inputs), "
         f"{jax.devices()[0].platform}, median of {args.rounds} rounds")
@@ -107,7 +111,9 @@ def main(argv=None) -> None:
   for label, times in factor_times.items():
     ms = statistics.median(times)
     print(f"{label:32s} {ms * 1e3:8.2f} {ms / base:7.2f}")
-  print("\nseed convnet step, batch 128, statistics every step, inverses every 10")
+  if not steps:
+    return
+  print(f"\nconvnet step, batch {args.batch}, statistics every step, inverses every 10")
   print(f"{'configuration':32s} {'ms/step':>8s} {'x adam':>7s}")
   adam = statistics.median(step_times["adam"])
   for label, times in step_times.items():

@@ -1,6 +1,7 @@
 """Times the pmapped K-FAC step on 1, 2, 4 and 8 host devices, and its inverse work.
 
-    python -m benchmarks.parallel [--model mlp|convnet] [--batch 256] [--rounds 5]
+    python -m benchmarks.parallel [--model mlp|convnet|tiny] [--batch 256] [--rounds 5]
+        [--devices 1,2,4,8] [--placements round_robin,replicated]
 
 Sets `XLA_FLAGS=--xla_force_host_platform_device_count=8` (and `JAX_PLATFORMS=cpu`
 unless set) before importing JAX, so one process sees 8 CPU "devices". For each
@@ -64,8 +65,8 @@ import optax  # noqa: E402
 
 import jkfac  # noqa: E402
 from jkfac.blocks import REGISTRY  # noqa: E402
-from mnist import ConvNet  # noqa: E402  (the example's model: the seed convnet)
-from benchmarks.step_time import MLP, make_loss  # noqa: E402
+from benchmarks.step_breakdown import MODELS  # noqa: E402  (MLP, convnet, tiny MLP)
+from benchmarks.step_time import make_loss  # noqa: E402
 
 AXIS = "batch"
 NO_INVERSION = 10 ** 9
@@ -85,7 +86,7 @@ def make_step(loss_fn, tx):
 
 def factor_list(state) -> list[tuple[str, str, tuple[int, ...]]]:
   """`(layer, factor, shape)` of every inverse, in jkfac's task order."""
-  inverses = state[0].inverses   # kfac = chain(precondition, momentum, learning rate)
+  inverses = jkfac.preconditioner_state(state).inverses
   return [(layer, factor, inverses[layer][factor].shape)
           for layer in inverses for factor in inverses[layer]]
 
@@ -95,7 +96,7 @@ def model_cost(factor: str, shape) -> float:
   return float(np.prod(shape)) if REGISTRY["dense", FACTOR_BLOCKS[factor]].entrywise else float(shape[0]) ** 3
 
 
-def measured_costs(factors, reduce, repeats: int = 20) -> list[float]:
+def measured_costs(factors, reduce, repeats: int) -> list[float]:
   """Seconds to invert each factor alone, jitted on one device.
 
   The factors are timed in turn, `repeats` times, so that a burst of load from other
@@ -132,18 +133,24 @@ def device_loads(costs, num_devices):
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--model", choices=("mlp", "convnet"), default="mlp")
+  parser.add_argument("--model", choices=tuple(MODELS), default="mlp")
   parser.add_argument("--batch", type=int, default=256, help="global batch, split over devices")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=5, help="steps timed per round")
   parser.add_argument("--devices", default="1,2,4,8")
+  parser.add_argument("--placements", default=",".join(PLACEMENTS))
+  parser.add_argument("--repeats", type=int, default=20,
+                      help="timings of each factor's inverse alone (default: 20)")
   parser.add_argument("--stat", choices=("min", "median"), default="min",
                       help="over rounds: min (least disturbed round; for shared machines) or median")
   args = parser.parse_args(argv)
   counts = [int(n) for n in args.devices.split(",")]
+  placements = tuple(p for p in args.placements.split(",") if p)
+  if not placements or set(placements) - set(PLACEMENTS):
+    parser.error(f"--placements: choose from {','.join(PLACEMENTS)}")
   assert jax.device_count() >= max(counts), jax.devices()
 
-  model = MLP() if args.model == "mlp" else ConvNet()
+  model = MODELS[args.model]()
   key = jax.random.PRNGKey(0)
   batch = {"image": jax.random.uniform(key, (args.batch, 28, 28, 1)),
            "label": jax.random.randint(key, (args.batch,), 0, 10)}
@@ -156,7 +163,7 @@ def main(argv=None) -> None:
     print(f"compiling for {n} devices", file=sys.stderr, flush=True)
     devices = jax.devices()[:n]
     local_batch = jkfac.parallel.split_batch(batch, n)
-    for placement in PLACEMENTS:
+    for placement in placements:
       for invert_every in (1, NO_INVERSION):
         tx = jkfac.kfac(loss_fn, jax.tree_util.tree_map(lambda x: x[0], local_batch),
                         learning_rate=1e-3, damping=1e-1, invert_every=invert_every,
@@ -172,7 +179,7 @@ def main(argv=None) -> None:
             compile=time.perf_counter() - start)
   # x[0], not flax.jax_utils.unreplicate: on a 1-device pmap among 8 devices the latter
   # sees a "fully replicated" sharding and keeps the leading axis.
-  first_state = jax.tree_util.tree_map(lambda x: x[0], runs[counts[0], PLACEMENTS[0], 1]["state"][1])
+  first_state = jax.tree_util.tree_map(lambda x: x[0], runs[counts[0], placements[0], 1]["state"][1])
   factors = factor_list(first_state)
 
   for round_ in range(args.rounds):
@@ -190,7 +197,7 @@ def main(argv=None) -> None:
   ms = {config: 1e3 * reduce(run["times"]) for config, run in runs.items()}
   cpu_ms = {config: 1e3 * reduce(run["cpu"]) for config, run in runs.items()}
 
-  name = "MLP 784-512-256-10" if args.model == "mlp" else "seed convnet"
+  name = {"mlp": "MLP 784-512-256-10", "convnet": "convnet", "tiny": "MLP 784-32-10"}[args.model]
   print(f"\n{name}, global batch {args.batch}, {len(jax.devices())} host devices on "
         f"{os.cpu_count()} CPU cores, {args.stat} of {args.rounds} rounds x {args.steps} steps; "
         f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
@@ -199,12 +206,12 @@ def main(argv=None) -> None:
         "\ncpu: CPU time of the process (all its threads), the work done whatever the load.")
   for label, table in (("wall", ms), ("cpu", cpu_ms)):
     header = f"{label:>4s} {'devices':>7s} {'per-dev':>7s}"
-    for placement in PLACEMENTS:
+    for placement in placements:
       header += f" | {placement + ' step':>16s} {'no-inv':>7s} {'inv':>7s} {'x1':>5s}"
     print(header)
     for n in counts:
       line = f"{'':4s} {n:7d} {args.batch // n:7d}"
-      for placement in PLACEMENTS:
+      for placement in placements:
         step_ms, base_ms = table[n, placement, 1], table[n, placement, NO_INVERSION]
         inverse_ms = step_ms - base_ms
         first = table[counts[0], placement, 1] - table[counts[0], placement, NO_INVERSION]
@@ -212,7 +219,7 @@ def main(argv=None) -> None:
       print(line)
 
   model_costs = [model_cost(factor, shape) for _, factor, shape in factors]
-  seconds = measured_costs(factors, reduce)
+  seconds = measured_costs(factors, reduce, args.repeats)
   print(f"\nfactors ({len(factors)}), in task order, with the single-device inverse time:")
   for (layer, factor, shape), cost, sec in zip(factors, model_costs, seconds):
     print(f"  {layer}/{factor:8s} {str(shape):12s} cost {cost:10.3g}   {1e3 * sec:7.2f} ms")

@@ -1,12 +1,13 @@
 """Where a K-FAC step's time goes: its periodic work switched on one part at a time.
 
-    python -m benchmarks.step_breakdown [--model mlp|convnet] [--rounds 5]
+    python -m benchmarks.step_breakdown [--model mlp|convnet|tiny] [--rounds 5] [--steps 20]
 
 In one process, real training steps of the model of `benchmarks/step_time.py` at a
 learning rate that stays finite: Adam; K-FAC preconditioning only (statistics and
 inverses once, at step 0); statistics every step without new inverses (plain and
 fused); statistics every step and inverses every 10. Differences between rows are the
-cost of each part; medians over interleaved rounds of 20 steps (a whole inverse period).
+cost of each part; medians over interleaved rounds of `--steps` steps (default 20: two
+inverse periods).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see benchmarks/convergence.py
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 _HERE = Path(__file__).resolve().parent
@@ -30,7 +33,19 @@ import mnist_data  # noqa: E402
 from benchmarks.step_time import MLP, finite, load_batches, make_loss, make_step  # noqa: E402
 
 NEVER = 2 ** 30  # a period no run reaches: the work happens at step 0 only
-STEPS = 20
+
+
+class TinyMLP(nn.Module):
+  """784-32-10 with tanh: `--model tiny`, a quick check that the script runs (its K-FAC
+  step compiles in a few seconds, the 784-512-256-10 MLP's in 10 to 15)."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(jkfac.flax.Dense(32)(x.reshape(x.shape[0], -1)))
+    return jkfac.flax.Dense(10)(x)
+
+
+MODELS = {"mlp": MLP, "convnet": ConvNet, "tiny": TinyMLP}
 
 
 def configurations(loss_fn, batch):
@@ -47,12 +62,13 @@ def configurations(loss_fn, batch):
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--model", choices=("mlp", "convnet"), default="mlp")
+  parser.add_argument("--model", choices=tuple(MODELS), default="mlp")
   parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--steps", type=int, default=20, help="steps per round (default: 20)")
   parser.add_argument("--data-dir", default=mnist_data.BUNDLED_DIR)
   args = parser.parse_args(argv)
   batches = load_batches(args.data_dir)
-  model = MLP() if args.model == "mlp" else ConvNet()
+  model = MODELS[args.model]()
   params = model.init(jax.random.PRNGKey(0), batches[0]["image"])["params"]
   loss_fn = make_loss(model)
   runs = {}
@@ -65,11 +81,11 @@ def main(argv=None) -> None:
     for run in runs.values():
       p, s = run["state"]
       start = time.perf_counter()
-      for _ in range(STEPS):
+      for _ in range(args.steps):
         p, s, loss = run["step"](p, s, batches[run["seen"] % len(batches)])
         run["seen"] += 1
       jax.block_until_ready(loss)
-      run["times"].append((time.perf_counter() - start) / STEPS)
+      run["times"].append((time.perf_counter() - start) / args.steps)
       run["state"], run["loss"] = (p, s), loss
   adam = statistics.median(runs["adam"]["times"])
   print(f"{args.model}, batch 128, {jax.devices()[0].platform}, median of {args.rounds} rounds")

@@ -9,21 +9,28 @@ How a command of a ```bash / ```sh block is treated (`classify`):
   suite;
 - `wait` and a leading `# doc-test: skip` line (a block that needs several hosts or a
   cluster) are skipped;
-- every other command runs, through bash from a scratch folder that links the checkout's
-  `examples/`, `benchmarks/` and `jkfac/`, with `JKFAC_SMOKE=1` (the examples run 3 steps)
-  and the script's entry of `SMOKE_FLAGS` appended (a later flag wins in argparse). A
-  script without an entry fails `test_every_command_is_recognised`: add its smoke flags.
+- every other command runs, from a scratch folder that links the checkout's `examples/`,
+  `benchmarks/` and `jkfac/`, with `JKFAC_SMOKE=1` (the examples run 3 steps; the
+  benchmarks' harness builds one K-FAC configuration per model) and the script's entry of
+  `SMOKE_FLAGS` appended (a later flag wins in argparse). A script without an entry fails
+  `test_every_command_is_recognised`: add its smoke flags.
 
-The README's first command runs in the default suite; the others, each a few model
-compilations, are marked slow.
+All of them run in the default suite. The README's first command runs on its own (its
+output is checked); the other single-process commands, once each however many pages show
+them, run one after the other in one Python process (`tests/_doc_command_runner.py`: JAX is
+imported once); a block that starts several processes (`&`), and the scripts of
+`OWN_PROCESS`, run through bash. Keep the smoke flags small: every second here is a second
+of every CI run.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import tomllib
@@ -41,20 +48,29 @@ SMOKE_FLAGS = {
     "examples/laplace.py": ["--steps", "3", "--train-size", "256", "--num-samples", "2",
                             "--queries", "2"],
     "examples/multihost.py": ["--steps", "3", "--batch-size", "16"],
-    "benchmarks.convergence": ["--steps", "2", "--ae-steps", "2", "--eval-every", "1",
+    "benchmarks.convergence": ["--steps", "2", "--eval-every", "1", "--batch-size", "16",
                                "--classifier-adam-lrs", "1e-3", "--classifier-sgd-lrs", "0.1",
-                               "--ae-adam-lrs", "1e-3", "--ae-sgd-lrs", "1e-3",
-                               "--lm-adamw-lrs", "1e-3", "--lm-muon-lrs", "1e-2",
-                               "--lstm-adam-lrs", "1e-3", "--widths", "16,4,16"],
+                               "--lstm-adam-lrs", "1e-3"],
     "benchmarks.step_time": ["--model", "mlp", "--rounds", "1", "--min-steps", "1"],
     "benchmarks.robustness": ["--models", "regression", "--steps", "12"],
     "benchmarks.batch_scaling": ["--models", "mlp", "--batch-sizes", "32", "--steps", "12"],
     "benchmarks.inverse_time": ["--sizes", "65", "--rounds", "1"],
-    "benchmarks.step_breakdown": ["--rounds", "1"],
-    "benchmarks.conv_statistics": ["--rounds", "1"],
-    "benchmarks.parallel": ["--model", "mlp", "--rounds", "1", "--steps", "1", "--devices",
-                            "1,2"],
+    "benchmarks.step_breakdown": ["--model", "tiny", "--rounds", "1", "--steps", "1"],
+    "benchmarks.conv_statistics": ["--rounds", "1", "--batch", "8", "--steps", "0"],
+    "benchmarks.parallel": ["--model", "tiny", "--rounds", "1", "--steps", "1", "--devices",
+                            "2", "--placements", "round_robin", "--batch", "16", "--repeats",
+                            "1"],
 }
+# Documented commands whose smoke run keeps one model of their list (each model compiles
+# a K-FAC step and baselines): appended after SMOKE_FLAGS. Every key must be documented.
+SMOKE_EXTRA = {
+    "python -m benchmarks.convergence --models convnet,mlp,autoencoder --plot convergence.png":
+        ["--models", "convnet"],
+    "python -m benchmarks.convergence --models lm,lstm --plot convergence_seq.png":
+        ["--models", "lstm"],
+}
+# Scripts that need a process of their own: parallel.py sets XLA_FLAGS before JAX loads.
+OWN_PROCESS = {"benchmarks.parallel"}
 _SCRIPT = re.compile(r"python3? (?:-m (\S+)|(\S+\.py))")
 
 
@@ -83,7 +99,7 @@ def classify(part: str) -> tuple[str, list[str]]:
   match = _SCRIPT.search(part)
   if not match or (match.group(1) or match.group(2)) not in SMOKE_FLAGS:
     raise ValueError(f"no smoke flags for {part!r}: add its script to SMOKE_FLAGS")
-  return "run", SMOKE_FLAGS[match.group(1) or match.group(2)]
+  return "run", SMOKE_FLAGS[match.group(1) or match.group(2)] + SMOKE_EXTRA.get(part, [])
 
 
 def _parts(block: str) -> list[str]:
@@ -127,6 +143,8 @@ def test_every_command_is_recognised():
   ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
         if line.strip().startswith("python -m pytest")]
   assert _all_commands()
+  parts = {p.rstrip("&").strip() for _, c in _all_commands() for p in _parts(c)}
+  assert not set(SMOKE_EXTRA) - parts, f"SMOKE_EXTRA names undocumented commands"
   for name, command in _all_commands():
     for part in _parts(command):
       kind, _ = classify(part.rstrip("&").strip())
@@ -136,14 +154,42 @@ def test_every_command_is_recognised():
         assert extra in extras, f"{name}: pip install names a missing extra {extra!r}"
 
 
-def _run(command: str, tmp_path: pathlib.Path) -> subprocess.CompletedProcess:
+def _scratch(tmp_path: pathlib.Path) -> dict[str, str]:
+  """Links the checkout's folders into `tmp_path`; the environment to run commands with."""
   for folder in ("examples", "benchmarks", "jkfac"):
     (tmp_path / folder).symlink_to(ROOT / folder)
   env = dict(os.environ, JKFAC_SMOKE="1", PYTHONPATH=str(tmp_path), MPLBACKEND="Agg")
   env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+  return env
+
+
+def _run(command: str, tmp_path: pathlib.Path) -> subprocess.CompletedProcess:
+  env = _scratch(tmp_path)
   script = "set -e\n" + smoke_script(command).replace("\nwait", "\nwait $!")
   return subprocess.run(["bash", "-c", script], cwd=tmp_path,
                         env=env, capture_output=True, text=True, timeout=900)
+
+
+def _own_process(command: str) -> bool:
+  lines = smoke_script(command).splitlines()
+  return any(line.endswith("&") or line == "wait" or
+             (_SCRIPT.search(line).group(1) or "") in OWN_PROCESS for line in lines)
+
+
+def _plan() -> tuple[list[list[str]], list[tuple[str, str]]]:
+  """Every documented command but the README's first, once: the argument lists (after
+  `python`) to run in one process, and the `(page, block)`s to run through bash."""
+  one_process, own, seen = [], [], set()
+  for name, command in _all_commands()[1:]:
+    script = smoke_script(command)
+    if not script or script in seen:
+      continue
+    seen.add(script)
+    if _own_process(command):
+      own.append((name, command))
+    else:
+      one_process += [shlex.split(line)[1:] for line in script.splitlines()]
+  return one_process, own
 
 
 def test_readme_first_command_trains_and_reports(tmp_path):
@@ -159,11 +205,31 @@ def test_readme_first_command_trains_and_reports(tmp_path):
   assert (tmp_path / "mnist.png").is_file()
 
 
-@pytest.mark.slow  # every other documented command, each a few compilations
-@pytest.mark.parametrize("name,command", _all_commands()[1:],
-                         ids=[f"{n}:{c[:40]}" for n, c in _all_commands()[1:]])
-def test_documented_command_runs(name, command, tmp_path):
-  if not smoke_script(command):
-    pytest.skip("set-up or test command only (see test_every_command_is_recognised)")
+def test_documented_commands_run_in_one_process(tmp_path):
+  """The single-process commands of README.md and docs/*.md, in smoke mode, in turn."""
+  argvs, _ = _plan()
+  assert argvs
+  env = _scratch(tmp_path)
+  run = subprocess.run([sys.executable, str(ROOT / "tests" / "_doc_command_runner.py"),
+                        json.dumps(argvs)], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=900)
+  print("\n".join(line for line in run.stdout.splitlines() if line.startswith("== ")))
+  failed = [line for line in run.stdout.splitlines() if line.startswith("== FAILED")]
+  assert run.returncode == 0 and not failed, (
+      f"{failed}\n{run.stdout[-6000:]}\n{run.stderr[-3000:]}")
+  assert run.stdout.count("\n== ok ") + run.stdout.startswith("== ok ") == len(argvs)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("name,command", _plan()[1],
+                         ids=[f"{n}:{c[:40]}" for n, c in _plan()[1]])
+def test_documented_command_runs_in_own_process(name, command, tmp_path):
+  """A block with background processes (loopback port made free), or an OWN_PROCESS one."""
+  command = re.sub(r"127\.0\.0\.1:\d+", f"127.0.0.1:{_free_port()}", command)
   run = _run(command, tmp_path)
-  assert run.returncode == 0, f"{name}: {command}\n{run.stderr[-3000:]}"
+  assert run.returncode == 0, f"{name}: {command}\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}"

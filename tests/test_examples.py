@@ -1,4 +1,6 @@
-"""examples/mnist.py, called in-process through its `main(argv)`: the README's first command."""
+"""examples/mnist.py, called in-process through its `main(argv)`. The README's first command
+(both optimizers on the bundled digits, the table, the plot) runs end to end in
+tests/test_doc_commands.py."""
 
 import math
 import pathlib
@@ -15,24 +17,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def mnist():
   return _nets.import_script(ROOT / "examples" / "mnist.py", "mnist")
-
-
-def test_both_optimizers_on_the_bundled_digits_print_a_table_and_save_a_plot(
-    mnist, capsys, tmp_path):
-  png = tmp_path / "mnist.png"
-  results = mnist.main(["--steps", "2", "--batch-size", "32", "--log-every", "1",
-                        "--plot", str(png)])
-  out = capsys.readouterr().out
-  assert out.startswith("8000 training and 2000 test digits\n")  # the bundled split
-  assert list(results) == ["kfac", "adam"]
-  table = out[out.index("optimizer  train loss"):].splitlines()
-  for line, (name, r) in zip(table[1:3], results.items()):
-    assert len(r["losses"]) == 2 and all(map(math.isfinite, r["losses"]))
-    assert 0 <= r["test_accuracy"] <= 1 and math.isfinite(r["test_loss"])
-    assert line.split() == [name, f"{r['losses'][-1]:.4f}", f"{r['test_loss']:.4f}",
-                            f"{r['test_accuracy']:.4f}", f"{r['seconds'][-1]:.1f}"]
-  assert "kfac step 2/2: loss " in out and "adam step 1/2: loss " in out
-  assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_evaluate_is_the_mean_over_every_example(mnist):
