@@ -78,19 +78,16 @@ class LayerInputs(NamedTuple):
     return (a ** 2 if w is None else w[:, None] * a ** 2).sum(axis=0) / count
 
 
-
 def total_weight(weights: Array) -> Array:
   """The sum of `weights`, or 1 where it is 0 (all rows masked: zero statistics)."""
   total = jnp.sum(weights)
   return jnp.where(total > 0, total, jnp.ones_like(total))
 
 
-
 def covariance_diagonal(a: LayerInputs | Array) -> Array:
   """The mean of `a ** 2` over examples and positions, from `LayerInputs` or as given."""
   return (a if isinstance(a, LayerInputs) else LayerInputs([a], bias=False)
           ).covariance_diagonal()
-
 
 
 def layer_inputs(layer: LayerInfo, x: Array, reduce: bool = False,
@@ -111,7 +108,6 @@ def layer_inputs(layer: LayerInfo, x: Array, reduce: bool = False,
   return LayerInputs(parts, layer.bias is not None)
 
 
-
 def _input_parts(layer: LayerInfo, x: Array, reduce: bool, sample: Array | None) -> list[Array]:
   """`LayerInputs.groups` of one layer (one group of a grouped conv)."""
   if layer.kind not in CONV_KINDS:
@@ -129,7 +125,6 @@ def _input_parts(layer: LayerInfo, x: Array, reduce: bool, sample: Array | None)
   return [p.reshape(p.shape[0], -1, p.shape[-1]) for p in parts]
 
 
-
 def embedding_counts(layer: LayerInfo, ids: Array, weights: Array | None = None) -> Array:
   """The diagonal of the mean one-hot outer product of `ids`: `(vocab,)` id frequencies.
 
@@ -141,7 +136,6 @@ def embedding_counts(layer: LayerInfo, ids: Array, weights: Array | None = None)
     return jnp.zeros(vocab).at[ids.ravel()].add(1.0, mode="drop") / ids.size
   w = weights.ravel()
   return jnp.zeros(vocab, w.dtype).at[ids.ravel()].add(w, mode="drop") / total_weight(w)
-
 
 
 def output_rows(output_grads: Array, reduce: bool = False,

@@ -19,13 +19,11 @@ def feature_groups(layer: LayerInfo) -> int:
   return layer.conv.feature_group_count if layer.conv is not None else 1
 
 
-
 def row_axes(layer: LayerInfo) -> int:
   """How many leading weight axes index the rows (`d_in`) of the parameter matrix."""
   if layer.kind == "dense":
     return layer.in_axes
   return len(layer.weight_shape) - (layer.kind != "generic")
-
 
 
 def param_matrix(layer: LayerInfo, w: Array, b: Array | None) -> Array:
@@ -45,7 +43,6 @@ def param_matrix(layer: LayerInfo, w: Array, b: Array | None) -> Array:
   return jnp.concatenate([m, b.reshape(m.shape[:-2] + (1, m.shape[-1]))], axis=-2)
 
 
-
 def split_param_matrix(layer: LayerInfo, m: Array) -> tuple[Array, Array | None]:
   """Inverse of `param_matrix`."""
   w, b = (m[..., :-1, :], m[..., -1, :]) if layer.bias is not None else (m, None)
@@ -54,7 +51,6 @@ def split_param_matrix(layer: LayerInfo, m: Array) -> tuple[Array, Array | None]
   bias_shape = layer.weight_shape[row_axes(layer):]
   w = w.reshape(layer.weight_shape)
   return w.T if layer.transposed else w, None if b is None else b.reshape(bias_shape)
-
 
 
 def matrix_shape(layer: LayerInfo) -> tuple[int, int]:

@@ -21,7 +21,6 @@ def conv_kernel_size(layer: LayerInfo) -> tuple[int, ...]:
   return tuple(layer.weight_shape[:-2])
 
 
-
 def sample_rows(layer: LayerInfo, per_dimension: float, key: Array) -> Array | None:
   """Random patch rows for a conv's input factor: at most `int(per_dimension * d_in)`.
 
@@ -35,19 +34,16 @@ def sample_rows(layer: LayerInfo, per_dimension: float, key: Array) -> Array | N
   return jax.random.choice(key, total, (count,), replace=False)
 
 
-
 def _padded(x: Array, conv: ConvParams) -> Array:
   """`x` with the conv's padding and input dilation applied."""
   pads = [(lo, hi, d - 1) for (lo, hi), d in zip(conv.padding, conv.lhs_dilation)]
   return jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *pads, (0, 0, 0)])
 
 
-
 def _output_size(x: Array, kernel_size: tuple[int, ...], conv: ConvParams) -> list[int]:
   """The output's spatial size, from the padded input `x`."""
   return [(size - (k - 1) * d - 1) // s + 1 for size, k, d, s in
           zip(x.shape[1:-1], kernel_size, conv.rhs_dilation, conv.window_strides)]
-
 
 
 def patch_slices(x: Array, kernel_size: tuple[int, ...], conv: ConvParams) -> list[Array]:
@@ -61,7 +57,6 @@ def patch_slices(x: Array, kernel_size: tuple[int, ...], conv: ConvParams) -> li
     slices.append(jax.lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]),
                                 (1, *strides, 1)))
   return slices
-
 
 
 def sampled_patches(x: Array, kernel_size: tuple[int, ...], conv: ConvParams,
@@ -79,7 +74,6 @@ def sampled_patches(x: Array, kernel_size: tuple[int, ...], conv: ConvParams,
     index.append(p.reshape((-1,) + (1,) * len(kernel_size)) * s
                  + (jnp.arange(k) * d).reshape(shape))
   return x[tuple(index)]
-
 
 
 def stack_features(slices: list[Array]) -> Array:

@@ -33,14 +33,12 @@ def scan_axes_first(scans: tuple[str, ...], x: Array, skip: int = 0) -> Array:
   return x.reshape(x.shape[:skip] + sizes + x.shape[skip + len(scans):])
 
 
-
 def _repeats_to_positions(x: Array, repeats: int, axis: int) -> Array:
   """`(..., repeats * batch, positions, d)` (repeats outermost, at `axis`) as
   `(..., batch, repeats * positions, d)`."""
   x = x.reshape(x.shape[:axis] + (repeats, -1) + x.shape[axis + 1:])
   return jnp.moveaxis(x, axis, axis + 1).reshape(
       x.shape[:axis] + (x.shape[axis + 1], -1, x.shape[-1]))
-
 
 
 def _use_rows(layer: LayerInfo, x: Array, g: Array, reduce: bool,
@@ -59,7 +57,6 @@ def _use_rows(layer: LayerInfo, x: Array, g: Array, reduce: bool,
   inputs = layer_inputs(layer, x, reduce, sample)
   return inputs._replace(groups=[_repeats_to_positions(group, repeats, axis=lead)
                                  for group in inputs.groups]), rows
-
 
 
 def block_inputs(layer: LayerInfo, xs: list[Array], gs: list[Array], reduce: bool = False,
@@ -100,7 +97,6 @@ def block_inputs(layer: LayerInfo, xs: list[Array], gs: list[Array], reduce: boo
   return LayerInputs(parts, uses[0][0].bias), rows
 
 
-
 def _weighted_block_inputs(layer: LayerInfo, xs: list[Array], gs: list[Array], reduce: bool,
                            row_weights: Array) -> tuple[LayerInputs | Array, Array]:
   """`block_inputs` with `row_weights` on the input rows of every use and repeat."""
@@ -119,7 +115,6 @@ def _weighted_block_inputs(layer: LayerInfo, xs: list[Array], gs: list[Array], r
   return inputs, rows
 
 
-
 def _weighted_means(inputs: LayerInputs) -> LayerInputs:
   """Each example's weighted mean input over its positions (K-FAC-reduce with a mask): one
   position per example, weighted 1 if any of its rows is, else 0."""
@@ -130,11 +125,9 @@ def _weighted_means(inputs: LayerInputs) -> LayerInputs:
   return LayerInputs(means, inputs.bias, (totals > 0).astype(w.dtype))
 
 
-
 def _repeated(row_weights: Array, repeats: int) -> Array:
   """`row_weights` for every scan repeat of a use: `(repeats, *row_weights.shape)`."""
   return jnp.broadcast_to(row_weights, (repeats,) + row_weights.shape)
-
 
 
 def tied_inputs(layer: LayerInfo, xs: list[Array], gs: list[Array],

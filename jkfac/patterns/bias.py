@@ -29,7 +29,6 @@ def _split_biases(level: Level, match: Match, root: jcore.Var, b: jcore.Var) -> 
   return split._replace(biases=biases.parts)
 
 
-
 def _with_bias(level: Level, match: Match, root: jcore.Var, b: jcore.Var,
                index: int) -> Match | None:
   """`match` extended by the bias `add` (at `index`) of `b`, a broadcast of `root`."""
@@ -45,7 +44,6 @@ def _with_bias(level: Level, match: Match, root: jcore.Var, b: jcore.Var,
   return dataclasses.replace(match, last=index, bias=root)
 
 
-
 def bias_add(level: Level, index: int, eqn: jcore.JaxprEqn) -> Match | None:
   """The layer whose output `eqn` adds a bias to, extended by that bias."""
   for y, b in (eqn.invars, eqn.invars[::-1]):
@@ -59,7 +57,6 @@ def bias_add(level: Level, index: int, eqn: jcore.JaxprEqn) -> Match | None:
         and (extended := _with_bias(level, match, root, b, index)) is not None):
       return extended
   return None
-
 
 
 def _broadcasts_over_positions(shape: tuple[int, ...], features: tuple[int, ...]) -> bool:

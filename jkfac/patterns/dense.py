@@ -21,7 +21,6 @@ def _channels_last(ndim: int) -> tuple[tuple[int, ...], ...]:
       0, ndim - 1) + spatial
 
 
-
 def _dense_in_axes(eqn: jcore.JaxprEqn, w_ndim: int) -> int | None:
   """`k` if the `dot_general` contracts the trailing `k` axes of its input (which has a
   batch axis besides) with the leading `k` of an N-D weight, with no batch dimensions."""
@@ -33,7 +32,6 @@ def _dense_in_axes(eqn: jcore.JaxprEqn, w_ndim: int) -> int | None:
       range(k)):
     return None
   return k
-
 
 
 def _layer_kind(eqn: jcore.JaxprEqn, origin: dict) -> tuple[str, int] | None:
@@ -51,7 +49,6 @@ def _layer_kind(eqn: jcore.JaxprEqn, origin: dict) -> tuple[str, int] | None:
         and eqn.params["batch_group_count"] == 1):
       return f"conv{w_ndim - 2}d", 1
   return None
-
 
 
 def _projection_table(eqn: jcore.JaxprEqn, origin: dict, transposed: dict,
@@ -72,7 +69,6 @@ def _projection_table(eqn: jcore.JaxprEqn, origin: dict, transposed: dict,
   return None
 
 
-
 def dense_or_conv(level: Level, index: int, eqn: jcore.JaxprEqn) -> Match | None:
   """A dense or conv layer whose weight is a parameter."""
   found = _layer_kind(eqn, level.origin)
@@ -83,7 +79,6 @@ def dense_or_conv(level: Level, index: int, eqn: jcore.JaxprEqn) -> Match | None
   features = tuple(w_shape[in_axes:]) if kind == "dense" else (w_shape[-1],)
   return Match(kind, eqn, index, index, level.origin[eqn.invars[1]], in_axes=in_axes,
                features=features)
-
 
 
 def split_dense(level: Level, index: int, eqn: jcore.JaxprEqn) -> Match | None:
@@ -102,7 +97,6 @@ def split_dense(level: Level, index: int, eqn: jcore.JaxprEqn) -> Match | None:
                features=tuple(w.aval.shape[in_axes:]), split=split)
 
 
-
 def weight_first(level: Level, index: int, eqn: jcore.JaxprEqn) -> None:
   """Notes a dense `w @ x` (a `(out, in)` weight first, examples on `x`'s leading axes,
   as `vmap` batches Equinox's `Linear`): it is a layer once `batch_first` sees its
@@ -117,7 +111,6 @@ def weight_first(level: Level, index: int, eqn: jcore.JaxprEqn) -> None:
         transposed=True)
 
 
-
 def batch_first(level: Level, index: int, eqn: jcore.JaxprEqn) -> Match | None:
   """The `w @ x` layer whose `(out, *batch)` output `eqn` transposes to `(*batch, out)`."""
   match = level.weight_first.get(eqn.invars[0])
@@ -126,7 +119,6 @@ def batch_first(level: Level, index: int, eqn: jcore.JaxprEqn) -> Match | None:
       or tuple(eqn.params["permutation"]) != (*range(1, ndim), 0)):
     return None
   return dataclasses.replace(match, last=index)
-
 
 
 def projection(level: Level, index: int, eqn: jcore.JaxprEqn) -> Match | None:

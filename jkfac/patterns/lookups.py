@@ -28,7 +28,6 @@ def _is_row_lookup(eqn: jcore.JaxprEqn, origin: dict) -> bool:
           and tuple(eqn.params["slice_sizes"]) == (1, table.aval.shape[1]))
 
 
-
 def lookup(level: Level, index: int, eqn: jcore.JaxprEqn) -> Match | None:
   """An embedding lookup; no bias: a later add is not the lookup's."""
   if not _is_row_lookup(eqn, level.origin):
@@ -36,7 +35,6 @@ def lookup(level: Level, index: int, eqn: jcore.JaxprEqn) -> Match | None:
   table, indices = eqn.invars
   return Match("embedding", eqn, index, index, level.origin[table],
                ids=level.ids_source.get(indices, indices))
-
 
 
 def row_slice_lookup(level: Level, index: int, eqn: jcore.JaxprEqn) -> None:
@@ -56,7 +54,6 @@ def row_slice_lookup(level: Level, index: int, eqn: jcore.JaxprEqn) -> None:
       and tuple(eqn.params["slice_sizes"]) == (1, table.aval.shape[1])):
     level.unsqueezed[eqn.outvars[0]] = Match("embedding", eqn, index, index,
                                              level.origin[table], ids=level.padded_ids[indices])
-
 
 
 def squeezed(level: Level, index: int, eqn: jcore.JaxprEqn) -> Match | None:

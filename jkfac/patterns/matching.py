@@ -45,7 +45,6 @@ def _match(level: Level, index: int, eqn: jcore.JaxprEqn) -> None:
     level.by_output[eqn.outvars[0]] = match.start
 
 
-
 def find_layers(jaxpr: jcore.Jaxpr, origin: dict) -> dict[int, Match]:
   """Recognised layers of one jaxpr level, keyed by the index of their last equation."""
   level = Level.of(jaxpr, origin)

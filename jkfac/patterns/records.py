@@ -31,7 +31,6 @@ class Split(NamedTuple):
   bias_casts: tuple[jnp.dtype, ...] = ()
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Match:
   """A recognised layer of one jaxpr level.
@@ -57,7 +56,6 @@ class Match:
   scale: jcore.Var | None = None
   split: Split | None = None
   transposed: bool = False
-
 
 
 @dataclasses.dataclass

@@ -34,7 +34,6 @@ def _parameter_uses(jaxpr: jcore.Jaxpr, origin: dict, uses: collections.Counter)
       uses.update({origin[v] for v in eqn.invars if is_var(v) and v in origin})
 
 
-
 def _untaggable(found: dict, uses: collections.Counter
                 ) -> tuple[set[int], set[int], frozenset[int]]:
   """Weights whose recognised layers cannot form one (multi-use) layer, biases shared by
@@ -68,7 +67,6 @@ def _untaggable(found: dict, uses: collections.Counter
       if bias is not None:
         owners[bias].add(weight)
   return weights, {bias for bias, ws in owners.items() if len(ws) > 1}, untied
-
 
 
 def register_layers(closed: jcore.ClosedJaxpr, num_params: int,

@@ -26,7 +26,6 @@ def _tag_eqn(operands: list, output: jcore.Var, kind: str, has_bias: bool,
                              jcore.no_effects)
 
 
-
 def _tag(match: Match, rename: dict, output: jcore.Var) -> list[jcore.JaxprEqn]:
   """The equations that tag a recognised layer, the tag last; its output is a new variable."""
   eqn, before = match.eqn, []
@@ -55,7 +54,6 @@ def _tag(match: Match, rename: dict, output: jcore.Var) -> list[jcore.JaxprEqn]:
     params["conv"] = tags.conv_params(p["window_strides"], p["padding"], p["lhs_dilation"],
                                       p["rhs_dilation"], p["feature_group_count"])
   return before + [_tag_eqn(operands, output, **params)]
-
 
 
 def _dense_parts(x: jax.Array, *operands: jax.Array, dot: jcore.JaxprEqn, in_axes: int,
@@ -95,7 +93,6 @@ def _dense_parts(x: jax.Array, *operands: jax.Array, dot: jcore.JaxprEqn, in_axe
                          axis)
 
 
-
 def _inline(fn: Callable[..., jax.Array], args: list[jcore.Var],
             output: jcore.Var) -> list[jcore.JaxprEqn]:
   """The equations of `fn` traced on the variables `args`, the last defining `output`."""
@@ -108,7 +105,6 @@ def _inline(fn: Callable[..., jax.Array], args: list[jcore.Var],
   return [eqn.replace(invars=[env[v] if is_var(v) else v for v in eqn.invars],
                       outvars=[env.setdefault(v, jcore.Var(v.aval)) for v in eqn.outvars])
           for eqn in closed.jaxpr.eqns]
-
 
 
 def _split_eqns(match: Match, rename: dict, origin: dict, untagged: set, found: dict,
@@ -130,7 +126,6 @@ def _split_eqns(match: Match, rename: dict, origin: dict, untagged: set, found: 
   return _inline(fn, [x, *split.parts, *(b for b in biases if b is not None)], output)
 
 
-
 def _keep(match: Match, claimed: set, untied: frozenset) -> bool:
   """Whether a match is tagged: its weight (a split layer: one of its parts') is not
   claimed, and an output projection's table is no untied weight."""
@@ -138,7 +133,6 @@ def _keep(match: Match, claimed: set, untied: frozenset) -> bool:
     return any(w not in claimed for w in match.split.weights)
   return match.weight not in claimed and not (match.kind == "embedding_projection"
                                               and match.weight in untied)
-
 
 
 def rewrite(jaxpr: jcore.Jaxpr, origin: dict, claimed: set, dropped_biases: set,
@@ -181,7 +175,6 @@ def rewrite(jaxpr: jcore.Jaxpr, origin: dict, claimed: set, dropped_biases: set,
     return jaxpr
   outvars = [rename.get(v, v) if is_var(v) else v for v in jaxpr.outvars]
   return jaxpr.replace(eqns=eqns, outvars=outvars)
-
 
 
 def _rewrite_inner(eqn: jcore.JaxprEqn, origin: dict, claimed: set, dropped_biases: set,

@@ -13,10 +13,8 @@ from jkfac.patterns.records import Level, Split
 BROADCASTS = frozenset({"reshape", "broadcast_in_dim", "convert_element_type", "copy"})
 
 
-
 # Primitives that join parameters into one weight, and the name of their axis parameter.
 JOINS = {"concatenate": "dimension", "stack": "axis"}
-
 
 
 def _last_axis_source(eqn: jcore.JaxprEqn, origin: dict, last_axis: dict) -> jcore.Var | None:
@@ -37,7 +35,6 @@ def _last_axis_source(eqn: jcore.JaxprEqn, origin: dict, last_axis: dict) -> jco
   return source
 
 
-
 def _join(eqn: jcore.JaxprEqn, origin: dict) -> Split | None:
   """The `Split` of a `concatenate` or `stack` of two or more parameters."""
   if (eqn.primitive.name not in JOINS or len(eqn.invars) < 2
@@ -46,7 +43,6 @@ def _join(eqn: jcore.JaxprEqn, origin: dict) -> Split | None:
   parts = tuple(eqn.invars)
   return Split(eqn.params[JOINS[eqn.primitive.name]], parts, tuple(origin[v] for v in parts),
                eqn.primitive.name == "stack")
-
 
 
 def track(level: Level, eqn: jcore.JaxprEqn) -> None:
@@ -79,11 +75,9 @@ def track(level: Level, eqn: jcore.JaxprEqn) -> None:
     level.joins[eqn.outvars[0]] = split._replace(casts=split.casts + _cast(eqn))
 
 
-
 def _cast(eqn: jcore.JaxprEqn) -> tuple[jnp.dtype, ...]:
   """The dtype `eqn` casts to, if it is a cast."""
   return (eqn.outvars[0].aval.dtype,) if eqn.primitive.name == "convert_element_type" else ()
-
 
 
 def has_examples(level: Level, x: jcore.Var | jcore.Literal) -> bool:
