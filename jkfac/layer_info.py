@@ -28,8 +28,9 @@ class LayerInfo:
   leaves have shape `stack + weight_shape`. Shapes are those of one step's tag.
 
   `in_axes` is a dense layer's number of contracted input axes (> 1 for `DenseGeneral`).
-  `transposed`: a dense weight stored `(d_out, d_in)` and applied as `w @ x` (Equinox,
-  PyTorch layout); `weight_shape` is then the `(d_in, d_out)` shape of its matrix view.
+  `transposed`: a weight stored outputs first (Equinox, PyTorch layout): a dense
+  `(d_out, d_in)` applied as `w @ x`, a conv OIHW on NCHW inputs; `weight_shape` is then
+  the shape of its matrix view, `(d_in, d_out)` or HWIO (see `matrix_axes`).
   `roles` is each use's tag kind: a "tied_embedding" layer (a table used as lookup
   and as output projection) has "embedding" and "embedding_projection" uses.
   """
@@ -53,6 +54,12 @@ class LayerInfo:
   def multi_use(self) -> bool:
     """Whether the weight is applied more than once per example."""
     return len(self.tags) > 1 or any("repeat" in kinds for kinds in self.scans)
+
+
+def matrix_axes(ndim: int) -> tuple[int, ...]:
+  """The axes of a `transposed` weight in its matrix view's order: a dense `(out, in)` as
+  `(in, out)`, a conv `(out, in, *kernel)` (OIHW) as `(*kernel, in, out)` (HWIO)."""
+  return (*range(2, ndim), 1, 0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ layer; `trace_with_approximations` also applies the user's approximation pattern
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fnmatch
 import warnings
@@ -18,7 +19,7 @@ import jax
 from jax.extend import core as jcore
 
 from jkfac import blocks, jaxprs, patterns, tags
-from jkfac.layer_info import LayerInfo, LossInfo, Trace
+from jkfac.layer_info import LayerInfo, LossInfo, Trace, matrix_axes
 
 PyTree = Any
 LossFn = Callable[..., Any]
@@ -80,9 +81,7 @@ def trace_layers(loss_fn: LossFn, params: PyTree, batch: PyTree,
   if both := sorted(marked & set(owner)):
     raise ValueError(f"Parameter {param_paths[both[0]]!r} is marked by register_generic and "
                      f"used by the K-FAC layer {owner[both[0]]!r}; tag it once.")
-  names = [layer.name for layer in layers]
-  if len(set(names)) != len(names):
-    raise ValueError(f"Two tagged layers share a parameter path prefix: {names}.")
+  layers = _unique_names(layers, param_paths)
   generic = tuple(
       LayerInfo(name=param_paths[i], kind="generic", approx="diagonal", weight=i, bias=None,
                 input_shape=(), output_shape=(), weight_shape=tuple(v.aval.shape), conv=None,
@@ -90,6 +89,14 @@ def trace_layers(loss_fn: LossFn, params: PyTree, batch: PyTree,
       for i, v in enumerate(closed.jaxpr.invars[:len(param_paths)]) if i not in owner)
   num_tags = sum(len(layer.tags) for layer in layers)
   return Trace(tuple(layers), losses, param_paths, generic, num_tags, frozenset(marked))
+
+
+def _unique_names(layers: list[LayerInfo], param_paths: Sequence[str]) -> list[LayerInfo]:
+  """`layers`, those that share a name (weights of one module, e.g. an Equinox
+  `LSTMCell`'s `weight_ih` and `weight_hh`) named by their weight's path instead."""
+  counts = collections.Counter(layer.name for layer in layers)
+  return [dataclasses.replace(layer, name=param_paths[layer.weight]) if counts[layer.name] > 1
+          else layer for layer in layers]
 
 
 class GenericBlockWarning(UserWarning):
@@ -198,6 +205,11 @@ def _layer_name(path: str) -> str:
   return "/".join(parts[:-1] or parts)
 
 
+def _matrix_shape(shape: tuple[int, ...], transposed: bool) -> tuple[int, ...]:
+  """A tag's weight shape in the layer's matrix view (HWIO for an OIHW conv weight)."""
+  return tuple(shape[i] for i in matrix_axes(len(shape))) if transposed else tuple(shape)
+
+
 def _layer_info(weight_uses: list, param_paths: Sequence[str], approx_for) -> LayerInfo:
   """One layer from the tags of its weight, checked to agree with each other."""
   _, site = weight_uses[0]
@@ -213,7 +225,7 @@ def _layer_info(weight_uses: list, param_paths: Sequence[str], approx_for) -> La
       name=_layer_name(param_paths[weight]), kind=_layer_kind(roles), approx="", weight=weight,
       bias=site.origin[3][0] if eqn.params["has_bias"] else None,
       input_shape=tuple(eqn.invars[1].aval.shape), output_shape=tuple(eqn.invars[0].aval.shape),
-      weight_shape=tuple(eqn.invars[2].aval.shape)[::-1 if transposed else 1],
+      weight_shape=_matrix_shape(eqn.invars[2].aval.shape, transposed),
       conv=eqn.params["conv"], transposed=transposed,
       in_axes=eqn.params.get("in_axes", 1), tags=tuple(i for i, _ in weight_uses),
       scans=tuple(s.origin[2][1] for _, s in weight_uses), stack=_stack(site), roles=roles)

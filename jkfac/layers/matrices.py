@@ -9,7 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jkfac.layer_info import LayerInfo
+from jkfac.layer_info import LayerInfo, matrix_axes
 
 Array = jax.Array
 
@@ -32,7 +32,7 @@ def param_matrix(layer: LayerInfo, w: Array, b: Array | None) -> Array:
   A generic parameter is a column: `(size, 1)`. A grouped conv gives one matrix per
   group, `(groups, d_in [+1], d_out / groups)`.
   """
-  w = w.T if layer.transposed else w
+  w = jnp.transpose(w, matrix_axes(w.ndim)) if layer.transposed else w
   rows = math.prod(w.shape[:row_axes(layer)])
   m = w.reshape(rows, -1)
   groups = feature_groups(layer)
@@ -50,7 +50,10 @@ def split_param_matrix(layer: LayerInfo, m: Array) -> tuple[Array, Array | None]
     w = w.swapaxes(0, 1)
   bias_shape = layer.weight_shape[row_axes(layer):]
   w = w.reshape(layer.weight_shape)
-  return w.T if layer.transposed else w, None if b is None else b.reshape(bias_shape)
+  if layer.transposed:
+    axes = matrix_axes(w.ndim)
+    w = jnp.transpose(w, sorted(range(w.ndim), key=axes.__getitem__))
+  return w, None if b is None else b.reshape(bias_shape)
 
 
 def matrix_shape(layer: LayerInfo) -> tuple[int, int]:

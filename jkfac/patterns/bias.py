@@ -62,3 +62,19 @@ def bias_add(level: Level, index: int, eqn: jcore.JaxprEqn) -> Match | None:
 def _broadcasts_over_positions(shape: tuple[int, ...], features: tuple[int, ...]) -> bool:
   """Whether an array of `shape` is the bias of `features` broadcast over leading axes."""
   return tuple(shape[len(shape) - len(features):]) == features
+
+
+def carried_bias(level: Level, eqn: jcore.JaxprEqn) -> None:
+  """Notes the bias that `eqn` adds to a layer's output carried along `level.carries` (its
+  feature axis not last): a parameter of the features' size, broadcast along that axis."""
+  for y, b in (eqn.invars, eqn.invars[::-1]):
+    carry, root = level.carries.get(y), level.bias_source.get(b)
+    if carry is None or root not in level.origin or level.uses[y] != 1:
+      continue
+    start, axis, features = carry
+    shape = tuple(features[0] if i == axis else 1 for i in range(y.aval.ndim))
+    if (len(features) == 1 and tuple(b.aval.shape) == shape
+        and [d for d in root.aval.shape if d != 1] == list(features)
+        and eqn.outvars[0].aval.shape == y.aval.shape):
+      level.carried_bias.setdefault(start, root)
+      return

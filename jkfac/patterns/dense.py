@@ -34,20 +34,27 @@ def _dense_in_axes(eqn: jcore.JaxprEqn, w_ndim: int) -> int | None:
   return k
 
 
-def _layer_kind(eqn: jcore.JaxprEqn, origin: dict) -> tuple[str, int] | None:
-  """`(kind, in_axes)` if `eqn` is a dense (or `DenseGeneral`, in_axes > 1) or
-  channels-last conv layer with a parameter as its weights."""
+def _channels_first(ndim: int) -> tuple[tuple[int, ...], ...]:
+  """Dimension numbers of a channels-first conv (NCW/OIW, NCHW/OIHW, NCDHW/OIDHW)."""
+  return (tuple(range(ndim)),) * 3
+
+
+def _layer_kind(eqn: jcore.JaxprEqn, origin: dict) -> tuple[str, int, bool] | None:
+  """`(kind, in_axes, channels_first)` if `eqn` is a dense (or `DenseGeneral`, in_axes >
+  1) or conv layer (channels-last, or channels-first as Equinox's) with a parameter as its
+  weights."""
   if len(eqn.invars) != 2 or not is_var(eqn.invars[1]) or eqn.invars[1] not in origin:
     return None
   w_ndim = eqn.invars[1].aval.ndim  # a parameter, or its slice in a scan over layers
   if eqn.primitive.name == "dot_general":
     in_axes = _dense_in_axes(eqn, w_ndim)
-    return None if in_axes is None else ("dense", in_axes)
-  if eqn.primitive.name == "conv_general_dilated" and 3 <= w_ndim <= 5:
+    return None if in_axes is None else ("dense", in_axes, False)
+  if (eqn.primitive.name == "conv_general_dilated" and 3 <= w_ndim <= 5
+      and eqn.params["batch_group_count"] == 1):
     dn = eqn.params["dimension_numbers"]
-    if ((tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) == _channels_last(w_ndim)
-        and eqn.params["batch_group_count"] == 1):
-      return f"conv{w_ndim - 2}d", 1
+    specs = (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec))
+    if specs in (_channels_last(w_ndim), _channels_first(w_ndim)):
+      return f"conv{w_ndim - 2}d", 1, specs == _channels_first(w_ndim)
   return None
 
 
@@ -74,11 +81,15 @@ def dense_or_conv(level: Level, index: int, eqn: jcore.JaxprEqn) -> Match | None
   found = _layer_kind(eqn, level.origin)
   if found is None or not has_examples(level, eqn.invars[0]):
     return None
-  kind, in_axes = found
+  kind, in_axes, channels_first = found
   w_shape = eqn.invars[1].aval.shape
-  features = tuple(w_shape[in_axes:]) if kind == "dense" else (w_shape[-1],)
+  features = (tuple(w_shape[in_axes:]) if kind == "dense"
+              else (w_shape[0],) if channels_first else (w_shape[-1],))
+  if channels_first:  # OIHW weight, NCHW output: its bias comes along `level.carries`
+    level.carries[eqn.outvars[0]] = (index, 1, features)
   return Match(kind, eqn, index, index, level.origin[eqn.invars[1]], in_axes=in_axes,
-               features=features)
+               features=features, transposed=channels_first,
+               feature_axis=1 if channels_first else None)
 
 
 def split_dense(level: Level, index: int, eqn: jcore.JaxprEqn) -> Match | None:
@@ -99,8 +110,9 @@ def split_dense(level: Level, index: int, eqn: jcore.JaxprEqn) -> Match | None:
 
 def weight_first(level: Level, index: int, eqn: jcore.JaxprEqn) -> None:
   """Notes a dense `w @ x` (a `(out, in)` weight first, examples on `x`'s leading axes,
-  as `vmap` batches Equinox's `Linear`): it is a layer once `batch_first` sees its
-  output's `out` axis moved last."""
+  as `vmap` batches Equinox's `Linear`): it ends at the transpose that moves its output's
+  `out` axis last (`batch_first`), or else is tagged in place (`matching.find_layers`),
+  its bias found along `level.carries` (`w_ih @ x + w_hh @ h + b` in a recurrent cell)."""
   w, x = eqn.invars
   if not (is_var(w) and w in level.origin and w.aval.ndim == 2 and is_var(x)
           and x.aval.ndim >= 2 and has_examples(level, x)):
@@ -109,6 +121,7 @@ def weight_first(level: Level, index: int, eqn: jcore.JaxprEqn) -> None:
     level.weight_first[eqn.outvars[0]] = Match(
         "dense", eqn, index, index, level.origin[w], features=(w.aval.shape[0],),
         transposed=True)
+    level.carries[eqn.outvars[0]] = (index, 0, (w.aval.shape[0],))
 
 
 def batch_first(level: Level, index: int, eqn: jcore.JaxprEqn) -> Match | None:

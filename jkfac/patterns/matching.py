@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from jax.extend import core as jcore
 
 from jkfac import tags
 from jkfac.jaxprs import is_var
-from jkfac.patterns.bias import bias_add
+from jkfac.patterns.bias import bias_add, carried_bias
 from jkfac.patterns.dense import (
   batch_first,
   dense_or_conv,
@@ -27,6 +29,8 @@ def _match(level: Level, index: int, eqn: jcore.JaxprEqn) -> None:
     match = scale_layer(level, index, eqn) if all_vars else None
   elif name == "add":
     match = bias_add(level, index, eqn) if all_vars else None
+    if match is None and all_vars:
+      carried_bias(level, eqn)
   elif name == "transpose":
     match = batch_first(level, index, eqn) if all_vars else None
   elif name == "squeeze":
@@ -41,7 +45,8 @@ def _match(level: Level, index: int, eqn: jcore.JaxprEqn) -> None:
   if match is None:
     return
   level.add(match)
-  if name == "mul" or (name != "add" and match.kind in ("dense", *tags.CONV_KINDS)):
+  if name == "mul" or (name != "add" and match.kind in ("dense", *tags.CONV_KINDS)
+                       and match.feature_axis is None):
     level.by_output[eqn.outvars[0]] = match.start
 
 
@@ -51,4 +56,11 @@ def find_layers(jaxpr: jcore.Jaxpr, origin: dict) -> dict[int, Match]:
   for index, eqn in enumerate(jaxpr.eqns):
     track(level, eqn)
     _match(level, index, eqn)
+  for match in level.weight_first.values():  # `w @ x` not moved batch-first: in place
+    if match.start not in level.matches:
+      level.add(dataclasses.replace(match, feature_axis=0))
+  for start, bias in level.carried_bias.items():
+    match = level.matches[start]
+    if match.feature_axis is not None and match.bias is None:
+      level.add(dataclasses.replace(match, bias=bias))
   return {match.last: match for match in level.matches.values()}

@@ -40,7 +40,10 @@ class Match:
   weight's params leaf (None for a split dense layer: see `split`) and `bias` the bias
   parameter variable (for a split layer, the joined biases). Kind-specific: `in_axes` and
   `features` (dense, conv, scale-and-shift), `ids` (embedding), `table` (projection),
-  `x_hat` and `scale` (scale-and-shift); `transposed` (dense `w @ x`, weight `(out, in)`).
+  `x_hat` and `scale` (scale-and-shift); `transposed` (dense `w @ x`, weight `(out, in)`;
+  conv in OIHW/NCHW layout). `feature_axis`, if not None, is the output's feature axis when
+  it is not last (a `w @ x` under `vmap`: 0; an NCHW conv: 1): the tag then sees the
+  output (and a conv's input) with that axis moved last.
   """
   kind: str
   eqn: jcore.JaxprEqn
@@ -56,6 +59,7 @@ class Match:
   scale: jcore.Var | None = None
   split: Split | None = None
   transposed: bool = False
+  feature_axis: int | None = None
 
 
 @dataclasses.dataclass
@@ -76,6 +80,10 @@ class Level:
   padded_ids: dict = dataclasses.field(default_factory=dict)  # `[ids, column]` -> ids
   unsqueezed: dict = dataclasses.field(default_factory=dict)  # `(..., 1, d)` lookup -> Match
   by_output: dict = dataclasses.field(default_factory=dict)  # -> start index of its Match
+  # -> `(start, feature axis, features)`: a layer's output with its feature axis not last,
+  # moved (transposes, unit axes) or summed with others' (`w_ih @ x + w_hh @ h`)
+  carries: dict = dataclasses.field(default_factory=dict)
+  carried_bias: dict = dataclasses.field(default_factory=dict)  # start -> bias parameter
   matches: dict = dataclasses.field(default_factory=dict)  # start index -> Match
 
   @classmethod

@@ -9,6 +9,7 @@ import functools
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 
@@ -42,18 +43,36 @@ def _tag(match: Match, rename: dict, output: jcore.Var) -> list[jcore.JaxprEqn]:
                                         eqn.params, jcore.no_effects))
       x = before[-1].outvars[0]
   else:
-    x, w = (rename.get(v, v) for v in eqn.invars[::-1 if match.transposed else 1])
+    weight_first = match.transposed and match.kind == "dense"
+    x, w = (rename.get(v, v) for v in eqn.invars[::-1 if weight_first else 1])
   operands = [output, x, w] + ([] if match.bias is None else [match.bias])
   params = dict(kind=match.kind, has_bias=match.bias is not None)
   if match.kind == "dense":
     params["in_axes"] = match.in_axes
-    if match.transposed:
-      params["transposed"] = True
   elif match.kind in tags.CONV_KINDS:
     p = eqn.params
     params["conv"] = tags.conv_params(p["window_strides"], p["padding"], p["lhs_dilation"],
                                       p["rhs_dilation"], p["feature_group_count"])
+  if match.transposed:
+    params["transposed"] = True
+  if match.feature_axis is not None:
+    return _moved_tag(operands, params, match.feature_axis, match.kind in tags.CONV_KINDS)
   return before + [_tag_eqn(operands, output, **params)]
+
+
+def _moved_tag(operands: list[jcore.Var], params: dict, feature_axis: int,
+               conv: bool) -> list[jcore.JaxprEqn]:
+  """The tag of a layer whose output's features lie along `feature_axis`: the tag sees the
+  output (and a conv's NCHW input) channels-last, as a tagged layer's; the tagged output
+  is moved back, a new variable defined by the last equation."""
+  params = {"approx": None, "conv": None, **params}
+
+  def tagged(y: jax.Array, x: jax.Array, *weights: jax.Array) -> jax.Array:
+    x = jnp.moveaxis(x, 1, -1) if conv else x
+    out = tags.layer_tag_p.bind(jnp.moveaxis(y, feature_axis, -1), x, *weights, **params)
+    return jnp.moveaxis(out, -1, feature_axis)
+
+  return _inline(tagged, operands, jcore.Var(operands[0].aval))
 
 
 def _dense_parts(x: jax.Array, *operands: jax.Array, dot: jcore.JaxprEqn, in_axes: int,
@@ -167,7 +186,8 @@ def rewrite(jaxpr: jcore.Jaxpr, origin: dict, claimed: set, dropped_biases: set,
       tagging = _tag(match, rename, eqn.outvars[0])
       bias = None if match.bias is None else origin[match.bias]
       kind = match.kind + ("_transposed" if match.transposed else "")
-      found[match.weight].append((kind, bias, tagging[-1].invars[2].aval.shape))
+      tag = next(e for e in reversed(tagging) if e.primitive is tags.layer_tag_p)
+      found[match.weight].append((kind, bias, tag.invars[2].aval.shape))
       rename[eqn.outvars[0]] = tagging[-1].outvars[0]
       eqns += tagging
   if not rename and all(a is b for a, b in zip(eqns, jaxpr.eqns)) and len(eqns) == len(

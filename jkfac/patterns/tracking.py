@@ -73,6 +73,40 @@ def track(level: Level, eqn: jcore.JaxprEqn) -> None:
   elif name in TRANSPARENT_PRIMITIVES and first in level.joins:
     split = level.joins[first]
     level.joins[eqn.outvars[0]] = split._replace(casts=split.casts + _cast(eqn))
+  _carry(level, eqn)
+
+
+def _carry(level: Level, eqn: jcore.JaxprEqn) -> None:
+  """Extends `level.carries` through `eqn`: a sum with an array of the same shape, a
+  transpose, or a reshape or squeeze that only adds or drops unit axes. Each carried
+  variable has one use, so the layer's output gradient is the carried one's."""
+  name, out = eqn.primitive.name, eqn.outvars[0] if len(eqn.outvars) == 1 else None
+  carried = [v for v in eqn.invars if is_var(v) and v in level.carries and level.uses[v] == 1]
+  if out is None or not carried:
+    return
+  if name == "add":
+    if all(is_var(v) and v.aval.shape == out.aval.shape for v in eqn.invars):
+      level.carries[out] = level.carries[carried[0]]
+    return
+  if carried[0] is not eqn.invars[0]:
+    return
+  start, axis, features = level.carries[carried[0]]
+  if name == "transpose":
+    level.carries[out] = (start, list(eqn.params["permutation"]).index(axis), features)
+  elif name == "squeeze" or (name == "reshape" and eqn.params.get("dimensions") is None):
+    moved = _unit_axes_moved(carried[0].aval.shape, out.aval.shape, axis)
+    if moved is not None:
+      level.carries[out] = (start, moved, features)
+
+
+def _unit_axes_moved(before: tuple[int, ...], after: tuple[int, ...], axis: int) -> int | None:
+  """Where axis `axis` (not of size 1) of `before` lands in `after`, if the two shapes
+  differ only by axes of size 1."""
+  kept = [i for i, d in enumerate(before) if d != 1]
+  landed = [i for i, d in enumerate(after) if d != 1]
+  if before[axis] == 1 or [before[i] for i in kept] != [after[i] for i in landed]:
+    return None
+  return landed[kept.index(axis)]
 
 
 def _cast(eqn: jcore.JaxprEqn) -> tuple[jnp.dtype, ...]:
