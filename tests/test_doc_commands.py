@@ -167,7 +167,7 @@ def _run(command: str, tmp_path: pathlib.Path) -> subprocess.CompletedProcess:
   env = _scratch(tmp_path)
   script = "set -e\n" + smoke_script(command).replace("\nwait", "\nwait $!")
   return subprocess.run(["bash", "-c", script], cwd=tmp_path,
-                        env=env, capture_output=True, text=True, timeout=900)
+                        env=env, capture_output=True, text=True, timeout=1800)
 
 
 def _own_process(command: str) -> bool:
@@ -212,7 +212,7 @@ def test_documented_commands_run_in_one_process(tmp_path):
   env = _scratch(tmp_path)
   run = subprocess.run([sys.executable, str(ROOT / "tests" / "_doc_command_runner.py"),
                         json.dumps(argvs)], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=900)
+                       text=True, timeout=1800)
   print("\n".join(line for line in run.stdout.splitlines() if line.startswith("== ")))
   failed = [line for line in run.stdout.splitlines() if line.startswith("== FAILED")]
   assert run.returncode == 0 and not failed, (
