@@ -105,7 +105,8 @@ def configurations(loss_fn, batch):
   }
 
 
-def run_model(name: str, model: nn.Module, batches: list, rounds: int, min_steps: int) -> None:
+def run_model(name: str, model: nn.Module, batches: list, rounds: int, min_steps: int,
+              steps: int | None = None) -> None:
   key = jax.random.PRNGKey(0)
   params = model.init(key, batches[0]["image"])["params"]
   loss_fn = make_loss(model)
@@ -116,7 +117,8 @@ def run_model(name: str, model: nn.Module, batches: list, rounds: int, min_steps
     p, s, loss = step(params, tx.init(params), batches[0])
     jax.block_until_ready(loss)
     runs[label] = dict(step=step, state=(p, s), compile=time.perf_counter() - start,
-                       steps=max(period, min_steps // period * period), times=[], seen=1,
+                       steps=steps or max(period, min_steps // period * period), times=[],
+                       seen=1,
                        diverged=False)
   for _ in range(rounds):
     for run in runs.values():
@@ -152,13 +154,15 @@ def main(argv=None) -> None:
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--min-steps", type=int, default=20,
                       help="time at least this many steps per round (whole inverse periods)")
+  parser.add_argument("--steps", type=int, default=None,
+                      help="time exactly this many steps per round (a quick check)")
   parser.add_argument("--data-dir", default=mnist_data.BUNDLED_DIR)
   args = parser.parse_args(argv)
   batches = load_batches(args.data_dir)
   if args.model in ("convnet", "both"):
-    run_model("seed convnet", ConvNet(), batches, args.rounds, args.min_steps)
+    run_model("seed convnet", ConvNet(), batches, args.rounds, args.min_steps, args.steps)
   if args.model in ("mlp", "both"):
-    run_model("MLP 784-512-256-10", MLP(), batches, args.rounds, args.min_steps)
+    run_model("MLP 784-512-256-10", MLP(), batches, args.rounds, args.min_steps, args.steps)
 
 
 if __name__ == "__main__":

@@ -108,8 +108,14 @@ class PreconditionConfig:
       factor diagonal (`jkfac.factor_sizes`), with a warning at `init`; None: 4096
       (`MAX_FACTOR_DIM`). Static: under `optax.inject_hyperparams`, list it in
       `static_args`.
-    warm_start: no inverse from a single batch: statistics every step until the first
-      regular inverse update, inverses at steps 1, 2, 4, 8, ... below `invert_every`,
+    factor_block_size: Kronecker factors kept block-diagonal (`jkfac.factor_sizes`):
+      "auto" (default) only where whole ones would cost more to apply than the whole
+      gradient (small batches of wide dense layers), in the largest of 2048, 1024, ...,
+      128 features that fits; an integer: blocks of at most that many features for every
+      wider factor; None: whole factors. Static.
+    warm_start: no inverse from a single batch: statistics on each of the first 10 steps
+      (`preconditioner.WARM_START_STATISTICS`), inverses at steps 1, 2, 4, 8, ... below
+      `invert_every`,
       and none at step 0 (whose preconditioner is the identity). `jkfac.kfac` turns it on.
   """
   loss_fn: Callable[..., Any]
@@ -131,6 +137,7 @@ class PreconditionConfig:
   strict: bool = False
   warm_start: bool = False
   max_factor_dim: int | None = None
+  factor_block_size: int | str | None = "auto"
 
   def __post_init__(self):
     check(is_number(self.damping) or callable(self.damping)
@@ -172,6 +179,10 @@ class PreconditionConfig:
                                           and self.max_factor_dim >= 1),
           f"max_factor_dim must be None or an integer >= 1 (a static value: under "
           f"optax.inject_hyperparams, list it in static_args), got {self.max_factor_dim!r}.")
+    check(self.factor_block_size in (None, "auto") or (
+        is_integer(self.factor_block_size) and self.factor_block_size >= 1),
+          f"factor_block_size must be 'auto', None or an integer >= 1 (a static value), got "
+          f"{self.factor_block_size!r}.")
     if self.mesh is not None:
       check(self.axis_name in self.mesh.axis_names,
              f"With mesh=, axis_name must name one of its axes {self.mesh.axis_names}; got "
@@ -200,7 +211,7 @@ class PreconditionConfig:
     `params`), only its layers."""
     trace = factor_sizes.bound_factors(layer_table.trace_with_approximations(
         self.loss_fn, params, batch, approximations=self.approximations,
-        auto_register=self.auto_register), self.factor_bound, warn)
+        auto_register=self.auto_register), self.factor_bound, warn, self.factor_block_size)
     if masked is None:
       return trace
     return masking.only_present(trace, masking.present_leaves(masked, params))

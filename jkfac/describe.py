@@ -20,7 +20,8 @@ class ParameterInfo(NamedTuple):
   """One `params` leaf: its layer, the layer's kind and approximation, and the block.
 
   `factors` gives the shapes of the layer's block arrays (a grouped conv's have a
-  leading group axis: `A 4x10x10` is 4 groups' 10x10 factors) and `state_bytes` the
+  leading group axis: `A 4x10x10` is 4 groups' 10x10 factors; `A 7 blocks 113x113` a
+  block-diagonal factor, see `factor_block_size`) and `state_bytes` the
   bytes they take in the state (statistics and inverses), on the layer's first leaf;
   `itemsize` is the parameter's bytes per entry.
   """
@@ -67,6 +68,16 @@ class Description(NamedTuple):
             f"blocks, {generic:,} ({_size(generic_bytes)}) generic: {share:.1f}% structured")
 
 
+def _shape(shape: tuple[int, ...], stacked: int) -> str:
+  """A factor's shape, its `stacked` leading axes (groups, scanned layers) first; a
+  block-diagonal factor's (`factor_block_size`) as "4 blocks 197x197"."""
+  lead, core = shape[:stacked], shape[stacked:]
+  if len(core) != 3:
+    return "x".join(map(str, shape))
+  blocks_text = f"{core[0]} blocks {core[1]}x{core[2]}"
+  return f"{'x'.join(map(str, lead))}x[{blocks_text}]" if lead else blocks_text
+
+
 def _size(num_bytes: int) -> str:
   for unit in ("B", "KiB", "MiB"):
     if num_bytes < 1024 or unit == "MiB":
@@ -78,7 +89,8 @@ def _size(num_bytes: int) -> str:
 def describe(loss_fn: Callable[..., Any], params: PyTree, batch: PyTree, *,
              approximations: Mapping[str, str] | None = None,
              auto_register: bool = True,
-             max_factor_dim: int = factor_sizes.MAX_FACTOR_DIM) -> Description:
+             max_factor_dim: int = factor_sizes.MAX_FACTOR_DIM,
+             factor_block_size: int | str | None = "auto") -> Description:
   """Every parameter of `loss_fn` with the block K-FAC gives it; `print` it for a table.
 
   Takes the arguments `jkfac.kfac` / `jkfac.precondition` take, so it shows what they
@@ -91,7 +103,7 @@ def describe(loss_fn: Callable[..., Any], params: PyTree, batch: PyTree, *,
   """
   trace = factor_sizes.bound_factors(trace_with_approximations(
       loss_fn, params, batch, approximations=approximations, auto_register=auto_register),
-      max_factor_dim)
+      max_factor_dim, factor_block_size=factor_block_size)
   leaves = jax.tree_util.tree_leaves(params)
   itemsize = jnp.zeros(()).dtype.itemsize
   rows: dict[int, ParameterInfo] = {}
@@ -100,7 +112,8 @@ def describe(loss_fn: Callable[..., Any], params: PyTree, batch: PyTree, *,
     zeros = jax.eval_shape(lambda block=block, layer=layer: block.zeros(
         *layers.matrix_shape(layer)))
     inverses = jax.eval_shape(block.identity, zeros)
-    factors = ", ".join(f"{name} {'x'.join(map(str, x.shape))}" for name, x in zeros.items())
+    stacked = len(layer.stack) + (layers.feature_groups(layer) > 1)
+    factors = ", ".join(f"{name} {_shape(x.shape, stacked)}" for name, x in zeros.items())
     state_bytes = itemsize * sum(math.prod(x.shape) for x in (*zeros.values(),
                                                                *inverses.values()))
     for index in (layer.weight, layer.bias):

@@ -33,6 +33,8 @@ class LayerInfo:
   the shape of its matrix view, `(d_in, d_out)` or HWIO (see `matrix_axes`).
   `roles` is each use's tag kind: a "tied_embedding" layer (a table used as lookup
   and as output projection) has "embedding" and "embedding_projection" uses.
+  `block_size`: the layer's Kronecker factors wider than this are kept block-diagonal
+  (`jkfac.blocks.blocked`); None: whole.
   """
   name: str
   kind: str
@@ -49,6 +51,7 @@ class LayerInfo:
   stack: tuple[int, ...] = ()
   roles: tuple[str, ...] = ()
   transposed: bool = False
+  block_size: int | None = None
 
   @property
   def multi_use(self) -> bool:

@@ -78,8 +78,7 @@ def pi_correction(a: Array, g: Array) -> Array:
   """`pi = sqrt((tr A / dim A) / (tr G / dim G))`, Martens & Grosse (2015) §6.3.
 
   Splits the damping between the factors in proportion to their scales; falls back
-  to 1 where a factor is zero (a layer that received no gradient). A 1-D factor is a
-  diagonal matrix given by its diagonal.
+  to 1 where a factor is zero (a layer that received no gradient).
   """
   mean_a = _mean_diagonal(a)
   mean_g = _mean_diagonal(g)
@@ -88,7 +87,9 @@ def pi_correction(a: Array, g: Array) -> Array:
 
 
 def _mean_diagonal(x: Array) -> Array:
-  return (jnp.sum(x) if x.ndim == 1 else jnp.trace(x)) / x.shape[0]
+  """The mean diagonal entry of a factor: a matrix, its diagonal (1-D) or its diagonal
+  blocks (3-D, see `blocks.blocked`)."""
+  return jnp.mean(x if x.ndim == 1 else jnp.diagonal(x, axis1=-2, axis2=-1))
 
 
 def finite_or_previous(new: Array, old: Array) -> Array:

@@ -82,7 +82,8 @@ def test_warm_start_schedule(warm):
   stats = [int(c) for c in counts if precondition_lib.statistics_due(config, c)]
   inverts = [int(c) for c in counts if precondition_lib.inverses_due(config, c)]
   if warm:
-    assert stats == list(range(16)) + [18, 21, 24, 27, 30, 33, 36, 39]
+    # every step below WARM_START_STATISTICS (10), then every 3
+    assert stats == list(range(10)) + [12, 15, 18, 21, 24, 27, 30, 33, 36, 39]
     assert inverts == [1, 2, 4, 8, 16, 32]
   else:
     assert stats == list(range(0, 40, 3))

@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 
 from jkfac import approximations, layers
-from jkfac.blocks import (diagonal, ekfac, embedding, full, kron, kron_diag, scale_and_shift,
-                          tied_embedding)
+from jkfac.blocks import (blocked, diagonal, ekfac, embedding, full, kron, kron_diag,
+                          scale_and_shift, tied_embedding)
 from jkfac.blocks.base import Block
 from jkfac.blocks.stacked import StackedBlock
 from jkfac.layer_info import LayerInfo
@@ -62,16 +62,27 @@ def resolve(kind: str, approx: str | None, multi_use: bool) -> str:
   return approx
 
 
-def block(kind: str, approx: str, groups: int = 1) -> Block | StackedBlock:
-  """The block of a layer of `kind` under `approx`; with `groups` > 1 (a grouped conv),
+# Approximations whose factors may be kept block-diagonal (`blocked`).
+BLOCKABLE = ("kron", "kron_indep", "kron_reduce", "kron_in_diag", "kron_out_diag")
+
+
+def block(kind: str, approx: str, groups: int = 1, block_size: int | None = None
+          ) -> Block | StackedBlock:
+  """The block of a layer of `kind` under `approx`, its factors wider than `block_size`
+  kept block-diagonal (a `BLOCKABLE` approximation); with `groups` > 1 (a grouped conv),
   one such block per feature group, stacked."""
   base = REGISTRY[kind, approx]
+  if block_size is not None:
+    if approx not in BLOCKABLE:
+      raise ValueError(f"Approximation {approx!r} has no factors to keep block-diagonal; "
+                       f"these do: {BLOCKABLE}.")
+    base = blocked.blocked(base, block_size)
   return base if groups == 1 else StackedBlock(base, groups)
 
 
 def for_slice(layer: LayerInfo) -> Block | StackedBlock:
   """The block of one layer (of one slice, if the layer is stacked by a scan)."""
-  return block(layer.kind, layer.approx, layers.feature_groups(layer))
+  return block(layer.kind, layer.approx, layers.feature_groups(layer), layer.block_size)
 
 
 def for_layer(layer: LayerInfo) -> Block | StackedBlock:

@@ -64,6 +64,8 @@ class Block(NamedTuple):
     """The damped inverse of one factor."""
     if self.is_entrywise(factor):
       return 1.0 / (factor + damping)
+    if factor.ndim == 3:  # diagonal blocks (`blocks.blocked`), each inverted alone
+      return jax.vmap(lambda m: linalg.damped_inverse(m, damping, method))(factor)
     return linalg.damped_inverse(factor, damping, method)
 
   def identity(self, covariances: Arrays) -> Arrays:
@@ -72,7 +74,7 @@ class Block(NamedTuple):
       zeros = {name: jnp.zeros_like(c) for name, c in covariances.items()}
       return self.joint(zeros, jnp.ones((), jnp.result_type(*zeros.values())), "eigh")
     return {name: jnp.ones_like(f) if self.is_entrywise(f)
-            else jnp.eye(f.shape[0], dtype=f.dtype)
+            else jnp.broadcast_to(jnp.eye(f.shape[-1], dtype=f.dtype), f.shape)
             for name, (f, _) in self.factors(covariances, 1.0).items()}
 
   def invert_jointly(self, statistics: Arrays, damping: Array,
