@@ -51,7 +51,7 @@ SMOKE_FLAGS = {
     "benchmarks.convergence": ["--steps", "2", "--eval-every", "1", "--batch-size", "16",
                                "--classifier-adam-lrs", "1e-3", "--classifier-sgd-lrs", "0.1",
                                "--lstm-adam-lrs", "1e-3"],
-    "benchmarks.step_time": ["--model", "mlp", "--rounds", "1", "--min-steps", "1"],
+    "benchmarks.step_time": ["--model", "mlp", "--rounds", "1", "--steps", "2"],
     "benchmarks.robustness": ["--models", "regression", "--steps", "12"],
     "benchmarks.batch_scaling": ["--models", "mlp", "--batch-sizes", "32", "--steps", "12"],
     "benchmarks.inverse_time": ["--sizes", "65", "--rounds", "1"],
