@@ -27,11 +27,6 @@ import dataclasses
 import os
 import sys
 
-# One OpenBLAS thread (jaxlib's CPU Cholesky and triangular solves, i.e. K-FAC's inverses):
-# on a small shared machine OpenBLAS's spinning threads made an inverse 3x slower (785x785:
-# 190 ms against 66 ms at load 12 on 2 cores). XLA's own ops are unaffected. Set before
-# jax loads; override from the environment.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 

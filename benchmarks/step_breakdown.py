@@ -13,13 +13,11 @@ inverse periods).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see benchmarks/convergence.py
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402

@@ -31,8 +31,8 @@ from jkfac.layer_info import LayerInfo, Trace
 # 64 MiB and one inversion about 23 GFLOP.
 MAX_FACTOR_DIM = 4096
 # The block sizes "auto" chooses from, largest first. The smallest: 128-feature blocks
-# kept an MLP's, an autoencoder's and a regression MLP's losses after 200 steps within
-# 10% of whole factors' (docs/tuning.md).
+# left an MLP's, an autoencoder's and a regression MLP's losses after 200 steps within
+# 15% of whole factors' at 0.6-0.75x their step time (docs/tuning.md).
 AUTO_BLOCK_SIZES = (2048, 1024, 512, 256, 128)
 
 # Approximations with a dense factor on (input side, output side).
