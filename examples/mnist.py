@@ -32,7 +32,7 @@ class ConvNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = jkfac.flax.Conv(16, (5, 5), padding="SAME", kfac_approx="diagonal")(x)
+    x = jkfac.flax.Conv(16, (5, 5), padding="SAME", approximation="diagonal")(x)
     x = nn.max_pool(nn.relu(x), window_shape=(3, 3), strides=(2, 2), padding="SAME")
     x = jkfac.flax.Conv(16, (5, 5), padding="SAME")(x)
     x = nn.max_pool(nn.relu(x), window_shape=(3, 3), strides=(2, 2), padding="SAME")

@@ -15,8 +15,8 @@ from jkfac.tags import (
     register_softmax_cross_entropy,
     register_squared_error,
 )
-from jkfac.describe import Description, describe
-from jkfac.interpreter import Curvature, value_and_grad
+from jkfac.description import Description, describe
+from jkfac.interpreter import Linearization, value_and_grad
 from jkfac.loss_check import LossScaleWarning, check_loss_scale
 from jkfac.config import MIN_DAMPING, PreconditionConfig
 from jkfac.factor_sizes import LargeFactorWarning
@@ -45,7 +45,7 @@ __all__ = [
     "GenericBlockWarning",
     "PreconditionConfig",
     "MIN_DAMPING",
-    "Curvature",
+    "Linearization",
     "Description",
     "LossScaleWarning",
     "PreconditionState",

@@ -2,7 +2,7 @@
 
 `jkfac.flax.Dense` and `jkfac.flax.Conv` take the arguments of `flax.linen.Dense` and
 `flax.linen.Conv` (they are subclasses), create the same parameters, compute the same
-function, and tag their output for K-FAC. `kfac_approx` picks the layer's
+function, and tag their output for K-FAC. `approximation` picks the layer's
 approximation ("kron", "diagonal" or "full"; None defers to the transform).
 """
 
@@ -23,7 +23,7 @@ Array = jax.Array
 
 class Dense(nn.Dense):
   """`flax.linen.Dense`, tagged for K-FAC."""
-  kfac_approx: str | None = None
+  approximation: str | None = None
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
@@ -38,7 +38,7 @@ class Dense(nn.Dense):
                     precision=self.precision)
     if bias is not None:
       y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    return tags.register_dense(y, inputs, kernel, bias, approx=self.kfac_approx)
+    return tags.register_dense(y, inputs, kernel, bias, approximation=self.approximation)
 
 
 def _pairs(value: Any, rank: int) -> tuple[int, ...]:
@@ -60,7 +60,7 @@ class Conv(nn.Conv):
   batch axis or with several, raise `NotImplementedError` (plain `flax.linen.Conv`
   with one batch axis is registered automatically).
   """
-  kfac_approx: str | None = None
+  approximation: str | None = None
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
@@ -104,7 +104,8 @@ class Conv(nn.Conv):
              precision=self.precision)
     if bias is not None:
       y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    return _REGISTER_CONV[rank](y, inputs, kernel, bias, approx=self.kfac_approx, **conv_params)
+    return _REGISTER_CONV[rank](y, inputs, kernel, bias, approximation=self.approximation,
+                                **conv_params)
 
 
 class TrainState(train_state.TrainState):

@@ -24,7 +24,7 @@ PyTree = Any
 LossFn = Callable[..., Any]
 
 
-class Curvature(NamedTuple):
+class Linearization(NamedTuple):
   """One forward pass, linearized at the layer tags: what the statistics need.
 
   inputs:      each tagged layer's input, in tag order.
@@ -142,7 +142,7 @@ def _from_predictions(pullback, output_zeros, cotangents):
 
 
 def linearize(loss_fn: LossFn, params: PyTree, batch: PyTree,
-              auto_register: bool = True) -> Curvature:
+              auto_register: bool = True) -> Linearization:
   """A forward pass of `loss_fn`, linearized in the layer outputs only."""
   closed, _ = make_jaxpr(loss_fn, params, batch, auto_register)
   batch_leaves = jax.tree_util.tree_leaves(batch)
@@ -155,14 +155,14 @@ def linearize(loss_fn: LossFn, params: PyTree, batch: PyTree,
   # Gradients of params are only used for generic parameters; XLA drops the rest.
   (_, predictions), pullback, recorded = jax.vjp(
       forward, params, zero_perturbations(closed), has_aux=True)
-  return Curvature(recorded.inputs, predictions, recorded.targets,
+  return Linearization(recorded.inputs, predictions, recorded.targets,
                    jax.tree_util.Partial(_from_predictions, pullback, ()), recorded.masks,
                    recorded.row_weights)
 
 
 def value_and_grad(loss_fn: LossFn, has_aux: bool = False,
                    auto_register: bool = True) -> Callable[..., Any]:
-  """`jax.value_and_grad(loss_fn)` that also returns the `Curvature` of the same pass.
+  """`jax.value_and_grad(loss_fn)` that also returns the `Linearization` of the same pass.
 
   `value, grads, curvature = jkfac.value_and_grad(loss_fn)(params, batch)`; pass
   `curvature=curvature` to `tx.update` and K-FAC's statistics reuse this forward pass
@@ -191,7 +191,7 @@ def value_and_grad(loss_fn: LossFn, has_aux: bool = False,
         forward, params, perturbations, has_aux=True)
     zeros = [jnp.zeros_like(p) for p in predictions]
     grads, _ = pullback((jnp.ones_like(loss), zeros))
-    curvature = Curvature(recorded.inputs, predictions, recorded.targets, jax.tree_util.Partial(
+    curvature = Linearization(recorded.inputs, predictions, recorded.targets, jax.tree_util.Partial(
         _from_predictions, pullback, jnp.zeros_like(loss)), recorded.masks, recorded.row_weights)
     return ((loss, aux) if has_aux else loss), grads, curvature
 

@@ -51,7 +51,7 @@ def register_fully_connected(params: Params, inputs: Array, outputs: Array,
   trailing axes of `inputs` (see `jkfac.register_dense`).
   """
   kernel, bias = _kernel_and_bias(params)
-  return tags.register_dense(outputs, inputs, kernel, bias, approx=approx, in_axes=in_axes)
+  return tags.register_dense(outputs, inputs, kernel, bias, approximation=approx, in_axes=in_axes)
 
 
 def _register_conv(register, rank: int, params: Params, strides: Sequence[int],
@@ -61,7 +61,7 @@ def _register_conv(register, rank: int, params: Params, strides: Sequence[int],
   spatial = lambda v: tuple(v[1:rank + 1]) if len(v) == rank + 2 else tuple(v)
   return register(outputs, inputs, kernel, bias, window_strides=spatial(strides),
                   padding=padding, rhs_dilation=spatial(dilations or (1,) * rank),
-                  feature_group_count=feature_group_count, approx=approx)
+                  feature_group_count=feature_group_count, approximation=approx)
 
 
 def register_conv2d(params: Params, strides: Sequence[int], padding: str | Sequence,
@@ -101,7 +101,7 @@ def register_embedding(params: Array | tuple[Array], ids: Array, outputs: Array,
   table, bias = _kernel_and_bias(params)
   if bias is not None:
     raise ValueError("register_embedding: an embedding has no bias; pass the table alone.")
-  return tags.register_embedding(outputs, ids, table, approx=approx)
+  return tags.register_embedding(outputs, ids, table, approximation=approx)
 
 
 def register_scale_and_shift(params: Params, inputs: Array, outputs: Array,
@@ -111,7 +111,7 @@ def register_scale_and_shift(params: Params, inputs: Array, outputs: Array,
   `params` is the scale or a `(scale, shift)` pair; `inputs` is the normalised input.
   """
   scale, shift = _kernel_and_bias(params)
-  return tags.register_scale_and_shift(outputs, inputs, scale, shift, approx=approx)
+  return tags.register_scale_and_shift(outputs, inputs, scale, shift, approximation=approx)
 
 
 def register_generic(params: Array | Sequence[Array],
@@ -122,8 +122,8 @@ def register_generic(params: Array | Sequence[Array],
   is not needed; only the "diagonal" approximation exists (None means it)."""
   approx = approx or APPROX_DIAGONAL_NAME
   if isinstance(params, (tuple, list)):
-    return type(params)(tags.register_generic(p, approx=approx) for p in params)
-  return tags.register_generic(params, approx=approx)
+    return type(params)(tags.register_generic(p, approximation=approx) for p in params)
+  return tags.register_generic(params, approximation=approx)
 
 
 __all__ = [

@@ -32,7 +32,7 @@ PyTree = Any
 
 def update_statistics(config: PreconditionConfig, trace: Trace, state: PreconditionState,
                       params: PyTree, batch: PyTree,
-                      curvature: interpreter.Curvature | None) -> PreconditionState:
+                      curvature: interpreter.Linearization | None) -> PreconditionState:
   """One batch's block statistics, averaged over devices, folded into the EMAs."""
   key, sample_key = jax.random.split(state.key)
   if config.device_axis is not None:  # different targets on every device
@@ -94,7 +94,7 @@ def precondition_gradients(trace: Trace, inverses, updates: PyTree) -> PyTree:
 
 
 def update(config: PreconditionConfig, updates: PyTree, state: PreconditionState,
-           params: PyTree, batch: PyTree, curvature: interpreter.Curvature | None = None,
+           params: PyTree, batch: PyTree, curvature: interpreter.Linearization | None = None,
            model_params: PyTree | None = None, damping: Array | None = None,
            invert_now: Array | None = None) -> tuple[PyTree, PreconditionState]:
   """One step of `precondition`: statistics and inverses when due, then `F^-1 g`.
@@ -148,7 +148,7 @@ def inverses_due(config: PreconditionConfig, count: Array) -> Array:
 
 def _update(config: PreconditionConfig, trace: Trace, updates: PyTree,
             state: PreconditionState, params: PyTree, batch: PyTree,
-            curvature: interpreter.Curvature | None, damping: Array | None = None,
+            curvature: interpreter.Linearization | None, damping: Array | None = None,
             invert_now: Array | None = None) -> tuple[PyTree, PreconditionState]:
   if config.device_axis is not None:
     parallel.check_axis(config.device_axis)

@@ -1,7 +1,7 @@
 """Per-layer statistics of one batch: from loss cotangents to each block's statistics.
 
 `layer_statistics` pulls the estimator's cotangents (see `losses.py`) back through a
-`Curvature` to every layer's output, and `block_statistics` turns one layer's inputs
+`Linearization` to every layer's output, and `block_statistics` turns one layer's inputs
 and output gradients into its block's statistics (e.g. `A` and `G` for "kron").
 """
 
@@ -38,7 +38,7 @@ class LayerStatistics(NamedTuple):
   row_weights: Array | None = None
 
 
-def layer_statistics(trace: Trace, curvature: interpreter.Curvature, key: Array,
+def layer_statistics(trace: Trace, curvature: interpreter.Linearization, key: Array,
                      estimation: str) -> dict[str, LayerStatistics]:
   """Per-layer inputs and output gradients of the estimated Fisher, and the masks of the
   input rows (`input_masks`)."""
@@ -126,7 +126,7 @@ def block_statistics(layer: LayerInfo, statistics: LayerStatistics,
 
 
 def _per_loss(values, trace: Trace) -> list:
-  """A `Curvature`'s masks or row weights, one per loss (None for a curvature without)."""
+  """A `Linearization`'s masks or row weights, one per loss (None for a curvature without)."""
   return list(values) if len(values) else [None] * len(trace.losses)
 
 
@@ -141,7 +141,7 @@ def _input_rows(layer: LayerInfo, role: str, step_shape: tuple[int, ...]
   return step_shape[:len(step_shape) - (layer.in_axes if role == "dense" else 1)]
 
 
-def input_masks(trace: Trace, curvature: interpreter.Curvature) -> dict[str, Array]:
+def input_masks(trace: Trace, curvature: interpreter.Linearization) -> dict[str, Array]:
   """Per layer name, the mask of its input rows, for the layers whose rows line up with
   masked losses' rows.
 

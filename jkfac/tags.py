@@ -62,7 +62,7 @@ loss_tag_p = _make_tag("kfac_loss_tag")
 
 
 def register_dense(y: Array, x: Array, w: Array, b: Array | None = None, *,
-                   approx: str | None = None, in_axes: int = 1) -> Array:
+                   approximation: str | None = None, in_axes: int = 1) -> Array:
   """Tags `y = x @ w + b` as a dense layer and returns `y` unchanged.
 
   `x` has shape `(batch, ..., d_in)`, `w` `(d_in, d_out)`, `b` `(d_out,)`. Use the
@@ -77,7 +77,7 @@ def register_dense(y: Array, x: Array, w: Array, b: Array | None = None, *,
   Examples:
     >>> y = jkfac.register_dense(x @ w + b, x, w, b)
   """
-  approximations.check(approx)
+  approximations.check(approximation)
   if not isinstance(in_axes, int) or isinstance(in_axes, bool) or in_axes < 1:
     raise ValueError(f"register_dense: in_axes must be an integer >= 1, got {in_axes!r}.")
   k, features = in_axes, tuple(w.shape[in_axes:])
@@ -90,7 +90,7 @@ def register_dense(y: Array, x: Array, w: Array, b: Array | None = None, *,
     raise ValueError(f"register_dense: bias shape {b.shape} does not match w {w.shape} "
                      f"(expected {features}).")
   operands = (y, x, w) if b is None else (y, x, w, b)
-  return layer_tag_p.bind(*operands, kind="dense", approx=approx, has_bias=b is not None,
+  return layer_tag_p.bind(*operands, kind="dense", approx=approximation, has_bias=b is not None,
                           conv=None, in_axes=in_axes)
 
 
@@ -99,9 +99,9 @@ _CONV_LAYOUTS = {1: ("NWC", "WIO"), 2: ("NHWC", "HWIO"), 3: ("NDHWC", "DHWIO")}
 
 def _register_conv(rank: int, y: Array, x: Array, w: Array, b: Array | None, window_strides,
                    padding, lhs_dilation, rhs_dilation, feature_group_count: int,
-                   approx: str | None) -> Array:
+                   approximation: str | None) -> Array:
   """Checks and tags a channels-last convolution of `rank` spatial dimensions."""
-  approximations.check(approx)
+  approximations.check(approximation)
   name, layout = f"register_conv{rank}d", _CONV_LAYOUTS[rank]
   groups = feature_group_count
   if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
@@ -123,7 +123,8 @@ def _register_conv(rank: int, y: Array, x: Array, w: Array, b: Array | None, win
     padding = jax.lax.padtype_to_pads(x.shape[1:rank + 1], _dilated(w.shape[:rank], rhs_dilation),
                                       window_strides, padding)
   operands = (y, x, w) if b is None else (y, x, w, b)
-  return layer_tag_p.bind(*operands, kind=f"conv{rank}d", approx=approx, has_bias=b is not None,
+  return layer_tag_p.bind(*operands, kind=f"conv{rank}d", approx=approximation,
+                          has_bias=b is not None,
                           conv=conv_params(window_strides, padding, lhs_dilation, rhs_dilation,
                                            feature_group_count))
 
@@ -134,7 +135,7 @@ def register_conv2d(y: Array, x: Array, w: Array, b: Array | None = None, *,
                     lhs_dilation: Sequence[int] = (1, 1),
                     rhs_dilation: Sequence[int] = (1, 1),
                     feature_group_count: int = 1,
-                    approx: str | None = None) -> Array:
+                    approximation: str | None = None) -> Array:
   """Tags a 2-D NHWC convolution with HWIO kernel `w` and returns `y` unchanged.
 
   The keyword arguments are those of `lax.conv_general_dilated` that produced `y`.
@@ -142,7 +143,7 @@ def register_conv2d(y: Array, x: Array, w: Array, b: Array | None = None, *,
   `(k_h, k_w, c_in / G, c_out)` and K-FAC keeps one block per group.
   """
   return _register_conv(2, y, x, w, b, window_strides, padding, lhs_dilation, rhs_dilation,
-                        feature_group_count, approx)
+                        feature_group_count, approximation)
 
 
 def register_conv1d(y: Array, x: Array, w: Array, b: Array | None = None, *,
@@ -151,13 +152,13 @@ def register_conv1d(y: Array, x: Array, w: Array, b: Array | None = None, *,
                     lhs_dilation: Sequence[int] = (1,),
                     rhs_dilation: Sequence[int] = (1,),
                     feature_group_count: int = 1,
-                    approx: str | None = None) -> Array:
+                    approximation: str | None = None) -> Array:
   """Tags a 1-D NWC convolution with WIO kernel `w` and returns `y` unchanged.
 
   The keyword arguments are those of `lax.conv_general_dilated` that produced `y`.
   """
   return _register_conv(1, y, x, w, b, window_strides, padding, lhs_dilation, rhs_dilation,
-                        feature_group_count, approx)
+                        feature_group_count, approximation)
 
 
 def register_conv3d(y: Array, x: Array, w: Array, b: Array | None = None, *,
@@ -166,13 +167,13 @@ def register_conv3d(y: Array, x: Array, w: Array, b: Array | None = None, *,
                     lhs_dilation: Sequence[int] = (1, 1, 1),
                     rhs_dilation: Sequence[int] = (1, 1, 1),
                     feature_group_count: int = 1,
-                    approx: str | None = None) -> Array:
+                    approximation: str | None = None) -> Array:
   """Tags a 3-D NDHWC convolution with DHWIO kernel `w` and returns `y` unchanged.
 
   The keyword arguments are those of `lax.conv_general_dilated` that produced `y`.
   """
   return _register_conv(3, y, x, w, b, window_strides, padding, lhs_dilation, rhs_dilation,
-                        feature_group_count, approx)
+                        feature_group_count, approximation)
 
 
 def conv_params(window_strides, padding, lhs_dilation, rhs_dilation,
@@ -184,48 +185,48 @@ def conv_params(window_strides, padding, lhs_dilation, rhs_dilation,
 
 
 def register_embedding(y: Array, ids: Array, table: Array, *,
-                       approx: str | None = None) -> Array:
+                       approximation: str | None = None) -> Array:
   """Tags `y = table[ids]` (a `(vocab, d)` lookup table) and returns `y` unchanged.
 
   `ids` are the integer ids of shape `(batch, ...)`, `y` has shape `ids.shape + (d,)`.
   K-FAC keeps the input factor of the table diagonal: the one-hot inputs are never built.
   """
-  approximations.check(approx)
+  approximations.check(approximation)
   if table.ndim != 2 or y.shape != ids.shape + (table.shape[1],):
     raise ValueError(f"register_embedding: shapes do not match y = table[ids]: ids {ids.shape}, "
                      f"table {table.shape}, y {y.shape}.")
   if not jnp.issubdtype(ids.dtype, jnp.integer):
     raise ValueError(f"register_embedding: ids must be integers, got {ids.dtype}.")
-  return layer_tag_p.bind(y, ids, table, kind="embedding", approx=approx, has_bias=False,
+  return layer_tag_p.bind(y, ids, table, kind="embedding", approx=approximation, has_bias=False,
                           conv=None)
 
 
 def register_embedding_projection(logits: Array, x: Array, table: Array, *,
-                                  approx: str | None = None) -> Array:
+                                  approximation: str | None = None) -> Array:
   """Tags `logits = x @ table.T` (a `(vocab, d)` table as output projection); returns `logits`.
 
   `x` has shape `(batch, ..., d)`, `logits` `(batch, ..., vocab)`. With the table's
   lookups (`register_embedding`), the tags make one "tied_embedding" layer; alone, the
   projection is such a layer without lookups.
   """
-  approximations.check(approx)
+  approximations.check(approximation)
   if (table.ndim != 2 or x.ndim < 2 or x.shape[-1] != table.shape[1]
       or logits.shape != x.shape[:-1] + (table.shape[0],)):
     raise ValueError(f"register_embedding_projection: shapes do not match logits = x @ table.T: "
                      f"x {x.shape}, table {table.shape}, logits {logits.shape}.")
-  return layer_tag_p.bind(logits, x, table, kind="embedding_projection", approx=approx,
+  return layer_tag_p.bind(logits, x, table, kind="embedding_projection", approx=approximation,
                           has_bias=False, conv=None)
 
 
 def register_scale_and_shift(y: Array, x: Array, scale: Array, shift: Array | None = None, *,
-                             approx: str | None = None) -> Array:
+                             approximation: str | None = None) -> Array:
   """Tags `y = x * scale + shift` (a norm layer's affine part) and returns `y` unchanged.
 
   `x` is the normalised input `x_hat`, of shape `(batch, ..., d)` like `y`; `scale` and
   `shift` have shape `(d,)` and broadcast over the last axis. Approximations: "diagonal"
   (the default for this kind) or "full".
   """
-  approximations.check(approx)
+  approximations.check(approximation)
   if scale.ndim != 1 or x.ndim < 2 or x.shape[-1] != scale.shape[0] or y.shape != x.shape:
     raise ValueError(f"register_scale_and_shift: shapes do not match y = x * scale + shift "
                      f"over the last axis of a batch: x {x.shape}, scale {scale.shape}, "
@@ -234,21 +235,21 @@ def register_scale_and_shift(y: Array, x: Array, scale: Array, shift: Array | No
     raise ValueError(f"register_scale_and_shift: shift shape {shift.shape} does not match "
                      f"scale {scale.shape}.")
   operands = (y, x, scale) if shift is None else (y, x, scale, shift)
-  return layer_tag_p.bind(*operands, kind="scale_and_shift", approx=approx,
+  return layer_tag_p.bind(*operands, kind="scale_and_shift", approx=approximation,
                           has_bias=shift is not None, conv=None)
 
 
-def register_generic(param: Array, *, approx: str = "diagonal") -> Array:
+def register_generic(param: Array, *, approximation: str = "diagonal") -> Array:
   """Marks `param` (a `params` leaf) as a generic parameter and returns it unchanged.
 
   K-FAC gives it a diagonal block of its own, estimated from its gradients, even where
   automatic registration would find it in a layer. Call it where the parameter is used,
   e.g. `w = jkfac.register_generic(params["w"])`; a layer tag on it raises instead.
   """
-  if approx != "diagonal":
+  if approximation != "diagonal":
     raise ValueError(f"register_generic: a generic parameter has a diagonal block only; got "
-                     f"approx={approx!r}.")
-  return layer_tag_p.bind(param, kind="generic", approx=approx, has_bias=False, conv=None)
+                     f"approximation={approximation!r}.")
+  return layer_tag_p.bind(param, kind="generic", approx=approximation, has_bias=False, conv=None)
 
 
 def _dilated(kernel: Sequence[int], dilation: Sequence[int]) -> tuple[int, ...]:

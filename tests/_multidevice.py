@@ -51,8 +51,8 @@ class Net(nn.Module):
     x = jnp.tanh(jkfac.flax.Conv(3, (3, 3), strides=(2, 2), padding="VALID")(x))
     x = x.reshape(x.shape[0], -1)                                       # 27 features
     x = jnp.tanh(jkfac.flax.Dense(5)(x))
-    x = jnp.tanh(jkfac.flax.Dense(4, kfac_approx="diagonal")(x))
-    return jkfac.flax.Dense(3, kfac_approx="full")(x)
+    x = jnp.tanh(jkfac.flax.Dense(4, approximation="diagonal")(x))
+    return jkfac.flax.Dense(3, approximation="full")(x)
 
 
 # The factors in the order jkfac lists its tasks (layers in order, then factors), with

@@ -64,7 +64,7 @@ NETS = {net.name: net for net in (MLP, CONVNET)}
 class FlaxNet(nn.Module):
   """`net` built from jkfac.flax layers.
 
-  `approx` is every layer's `kfac_approx`, or a tuple with one per layer.
+  `approx` is every layer's `approximation`, or a tuple with one per layer.
   """
   net: Net
   approx: str | None | tuple[str | None, ...] = None
@@ -75,10 +75,10 @@ class FlaxNet(nn.Module):
         self.net.layers)
     for i, layer in enumerate(self.net.layers):
       if layer.kind == "dense":
-        x = jkfac.flax.Dense(layer.features, kfac_approx=approx[i])(x.reshape(x.shape[0], -1))
+        x = jkfac.flax.Dense(layer.features, approximation=approx[i])(x.reshape(x.shape[0], -1))
       else:
         x = jkfac.flax.Conv(layer.features, layer.kernel, strides=layer.strides,
-                            padding=layer.padding, kfac_approx=approx[i])(x)
+                            padding=layer.padding, approximation=approx[i])(x)
       if i < len(self.net.layers) - 1:
         x = jnp.tanh(x)
     return x

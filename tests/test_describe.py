@@ -66,7 +66,7 @@ class ConvNet(nn.Module):
     x = jnp.tanh(nn.Conv(2, (2, 2), padding="SAME", use_bias=False)(x))     # -> 3x3x2
     x = x.reshape(x.shape[0], -1)
     x = nn.LayerNorm()(jnp.tanh(nn.Dense(5)(x)))
-    x = jnp.tanh(jkfac.flax.Dense(6, kfac_approx="diagonal")(x))
+    x = jnp.tanh(jkfac.flax.Dense(6, approximation="diagonal")(x))
     return nn.Dense(NUM_CLASSES)(x) * self.param("temp", nn.initializers.ones, ())
 
 
@@ -97,7 +97,7 @@ def test_describe_has_a_row_for_every_parameter():
   description = jkfac.describe(loss_fn, params, batch)
   paths = [layer_table.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   assert [p.path for p in description.parameters] == paths
-  assert [(p.path, p.shape, p.layer, p.kind, p.approx, p.factors)
+  assert [(p.path, p.shape, p.layer, p.kind, p.approximation, p.factors)
           for p in description.parameters] == CONVNET_ROWS
 
 
@@ -128,14 +128,14 @@ def test_describe_approximations():
   loss_fn, params, batch = _convnet_problem()
   rows = _rows(jkfac.describe(loss_fn, params, batch,
                               approximations={"Dense_2": "full", "Conv_1": "diagonal"}))
-  assert (rows["Dense_2/kernel"].approx, rows["Dense_2/kernel"].factors) == ("full", "F 21x21")
-  assert (rows["Dense_2/bias"].approx, rows["Dense_2/bias"].factors) == ("full", "F 21x21")
-  assert (rows["Conv_1/kernel"].approx, rows["Conv_1/kernel"].factors) == ("diagonal",
-                                                                          "diagonal 16x2")
-  assert rows["Conv_0/kernel"].approx == "kron"
-  # A hand tag's kfac_approx wins over a pattern.
+  pick = lambda path: (rows[path].approximation, rows[path].factors)
+  assert pick("Dense_2/kernel") == ("full", "F 21x21")
+  assert pick("Dense_2/bias") == ("full", "F 21x21")
+  assert pick("Conv_1/kernel") == ("diagonal", "diagonal 16x2")
+  assert rows["Conv_0/kernel"].approximation == "kron"
+  # A hand tag's approximation wins over a pattern.
   rows = _rows(jkfac.describe(loss_fn, params, batch, approximations={"Dense_*": "full"}))
-  assert [rows[f"Dense_{i}/kernel"].approx for i in range(3)] == ["full", "diagonal", "full"]
+  assert [rows[f"Dense_{i}/kernel"].approximation for i in range(3)] == ["full", "diagonal", "full"]
   with pytest.raises(ValueError, match="Nope_7"):
     jkfac.describe(loss_fn, params, batch, approximations={"Nope_7": "full"})
   with pytest.raises(ValueError, match="temp"):   # generic parameters are not layers
@@ -152,7 +152,7 @@ def test_describe_str_is_a_table():
   loss_fn, params, batch = _convnet_problem()
   description = jkfac.describe(loss_fn, params, batch, approximations={"Dense_2": "full"})
   lines = str(description).splitlines()
-  assert lines[0].split() == ["parameter", "shape", "layer", "kind", "approx", "factors", "state"]
+  assert lines[0].split() == ["parameter", "shape", "layer", "kind", "approximation", "factors", "state"]
   assert set(lines[1].replace(" ", "")) == {"-"}
   assert len(lines) == 2 + len(CONVNET_ROWS) + 2
   assert lines[-2] == f"K-FAC state: {_size(description.state_bytes)}"
@@ -186,7 +186,7 @@ def test_generic_parameters_get_a_diagonal_block():
   rows = _rows(jkfac.describe(loss_fn, params, batch))
   for path, shape in GENERIC.items():
     size = math.prod(shape)
-    assert (rows[path].layer, rows[path].kind, rows[path].approx, rows[path].shape,
+    assert (rows[path].layer, rows[path].kind, rows[path].approximation, rows[path].shape,
             rows[path].factors) == (path, "generic", "diagonal", shape, f"diagonal {size}x1")
     assert rows[path].state_bytes == 2 * 4 * size
   assert rows["Dense_0/kernel"].kind == rows["Dense_1/bias"].kind == "dense"
@@ -300,7 +300,8 @@ def test_without_auto_register_untagged_layers_are_generic():
   model, batch = MixedTagging(), _batch((6,))
   params, loss_fn = _init(model, batch), _loss(model)
   rows = _rows(jkfac.describe(loss_fn, params, batch, auto_register=False))
-  assert {path: (row.layer, row.kind, row.approx, row.factors) for path, row in rows.items()} == {
+  assert {path: (row.layer, row.kind, row.approximation, row.factors)
+          for path, row in rows.items()} == {
       "Dense_0/bias": ("Dense_0/bias", "generic", "diagonal", "diagonal 5x1"),
       "Dense_0/kernel": ("Dense_0/kernel", "generic", "diagonal", "diagonal 30x1"),
       "Dense_1/bias": ("Dense_1", "dense", "kron", "A 6x6, G 4x4"),
@@ -366,7 +367,7 @@ def test_batch_norm_with_mutable_state_is_matched_and_trains():
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean(), updates
 
   batch = {"x": x, "y": labels, "batch_stats": variables["batch_stats"]}
-  rows = {p.path: (p.layer, p.kind, p.approx)
+  rows = {p.path: (p.layer, p.kind, p.approximation)
           for p in jkfac.describe(loss_fn, variables["params"], batch).parameters}
   assert rows == {"BatchNorm_0/bias": ("BatchNorm_0", "scale_and_shift", "diagonal"),
                   "BatchNorm_0/scale": ("BatchNorm_0", "scale_and_shift", "diagonal"),
@@ -428,7 +429,7 @@ def test_every_parameter_of_a_mixed_model_gets_its_block(x64):
       return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean(), updates
 
     batch = {"ids": ids, "y": labels, "batch_stats": variables["batch_stats"]}
-    rows = {p.path: (p.layer, p.kind, p.approx, p.factors)
+    rows = {p.path: (p.layer, p.kind, p.approximation, p.factors)
             for p in jkfac.describe(loss_fn, variables["params"], batch).parameters}
     scan = "Scan_Cell_0/hh"
     assert rows == {

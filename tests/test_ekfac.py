@@ -109,7 +109,7 @@ def test_between_inverse_updates_the_scaling_is_re_estimated_in_the_kept_basis(n
 
 def test_ekfac_trains_and_describes():
   params, batch, loss_fn = _problem(_nets.MLP)
-  rows = {p.path: p.approx for p in jkfac.describe(loss_fn, params, batch).parameters}
+  rows = {p.path: p.approximation for p in jkfac.describe(loss_fn, params, batch).parameters}
   assert rows["Dense_0/kernel"] == "ekfac"
   tx = jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-2, invert_every=3)
   losses, params, state = _nets.train_losses(loss_fn, tx, params, batch, steps=8)

@@ -152,7 +152,7 @@ def test_conv_unsupported_configs_raise(kwargs, input_shape):
     jkfac.flax.Conv(features=4, **kwargs).init(KEY, x)
 
 
-# --- kfac_approx reaches the tag --------------------------------------------------------
+# --- approximation reaches the tag -----------------------------------------------------
 
 
 class _Net(nn.Module):
@@ -161,9 +161,9 @@ class _Net(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = jkfac.flax.Conv(4, (3, 3), kfac_approx=self.conv_approx, name="conv")(x)
+    x = jkfac.flax.Conv(4, (3, 3), approximation=self.conv_approx, name="conv")(x)
     x = jnp.tanh(x).reshape(x.shape[0], -1)
-    return jkfac.flax.Dense(3, kfac_approx=self.dense_approx, name="dense")(x)
+    return jkfac.flax.Dense(3, approximation=self.dense_approx, name="dense")(x)
 
 
 def _net_loss(net):
@@ -183,7 +183,7 @@ def _net_setup(**approx):
 
 @pytest.mark.parametrize("dense_approx,conv_approx", [
     ("diagonal", "full"), ("full", "kron"), (None, "diagonal"), (None, None)])
-def test_kfac_approx_reaches_the_tag(dense_approx, conv_approx):
+def test_approximation_reaches_the_tag(dense_approx, conv_approx):
   loss_fn, params, batch = _net_setup(dense_approx=dense_approx, conv_approx=conv_approx)
   # In the jaxpr: the tag equation's `approx` parameter.
   jaxpr = jax.make_jaxpr(loss_fn)(params, batch).jaxpr
@@ -206,7 +206,7 @@ def test_kfac_approx_reaches_the_tag(dense_approx, conv_approx):
       "conv": "conv2d", "dense": "dense"}
 
 
-def test_kfac_approx_invalid_name_raises():
+def test_approximation_invalid_name_raises():
   with pytest.raises(ValueError, match="approximation"):
     _net_setup(dense_approx="kronecker")
 

@@ -288,7 +288,7 @@ def test_jnp_x64_dense_is_registered():
 class Mixed(nn.Module):
   @nn.compact
   def __call__(self, x):
-    x = jnp.tanh(jkfac.flax.Dense(5, kfac_approx="diagonal")(x))
+    x = jnp.tanh(jkfac.flax.Dense(5, approximation="diagonal")(x))
     x = jnp.tanh(nn.Dense(4)(x))
     return jkfac.flax.Dense(NUM_CLASSES)(x)
 
@@ -305,13 +305,13 @@ def test_hand_tags_win_and_are_not_tagged_twice():
                                                          ("Dense_2", "full")]
   assert trace.generic == ()
   description = jkfac.describe(loss_fn, params, batch, approximations={"Dense_*": "full"})
-  assert {p.path: p.approx for p in description.parameters} == {
+  assert {p.path: p.approximation for p in description.parameters} == {
       "Dense_0/bias": "diagonal", "Dense_0/kernel": "diagonal", "Dense_1/bias": "full",
       "Dense_1/kernel": "full", "Dense_2/bias": "full", "Dense_2/kernel": "full"}
   # A hand tag without the bias: the kernel stays claimed, the bias is a generic parameter.
   def partly_tagged(params, batch):
     x, labels = batch
-    h = jkfac.register_dense(x @ params["w"], x, params["w"], approx="full") + params["b"]
+    h = jkfac.register_dense(x @ params["w"], x, params["w"], approximation="full") + params["b"]
     logits = jkfac.register_softmax_cross_entropy(jnp.tanh(h) @ params["out"], labels)
     return _nets.cross_entropy(logits, labels)
   params = {"w": params["Dense_0"]["kernel"], "b": params["Dense_0"]["bias"],
@@ -337,7 +337,7 @@ def test_weight_used_twice_is_one_multi_use_layer():
   loss_fn = _flax_loss(model)
   closed, _ = layer_table.make_jaxpr(loss_fn, params, batch)
   assert _count_layer_tags(closed.jaxpr) == 3
-  rows = {p.path: (p.layer, p.kind, p.approx) for p in
+  rows = {p.path: (p.layer, p.kind, p.approximation) for p in
           jkfac.describe(loss_fn, params, batch).parameters}
   assert rows == {"Dense_0/bias": ("Dense_0", "dense", "kron_indep"),
                   "Dense_0/kernel": ("Dense_0", "dense", "kron_indep"),
@@ -408,7 +408,7 @@ class SeedConvNet(nn.Module):
   def __call__(self, x):
     pool = lambda h: nn.max_pool(h, (3, 3), strides=(2, 2), padding="SAME")
     if self.tagged:
-      x = jkfac.flax.Conv(16, (5, 5), padding="SAME", kfac_approx="diagonal")(x)
+      x = jkfac.flax.Conv(16, (5, 5), padding="SAME", approximation="diagonal")(x)
       x = jkfac.flax.Conv(16, (5, 5), padding="SAME")(pool(nn.relu(x)))
       dense = jkfac.flax.Dense
     else:

@@ -85,7 +85,7 @@ def _assert_all_in_layers(description, kernel_kind="dense"):
   cell = [p for p in description.parameters if not p.path.startswith(("Dense", "head"))]
   kernels = [p for p in cell if "kernel" in p.path.split("/")]
   assert kernels and {p.kind for p in kernels} == {kernel_kind}
-  assert {p.approx for p in kernels} == {"kron_indep"}
+  assert {p.approximation for p in kernels} == {"kron_indep"}
   assert {p.kind for p in cell if "bias" in p.path.split("/")} <= {kernel_kind}
 
 
@@ -216,7 +216,7 @@ def test_joined_weights_split_into_dense_layers(name):
   rows = {p.path: p for p in jkfac.describe(loss_fn, params, batch).parameters}
   got = {path: None if row.kind == "generic" else row.layer for path, row in rows.items()}
   assert got == {**expected, "head": "head"}
-  assert {rows[path].approx for path, layer in expected.items() if layer} == {"kron_indep"}
+  assert {rows[path].approximation for path, layer in expected.items() if layer} == {"kron_indep"}
 
 
 @pytest.mark.parametrize("name", sorted(JOINS))

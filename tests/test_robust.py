@@ -190,7 +190,7 @@ def test_a_factor_wider_than_max_factor_dim_is_kept_diagonal_with_a_warning():
   statistics = next(iter(state.statistics.values()))
   assert statistics["A"].shape == (4, 4) and statistics["G"].shape == (40,)
   rows = jkfac.describe(loss_fn, params, batch, max_factor_dim=16).parameters
-  assert {row.approx for row in rows} == {"kron_out_diag"}
+  assert {row.approximation for row in rows} == {"kron_out_diag"}
   with warnings.catch_warnings():
     warnings.simplefilter("error", jkfac.LargeFactorWarning)
     jkfac.precondition(loss_fn, batch, damping=1e-2).init(params)  # 40 < 4096: quiet

@@ -265,7 +265,7 @@ def test_hand_scale_and_shift_tag_wins():
       x_hat = batch[0]
       scale, shift = params["scale"], params["shift"]
       y = x_hat * scale
-      y = jkfac.register_scale_and_shift(y, x_hat, scale, approx=approx)
+      y = jkfac.register_scale_and_shift(y, x_hat, scale, approximation=approx)
       return (y + shift) @ params["out"]
     return f
   params = {"scale": jnp.ones(5), "shift": jnp.zeros(5), "out": jnp.ones((5, NUM_CLASSES))}
@@ -375,7 +375,7 @@ def test_describe_shows_scale_and_shift():
   params = _random_like(jax.eval_shape(model.init, KEY, batch[0])["params"])
   loss_fn = _loss(lambda p, batch: model.apply({"params": p}, batch[0]))
   description = jkfac.describe(loss_fn, params, batch)
-  rows = {p.path: (p.layer, p.kind, p.approx, p.factors, p.state_bytes)
+  rows = {p.path: (p.layer, p.kind, p.approximation, p.factors, p.state_bytes)
           for p in description.parameters}
   assert rows["LayerNorm_0/scale"] == ("LayerNorm_0", "scale_and_shift", "diagonal",
                                        "diagonal 2x16", 2 * 4 * 2 * 16)
@@ -384,7 +384,7 @@ def test_describe_shows_scale_and_shift():
   lines = {line.split()[0]: line.split() for line in str(description).splitlines()}
   assert lines["LayerNorm_0/scale"][2:6] == ["LayerNorm_0", "scale_and_shift", "diagonal",
                                              "diagonal"]
-  rows = {p.path: (p.approx, p.factors) for p in jkfac.describe(
+  rows = {p.path: (p.approximation, p.factors) for p in jkfac.describe(
       loss_fn, params, batch, approximations={"LayerNorm_*": "full"}).parameters}
   assert rows["LayerNorm_0/scale"] == ("full", "F 32x32")
 
@@ -408,7 +408,7 @@ def test_register_generic_forces_a_dense_kernel_to_generic():
             for i, s in enumerate([(5, 4), (4, 4), (4, NUM_CLASSES)])}
   params, batch = _random_like(shapes), _batch((5,), n=8)
   loss_fn = _loss(_generic_dense_apply)
-  rows = {p.path: (p.layer, p.kind, p.approx) for p in
+  rows = {p.path: (p.layer, p.kind, p.approximation) for p in
           jkfac.describe(loss_fn, params, batch).parameters}
   assert rows == {"Dense_0/bias": ("Dense_0/bias", "generic", "diagonal"),
                   "Dense_0/kernel": ("Dense_0/kernel", "generic", "diagonal"),
@@ -470,7 +470,7 @@ def test_register_scale_and_shift_checks_shapes():
   with pytest.raises(ValueError, match="shift"):
     jkfac.register_scale_and_shift(x, x, scale, jnp.ones(D - 1))
   with pytest.raises(ValueError, match="approximation"):
-    jkfac.register_scale_and_shift(x, x, scale, approx="kronecker")
+    jkfac.register_scale_and_shift(x, x, scale, approximation="kronecker")
   with pytest.raises(ValueError, match="kernel"):
     layer_collection.register_scale_and_shift((scale, scale, scale), x, x)
 
@@ -486,14 +486,14 @@ def test_unsupported_approximation_names_the_layer():
     x_hat = jnp.ones((4, D))
     hand = _loss(lambda p, b: jkfac.register_scale_and_shift(
         x_hat * p["LayerNorm_0"]["scale"], x_hat, p["LayerNorm_0"]["scale"],
-        approx="kron_reduce")[:, :NUM_CLASSES])
+        approximation="kron_reduce")[:, :NUM_CLASSES])
     jkfac.describe(hand, {"LayerNorm_0": {"scale": jnp.ones(D)}}, batch)
 
 
 def test_register_generic_errors():
   params, batch = {"w": jnp.ones((5, NUM_CLASSES))}, _batch((5,))
   with pytest.raises(ValueError, match="diagonal"):
-    jkfac.register_generic(params["w"], approx="full")
+    jkfac.register_generic(params["w"], approximation="full")
   with pytest.raises(ValueError, match="not a leaf"):   # an array computed from the parameter
     layer_table.trace_layers(_loss(lambda p, b: b[0] @ jkfac.register_generic(2 * p["w"])), params,
                         batch)

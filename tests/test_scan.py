@@ -136,7 +136,7 @@ def test_stacked_layers_train_and_describe():
   model = _Stacked(conv=False)
   params = model.init(KEY, batch[0])["params"]
   loss_fn = _loss(lambda p, x: model.apply({"params": p}, x))
-  rows = {p.path: (p.kind, p.approx, p.factors) for p in
+  rows = {p.path: (p.kind, p.approximation, p.factors) for p in
           jkfac.describe(loss_fn, params, batch).parameters}
   assert rows["ScanCheckpoint_ScanBlock_0/Dense_0/kernel"] == ("dense", "kron", "A 3x5x5, G 3x4x4")
   tx = jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-2, cov_update_every=1,

@@ -161,7 +161,7 @@ def test_conv_tag_records_padding_pairs():
 @pytest.mark.parametrize("approx", ["kron", "diagonal", "full", None])
 def test_register_dense_records_approx(approx):
   a = _arrays()
-  f = lambda x, w: tags.register_dense(x @ w, x, w, approx=approx)
+  f = lambda x, w: tags.register_dense(x @ w, x, w, approximation=approx)
   eqn = jax.make_jaxpr(f)(a["x"], a["w"]).jaxpr.eqns[-1]
   assert eqn.primitive is tags.layer_tag_p
   assert eqn.params["approx"] == approx and not eqn.params["has_bias"]
@@ -212,7 +212,7 @@ def test_register_conv2d_rejects_bad_shapes():
 def test_unknown_approx_is_rejected():
   a = _arrays()
   with pytest.raises(ValueError, match=r"Unknown K-FAC approximation 'kronecker'"):
-    tags.register_dense(a["x"] @ a["w"], a["x"], a["w"], approx="kronecker")
+    tags.register_dense(a["x"] @ a["w"], a["x"], a["w"], approximation="kronecker")
 
 
 def test_loss_registration_rejects_mismatched_targets():

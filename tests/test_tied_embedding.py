@@ -290,7 +290,7 @@ def test_describe_shows_the_tied_layer():
   model, params, batch = _setup()
   description = jkfac.describe(_loss(model.apply), params, batch)
   row, = [p for p in description.parameters if p.path == f"{NAME}/embedding"]
-  assert (row.layer, row.kind, row.approx) == (NAME, "tied_embedding", "kron_indep")
+  assert (row.layer, row.kind, row.approximation) == (NAME, "tied_embedding", "kron_indep")
   assert row.factors == f"A2 {D}x{D}, D1 {VOCAB}, D2 {VOCAB}, G1 {D}x{D}"
   assert row.state_bytes == 4 * (2 * VOCAB + 2 * D * D + 2 * VOCAB + D * D + D)
   assert "tied_embedding" in str(description)

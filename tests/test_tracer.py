@@ -69,7 +69,7 @@ def test_trace_finds_every_mlp_tag():
   by_name = lambda name, kind: "diagonal" if name == "Dense_1" else None
   trace = layer_table.trace_layers(loss_fn, params, batch, approx_for=by_name)
   assert [l.approx for l in trace.layers] == ["kron", "diagonal"]
-  # ... but a tag's own kfac_approx wins.
+  # ... but a tag's own approximation wins.
   _, params, batch, loss_fn = _nets.make_problem(net, approx=("full", None))
   trace = layer_table.trace_layers(loss_fn, params, batch, approx_for=lambda name, kind: "diagonal")
   assert [l.approx for l in trace.layers] == ["full", "diagonal"]

@@ -210,7 +210,7 @@ def _problem(config: AdaptiveConfig, params: PyTree, batch: PyTree,
 
 def update(config: AdaptiveConfig, preconditioner: optax.GradientTransformationExtraArgs,
            grads: PyTree, state: AdaptiveState, params: PyTree, batch: PyTree,
-           curvature: interpreter.Curvature | None = None,
+           curvature: interpreter.Linearization | None = None,
            model_params: PyTree | None = None) -> tuple[PyTree, AdaptiveState]:
   """One adaptive K-FAC step (see the module docstring)."""
   problem = _problem(config, params, batch, model_params)

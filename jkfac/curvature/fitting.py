@@ -199,7 +199,7 @@ def fit(loss_fn: Callable[..., Any], params: PyTree,
     approximation: the block of dense and conv layers whose tag names none: "kron"
       (K-FAC), "ekfac" (eigenvalue-corrected, one more pass over `batches`), "diagonal",
       "full", "kron_in_diag" or "kron_out_diag". Other layers get their default block, as
-      in the optimizer; a layer's tag (`kfac_approx=`) wins.
+      in the optimizer; a layer's tag (`approximation=`) wins.
     estimation: "exact" (the GGN: one backward pass per output unit), "fisher"
       (sampled targets, with `key`) or "empirical" (true targets).
     layers: None (every layer), "last" (the last layer, laplace-torch's default), or a

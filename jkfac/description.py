@@ -29,7 +29,7 @@ class ParameterInfo(NamedTuple):
   shape: tuple[int, ...]
   layer: str
   kind: str
-  approx: str
+  approximation: str
   factors: str
   state_bytes: int
   itemsize: int = 4
@@ -43,9 +43,9 @@ class Description(NamedTuple):
     return sum(p.state_bytes for p in self.parameters)
 
   def __str__(self) -> str:
-    header = ("parameter", "shape", "layer", "kind", "approx", "factors", "state")
+    header = ("parameter", "shape", "layer", "kind", "approximation", "factors", "state")
     rows = [header] + [(p.path, "x".join(map(str, p.shape)) or "scalar", p.layer, p.kind,
-                        p.approx, p.factors, _size(p.state_bytes) if p.state_bytes else "")
+                        p.approximation, p.factors, _size(p.state_bytes) if p.state_bytes else "")
                        for p in self.parameters]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
