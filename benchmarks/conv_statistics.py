@@ -25,7 +25,7 @@ import optax
 
 import jkfac  # noqa: E402
 from jkfac import layer_table, layers  # noqa: E402
-from jkfac import statistics as layer_stats  # noqa: E402
+from jkfac import interpreter  # noqa: E402
 from mnist import ConvNet  # noqa: E402
 from benchmarks.step_time import make_loss, make_step  # noqa: E402
 
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
 
   trace = layer_table.trace_layers(loss_fn, params, batch)
   layer = next(layer for layer in trace.layers if layer.name == LAYER)
-  x = layer_stats.collect_statistics(loss_fn, trace, params, batch, key, "fisher")[LAYER].inputs[0]
+  x = interpreter.linearize(loss_fn, params, batch).inputs[layer.tags[0]]
   factor_fns = input_factor_functions(layer)
   steps = {}
   for label, tx in (step_configurations(loss_fn, batch) if args.steps else {}).items():

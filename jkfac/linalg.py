@@ -91,7 +91,3 @@ def _mean_diagonal(x: Array) -> Array:
   blocks (3-D, see `blocks.blocked`)."""
   return jnp.mean(x if x.ndim == 1 else jnp.diagonal(x, axis1=-2, axis2=-1))
 
-
-def finite_or_previous(new: Array, old: Array) -> Array:
-  """`new` if every entry is finite, else `old`: no NaN ever reaches the parameters."""
-  return jnp.where(jnp.all(jnp.isfinite(new)), new, old)

@@ -8,7 +8,7 @@ and output gradients into its block's statistics (e.g. `A` and `G` for "kron").
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,6 @@ from jkfac.blocks import diagonal
 from jkfac.layer_info import LayerInfo, Trace
 
 Array = jax.Array
-PyTree = Any
 
 
 class LayerStatistics(NamedTuple):
@@ -81,14 +80,6 @@ def astype(found: dict[str, LayerStatistics], dtype) -> dict[str, LayerStatistic
   def cast(x: Array) -> Array:
     return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
   return jax.tree_util.tree_map(cast, found)
-
-
-def collect_statistics(loss_fn: Callable[..., Any], trace: Trace, params: PyTree,
-                       batch: PyTree, key: Array, estimation: str,
-                       auto_register: bool = True) -> dict[str, LayerStatistics]:
-  """`layer_statistics` of one batch, with a forward pass of its own."""
-  return layer_statistics(trace, interpreter.linearize(loss_fn, params, batch, auto_register),
-                          key, estimation)
 
 
 def block_statistics(layer: LayerInfo, statistics: LayerStatistics,

@@ -21,7 +21,9 @@ import numpy as np
 
 import jkfac
 import jkfac.blocks
+import jkfac.interpreter
 import jkfac.layers
+import jkfac.statistics
 
 NUM_CLASSES = 3
 BATCH = 4
@@ -413,3 +415,9 @@ def row_scaled_ggn(logits_fn, params, x, name, kind, scale=None):
   if scale is None:
     scale = jnp.full(logits.shape[:2], 1.0 / (logits.shape[0] * logits.shape[1]), logits.dtype)
   return jnp.einsum("nt,ntcp,ntcd,ntdq->pq", scale, jac, hess, jac)
+
+
+def collect_statistics(loss_fn, trace, params, batch, key, estimation, auto_register=True):
+  """`statistics.layer_statistics` of one batch, with a forward pass of its own."""
+  linearization = jkfac.interpreter.linearize(loss_fn, params, batch, auto_register)
+  return jkfac.statistics.layer_statistics(trace, linearization, key, estimation)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import jkfac
-from jkfac import layers, linalg, layer_table, statistics
+from jkfac import layers, linalg, layer_table
 
 from tests import _nets
 
@@ -42,7 +42,7 @@ def _block_statistics(loss_fn, params, batch, estimation, approx):
 
   @jax.jit
   def run(params, batch):
-    stats = statistics.collect_statistics(loss_fn, trace, params, batch, KEY, estimation)
+    stats = _nets.collect_statistics(loss_fn, trace, params, batch, KEY, estimation)
     return {layer.name: _nets.block_for(approx).statistics(
         _nets.input_rows(layer, stats[layer.name].inputs[0]),
         layers.output_rows(stats[layer.name].output_grads[0])) for layer in trace.layers}
@@ -424,12 +424,20 @@ def test_pi_correction():
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_finite_or_previous(bad):
-  old, new = jnp.ones((2, 3)), jnp.full((2, 3), 2.0)
-  _assert_close(linalg.finite_or_previous(new, old), new)
-  poisoned = new.at[1, 2].set(bad)       # a single bad entry discards the whole array
-  _assert_close(linalg.finite_or_previous(poisoned, old), old)
-  # Under jit too.
-  _assert_close(jax.jit(linalg.finite_or_previous)(poisoned, old), old)
+  block = _nets.block_for("kron")
+  old = {"A": jnp.ones((2, 2)), "G": jnp.ones((3, 3))}
+  new = {"A": jnp.full((2, 2), 2.0), "G": jnp.full((3, 3), 2.0)}
+  kept, fell_back = block.finite_or_previous(new, old)
+  _assert_close(kept["A"], new["A"])
+  _assert_close(kept["G"], new["G"])
+  assert int(fell_back) == 0
+  # A single bad entry in one factor discards every new factor of the layer, under jit too.
+  poisoned = dict(new, G=new["G"].at[1, 2].set(bad))
+  for run in (block.finite_or_previous, jax.jit(block.finite_or_previous)):
+    kept, fell_back = run(poisoned, old)
+    _assert_close(kept["A"], old["A"])
+    _assert_close(kept["G"], old["G"])
+    assert int(fell_back) == 1
 
 
 @pytest.mark.parametrize("method", linalg.INVERSE_METHODS)
@@ -468,7 +476,8 @@ def test_finite_or_previous_guards_block_inverses(approx):
   for method in linalg.INVERSE_METHODS:
     raw = _nets.block_inverses(block, nan_covs, 0.1, method)
     assert not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(raw))
-    kept = jax.tree_util.tree_map(linalg.finite_or_previous, raw, old)
+    kept, fell_back = block.finite_or_previous(raw, old)
+    assert int(fell_back) == 1
     for k, o in zip(jax.tree_util.tree_leaves(kept), jax.tree_util.tree_leaves(old)):
       _assert_close(k, o)
 

@@ -25,7 +25,7 @@ from flax import nnx
 from jax import lax
 
 import jkfac
-from jkfac import layer_collection, layers, parallel, tags, layer_table, statistics
+from jkfac import layer_collection, layers, parallel, tags, layer_table
 from jkfac import inverses as inverses_lib
 from jkfac.blocks import StackedBlock
 from tests import _nets
@@ -495,7 +495,7 @@ def test_grouped_conv_other_kron_blocks_are_per_group(approx, x64):
   loss_fn, params, batch, _ = _case(name)
   _, _, covariances = _one_update(name, approx)
   layer = layer_table.trace_layers(loss_fn, params, batch).layers[0]
-  stats = statistics.collect_statistics(loss_fn, layer_table.trace_layers(loss_fn, params, batch), params,
+  stats = _nets.collect_statistics(loss_fn, layer_table.trace_layers(loss_fn, params, batch), params,
                                     batch, KEY, "empirical")["layer"]
   reduce = approx == "kron_reduce"
   single = _nets.block_for(approx)

@@ -20,7 +20,7 @@ from jax import lax
 from jax.extend import core as jcore
 
 import jkfac
-from jkfac import layer_collection, layers, tags, layer_table, statistics
+from jkfac import layer_collection, layers, tags, layer_table
 from tests import _nets
 from tests._asserts import assert_trees_close
 
@@ -71,8 +71,8 @@ def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 
 
 def _statistics(loss_fn, trace, params, batch, auto_register=True):
-  """`statistics.collect_statistics` with the true targets, jitted (op by op is slower on CPU)."""
-  return jax.jit(lambda p, b: statistics.collect_statistics(loss_fn, trace, p, b, KEY, "empirical",
+  """`_nets.collect_statistics` with the true targets, jitted (op by op is slower on CPU)."""
+  return jax.jit(lambda p, b: _nets.collect_statistics(loss_fn, trace, p, b, KEY, "empirical",
                                                         auto_register))(params, batch)
 
 
@@ -539,7 +539,7 @@ def test_kron_reduce_factors_average_inputs_and_sum_output_gradients():
   loss_fn = _loss(lambda p, x: model.apply({"params": p["Conv_0"]}, x).reshape(
       x.shape[0], -1)[:, :3])
   trace = layer_table.trace_layers(loss_fn, params, batch, approx_for=lambda name, kind: "kron_reduce")
-  stats = statistics.collect_statistics(loss_fn, trace, params, batch, KEY, "empirical")["Conv_0"]
+  stats = _nets.collect_statistics(loss_fn, trace, params, batch, KEY, "empirical")["Conv_0"]
   tx = jkfac.precondition(loss_fn, batch, damping=1e-3, approximations={"Conv_0": "kron_reduce"},
                           estimation="empirical", cov_ema_decay=0.0)
   state = tx.init(params)

@@ -602,7 +602,7 @@ def test_sampled_fisher_is_unbiased(kind):
     trace = layer_table.trace_with_approximations(loss_fn, params, batch)
 
     def output_factors(key, estimation):
-      found = statistics.collect_statistics(loss_fn, trace, params, batch, key, estimation)
+      found = _nets.collect_statistics(loss_fn, trace, params, batch, key, estimation)
       return {layer.name: statistics.block_statistics(layer, found[layer.name])["G"]
               for layer in trace.layers}
 
@@ -644,7 +644,7 @@ def test_sub_sampled_patches_give_an_unbiased_input_factor():
 
     @jit
     def full_and_sampled(keys):
-      found = statistics.collect_statistics(_conv_loss, trace, params, batch, keys[0],
+      found = _nets.collect_statistics(_conv_loss, trace, params, batch, keys[0],
                                             "exact")["conv"]
       full = statistics.block_statistics(conv, found)["A"]
       # 8 of the 18 patch rows for each key

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jkfac
-from jkfac import layer_table, statistics
+from jkfac import layer_table
 from tests import _nets
 
 KEY = jax.random.PRNGKey(0)
@@ -130,7 +130,7 @@ def test_tags_inside_jit_and_checkpoint_are_found(mode):
   for layer in trace.layers:
     _assert_layer_params(trace, layer, params, layer.name)
   # collect_statistics evaluates through the sub-jaxpr too.
-  stats = statistics.collect_statistics(loss_fn, trace, params, batch, KEY, "empirical")
+  stats = _nets.collect_statistics(loss_fn, trace, params, batch, KEY, "empirical")
   np.testing.assert_array_equal(stats["first"].inputs[0], batch[0])
   expected = jnp.tanh(batch[0] @ params["first"]["kernel"] + params["first"]["bias"])
   np.testing.assert_allclose(stats["second"].inputs[0], expected, rtol=1e-5, atol=1e-6)
@@ -222,7 +222,7 @@ def test_collect_statistics_empirical_matches_hand_written_pass(net):
   _, params, batch, loss_fn = _nets.make_problem(net)
   n = batch[0].shape[0]
   trace = layer_table.trace_layers(loss_fn, params, batch)
-  stats = jax.jit(lambda p, b: statistics.collect_statistics(loss_fn, trace, p, b, KEY, "empirical"))(
+  stats = jax.jit(lambda p, b: _nets.collect_statistics(loss_fn, trace, p, b, KEY, "empirical"))(
       params, batch)
   inputs, per_example = _nets.per_example_output_grads(net, params, batch)
   assert list(stats) == net.layer_names
@@ -241,7 +241,7 @@ def test_collect_statistics_fisher_samples_one_hot_targets():
   _, params, batch, loss_fn = _nets.make_problem(net, batch=64)
   n = batch[0].shape[0]
   trace = layer_table.trace_layers(loss_fn, params, batch)
-  collect = jax.jit(lambda key: statistics.collect_statistics(loss_fn, trace, params, batch, key,
+  collect = jax.jit(lambda key: _nets.collect_statistics(loss_fn, trace, params, batch, key,
                                                           "fisher"))
   probs = jax.nn.softmax(_nets.forward(net, params, batch[0])[0])
   samples = []
@@ -262,7 +262,7 @@ def test_collect_statistics_exact_has_one_column_per_class():
   net = _nets.CONVNET
   _, params, batch, loss_fn = _nets.make_problem(net)
   trace = layer_table.trace_layers(loss_fn, params, batch)
-  stats = jax.jit(lambda p, b: statistics.collect_statistics(loss_fn, trace, p, b, KEY, "exact"))(
+  stats = jax.jit(lambda p, b: _nets.collect_statistics(loss_fn, trace, p, b, KEY, "exact"))(
       params, batch)
   for layer in trace.layers:
     assert stats[layer.name].output_grads[0].shape == (_nets.NUM_CLASSES,) + layer.output_shape
@@ -322,7 +322,7 @@ def test_collect_statistics_loss_cotangents(kind, estimation):
 
   trace = layer_table.trace_layers(loss_fn, params, (x, targets))
   assert [(l.kind, l.weight) for l in trace.losses] == [(kind, weight)]
-  stats = jax.jit(lambda p, b: statistics.collect_statistics(loss_fn, trace, p, b, KEY, estimation))(
+  stats = jax.jit(lambda p, b: _nets.collect_statistics(loss_fn, trace, p, b, KEY, estimation))(
       params, (x, targets))["out"]
   z = x @ params["out"]["kernel"] + params["out"]["bias"]
   scale = weight / (n * positions)
