@@ -8,14 +8,13 @@ train step does all K-FAC work and compiles once. Static settings live in a froz
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jkfac import blocks, interpreter, layers, masking, parallel
+from jkfac import blocks, interpreter, layer_matrices, masking, parallel
 from jkfac import statistics as layer_stats
 from jkfac.config import MASKED_HINT, MIN_DAMPING, PreconditionConfig, with_curvature_settings
 from jkfac.inverses import update_inverses
@@ -67,30 +66,19 @@ def update_statistics(config: PreconditionConfig, trace: Trace, state: Precondit
 
 
 
-def _precondition_layer(layer: LayerInfo, inverses, w: Array, b: Array | None):
-  """One layer's (unstacked) gradients `w`, `b` times its inverse block."""
-  matrix = layers.param_matrix(layer, w, b)
-  matrix = blocks.for_slice(layer).precondition(inverses, matrix.astype(
-      jax.tree_util.tree_leaves(inverses)[0].dtype))
-  return layers.split_param_matrix(layer, matrix)
+def _precondition_matrix(inverses, layer: LayerInfo, matrix: Array) -> Array:
+  """One layer's gradient matrix (one per slice of a stacked layer) times its inverse
+  block."""
+  apply = blocks.for_slice(layer).precondition
+  apply = jax.vmap(apply) if layer.stack else apply
+  return apply(inverses[layer.name], matrix.astype(
+      jax.tree_util.tree_leaves(inverses[layer.name])[0].dtype))
 
 
 def precondition_gradients(trace: Trace, inverses, updates: PyTree) -> PyTree:
   """Applies each layer's inverse block (generic parameters' too) to its gradients."""
-  leaves, treedef = jax.tree_util.tree_flatten(updates)
-  for layer in trace.every_layer:
-    indices = [i for i in (layer.weight, layer.bias) if i is not None]
-    grads = [leaves[i] for i in indices] + [None] * (2 - len(indices))
-    apply_block = functools.partial(_precondition_layer, layer)
-    if layer.stack:  # flatten the stack axes into one and map over it
-      size = math.prod(layer.stack)
-      grads = [g if g is None else g.reshape((size,) + g.shape[len(layer.stack):])
-               for g in grads]
-      apply_block = jax.vmap(apply_block)
-    new = apply_block(inverses[layer.name], *grads)
-    for i, g in zip(indices, new):
-      leaves[i] = g.reshape(leaves[i].shape).astype(leaves[i].dtype)
-  return jax.tree_util.tree_unflatten(treedef, leaves)
+  return layer_matrices.map_layer_matrices(
+      trace.every_layer, functools.partial(_precondition_matrix, inverses), updates)
 
 
 def update(config: PreconditionConfig, updates: PyTree, state: PreconditionState,

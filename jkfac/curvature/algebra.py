@@ -15,13 +15,12 @@ does not cover (see `fit(layers=)`) come back as zeros. The public functions are
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from jkfac import layers
+from jkfac.layer_matrices import map_layer_matrices
 from jkfac.curvature.fitting import FittedCurvature
 from jkfac.layer_info import LayerInfo
 
@@ -30,64 +29,35 @@ PyTree = Any
 Arrays = dict[str, Array]
 
 
-def _matrix(layer: LayerInfo, leaves: list[Array]) -> Array:
-  """One layer's entries of a parameter-shaped vector as its parameter matrix (with
-  leading stack axes for a stacked layer)."""
-  w = leaves[layer.weight]
-  b = None if layer.bias is None else leaves[layer.bias]
-  if not layer.stack:
-    return layers.param_matrix(layer, w, b)
-  size = math.prod(layer.stack)
-  w = w.reshape((size,) + w.shape[len(layer.stack):])
-  b = None if b is None else b.reshape((size,) + b.shape[len(layer.stack):])
-  return jax.vmap(lambda w, b: layers.param_matrix(layer, w, b))(w, b)
-
-
-def _place(layer: LayerInfo, matrix: Array, leaves: list[Array]) -> None:
-  """Writes a layer's parameter matrix back into `leaves` (in place, as their shapes)."""
-  split = (jax.vmap(lambda m: layers.split_param_matrix(layer, m)) if layer.stack
-           else lambda m: layers.split_param_matrix(layer, m))
-  for index, part in zip((layer.weight, layer.bias), split(matrix)):
-    if index is not None:
-      leaves[index] = part.reshape(leaves[index].shape).astype(leaves[index].dtype)
-
-
 def spectral_map(curvature: FittedCurvature, vector: PyTree,
                  fn: Callable[[Array], Array], project: bool = True) -> PyTree:
   """`Q diag(fn(s)) Q^T v` for every block (`Q` its eigenbasis, `s` its eigenvalues); with
   `project=False`, `Q diag(fn(s)) v`: `v` is already in eigen coordinates (a sample)."""
-  leaves, treedef = jax.tree_util.tree_flatten(vector)
-  out = [jnp.zeros_like(x) for x in leaves]
-  for layer in curvature.trace.every_layer:
+  def one_block(layer: LayerInfo, m: Array) -> Array:
     eigen = curvature.eigen[layer.name]
-    m = _matrix(layer, leaves)
     scale = fn(eigen["values"]).astype(m.dtype)
     if "Q" in eigen:  # a full block, on the flattened matrix
       flat = m.reshape(m.shape[:-2] + (-1,))
       q = eigen["Q"].astype(m.dtype)
       flat = jnp.einsum("...ij,...j->...i", q, scale * (
           jnp.einsum("...ji,...j->...i", q, flat) if project else flat))
-      m = flat.reshape(m.shape)
-    else:
-      qa, qg = eigen.get("QA"), eigen.get("QG")
-      if project:
-        m = m if qa is None else jnp.swapaxes(qa, -1, -2).astype(m.dtype) @ m
-        m = m if qg is None else m @ qg.astype(m.dtype)
-      m = scale * m
-      m = m if qa is None else qa.astype(m.dtype) @ m
-      m = m if qg is None else m @ jnp.swapaxes(qg, -1, -2).astype(m.dtype)
-    _place(layer, m, out)
-  return jax.tree_util.tree_unflatten(treedef, out)
+      return flat.reshape(m.shape)
+    qa, qg = eigen.get("QA"), eigen.get("QG")
+    if project:
+      m = m if qa is None else jnp.swapaxes(qa, -1, -2).astype(m.dtype) @ m
+      m = m if qg is None else m @ qg.astype(m.dtype)
+    m = scale * m
+    m = m if qa is None else qa.astype(m.dtype) @ m
+    return m if qg is None else m @ jnp.swapaxes(qg, -1, -2).astype(m.dtype)
+
+  return map_layer_matrices(curvature.trace.every_layer, one_block, vector, others="zero")
 
 
 @jax.jit
 def restrict(curvature: FittedCurvature, vector: PyTree) -> PyTree:
   """`vector` with zeros in the entries of parameters the curvature does not cover."""
-  leaves, treedef = jax.tree_util.tree_flatten(vector)
-  out = [jnp.zeros_like(x) for x in leaves]
-  for layer in curvature.trace.every_layer:
-    _place(layer, _matrix(layer, leaves), out)
-  return jax.tree_util.tree_unflatten(treedef, out)
+  return map_layer_matrices(curvature.trace.every_layer, lambda layer, m: m, vector,
+                            others="zero")
 
 
 @jax.jit
