@@ -162,8 +162,9 @@ def assert_same_on_every_device(tree, what):
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     leaf = np.asarray(leaf)
     for d in range(1, leaf.shape[0]):
+      where = jax.tree_util.keystr(path)
       np.testing.assert_array_equal(leaf[d], leaf[0],
-                                    err_msg=f"{what}: device {d} differs at {jax.tree_util.keystr(path)}")
+                                    err_msg=f"{what}: device {d} differs at {where}")
 
 
 def reference(batch=BATCH, steps=STEPS):

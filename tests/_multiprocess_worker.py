@@ -15,8 +15,9 @@ every step, from its own devices) and `calls.json` (where each inverse ran, reco
 `jax.debug.callback` in `jkfac.inverses.invert_factor`: the callback runs in the process
 that owns the device). With `--checkpoint DIR` the jit run's state (global arrays) is
 saved to DIR and the pmap run's (process-local replicas) to DIR_pmap with
-`jkfac.checkpoint.save`, which every process calls, and restored onto the same topology. Every check that one process can make is an assertion;
-the test compares the files across processes.
+`jkfac.checkpoint.save`, which every process calls, and restored onto the same topology.
+Every check that one process can make is an assertion; the test compares the files across
+processes.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def take_calls(run, step):
   return calls
 
 
-# --- the runs ---------------------------------------------------------------------------------------
+# --- the runs ----------------------------------------------------------------------------
 
 
 def run_pmap(out, checkpoint):

@@ -213,7 +213,8 @@ def test_damping_rises_when_rho_is_small_and_falls_when_it_is_large():
 
 def test_adaptive_step_compiles_once_and_adapts_every_interval():
   tx = jkfac.kfac(mlp_loss, mlp_batch(), momentum_type="qmodel", adapt_damping=True,
-                  damping=1e-3, reject_steps=False, damping_adaptation_interval=3, num_burnin_steps=2,
+                  damping=1e-3, reject_steps=False, damping_adaptation_interval=3,
+                  num_burnin_steps=2,
                   l2_reg=1e-4, l2_reg_exclude=("*bias*",), invert_every=2)
   traces = []
 

@@ -472,7 +472,8 @@ def test_finite_or_previous_guards_block_inverses(approx):
   d_in, d_out = 3, 2
   block = _nets.block_for(approx)
   nan_covs = jax.tree_util.tree_map(lambda z: jnp.full_like(z, jnp.nan), block.zeros(d_in, d_out))
-  old = _nets.block_inverses(block, block.zeros(d_in, d_out), 0.5, "cholesky")   # any finite inverses
+  # Any finite inverses.
+  old = _nets.block_inverses(block, block.zeros(d_in, d_out), 0.5, "cholesky")
   for method in linalg.INVERSE_METHODS:
     raw = _nets.block_inverses(block, nan_covs, 0.1, method)
     assert not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(raw))

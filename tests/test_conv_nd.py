@@ -73,8 +73,8 @@ def _assert_same_as_hand_tagged(auto_loss, hand_loss, params, batch, expected):
   hand_steps = _kfac_steps(hand_loss, params, batch, auto_register=False)
   for (auto_updates, auto_state), (hand_updates, hand_state) in zip(auto_steps, hand_steps):
     assert np.abs(jax.tree_util.tree_leaves(auto_updates)[0]).max() > 0
-    assert_trees_close(jkfac.preconditioner_state(auto_state).statistics, jkfac.preconditioner_state(hand_state).statistics, rtol=1e-4,
-                        atol=1e-6)
+    assert_trees_close(jkfac.preconditioner_state(auto_state).statistics,
+                       jkfac.preconditioner_state(hand_state).statistics, rtol=1e-4, atol=1e-6)
     assert_trees_close(auto_updates, hand_updates, rtol=1e-4, atol=1e-6)
   return auto, auto_steps
 
@@ -304,7 +304,8 @@ def test_dense_general_with_batch_dims_or_leading_axes_stays_generic():
       "DenseGeneral_0/bias", "DenseGeneral_0/kernel", "DenseGeneral_1/bias",
       "DenseGeneral_1/kernel"]
   (_, state), = _kfac_steps(loss_fn, params, batch, steps=1)
-  assert jkfac.preconditioner_state(state).statistics["DenseGeneral_0/kernel"]["diagonal"].shape == (4 * 4 * 2, 1)
+  found = jkfac.preconditioner_state(state).statistics
+  assert found["DenseGeneral_0/kernel"]["diagonal"].shape == (4 * 4 * 2, 1)
 
 
 # --- brute-force references -----------------------------------------------------------------
@@ -495,8 +496,8 @@ def test_grouped_conv_other_kron_blocks_are_per_group(approx, x64):
   loss_fn, params, batch, _ = _case(name)
   _, _, covariances = _one_update(name, approx)
   layer = layer_table.trace_layers(loss_fn, params, batch).layers[0]
-  stats = _nets.collect_statistics(loss_fn, layer_table.trace_layers(loss_fn, params, batch), params,
-                                    batch, KEY, "empirical")["layer"]
+  stats = _nets.collect_statistics(loss_fn, layer_table.trace_layers(loss_fn, params, batch),
+                                   params, batch, KEY, "empirical")["layer"]
   reduce = approx == "kron_reduce"
   single = _nets.block_for(approx)
   one = dataclasses.replace(layer, input_shape=layer.input_shape[:-1] + (2,),
@@ -681,8 +682,9 @@ def test_describe_shows_stacked_group_factors():
   assert rows["DenseGeneral_0/kernel"].factors == "A 13x13, G 4x4"        # 12 channels
   state = jkfac.kfac(auto_loss, batch, learning_rate=0.1, damping=1e-2).init(params)
   assert rows["Conv_0/kernel"].state_bytes == sum(
-      x.nbytes for x in jax.tree_util.tree_leaves((jkfac.preconditioner_state(state).statistics["Conv_0"],
-                                                   jkfac.preconditioner_state(state).inverses["Conv_0"])))
+      x.nbytes for x in jax.tree_util.tree_leaves(
+          (jkfac.preconditioner_state(state).statistics["Conv_0"],
+           jkfac.preconditioner_state(state).inverses["Conv_0"])))
 
 
 # --- bad inputs ----------------------------------------------------------------------------------

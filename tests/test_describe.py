@@ -108,7 +108,8 @@ def test_describe_state_bytes_are_the_state_of_the_transform():
     tx = jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-2,
                     approximations=approximations)
     state = tx.init(params)
-    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(jkfac.preconditioner_state(state).inverses))
+    inverses = jkfac.preconditioner_state(state).inverses
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(inverses))
     actual = _state_bytes(state)
     assert description.state_bytes == sum(actual.values())
     rows = _rows(description)
@@ -152,7 +153,8 @@ def test_describe_str_is_a_table():
   loss_fn, params, batch = _convnet_problem()
   description = jkfac.describe(loss_fn, params, batch, approximations={"Dense_2": "full"})
   lines = str(description).splitlines()
-  assert lines[0].split() == ["parameter", "shape", "layer", "kind", "approximation", "factors", "state"]
+  assert lines[0].split() == ["parameter", "shape", "layer", "kind", "approximation", "factors",
+                              "state"]
   assert set(lines[1].replace(" ", "")) == {"-"}
   assert len(lines) == 2 + len(CONVNET_ROWS) + 2
   assert lines[-2] == f"K-FAC state: {_size(description.state_bytes)}"
@@ -316,13 +318,14 @@ def test_without_auto_register_untagged_layers_are_generic():
 
   tx = jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-1, auto_register=False)
   state = tx.init(params)
-  assert sorted(jkfac.preconditioner_state(state).statistics) == ["Dense_0/bias", "Dense_0/kernel", "Dense_1",
-                                          "Dense_2/kernel"]
+  assert sorted(jkfac.preconditioner_state(state).statistics) == [
+      "Dense_0/bias", "Dense_0/kernel", "Dense_1", "Dense_2/kernel"]
   assert jkfac.preconditioner_state(state).statistics["Dense_0/kernel"]["diagonal"].shape == (30, 1)
   grads = jax.grad(loss_fn)(params, batch)
   updates, state = jax.jit(lambda g, s: tx.update(g, s, params, batch=batch))(grads, state)
   assert all(np.isfinite(u).all() for u in jax.tree_util.tree_leaves(updates))
-  assert float(jnp.abs(jkfac.preconditioner_state(state).statistics["Dense_2/kernel"]["diagonal"]).max()) > 0
+  found = jkfac.preconditioner_state(state).statistics
+  assert float(jnp.abs(found["Dense_2/kernel"]["diagonal"]).max()) > 0
 
 
 # --- BatchNorm with mutable state ------------------------------------------------------------
@@ -452,4 +455,5 @@ def test_every_parameter_of_a_mixed_model_gets_its_block(x64):
     losses, state = _train_with_batch_stats(loss_fn, tx, variables["params"], batch)
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
     dtype = jnp.float64 if x64 else jnp.float32
-    assert all(x.dtype == dtype for x in jax.tree_util.tree_leaves(jkfac.preconditioner_state(state).statistics))
+    found = jkfac.preconditioner_state(state).statistics
+    assert all(x.dtype == dtype for x in jax.tree_util.tree_leaves(found))

@@ -106,9 +106,10 @@ def _assert_same_as_hand_tagged(auto_loss, hand_loss, params, batch, expected, s
   auto_updates, auto_state = _kfac_steps(auto_loss, params, batch)
   hand_updates, hand_state = _kfac_steps(hand_loss, params, batch, auto_register=False)
   _assert_trees_close(auto_updates, hand_updates, rtol=1e-4, atol=1e-6)
-  assert sorted(jkfac.preconditioner_state(auto_state).statistics) == sorted(name for name, *_ in expected)
-  _assert_trees_close(jkfac.preconditioner_state(auto_state).statistics, jkfac.preconditioner_state(hand_state).statistics, rtol=1e-4,
-                      atol=1e-6)
+  auto_statistics = jkfac.preconditioner_state(auto_state).statistics
+  assert sorted(auto_statistics) == sorted(name for name, *_ in expected)
+  _assert_trees_close(auto_statistics, jkfac.preconditioner_state(hand_state).statistics,
+                      rtol=1e-4, atol=1e-6)
 
 
 def _conv(strides=(1, 1), padding=((0, 0), (0, 0)), lhs=(1, 1), rhs=(1, 1)):
@@ -475,12 +476,14 @@ def test_fused_value_and_grad_matches_unfused_update():
     return optax.apply_updates(params, updates), state, (loss, grads, updates)
 
   p1, s1, p2, s2 = params, tx.init(params), params, tx.init(params)
-  assert {"LayerNorm_0/scale", "LayerNorm_0/bias", "temp"} <= set(jkfac.preconditioner_state(s1).statistics)
+  assert {"LayerNorm_0/scale", "LayerNorm_0/bias", "temp"} <= set(
+      jkfac.preconditioner_state(s1).statistics)
   for _ in range(2):
     p1, s1, out1 = unfused(p1, s1)
     p2, s2, out2 = fused(p2, s2)
     _assert_trees_close(out1, out2, rtol=1e-5, atol=1e-7)
-    _assert_trees_close(jkfac.preconditioner_state(s1).statistics, jkfac.preconditioner_state(s2).statistics, rtol=1e-5, atol=1e-7)
+    _assert_trees_close(jkfac.preconditioner_state(s1).statistics,
+                        jkfac.preconditioner_state(s2).statistics, rtol=1e-5, atol=1e-7)
   assert float(jnp.abs(jkfac.preconditioner_state(s1).statistics["temp"]["diagonal"]).max()) > 0
 
 
@@ -538,7 +541,8 @@ def test_kron_reduce_factors_average_inputs_and_sum_output_gradients():
   params = {"Conv_0": model.init(KEY, batch[0])["params"]}
   loss_fn = _loss(lambda p, x: model.apply({"params": p["Conv_0"]}, x).reshape(
       x.shape[0], -1)[:, :3])
-  trace = layer_table.trace_layers(loss_fn, params, batch, approx_for=lambda name, kind: "kron_reduce")
+  trace = layer_table.trace_layers(loss_fn, params, batch,
+                                   approx_for=lambda name, kind: "kron_reduce")
   stats = _nets.collect_statistics(loss_fn, trace, params, batch, KEY, "empirical")["Conv_0"]
   tx = jkfac.precondition(loss_fn, batch, damping=1e-3, approximations={"Conv_0": "kron_reduce"},
                           estimation="empirical", cov_ema_decay=0.0)

@@ -68,7 +68,8 @@ def _assert_auto_equals_hand(auto_loss, hand_loss, params, batch, expected, hand
   covariances = jkfac.preconditioner_state(auto_state).statistics[norm.name]["diagonal"]
   assert covariances.shape == (1 + (norm.bias is not None), D)
   assert float(covariances.min()) > 0
-  assert_trees_close(jkfac.preconditioner_state(auto_state).statistics, jkfac.preconditioner_state(hand_state).statistics, rtol=1e-4)
+  assert_trees_close(jkfac.preconditioner_state(auto_state).statistics,
+                     jkfac.preconditioner_state(hand_state).statistics, rtol=1e-4)
   assert_trees_close(auto_updates, hand_updates, rtol=1e-4)
 
 
@@ -440,7 +441,8 @@ def test_register_generic_forces_a_dense_kernel_to_generic():
 
   fused_updates, fused_state = fused(params, batch)
   assert_trees_close(fused_updates, updates)
-  assert_trees_close(jkfac.preconditioner_state(fused_state).statistics, jkfac.preconditioner_state(state).statistics)
+  assert_trees_close(jkfac.preconditioner_state(fused_state).statistics,
+                     jkfac.preconditioner_state(state).statistics)
 
 
 def test_register_generic_keeps_a_norm_generic():

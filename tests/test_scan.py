@@ -338,7 +338,8 @@ def test_hand_tags_inside_a_scan_equal_auto_registration():
     return lambda params, x: lax.scan(body, x, params)[0][:, :NUM_CLASSES]
 
   hand, auto = _loss(apply(True)), _loss(apply(False))
-  assert layer_table.trace_layers(hand, params, batch) == layer_table.trace_layers(auto, params, batch)
+  assert (layer_table.trace_layers(hand, params, batch)
+          == layer_table.trace_layers(auto, params, batch))
   _close_trees(_one_step(hand, params, batch), _one_step(auto, params, batch))
 
 

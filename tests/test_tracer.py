@@ -79,7 +79,8 @@ def test_trace_works_on_abstract_inputs():
   _, params, batch, loss_fn = _nets.make_problem(_nets.MLP)
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                     (params, batch))
-  assert layer_table.trace_layers(loss_fn, *abstract) == layer_table.trace_layers(loss_fn, params, batch)
+  assert (layer_table.trace_layers(loss_fn, *abstract)
+          == layer_table.trace_layers(loss_fn, params, batch))
 
 
 # --- tags inside sub-jaxprs ----------------------------------------------------------------
