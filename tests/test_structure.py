@@ -84,3 +84,32 @@ def test_no_module_over_max_lines():
   long = {name: n for name, path in MODULES.items()
           if (n := len(path.read_text().splitlines())) > MAX_LINES}
   assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def _module_map() -> str:
+  """The code block of docs/architecture.md's "Module map" section."""
+  text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+  section = text.split("## Module map", 1)[1].split("\n## ", 1)[0]
+  return section.split("```", 2)[1]
+
+
+def test_architecture_module_map_lists_every_module():
+  listed = {line.split()[0] for line in _module_map().splitlines()[1:] if line.strip()}
+  files = {str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")}
+  assert not files - listed, f"docs/architecture.md's module map lacks {sorted(files - listed)}"
+  assert not listed - files - {"jkfac/"}, (
+      f"docs/architecture.md's module map lists missing modules {sorted(listed - files)}")
+
+
+def test_architecture_module_map_is_in_import_order():
+  """Each module imports only modules listed above it (a package's `__init__` aside)."""
+  order = []
+  for line in _module_map().splitlines()[1:]:
+    if line.strip():
+      parts = pathlib.Path(line.split()[0]).with_suffix("").parts
+      order.append(".".join(("jkfac",) + (parts[:-1] if parts[-1] == "__init__" else parts)))
+  position = {name: i for i, name in enumerate(order)}
+  for name, path in MODULES.items():
+    if path.name != "__init__.py":
+      below = sorted(t for t in _imports(name, path)[1] if position[t] > position[name])
+      assert not below, f"{name} imports {below}, listed below it in docs/architecture.md"
