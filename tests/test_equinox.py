@@ -130,6 +130,31 @@ def test_plain_jnp_weight_first(form):
   assert (layer.kind, layer.transposed, layer.weight_shape) == ("dense", True, (4, 3))
 
 
+def test_plain_x_times_w_transposed():
+  """`x @ w.T + b` (a PyTorch-layout weight) is the dense layer `x @ v + b` with
+  `v = w.T`: same factors, same update (transposed)."""
+  w, b = jax.random.normal(KEY, (3, 4)), jnp.ones(3)
+
+  def loss_fn(transposed):
+    def loss(params, batch):
+      x, y = batch
+      kernel = params["w"].T if transposed else params["w"]
+      return _squared_error(x @ kernel + params["b"], y)
+    return loss
+
+  trace = jkfac.layer_table.trace_layers(loss_fn(True), {"w": w, "b": b}, (X, Y))
+  assert not trace.generic
+  ((layer),) = trace.layers
+  assert (layer.transposed, layer.weight_shape, layer.bias) == (True, (4, 3), 0)
+  updates, stats = _kfac_steps(loss_fn(True), {"w": w, "b": b})
+  plain_updates, plain_stats = _kfac_steps(loss_fn(False), {"w": w.T, "b": b})
+  for factor in ("A", "G"):
+    np.testing.assert_allclose(stats["w"][factor], plain_stats["w"][factor], rtol=1e-5,
+                               atol=1e-6)
+  np.testing.assert_allclose(updates["w"], plain_updates["w"].T, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(updates["b"], plain_updates["b"], rtol=1e-5, atol=1e-6)
+
+
 def test_import_does_not_need_equinox():
   code = ("import sys; sys.modules['equinox'] = None; import jkfac; "
           "assert 'equinox' not in sys.modules or sys.modules['equinox'] is None")

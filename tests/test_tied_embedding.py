@@ -148,16 +148,18 @@ def test_einsum_projection_is_registered():
       ("tied_embedding", ("embedding", "embedding_projection"))]
 
 
-def test_projection_without_lookup_keeps_its_old_block():
-  """Auto registration tags `x @ w.T` only for a table with lookups: a `(d_out, d_in)`
-  weight stays generic, and a weight also used as `x @ w` stays a dense layer."""
+def test_projection_without_lookup_is_a_dense_layer():
+  """`x @ w.T` of a table without lookups is a dense layer of the `(d_out, d_in)` weight;
+  a weight also used as `x @ w` stays the dense layer of that use (oracle:
+  tests/test_equinox.py::test_plain_x_times_w_transposed)."""
   rng = np.random.default_rng(0)
   batch = (jnp.asarray(rng.standard_normal((6, 4)), jnp.float32), jnp.zeros(6, jnp.int32))
   params = {"w": jnp.ones((3, 4)), "v": jnp.ones((4, 3))}
   trace = jkfac.layer_table.trace_with_approximations(
       _loss(lambda p, x: (x @ p["w"].T) @ p["v"].T @ p["v"]), params, batch)
-  assert [(layer.name, layer.kind) for layer in trace.layers] == [("v", "dense")]
-  assert [layer.name for layer in trace.generic] == ["w"]
+  assert [(layer.name, layer.kind, layer.transposed) for layer in trace.layers] == [
+      ("w", "dense", True), ("v", "dense", False)]
+  assert not trace.generic
 
 
 def test_hand_tagged_projection_alone_is_the_second_term():

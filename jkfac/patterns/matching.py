@@ -45,7 +45,8 @@ def _match(level: Level, index: int, eqn: jcore.JaxprEqn) -> None:
   if match is None:
     return
   level.add(match)
-  if name == "mul" or (name != "add" and match.kind in ("dense", *tags.CONV_KINDS)
+  if name == "mul" or (name != "add" and match.kind in ("dense", "embedding_projection",
+                                                        *tags.CONV_KINDS)
                        and match.feature_axis is None):
     level.by_output[eqn.outvars[0]] = match.start
 

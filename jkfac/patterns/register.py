@@ -35,19 +35,27 @@ def _parameter_uses(jaxpr: jcore.Jaxpr, origin: dict, uses: collections.Counter)
 
 
 def _untaggable(found: dict, uses: collections.Counter
-                ) -> tuple[set[int], set[int], frozenset[int]]:
+                ) -> tuple[set[int], set[int], frozenset[int], frozenset[int]]:
   """Weights whose recognised layers cannot form one (multi-use) layer, biases shared by
-  several weights, and weights whose output projections are no tied embedding's.
+  several weights, weights whose output projections are no layer, and weights whose
+  output projections `x @ w.T` are dense layers.
 
   The layers of one weight must agree on kind, bias and weight shape (a scan over
   stacked layers slices it), except that an embedding table's lookups and output
-  projections make one tied layer; an embedding table must have no use besides those,
-  and a projection needs lookups of its table.
+  projections make one tied layer (a bias after its projection is no part of it); an
+  embedding table must have no use besides those. A projection without lookups of its
+  table is a dense layer if the weight's other uses are the same dense layer, else it
+  is left out.
   """
-  untied = frozenset(weight for weight, records in found.items()
-                     if all(kind != "embedding" for kind, _, _ in records)
-                     and any(kind == "embedding_projection" for kind, _, _ in records))
-  found = {weight: [r for r in records if weight not in untied or r[0] != "embedding_projection"]
+  projected = {weight: [("dense_transposed", *r[1:]) if r[0] == "embedding_projection" else r
+                        for r in records] for weight, records in found.items()
+               if all(kind != "embedding" for kind, _, _ in records)
+               and any(kind == "embedding_projection" for kind, _, _ in records)}
+  dense = frozenset(weight for weight, records in projected.items() if len(set(records)) == 1)
+  untied = frozenset(projected) - dense
+  found = {weight: projected[weight] if weight in dense else
+           [r if r[0] != "embedding_projection" else (r[0], None, r[2]) for r in records
+            if weight not in untied or r[0] != "embedding_projection"]
            for weight, records in found.items()}
   found = {weight: records for weight, records in found.items() if records}
 
@@ -66,7 +74,7 @@ def _untaggable(found: dict, uses: collections.Counter
     for _, bias, _ in records:
       if bias is not None:
         owners[bias].add(weight)
-  return weights, {bias for bias, ws in owners.items() if len(ws) > 1}, untied
+  return weights, {bias for bias, ws in owners.items() if len(ws) > 1}, untied, dense
 
 
 def register_layers(closed: jcore.ClosedJaxpr, num_params: int,
@@ -82,8 +90,8 @@ def register_layers(closed: jcore.ClosedJaxpr, num_params: int,
   _parameter_uses(closed.jaxpr, origin, uses)
   found: collections.defaultdict = collections.defaultdict(list)
   jaxpr = rewrite(closed.jaxpr, origin, set(claimed), set(), found)
-  weights, biases, untied = _untaggable(found, uses)
-  if weights or biases or untied:
+  weights, biases, untied, dense = _untaggable(found, uses)
+  if weights or biases or untied or dense:
     jaxpr = rewrite(closed.jaxpr, origin, set(claimed) | weights, biases,
-                     collections.defaultdict(list), untied)
+                    collections.defaultdict(list), untied, dense)
   return jcore.ClosedJaxpr(jaxpr, closed.consts)

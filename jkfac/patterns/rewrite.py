@@ -43,8 +43,9 @@ def _tag(match: Match, rename: dict, output: jcore.Var) -> list[jcore.JaxprEqn]:
                                         eqn.params, jcore.no_effects))
       x = before[-1].outvars[0]
   else:
-    weight_first = match.transposed and match.kind == "dense"
+    weight_first = match.transposed and match.kind == "dense" and match.table is None
     x, w = (rename.get(v, v) for v in eqn.invars[::-1 if weight_first else 1])
+    w = w if match.table is None else match.table  # `x @ w.T`: the weight `(out, in)`
   operands = [output, x, w] + ([] if match.bias is None else [match.bias])
   params = dict(kind=match.kind, has_bias=match.bias is not None)
   if match.kind == "dense":
@@ -155,11 +156,13 @@ def _keep(match: Match, claimed: set, untied: frozenset) -> bool:
 
 
 def rewrite(jaxpr: jcore.Jaxpr, origin: dict, claimed: set, dropped_biases: set,
-             found: collections.defaultdict, untied: frozenset = frozenset()) -> jcore.Jaxpr:
+            found: collections.defaultdict, untied: frozenset = frozenset(),
+            dense: frozenset = frozenset()) -> jcore.Jaxpr:
   """`jaxpr` with a tag after each recognised layer whose weight is not `claimed`.
 
   Biases in `dropped_biases` are left out of the tags, and so are the output projections
-  of the weights in `untied`. Records in `found[weight]` each layer's
+  of the weights in `untied`; those of the weights in `dense` are dense layers
+  `x @ w.T` (weight `(out, in)`). Records in `found[weight]` each layer's
   `(kind, bias, weight shape)`, to find weights that cannot be tagged.
   """
   origin = dict(origin)
@@ -172,7 +175,7 @@ def rewrite(jaxpr: jcore.Jaxpr, origin: dict, claimed: set, dropped_biases: set,
     if rename:
       eqn = eqn.replace(invars=[rename.get(v, v) if is_var(v) else v for v in eqn.invars])
     track_parameters(eqn, origin)
-    eqn = _rewrite_inner(eqn, origin, claimed, dropped_biases, found, untied)
+    eqn = _rewrite_inner(eqn, origin, claimed, dropped_biases, found, untied, dense)
     match = matches.get(index)
     if index in replaced:
       if match is not None:
@@ -181,6 +184,8 @@ def rewrite(jaxpr: jcore.Jaxpr, origin: dict, claimed: set, dropped_biases: set,
       continue
     eqns.append(eqn)
     if match is not None:
+      if match.kind == "embedding_projection" and match.weight in dense:
+        match = dataclasses.replace(match, kind="dense", transposed=True)
       if match.bias is not None and origin[match.bias] in claimed | dropped_biases:
         match = dataclasses.replace(match, bias=None)
       tagging = _tag(match, rename, eqn.outvars[0])
@@ -198,13 +203,14 @@ def rewrite(jaxpr: jcore.Jaxpr, origin: dict, claimed: set, dropped_biases: set,
 
 
 def _rewrite_inner(eqn: jcore.JaxprEqn, origin: dict, claimed: set, dropped_biases: set,
-                   found: collections.defaultdict, untied: frozenset) -> jcore.JaxprEqn:
+                   found: collections.defaultdict, untied: frozenset,
+                   dense: frozenset) -> jcore.JaxprEqn:
   """A call-like or scan equation with its sub-jaxpr rewritten; other equations as they are."""
   if (call := call_jaxpr(eqn)) is None:
     return eqn
   name, sub, inner = call
   new_inner = rewrite(inner, inner_origin(eqn, inner, origin), claimed, dropped_biases, found,
-                       untied)
+                      untied, dense)
   if new_inner is inner:
     return eqn
   new_sub = (jcore.ClosedJaxpr(new_inner, sub.consts) if isinstance(sub, jcore.ClosedJaxpr)
