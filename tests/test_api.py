@@ -14,9 +14,9 @@ from jkfac import layer_table
 
 
 def _loss(params, batch):
-  """`w` is used as `x @ w.T` (no recognised layer); `dense` is a plain dense layer."""
+  """`w` is used through `sin` (no recognised layer); `dense` is a plain dense layer."""
   hidden = jnp.tanh(batch["x"] @ params["dense"]["kernel"])
-  y = hidden @ params["w"].T + params["scale"]
+  y = hidden @ jnp.sin(params["w"]).T + params["scale"]
   jkfac.register_squared_error(y, batch["y"])
   return 0.5 * jnp.mean(jnp.sum((y - batch["y"]) ** 2, -1))
 
