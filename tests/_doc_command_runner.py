@@ -17,8 +17,19 @@ import time
 import traceback
 
 
+def _forget_local_modules(before: set[str]) -> None:
+  """Drops the modules first imported by the last command from the current folder (the
+  examples, the benchmarks package): a fresh `python` would import them again, and
+  `benchmarks/__init__.py` puts the examples' folder on `sys.path` only when it runs."""
+  here = os.getcwd() + os.sep
+  for name in set(sys.modules) - before:
+    path = getattr(sys.modules[name], "__file__", None) or ""
+    if path.startswith(here) and not name.startswith("jkfac"):
+      del sys.modules[name]
+
+
 def run(argv: list[str]) -> None:
-  saved_argv, saved_path = sys.argv[:], sys.path[:]
+  saved_argv, saved_path, saved_modules = sys.argv[:], sys.path[:], set(sys.modules)
   try:
     if argv[0] == "-m":
       sys.argv = [argv[1], *argv[2:]]
@@ -33,6 +44,7 @@ def run(argv: list[str]) -> None:
       raise
   finally:
     sys.argv, sys.path[:] = saved_argv, saved_path
+    _forget_local_modules(saved_modules)
 
 
 def main() -> int:

@@ -17,8 +17,8 @@ How a command of a ```bash / ```sh block is treated (`classify`):
 
 All of them run in the default suite. The README's first command runs on its own (its
 output is checked); the other single-process commands, once each however many pages show
-them, run one after the other in one Python process (`tests/_doc_command_runner.py`: JAX is
-imported once); a block that starts several processes (`&`), and the scripts of
+them, run one after the other in one of two Python processes (`tests/_doc_command_runner.py`:
+JAX is imported once per process); a block that starts several processes (`&`), and the scripts of
 `OWN_PROCESS`, run through bash. Keep the smoke flags small: every second here is a second
 of every CI run.
 """
@@ -205,9 +205,11 @@ def test_readme_first_command_trains_and_reports(tmp_path):
   assert (tmp_path / "mnist.png").is_file()
 
 
-def test_documented_commands_run_in_one_process(tmp_path):
-  """The single-process commands of README.md and docs/*.md, in smoke mode, in turn."""
-  argvs, _ = _plan()
+@pytest.mark.parametrize("half", [0, 1])
+def test_documented_commands_run_in_one_process(half, tmp_path):
+  """The single-process commands of README.md and docs/*.md, in smoke mode, in turn: every
+  other one in each of two tests, which the suite's two workers can run side by side."""
+  argvs = _plan()[0][half::2]
   assert argvs
   env = _scratch(tmp_path)
   run = subprocess.run([sys.executable, str(ROOT / "tests" / "_doc_command_runner.py"),

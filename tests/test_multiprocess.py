@@ -46,10 +46,9 @@ def free_port() -> int:
 
 def worker_env(devices_per_process: int) -> dict[str, str]:
   env = dict(os.environ)
-  # Default optimisation, as tests/test_parallel.py: fast compilation rounds differently.
+  # tests/conftest.py's fast compilation is kept, as in tests/test_parallel.py.
   flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith(("--xla_force_host_platform_device_count",
-                                "--xla_backend_optimization_level"))]
+           if not f.startswith("--xla_force_host_platform_device_count")]
   env["XLA_FLAGS"] = " ".join(
       flags + [f"--xla_force_host_platform_device_count={devices_per_process}"])
   env["JAX_PLATFORMS"] = "cpu"

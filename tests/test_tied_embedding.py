@@ -340,8 +340,10 @@ _PMAP_SCRIPT = textwrap.dedent("""
 
 def test_round_robin_under_pmap_matches_one_device():
   """The joint inversion is one task of `parallel.run_tasks` on two devices."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd())
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()  # conftest's fast compile kept
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd(),
+             XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=2"]))
   result = subprocess.run([sys.executable, "-c", _PMAP_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=600)
   assert result.returncode == 0 and "ok" in result.stdout, result.stdout + result.stderr
