@@ -102,10 +102,26 @@ def restore(path: str | os.PathLike, like: PyTree, *,
       `{"params": params, "opt_state": tx.init(params)}` or its `jax.eval_shape`. Arrays are
       restored onto the sharding of `like`'s leaves, or, where a leaf has none, onto this
       process's first device (`jax.local_devices()[0]`), whatever the saving run's topology.
+      A leaf whose shape differs from the saved one raises a `ValueError` (`SHAPE_HINT`
+      says why a K-FAC state can differ).
     devices: replicate the restored tree onto these devices for `jax.pmap` (any number,
       whatever the run that saved it used); `None` leaves it unreplicated.
     axis_name: the pmap axis name, with `devices` (see `replicate`).
   """
   with ocp.StandardCheckpointer() as checkpointer:
-    tree = checkpointer.restore(os.path.abspath(path), jax.tree_util.tree_map(_target, like))
+    try:
+      tree = checkpointer.restore(os.path.abspath(path), jax.tree_util.tree_map(_target, like))
+    except ValueError as error:
+      if "stored shape" not in str(error):
+        raise
+      raise ValueError(f"{error}\n{SHAPE_HINT}") from error
   return tree if devices is None else replicate(tree, devices, axis_name)
+
+
+# Why a K-FAC state may not fit the `like` of another run (appended to orbax's error).
+SHAPE_HINT = (
+    "The checkpoint's arrays have other shapes than `like`'s. With jkfac.kfac or "
+    "jkfac.precondition, factor_block_size='auto' (the default) chooses the Kronecker "
+    "factors' blocks from the batch size, so a state saved at one batch size has other "
+    "shapes at another: restore with the batch size it was saved with, or set "
+    "factor_block_size to the same value in both runs (jkfac.describe shows the blocks).")

@@ -134,6 +134,21 @@ def test_helpers_restore_into_an_abstract_tree_from_a_relative_path(kfac_run, tm
   assert_trees_equal(run(step, restored, BATCHES[K:]), expected)
 
 
+def test_state_of_other_blocks_raises_naming_factor_block_size(tmp_path):
+  """The state of blocked factors (as "auto" picks at a small batch) does not restore into
+  whole factors (as at a large batch): the error says why."""
+  def state(block_size):
+    tx = jkfac.kfac(loss_fn, BATCHES[0], factor_block_size=block_size, **KW)
+    return {"opt_state": tx.init(PARAMS)}
+
+  blocked = state(2)
+  assert any(leaf.ndim == 3 for leaf in jax.tree_util.tree_leaves(blocked))
+  jkfac.checkpoint.save(tmp_path / "ckpt", blocked)
+  with pytest.raises(ValueError, match="factor_block_size='auto'.*batch size"):
+    jkfac.checkpoint.restore(tmp_path / "ckpt", state(None))
+  assert_trees_equal(jkfac.checkpoint.restore(tmp_path / "ckpt", state(2)), blocked)
+
+
 def test_replicate_and_unreplicate_round_trip():
   tree = initial(jkfac.kfac(loss_fn, BATCHES[0], **KW))
   replicated = jkfac.checkpoint.replicate(tree, jax.devices()[:1], axis_name=AXIS)
