@@ -2,7 +2,7 @@
 (each with a small learning-rate sweep per batch size) and the default `jkfac.kfac`.
 
     python -m benchmarks.batch_scaling [--models mlp,convnet] [--batch-sizes 128,512,2048,4096]
-        [--steps 300] [--plot batch_scaling.png] [--data-dir examples/data/mnist]
+        [--steps 300] [--target LOSS] [--plot batch_scaling.png] [--data-dir examples/data/mnist]
 
 K-FAC's preconditioning costs the same at every batch size, so its per-step advantage
 turns into a wall-clock one as batches grow. For each model and batch size, every
@@ -43,6 +43,8 @@ def main() -> None:
   parser.add_argument("--models", default="mlp,convnet")
   parser.add_argument("--batch-sizes", default="128,512,2048,4096")
   parser.add_argument("--steps", type=int, default=300)
+  parser.add_argument("--target", type=float, default=None,
+                      help=f"the training loss to reach, for every model (default: {TARGETS})")
   parser.add_argument("--plot", default=None)
   parser.add_argument("--data-dir", default=os.path.join(os.path.dirname(__file__), "..",
                                                         "examples", "data", "mnist"))
@@ -51,7 +53,7 @@ def main() -> None:
   sizes = [int(b) for b in args.batch_sizes.split(",")]
   results = {}  # (model, optimizer) -> {batch: (steps, seconds)}
   for name in args.models.split(","):
-    target = TARGETS[name]
+    target = TARGETS[name] if args.target is None else args.target
     print(f"\n{name}: steps / seconds to a training loss of {target}")
     for batch_size in sizes:
       data = robustness.batches(name, images, labels, batch_size, args.steps)
@@ -71,22 +73,35 @@ def main() -> None:
       print(f"  best {family:14s} " + "  ".join(
           "-" if r is None else f"{r[0]:4d} st {r[1]:6.1f} s" for r in row))
   if args.plot:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    models = args.models.split(",")
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
-    for ax, name in zip(axes[0], models):
-      for family in ("adam", "sgd momentum", "kfac default"):
-        points = [(b, r[0]) for b, r in results[name, family].items() if r is not None]
-        if points:
-          ax.loglog(*zip(*points), marker="o", label=family)
-      ax.set(title=f"{name}: steps to loss {TARGETS[name]}", xlabel="batch size",
-             ylabel="steps")
-      ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.plot, dpi=120)
+    targets = {name: TARGETS[name] if args.target is None else args.target
+               for name in args.models.split(",")}
+    plot(results, targets, args.plot)
     print(f"plot: {args.plot}")
+
+
+def plot(results, targets: dict[str, float], path: str) -> None:
+  """Steps to each model's target against batch size, log-log, one panel per model
+  (`results`: `(model, family) -> {batch: (steps, seconds) or None}`)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib.ticker import NullFormatter
+
+  fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 4), squeeze=False)
+  for ax, (name, target) in zip(axes[0], targets.items()):
+    for family in ("adam", "sgd momentum", "kfac default"):
+      points = [(b, r[0]) for b, r in results[name, family].items() if r is not None]
+      if points:
+        ax.loglog(*zip(*points), marker="o", label=family)
+    sizes = sorted({b for (model, _), row in results.items() if model == name for b in row})
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set(title=f"{name}: steps to loss {target}", xlabel="batch size", ylabel="steps")
+    if ax.get_lines():
+      ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 if __name__ == "__main__":

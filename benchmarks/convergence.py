@@ -229,6 +229,8 @@ def run_kfac(problem: Problem, args) -> dict[str, Any]:
   """`{label: Run or Skipped}` for the problem's K-FAC table."""
   results = {}
   for label, config in problem.kfac_configs.items():
+    if args.kfac_configs and label not in args.kfac_configs:
+      continue
     tx = problem.make_kfac(config)
     r = tx if isinstance(tx, _harness.Skipped) else train(problem, tx, label, args)
     results[label] = r
@@ -271,6 +273,10 @@ def describe(problem: Problem, target: _harness.Target) -> str:
 
 def run_problem(problem: Problem, args) -> dict[str, _harness.Run]:
   """Prints the sweeps, the K-FAC runs and the target table; returns the runs to plot."""
+  unknown = set(args.kfac_configs) - set(problem.kfac_configs)
+  if unknown:
+    raise SystemExit(f"--kfac-configs: {problem.name} has no configuration "
+                     f"{sorted(unknown)}; its labels are {list(problem.kfac_configs)}")
   print(f"\n=== {problem.name}: {problem.steps} steps", flush=True)
   sweeps = run_baselines(problem, args)
   kfac = run_kfac(problem, args)
@@ -321,6 +327,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--lm-adamw-lrs", type=_floats, default=lm["adamw"].sweep)
   parser.add_argument("--lm-muon-lrs", type=_floats, default=lm["muon"].sweep)
   parser.add_argument("--lstm-adam-lrs", type=_floats, default=seq["adam"].sweep)
+  parser.add_argument("--kfac-configs", type=lambda s: tuple(s.split(",")), default=(),
+                      help="run only these K-FAC configurations, by label, e.g. "
+                           "'kfac default' (default: every one of each model's table)")
   parser.add_argument("--eval-every", type=int, default=20,
                       help="convnet test accuracy, LM and LSTM eval loss every this many "
                            "steps (default: 20)")

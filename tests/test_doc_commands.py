@@ -68,6 +68,8 @@ SMOKE_EXTRA = {
         ["--models", "convnet"],
     "python -m benchmarks.convergence --models lm,lstm --plot convergence_seq.png":
         ["--models", "lstm"],
+    'python -m benchmarks.convergence --models lm,lstm --kfac-configs "kfac default"':
+        ["--models", "lstm"],
 }
 # Scripts that need a process of their own: parallel.py sets XLA_FLAGS before JAX loads.
 OWN_PROCESS = {"benchmarks.parallel"}
