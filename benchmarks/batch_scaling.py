@@ -8,8 +8,8 @@ K-FAC's preconditioning costs the same at every batch size, so its per-step adva
 turns into a wall-clock one as batches grow. For each model and batch size, every
 optimizer trains from one initialisation on the same seeded batches (the models and data
 of `benchmarks/robustness.py`); a run reaches the target when the running mean of 10
-training losses does; the best run of each sweep (fewest steps) is reported, with the
-whole sweep printed. The plot is steps to target against batch size, log-log (the
+training losses does, and stops there; the best run of each sweep (fewest steps) is
+reported, with the whole sweep printed. The plot is steps to target against batch size, log-log (the
 critical-batch-size picture).
 """
 
@@ -61,7 +61,7 @@ def main() -> None:
       for family, runs in optimizers(loss_fn, data[0]).items():
         best = None
         for label, tx in runs:
-          losses, seconds = robustness.train(loss_fn, params, tx, data)
+          losses, seconds = robustness.train(loss_fn, params, tx, data, stop_at=target)
           reached = robustness.hit(losses, seconds, target)
           shown = "not reached" if reached is None else f"{reached[0]} / {reached[1]:.1f} s"
           print(f"  batch {batch_size:5d}  {label:16s} {shown}", flush=True)

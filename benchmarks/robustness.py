@@ -139,8 +139,9 @@ def batches(name: str, images, labels, batch_size: int, steps: int, seed: int = 
   return out
 
 
-def train(loss_fn, params, tx, data):
-  """Losses and seconds after each step (the first step's compilation excluded)."""
+def train(loss_fn, params, tx, data, stop_at: float | None = None):
+  """Losses and seconds after each step (the first step's compilation excluded); with
+  `stop_at`, training ends once the running mean of `WINDOW` losses reaches it."""
   state = tx.init(params)
 
   @jax.jit
@@ -158,6 +159,8 @@ def train(loss_fn, params, tx, data):
     losses.append(loss)
     seconds.append(time.perf_counter() - start)
     if not math.isfinite(loss):
+      break
+    if stop_at is not None and len(losses) >= WINDOW and np.mean(losses[-WINDOW:]) <= stop_at:
       break
   return np.array(losses), np.array(seconds)
 
