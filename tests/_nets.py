@@ -1,4 +1,5 @@
-"""Small tagged Flax networks and hand-written references for the jkfac tests.
+"""Small tagged Flax networks, a plain-JAX tagged MLP, and hand-written references for the
+jkfac tests.
 
 Every reference here is computed without jkfac: the forward pass with plain
 `jnp`/`lax` ops, conv patches with numpy loops over kernel offsets, output and
@@ -421,3 +422,30 @@ def collect_statistics(loss_fn, trace, params, batch, key, estimation, auto_regi
   """`statistics.layer_statistics` of one batch, with a forward pass of its own."""
   linearization = jkfac.interpreter.linearize(loss_fn, params, batch, auto_register)
   return jkfac.statistics.layer_statistics(trace, linearization, key, estimation)
+
+
+# --- the same MLP in plain JAX, tagged by hand (or not) ---------------------------------------
+
+
+def mlp_params(sizes: Sequence[int], seed: int = 0, dtype=jnp.float32, bias: float = 0.1):
+  """Dense layers "dense0", "dense1", ... (kernel scaled by 1/sqrt(fan-in), bias
+  `bias * N(0, 1)`)."""
+  rng = np.random.default_rng(seed)
+  return {f"dense{i}": {
+      "kernel": jnp.asarray(rng.standard_normal((d_in, d_out)) / np.sqrt(d_in), dtype),
+      "bias": jnp.asarray(bias * rng.standard_normal(d_out), dtype)}
+      for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:]))}
+
+
+def mlp_apply(params, x, activation=jnp.tanh, tag: bool = True, with_inputs: bool = False):
+  """The MLP of `mlp_params`: `activation` between layers, on `(N, ..., d_in)` inputs; each
+  layer tagged with `jkfac.register_dense` (with `tag`). With `with_inputs`, `(logits,
+  {layer name: its input})`."""
+  inputs, names = {}, sorted(params)
+  for i, name in enumerate(names):
+    inputs[name] = x
+    w, b = params[name]["kernel"], params[name]["bias"]
+    y = x @ w + b
+    y = jkfac.register_dense(y, x, w, b) if tag else y
+    x = activation(y) if i + 1 < len(names) else y
+  return (x, inputs) if with_inputs else x

@@ -35,23 +35,11 @@ jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_lev
 # --- a tiny tagged MLP ------------------------------------------------------------------------
 
 
-def mlp_params(sizes=SIZES, seed=0, dtype=jnp.float32, bias=0.1):
-  """Dense layers "dense0", "dense1", ... (kernel scaled by 1/sqrt(fan-in))."""
-  rng = np.random.default_rng(seed)
-  return {f"dense{i}": {
-      "kernel": jnp.asarray(rng.standard_normal((d_in, d_out)) / math.sqrt(d_in), dtype),
-      "bias": jnp.asarray(bias * rng.standard_normal(d_out), dtype)}
-      for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:]))}
+def mlp_params(sizes=SIZES, **kwargs):
+  return _nets.mlp_params(sizes, **kwargs)
 
 
-def mlp_apply(params, x, activation=jnp.tanh):
-  """The tagged MLP: `activation` between layers; works on `(N, ..., d_in)` inputs."""
-  names = sorted(params)
-  for i, name in enumerate(names):
-    w, b = params[name]["kernel"], params[name]["bias"]
-    y = jkfac.register_dense(x @ w + b, x, w, b)
-    x = activation(y) if i + 1 < len(names) else y
-  return x
+mlp_apply = _nets.mlp_apply
 
 
 def classifier_loss(params, batch, activation=jnp.tanh):

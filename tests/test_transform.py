@@ -1,6 +1,6 @@
 """`jkfac.precondition` and `jkfac.kfac` as optax transformations.
 
-Most tests use a tiny two-layer MLP written in plain JAX (tagged with
+Most tests use a tiny two-layer MLP written in plain JAX (`_nets.mlp_params`, tagged with
 `jkfac.register_dense`) so that reference statistics can be computed
 independently of the tracer from per-example gradients.
 """
@@ -19,6 +19,7 @@ import optax
 import pytest
 
 import jkfac
+from tests import _nets
 from tests._asserts import assert_trees_close
 from examples import mnist_data
 
@@ -32,28 +33,12 @@ MNIST_DIR = mnist_data.BUNDLED_DIR
 
 
 def mlp_params(seed=0, dtype=jnp.float32):
-  keys = jax.random.split(jax.random.PRNGKey(seed), 2 * len(LAYERS))
-  params = {}
-  for i, name in enumerate(LAYERS):
-    d_in, d_out = SIZES[i], SIZES[i + 1]
-    params[name] = {
-        "kernel": jax.random.normal(keys[2 * i], (d_in, d_out), dtype) / math.sqrt(d_in),
-        "bias": 0.1 * jax.random.normal(keys[2 * i + 1], (d_out,), dtype),
-    }
-  return params
+  return _nets.mlp_params(SIZES, seed, dtype)
 
 
 def mlp_forward(params, x, tag=True):
   """Logits, and the input of each layer."""
-  inputs, h = {}, x
-  for i, name in enumerate(LAYERS):
-    inputs[name] = h
-    w, b = params[name]["kernel"], params[name]["bias"]
-    y = h @ w + b
-    if tag:
-      y = jkfac.register_dense(y, h, w, b)
-    h = jnp.tanh(y) if i + 1 < len(LAYERS) else y
-  return h, inputs
+  return _nets.mlp_apply(params, x, tag=tag, with_inputs=True)
 
 
 def loss_fn(params, batch):
