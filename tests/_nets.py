@@ -449,3 +449,64 @@ def mlp_apply(params, x, activation=jnp.tanh, tag: bool = True, with_inputs: boo
     y = jkfac.register_dense(y, x, w, b) if tag else y
     x = activation(y) if i + 1 < len(names) else y
   return (x, inputs) if with_inputs else x
+
+
+# --- first K-FAC steps by hand ------------------------------------------------------------------
+
+
+def kron_solve(A, G, m, damping: float):
+  """`(A + π√λ I)⁻¹ M (G + √λ/π I)⁻¹`, the damped Kronecker block's solve of a layer's
+  `(d_in [+1], d_out)` matrix `M`, π = sqrt((tr A / dim A) / (tr G / dim G)), in float64.
+  A 1-D `A` (an embedding's counts) is a diagonal factor."""
+  A, G, m = (np.asarray(v, np.float64) for v in (A, G, m))
+  A = np.diag(A) if A.ndim == 1 else A
+  pi = np.sqrt((np.trace(A) / len(A)) / (np.trace(G) / len(G)))
+  root = np.sqrt(damping)
+  return np.linalg.solve(A + pi * root * np.eye(len(A)), m) @ np.linalg.inv(
+      G + root / pi * np.eye(len(G)))
+
+
+def empirical_kron_factors(inputs, output_grads, bias: bool = True):
+  """A layer's empirical `(A, G)` from its input rows `(..., d_in)` (inputs or patches)
+  and its output gradients `(N, ..., d_out)` of the mean loss: A the mean of `[a, 1]
+  [a, 1]ᵀ` over examples and positions (`bias=False`: of `a aᵀ`), G `N Σ g gᵀ` over
+  examples and positions (g of the mean loss is 1/N of the example's)."""
+  a = np.asarray(inputs, np.float64)
+  a = a.reshape(-1, a.shape[-1])
+  if bias:
+    a = np.concatenate([a, np.ones((len(a), 1))], axis=1)
+  g = np.asarray(output_grads, np.float64)
+  n = g.shape[0]
+  g = g.reshape(-1, g.shape[-1])
+  return a.T @ a / len(a), n * g.T @ g
+
+
+def linen_layer_calls(apply, x, loss_of_output, modules):
+  """`{module path: [(input, output gradient), ...]}`, one pair per `__call__` of every
+  linen module of a type in `modules` while `apply(x)` runs: the call's first argument
+  and the gradient of `loss_of_output(apply(x))` in the call's output (by adding a zero
+  perturbation to it), captured with `flax.linen.intercept_methods`, without jkfac."""
+
+  def run(perturbations):
+    calls = {}
+
+    def interceptor(method, args, kwargs, context):
+      out = method(*args, **kwargs)
+      if context.method_name != "__call__" or not isinstance(context.module, modules):
+        return out
+      path = "/".join(context.module.path)
+      uses = calls.setdefault(path, [])
+      if perturbations is not None:
+        out = out + perturbations[path][len(uses)]
+      uses.append((args[0], out))
+      return out
+
+    with nn.intercept_methods(interceptor):
+      output = apply(x)
+    return loss_of_output(output), calls
+
+  _, calls = run(None)
+  zeros = {path: [jnp.zeros_like(out) for _, out in uses] for path, uses in calls.items()}
+  grads, calls = jax.grad(run, has_aux=True)(zeros)
+  return {path: [(inp, g) for (inp, _), g in zip(uses, grads[path])]
+          for path, uses in calls.items()}
