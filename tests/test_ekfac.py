@@ -107,11 +107,24 @@ def test_between_inverse_updates_the_scaling_is_re_estimated_in_the_kept_basis(n
                                atol=1e-5 * np.abs(expected).max())
 
 
-def test_ekfac_trains_and_describes():
+def test_ekfac_describes_and_first_kfac_step_is_the_damped_kronecker_solve():
+  """`jkfac.kfac`'s first step (inverting at once, float64) is `-lr (A ⊗ G + λI)^-1 g`
+  per layer, A and G by hand from the layers' inputs and output gradients."""
+  lr = 0.1
   params, batch, loss_fn = _problem(_nets.MLP)
   rows = {p.path: p.approximation for p in jkfac.describe(loss_fn, params, batch).parameters}
   assert rows["Dense_0/kernel"] == "ekfac"
-  tx = jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-2, invert_every=3)
-  losses, params, state = _nets.train_losses(loss_fn, tx, params, batch, steps=8)
-  assert losses[-1] < losses[0]
+  with jax.enable_x64(True):
+    _, params, batch, loss_fn = _nets.make_problem(_nets.MLP, approx="ekfac", batch=8,
+                                                   dtype=jnp.float64)
+    tx = jkfac.kfac(loss_fn, batch, learning_rate=lr, damping=DAMPING, invert_every=1,
+                    estimation="empirical", warm_start=False)
+    (updates, state), grads = _step(tx, params, batch, loss_fn, tx.init(params))
+    factors = _nets.kron_factors_by_hand(_nets.MLP, params, batch, "empirical")
   assert int(jkfac.preconditioner_state(state).inverse_fallbacks) == 0
+  for name, (a, g) in factors.items():
+    grad = np.asarray(_nets.layer_matrix(grads, name), np.float64)
+    expected = -lr * np.linalg.solve(np.kron(a, g) + DAMPING * np.eye(a.shape[0] * g.shape[0]),
+                                     grad.ravel()).reshape(grad.shape)
+    np.testing.assert_allclose(_nets.layer_matrix(updates, name), expected, rtol=1e-7,
+                               atol=1e-10, err_msg=name)
