@@ -333,6 +333,8 @@ class SharedDense(nn.Module):
 
 
 def test_weight_used_twice_is_one_multi_use_layer():
+  """One kron_indep layer for the shared weight; the first `jkfac.kfac` step (float64) is
+  `-lr` times each layer's Kronecker solve, the shared layer's factors over both uses."""
   model, batch = SharedDense(), _batch((4,), n=8)
   params = _random_like(jax.eval_shape(model.init, KEY, batch[0])["params"])
   loss_fn = _flax_loss(model)
@@ -345,12 +347,27 @@ def test_weight_used_twice_is_one_multi_use_layer():
                   "Dense_1/bias": ("Dense_1", "dense", "kron"),
                   "Dense_1/kernel": ("Dense_1", "dense", "kron")}
 
-  tx = jkfac.kfac(loss_fn, batch, learning_rate=0.05, damping=1e-1, invert_every=1)
-  assert jkfac.preconditioner_state(tx.init(params)).statistics["Dense_0"]["A"].shape == (5, 5)
-  losses, params, state = _nets.train_losses(loss_fn, tx, params, batch, steps=4)
-  assert all(np.isfinite(losses)) and losses[-1] < losses[0]
-  assert all(np.isfinite(p).all() for p in jax.tree_util.tree_leaves((params, state)))
-  assert np.abs(jkfac.preconditioner_state(state).statistics["Dense_0"]["G"]).max() > 0
+  lr, damping = 0.05, 1e-1
+  with jax.enable_x64(True):
+    params64 = jax.tree_util.tree_map(lambda p: p.astype(jnp.float64), params)
+    batch64 = (batch[0].astype(jnp.float64), batch[1])
+    updates, state = _kfac_steps(loss_fn, params64, batch64, steps=1, learning_rate=lr,
+                                 damping=damping, warm_start=False)
+    grads = jax.grad(loss_fn)(params64, batch64)
+    calls = _nets.linen_layer_calls(lambda x: model.apply({"params": params64}, x), batch64[0],
+                                    lambda logits: _nets.cross_entropy(logits, batch[1]),
+                                    (nn.Dense,))
+  assert jkfac.preconditioner_state(state).statistics["Dense_0"]["A"].shape == (5, 5)
+  # kron_indep by hand: A averages [a, 1] over examples and both uses, G sums over them.
+  stack = lambda uses, i: np.stack([np.asarray(use[i]) for use in uses], axis=1)   # (N, 2, d)
+  assert len(calls["Dense_0"]) == 2
+  factors = {"Dense_0": _nets.empirical_kron_factors(stack(calls["Dense_0"], 0),
+                                                     stack(calls["Dense_0"], 1)),
+             "Dense_1": _nets.empirical_kron_factors(*calls["Dense_1"][0])}
+  for name, (A, G) in factors.items():
+    expected = -lr * _nets.kron_solve(A, G, _nets.layer_matrix(grads, name), damping)
+    np.testing.assert_allclose(_nets.layer_matrix(updates[0], name), expected, rtol=1e-7,
+                               atol=1e-10, err_msg=name)
 
 
 def test_bias_used_by_two_layers_is_not_registered_twice():
@@ -502,33 +519,41 @@ def test_fused_value_and_grad_with_other_auto_register_raises(grad_auto, tx_auto
 
 
 def test_nnx_layers_are_registered():
-  """`nnx.Linear`/`nnx.Conv`/`nnx.LayerNorm` in a loss that merges a split model: found
-  like linen's."""
+  """`nnx.Conv`/`nnx.LayerNorm`/`nnx.Linear` in a loss that merges a split model: found,
+  with the statistics and `jkfac.kfac` steps of the same model tagged by hand."""
   from flax import nnx
 
   class Net(nnx.Module):
-    def __init__(self, rngs):
+    def __init__(self, tagged, rngs):
+      self.tagged = tagged
       self.conv = nnx.Conv(2, 4, (3, 3), strides=2, rngs=rngs)
       self.norm = nnx.LayerNorm(4, rngs=rngs)
+      self.bare = nnx.LayerNorm(4, use_scale=False, use_bias=False, rngs=rngs)
       self.linear = nnx.Linear(4 * 3 * 3, NUM_CLASSES, rngs=rngs)
 
     def __call__(self, x):
-      x = self.norm(nnx.relu(self.conv(x)))
-      return self.linear(x.reshape(x.shape[0], -1))
+      if not self.tagged:
+        x = self.norm(nnx.relu(self.conv(x)))
+        return self.linear(x.reshape(x.shape[0], -1))
+      kernel, bias = self.conv.kernel[...], self.conv.bias[...]
+      y = jkfac.register_conv2d(self.conv(x), x, kernel, bias, window_strides=(2, 2),
+                                padding="SAME")
+      x_hat = self.bare(nnx.relu(y))
+      scale, shift = self.norm.scale[...], self.norm.bias[...]
+      x = jkfac.register_scale_and_shift(x_hat * scale + shift, x_hat, scale, shift)
+      x = x.reshape(x.shape[0], -1)
+      return jkfac.register_dense(self.linear(x), x, self.linear.kernel[...],
+                                  self.linear.bias[...])
 
-  graphdef, params = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
-  batch = _batch((6, 6, 2))
-  loss_fn = _loss(lambda p, x: nnx.merge(graphdef, p)(x))
-  trace = layer_table.trace_layers(loss_fn, params, batch)
-  assert [(layer.name, layer.kind, layer.bias is not None) for layer in trace.layers] == [
-      ("conv", "conv2d", True), ("norm", "scale_and_shift", True), ("linear", "dense", True)]
-  assert trace.layers[0].conv.window_strides == (2, 2)
-  assert trace.generic == ()
-  updates, _ = _kfac_steps(loss_fn, params, batch, steps=3)
-  trained = params
-  for u in updates:
-    trained = optax.apply_updates(trained, u)
-  assert float(loss_fn(trained, batch)) < float(loss_fn(params, batch))
+  batch, losses = _batch((6, 6, 2)), []
+  for tagged in (False, True):
+    graphdef, params = nnx.split(Net(tagged, nnx.Rngs(0)), nnx.Param)
+    losses.append(_loss(lambda p, x, graphdef=graphdef: nnx.merge(graphdef, p)(x)))
+  params = _random_like(params)
+  _assert_same_as_hand_tagged(*losses, params, batch,
+                              [("conv", "conv2d", True, _conv((2, 2), ((0, 1), (0, 1)))),
+                               ("norm", "scale_and_shift", True, None),
+                               ("linear", "dense", True, None)])
 
 
 # --- K-FAC-reduce ------------------------------------------------------------------------------
