@@ -77,12 +77,24 @@ def _layer(conv, x, p):
 
 
 def _unrolled(conv):
-  """The same network as a Python loop over separate parameters, in plain jnp/lax."""
-  def apply(params, x):
-    x = _layer(conv, x, params["first"])
+  """The same network as a Python loop over separate parameters, in plain jnp/lax.
+
+  `apply(params, x, perturbations)` adds `perturbations[name]` to layer `name`'s output
+  and returns `(logits, {name: its input})` (the untagged hand-written pass for oracles).
+  """
+  def apply(params, x, perturbations=None):
+    inputs = {}
+
+    def layer(name, x, conv=conv):
+      inputs[name] = x
+      y = _layer(conv, x, params[name])
+      return y if perturbations is None else y + perturbations[name]
+
+    x = layer("first", x)
     for i in range(DEPTH):
-      x = jnp.tanh(_layer(conv, x, params[f"block_{i}"]))
-    return _layer(False, x.reshape(x.shape[0], -1), params["head"])
+      x = jnp.tanh(layer(f"block_{i}", x))
+    logits = layer("head", x.reshape(x.shape[0], -1), False)
+    return logits if perturbations is None else (logits, inputs)
   return apply
 
 
@@ -131,7 +143,11 @@ def _close_trees(actual, expected, atol=1e-6):
   jax.tree_util.tree_map(lambda a, e: _close(a, e, rtol=2e-4, atol=atol), actual, expected)
 
 
-def test_stacked_layers_train_and_describe():
+def test_stacked_layers_describe_and_first_kfac_step_is_the_kronecker_solve():
+  """The first `jkfac.kfac` step (float64, inverting at once) gives every slice of the
+  stacked layer, and the other layers, `-lr` times its Kronecker solve, with A and G from
+  the inputs and output gradients of the unrolled loop written by hand."""
+  lr, damping = 0.1, 1e-2
   batch = _batch((4,))
   model = _Stacked(conv=False)
   params = model.init(KEY, batch[0])["params"]
@@ -139,11 +155,28 @@ def test_stacked_layers_train_and_describe():
   rows = {p.path: (p.kind, p.approximation, p.factors) for p in
           jkfac.describe(loss_fn, params, batch).parameters}
   assert rows["ScanCheckpoint_ScanBlock_0/Dense_0/kernel"] == ("dense", "kron", "A 3x5x5, G 3x4x4")
-  tx = jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-2, cov_update_every=1,
-                  invert_every=2)
-  losses, params, state = _nets.train_losses(loss_fn, tx, params, batch, steps=6)
-  assert losses[-1] < losses[0]
-  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves((params, state)))
+  with jax.enable_x64(True):
+    params = jax.tree_util.tree_map(lambda p: p.astype(jnp.float64), params)
+    batch = (batch[0].astype(jnp.float64), batch[1])
+    tx = jkfac.kfac(loss_fn, batch, learning_rate=lr, damping=damping, invert_every=1,
+                    estimation="empirical", warm_start=False)
+    grads = jax.grad(loss_fn)(params, batch)
+    updates, _ = jax.jit(lambda g: tx.update(g, tx.init(params), params, batch=batch))(grads)
+    unrolled = _unrolled_params(False, params)
+    zeros = {name: jnp.zeros((batch[0].shape[0], p["bias"].shape[0]))
+             for name, p in unrolled.items()}
+
+    def mean_loss(perturbations):
+      logits, inputs = _unrolled(False)(unrolled, batch[0], perturbations)
+      return _nets.cross_entropy(logits, batch[1]), inputs
+
+    output_grads, inputs = jax.grad(mean_loss, has_aux=True)(zeros)
+  unrolled_grads = _unrolled_params(False, grads)
+  unrolled_updates = _unrolled_params(False, updates)
+  for name in unrolled:
+    A, G = _nets.empirical_kron_factors(inputs[name], output_grads[name])
+    expected = -lr * _nets.kron_solve(A, G, _nets.layer_matrix(unrolled_grads, name), damping)
+    _close(_nets.layer_matrix(unrolled_updates, name), expected, rtol=1e-7, atol=1e-10)
 
 
 # --- a scan over time: one weight, many uses ---------------------------------------------------
