@@ -466,19 +466,20 @@ def kron_solve(A, G, m, damping: float):
       G + root / pi * np.eye(len(G)))
 
 
-def empirical_kron_factors(inputs, output_grads, bias: bool = True):
+def empirical_kron_factors(inputs, output_grads, bias: bool = True, rows: int | None = None):
   """A layer's empirical `(A, G)` from its input rows `(..., d_in)` (inputs or patches)
   and its output gradients `(N, ..., d_out)` of the mean loss: A the mean of `[a, 1]
-  [a, 1]ᵀ` over examples and positions (`bias=False`: of `a aᵀ`), G `N Σ g gᵀ` over
-  examples and positions (g of the mean loss is 1/N of the example's)."""
+  [a, 1]ᵀ` over examples and positions (`bias=False`: of `a aᵀ`), G `rows Σ g gᵀ` over
+  examples and positions, `rows` the loss's rows (default N: g of the mean loss is
+  1/rows of the row's)."""
   a = np.asarray(inputs, np.float64)
   a = a.reshape(-1, a.shape[-1])
   if bias:
     a = np.concatenate([a, np.ones((len(a), 1))], axis=1)
   g = np.asarray(output_grads, np.float64)
-  n = g.shape[0]
+  rows = g.shape[0] if rows is None else rows
   g = g.reshape(-1, g.shape[-1])
-  return a.T @ a / len(a), n * g.T @ g
+  return a.T @ a / len(a), rows * g.T @ g
 
 
 def linen_layer_calls(apply, x, loss_of_output, modules):

@@ -2,8 +2,8 @@
 
 `F ~ D1 ⊗ G1 + D2 ⊗ A2` (see `jkfac/blocks/tied_embedding.py`): the factors are checked
 against factors built by hand from each use's inputs and output gradients (zero
-perturbations added at the lookup and at the logits), the preconditioned gradient
-against a dense float64 solve, and `flax.linen.Embed.attend` and plain `x @ table.T`
+perturbations added at the lookup and at the logits), the preconditioned gradient and
+the first `jkfac.kfac` step against a dense float64 solve, and `flax.linen.Embed.attend` and plain `x @ table.T`
 against hand tags.
 """
 
@@ -298,14 +298,33 @@ def test_describe_shows_the_tied_layer():
   assert "tied_embedding" in str(description)
 
 
-def test_training_lowers_the_loss():
-  model, params, (ids, _) = _setup(vocab=20, n=16, seed=4)
-  batch = (ids, (ids + 1) % 20)   # learnable: the next id
+def test_first_kfac_step_is_the_dense_solve_and_the_kronecker_solve():
+  """The first `jkfac.kfac` step (float64, inverting at once) of `TinyLM` on sequence
+  labels is `-lr` times the dense solve of the tied table's block with the factors by
+  hand, and the Kronecker solve of the dense layer from its captured input and output
+  gradients (the loss's rows are examples x positions)."""
+  lr, damping = 0.1, 1e-2
+  model, params, (ids, _) = _setup(n=16, seed=4)
+  batch = (ids, (ids + 1) % VOCAB)   # the next id
   loss_fn = _loss(model.apply)
-  tx = jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-2, invert_every=5)
-  losses, _, _ = _nets.train_losses(loss_fn, tx, params, batch, steps=30)
-  assert np.all(np.isfinite(losses))
-  assert losses[-1] < 0.5 * losses[0], losses
+  with jax.enable_x64(True):
+    params = jax.tree_util.tree_map(lambda p: p.astype(jnp.float64), params)
+    tx = jkfac.kfac(loss_fn, batch, learning_rate=lr, damping=damping, invert_every=1,
+                    estimation="empirical", warm_start=False)
+    grads = jax.grad(loss_fn)(params, batch)
+    updates, _ = jax.jit(lambda g: tx.update(g, tx.init(params), params, batch=batch))(grads)
+    factors = _hand_factors(params, batch)
+    [(inputs, output_grads)] = _nets.linen_layer_calls(
+        lambda ids: model.apply(params, ids), ids,
+        lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean(),
+        (nn.Dense,))["Dense_0"]
+  expected = -lr * _dense_solve(*factors, damping, grads["params"]["Embed_0"]["embedding"])
+  np.testing.assert_allclose(updates["params"]["Embed_0"]["embedding"], expected, rtol=1e-7,
+                             atol=1e-10)
+  A, G = _nets.empirical_kron_factors(inputs, output_grads, rows=ids.size)
+  expected = -lr * _nets.kron_solve(A, G, _nets.layer_matrix(grads["params"], "Dense_0"), damping)
+  np.testing.assert_allclose(_nets.layer_matrix(updates["params"], "Dense_0"), expected,
+                             rtol=1e-7, atol=1e-10)
 
 
 _PMAP_SCRIPT = textwrap.dedent("""
