@@ -280,23 +280,6 @@ def kron_factors_by_hand(net: Net, params, batch, estimation: str):
   return factors
 
 
-def train_losses(loss_fn, tx, params, batch, steps: int) -> tuple[list[float], Any, Any]:
-  """`(losses, params, opt_state)` after `steps` jitted optax steps of `tx` on one batch."""
-  import optax  # noqa: PLC0415  (only the training helpers need it)
-
-  @jax.jit
-  def step(params, state):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, state = tx.update(grads, state, params, batch=batch)
-    return optax.apply_updates(params, updates), state, loss
-
-  state, losses = tx.init(params), []
-  for _ in range(steps):
-    params, state, loss = step(params, state)
-    losses.append(float(loss))
-  return losses, params, state
-
-
 def _generic(variables):
   return jax.tree_util.tree_map(jkfac.register_generic, variables)
 
