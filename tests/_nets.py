@@ -489,8 +489,13 @@ def linen_layer_calls(apply, x, loss_of_output, modules):
       output = apply(x)
     return loss_of_output(output), calls
 
-  _, calls = run(None)
-  zeros = {path: [jnp.zeros_like(out) for _, out in uses] for path, uses in calls.items()}
-  grads, calls = jax.grad(run, has_aux=True)(zeros)
-  return {path: [(inp, g) for (inp, _), g in zip(uses, grads[path])]
-          for path, uses in calls.items()}
+  @jax.jit  # one compilation: op by op, every small op compiles on CPU
+  def captured():
+    _, calls = jax.eval_shape(run, None)
+    zeros = {path: [jnp.zeros(out.shape, out.dtype) for _, out in uses]
+             for path, uses in calls.items()}
+    grads, calls = jax.grad(run, has_aux=True)(zeros)
+    return {path: [(inp, g) for (inp, _), g in zip(uses, grads[path])]
+            for path, uses in calls.items()}
+
+  return captured()

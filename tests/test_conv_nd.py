@@ -695,7 +695,7 @@ def test_first_kfac_step_of_3d_grouped_and_dense_general_models(model_cls, input
   loss_fn = _loss(apply)
   tx = jkfac.kfac(loss_fn, batch, learning_rate=lr, damping=damping, estimation="empirical",
                   invert_every=1, warm_start=False)
-  grads = jax.grad(loss_fn)(params, batch)
+  grads = jax.jit(jax.grad(loss_fn))(params, batch)
   updates, _ = jax.jit(lambda g: tx.update(g, tx.init(params), params, batch=batch))(grads)
   calls = _nets.linen_layer_calls(lambda x: apply(params, x), batch[0],
                                   lambda logits: _nets.cross_entropy(logits, batch[1]),

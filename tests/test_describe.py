@@ -344,7 +344,7 @@ def _first_step(loss_fn, params, batch, **kwargs):
   returns `(loss, batch_stats updates)`, inverting at once, with the true targets."""
   tx = jkfac.kfac(loss_fn, batch, **{**dict(estimation="empirical", invert_every=1,
                                              warm_start=False), **kwargs})
-  grads = jax.grad(loss_fn, has_aux=True)(params, batch)[0]
+  grads = jax.jit(jax.grad(loss_fn, has_aux=True))(params, batch)[0]
   updates, state = jax.jit(lambda g: tx.update(g, tx.init(params), params, batch=batch))(grads)
   return grads, updates, state
 

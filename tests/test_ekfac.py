@@ -111,12 +111,11 @@ def test_ekfac_describes_and_first_kfac_step_is_the_damped_kronecker_solve():
   """`jkfac.kfac`'s first step (inverting at once, float64) is `-lr (A ⊗ G + λI)^-1 g`
   per layer, A and G by hand from the layers' inputs and output gradients."""
   lr = 0.1
-  params, batch, loss_fn = _problem(_nets.MLP)
-  rows = {p.path: p.approximation for p in jkfac.describe(loss_fn, params, batch).parameters}
-  assert rows["Dense_0/kernel"] == "ekfac"
   with jax.enable_x64(True):
     _, params, batch, loss_fn = _nets.make_problem(_nets.MLP, approx="ekfac", batch=8,
                                                    dtype=jnp.float64)
+    rows = {p.path: p.approximation for p in jkfac.describe(loss_fn, params, batch).parameters}
+    assert rows["Dense_0/kernel"] == "ekfac"
     tx = jkfac.kfac(loss_fn, batch, learning_rate=lr, damping=DAMPING, invert_every=1,
                     estimation="empirical", warm_start=False)
     (updates, state), grads = _step(tx, params, batch, loss_fn, tx.init(params))

@@ -353,7 +353,7 @@ def test_weight_used_twice_is_one_multi_use_layer():
     batch64 = (batch[0].astype(jnp.float64), batch[1])
     updates, state = _kfac_steps(loss_fn, params64, batch64, steps=1, learning_rate=lr,
                                  damping=damping, warm_start=False)
-    grads = jax.grad(loss_fn)(params64, batch64)
+    grads = jax.jit(jax.grad(loss_fn))(params64, batch64)
     calls = _nets.linen_layer_calls(lambda x: model.apply({"params": params64}, x), batch64[0],
                                     lambda logits: _nets.cross_entropy(logits, batch[1]),
                                     (nn.Dense,))

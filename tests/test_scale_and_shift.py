@@ -375,11 +375,11 @@ def test_first_kfac_step_of_an_mlp_with_layer_norm():
     loss_fn = _loss(lambda p, batch: model.apply({"params": p}, batch[0]))
     updates, state = _one_update(loss_fn, params, (x, labels), learning_rate=lr,
                                  damping=damping, warm_start=False)
-    grads = jax.grad(loss_fn)(params, (x, labels))
+    grads = jax.jit(jax.grad(loss_fn))(params, (x, labels))
     calls = _nets.linen_layer_calls(lambda x: model.apply({"params": params}, x), x,
                                     lambda logits: _nets.cross_entropy(logits, labels),
                                     (nn.Dense,))
-    fisher = np.asarray(_empirical_fisher(model, params, (x, labels)))
+    fisher = np.asarray(jax.jit(lambda p, b: _empirical_fisher(model, p, b))(params, (x, labels)))
   for name in ("Dense_0", "Dense_1"):
     A, G = _nets.empirical_kron_factors(*calls[name][0])
     expected = -lr * _nets.kron_solve(A, G, _nets.layer_matrix(grads, name), damping)

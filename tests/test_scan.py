@@ -160,7 +160,7 @@ def test_stacked_layers_describe_and_first_kfac_step_is_the_kronecker_solve():
     batch = (batch[0].astype(jnp.float64), batch[1])
     tx = jkfac.kfac(loss_fn, batch, learning_rate=lr, damping=damping, invert_every=1,
                     estimation="empirical", warm_start=False)
-    grads = jax.grad(loss_fn)(params, batch)
+    grads = jax.jit(jax.grad(loss_fn))(params, batch)
     updates, _ = jax.jit(lambda g: tx.update(g, tx.init(params), params, batch=batch))(grads)
     unrolled = _unrolled_params(False, params)
     zeros = {name: jnp.zeros((batch[0].shape[0], p["bias"].shape[0]))
@@ -170,7 +170,7 @@ def test_stacked_layers_describe_and_first_kfac_step_is_the_kronecker_solve():
       logits, inputs = _unrolled(False)(unrolled, batch[0], perturbations)
       return _nets.cross_entropy(logits, batch[1]), inputs
 
-    output_grads, inputs = jax.grad(mean_loss, has_aux=True)(zeros)
+    output_grads, inputs = jax.jit(jax.grad(mean_loss, has_aux=True))(zeros)
   unrolled_grads = _unrolled_params(False, grads)
   unrolled_updates = _unrolled_params(False, updates)
   for name in unrolled:

@@ -311,7 +311,7 @@ def test_first_kfac_step_is_the_dense_solve_and_the_kronecker_solve():
     params = jax.tree_util.tree_map(lambda p: p.astype(jnp.float64), params)
     tx = jkfac.kfac(loss_fn, batch, learning_rate=lr, damping=damping, invert_every=1,
                     estimation="empirical", warm_start=False)
-    grads = jax.grad(loss_fn)(params, batch)
+    grads = jax.jit(jax.grad(loss_fn))(params, batch)
     updates, _ = jax.jit(lambda g: tx.update(g, tx.init(params), params, batch=batch))(grads)
     factors = _hand_factors(params, batch)
     [(inputs, output_grads)] = _nets.linen_layer_calls(
