@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from jkfac import jaxprs, tags
+from jkfac import conv_layout, jaxprs, tags
 from jkfac.layer_table import make_jaxpr
 
 Array = jax.Array
@@ -55,9 +55,11 @@ class _Recorded(NamedTuple):
 
 
 def _evaluate(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any],
-              perturbations: Sequence[Array]) -> tuple[list[Any], _Recorded]:
+              perturbations: Sequence[Array], in_branch: bool = False
+              ) -> tuple[list[Any], _Recorded]:
   """`jax.core.eval_jaxpr` that adds `perturbations` at the layer tags' outputs (in tag
-  order, also in sub-jaxprs) and records what the tags see."""
+  order, also in sub-jaxprs) and records what the tags see. `in_branch`: the pass runs
+  inside control flow, so convolutions use `conv_layout.conv`."""
   env: dict = {}
   env.update(zip(jaxpr.constvars, consts))
   env.update(zip(jaxpr.invars, args))
@@ -81,16 +83,21 @@ def _evaluate(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any],
     elif (sub := jaxprs.tagged_sub_jaxpr(eqn)) is not None:
       inner_perturbations = [next(perturbations) for _ in jaxprs.layer_sites(sub.jaxpr)]
       if eqn.primitive.name == "scan":
-        outvals, inner = _evaluate_scan(sub.jaxpr, sub.consts, invals, inner_perturbations, eqn)
+        outvals, inner = _evaluate_scan(sub.jaxpr, sub.consts, invals, inner_perturbations,
+                                        eqn, in_branch)
       elif eqn.primitive.name in jaxprs.REMAT_PRIMITIVES:  # keep the remat boundary
-        evaluate = jax.checkpoint(functools.partial(_evaluate, sub.jaxpr, sub.consts),
+        evaluate = jax.checkpoint(functools.partial(_evaluate, sub.jaxpr, sub.consts,
+                                                    in_branch=in_branch),
                                   prevent_cse=eqn.params.get("prevent_cse", True),
                                   policy=eqn.params.get("policy"))
         outvals, inner = evaluate(invals, inner_perturbations)
       else:
-        outvals, inner = _evaluate(sub.jaxpr, sub.consts, invals, inner_perturbations)
+        outvals, inner = _evaluate(sub.jaxpr, sub.consts, invals, inner_perturbations,
+                                   in_branch)
       for mine, theirs in zip(recorded, inner):
         mine.extend(theirs)
+    elif in_branch and eqn.primitive is jax.lax.conv_general_dilated_p:
+      outvals = [conv_layout.conv(*invals, **eqn.params)]
     else:
       out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
       outvals = out if eqn.primitive.multiple_results else [out]
@@ -99,7 +106,7 @@ def _evaluate(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any],
 
 
 def _evaluate_scan(body: jcore.Jaxpr, body_consts: Sequence[Any], args: Sequence[Any],
-                   perturbations: Sequence[Array], eqn: jcore.JaxprEqn
+                   perturbations: Sequence[Array], eqn: jcore.JaxprEqn, in_branch: bool
                    ) -> tuple[list[Any], _Recorded]:
   """A scan equation whose body has layer tags, as `jax.lax.scan` over `_evaluate`.
 
@@ -113,7 +120,7 @@ def _evaluate_scan(body: jcore.Jaxpr, body_consts: Sequence[Any], args: Sequence
   def step(carry, step_xs):
     xs_now, perturbations_now = step_xs
     outs, recorded = _evaluate(body, body_consts, consts + list(carry) + list(xs_now),
-                               perturbations_now)
+                               perturbations_now, in_branch)
     if recorded.predictions:
       raise NotImplementedError(jaxprs.LOSS_IN_SCAN)
     return outs[:num_carry], (outs[num_carry:], recorded.inputs)
@@ -124,10 +131,11 @@ def _evaluate_scan(body: jcore.Jaxpr, body_consts: Sequence[Any], args: Sequence
   return list(carry) + list(ys), _Recorded(list(inputs), [], [], [], [])
 
 
-def evaluate(closed: jcore.ClosedJaxpr, args: list[Any],
-             perturbations: list[Array]) -> tuple[list[Any], _Recorded]:
-  """Evaluates the loss jaxpr, adding `perturbations` at the layer tags' outputs."""
-  return _evaluate(closed.jaxpr, closed.consts, args, perturbations)
+def evaluate(closed: jcore.ClosedJaxpr, args: list[Any], perturbations: list[Array],
+             in_branch: bool = False) -> tuple[list[Any], _Recorded]:
+  """Evaluates the loss jaxpr, adding `perturbations` at the layer tags' outputs;
+  `in_branch` where it runs inside `lax.cond` or a loop (see `conv_layout`)."""
+  return _evaluate(closed.jaxpr, closed.consts, args, perturbations, in_branch)
 
 
 def zero_perturbations(closed: jcore.ClosedJaxpr) -> list[Array]:
@@ -142,14 +150,15 @@ def _from_predictions(pullback, output_zeros, cotangents):
 
 
 def linearize(loss_fn: LossFn, params: PyTree, batch: PyTree,
-              auto_register: bool = True) -> Linearization:
-  """A forward pass of `loss_fn`, linearized in the layer outputs only."""
+              auto_register: bool = True, in_branch: bool = False) -> Linearization:
+  """A forward pass of `loss_fn`, linearized in the layer outputs only; `in_branch` where
+  it runs inside `lax.cond` or a loop (K-FAC's statistics; see `conv_layout`)."""
   closed, _ = make_jaxpr(loss_fn, params, batch, auto_register)
   batch_leaves = jax.tree_util.tree_leaves(batch)
 
   def forward(params, perturbations):
     args = jax.tree_util.tree_leaves(params) + batch_leaves
-    _, recorded = evaluate(closed, args, perturbations)
+    _, recorded = evaluate(closed, args, perturbations, in_branch)
     return ((), recorded.predictions), recorded._replace(predictions=[])
 
   # Gradients of params are only used for generic parameters; XLA drops the rest.

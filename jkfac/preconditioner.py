@@ -40,7 +40,8 @@ def update_statistics(config: PreconditionConfig, trace: Trace, state: Precondit
   if config.sub_sample_patches is not None:
     sample_key, patch_key = jax.random.split(sample_key)
   if curvature is None:
-    curvature = interpreter.linearize(config.loss_fn, params, batch, config.auto_register)
+    curvature = interpreter.linearize(config.loss_fn, params, batch, config.auto_register,
+                                      in_branch=True)
   found = layer_stats.layer_statistics(trace, curvature, sample_key, config.estimation)
   found = layer_stats.astype(found, state.ema_weight.dtype)  # low precision: float32
   new = {layer.name: layer_stats.block_statistics(
