@@ -191,7 +191,8 @@ def value_and_grad(loss_fn: LossFn, has_aux: bool = False,
 
     def forward(params, perturbations):
       args = jax.tree_util.tree_leaves(params) + batch_leaves
-      outputs, recorded = evaluate(closed, args, perturbations)
+      # The pullback runs again in K-FAC's statistics branch: convs as `conv_layout` says.
+      outputs, recorded = evaluate(closed, args, perturbations, in_branch=True)
       value = jax.tree_util.tree_unflatten(out_tree, outputs)
       loss, aux = value if has_aux else (value, None)
       return (loss, recorded.predictions), (aux, recorded._replace(predictions=[]))
