@@ -46,6 +46,17 @@ def _loss(module):
   return loss_fn
 
 
+def _batch_stats_loss(model, inputs: str):
+  """A loss over `batch[inputs]` and labels `batch["y"]` for a model with mutable
+  `batch_stats` (passed in the batch), returning `(loss, updated batch_stats)`."""
+  def loss_fn(params, batch):
+    logits, updates = model.apply({"params": params, "batch_stats": batch["batch_stats"]},
+                                  batch[inputs], mutable=["batch_stats"])
+    jkfac.register_softmax_cross_entropy(logits, batch["y"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean(), updates
+  return loss_fn
+
+
 def _rows(description):
   return {p.path: p for p in description.parameters}
 
@@ -362,11 +373,7 @@ def test_batch_norm_with_mutable_state_is_matched_and_takes_the_block_solve_step
     x = x.astype(jnp.float64)
     variables = jax.tree_util.tree_map(lambda v: v.astype(jnp.float64), model.init(KEY, x))
 
-    def loss_fn(params, batch):
-      logits, updates = model.apply({"params": params, "batch_stats": batch["batch_stats"]},
-                                    batch["x"], mutable=["batch_stats"])
-      jkfac.register_softmax_cross_entropy(logits, batch["y"])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean(), updates
+    loss_fn = _batch_stats_loss(model, "x")
 
     batch = {"x": x, "y": labels, "batch_stats": variables["batch_stats"]}
     params = variables["params"]
@@ -450,11 +457,7 @@ def test_every_parameter_of_a_mixed_model_gets_its_block(x64):
     if x64:
       variables = jax.tree_util.tree_map(lambda v: v.astype(jnp.float64), variables)
 
-    def loss_fn(params, batch):
-      logits, updates = model.apply({"params": params, "batch_stats": batch["batch_stats"]},
-                                    batch["ids"], mutable=["batch_stats"])
-      jkfac.register_softmax_cross_entropy(logits, batch["y"])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean(), updates
+    loss_fn = _batch_stats_loss(model, "ids")
 
     batch = {"ids": ids, "y": labels, "batch_stats": variables["batch_stats"]}
     rows = {p.path: (p.layer, p.kind, p.approximation, p.factors)
