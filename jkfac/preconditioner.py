@@ -165,7 +165,7 @@ def _update(config: PreconditionConfig, trace: Trace, updates: PyTree,
   preconditioned = precondition_gradients(trace, new.inverses, updates)
   preconditioned = zero_if(~finite, preconditioned)
   skipped_steps = state.skipped_steps + jnp.logical_not(finite).astype(state.skipped_steps.dtype)
-  warn_if_skipping(~finite, skipped_steps)
+  skipped_steps = warn_if_skipping(~finite, skipped_steps)
   new = new._replace(count=jnp.where(finite, optax.safe_increment(state.count), state.count),
                      skipped_steps=skipped_steps)
   return preconditioned, new

@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 PyTree = Any
@@ -38,15 +39,27 @@ def _is_power_of_ten(count: Array) -> Array:
   return jnp.any(count == powers)
 
 
-def warn_rarely(happened: Array, total: Array, message: str) -> None:
-  """From inside the compiled step: a `RuntimeWarning` with `message` (formatted with
-  `count=total`) when `happened` and `total` is 1, 10, 100, ... (so a run that keeps
-  failing says so, and rarely)."""
-  def warn(count):
-    warnings.warn(message.format(count=int(count)), RuntimeWarning, stacklevel=1)
+def warn_rarely(happened: Array, total: Array, message: str) -> Array:
+  """`total`, with a `RuntimeWarning` (`message` formatted with `count=total`) raised from
+  inside the compiled step when `happened` and `total` is 1, 10, 100, ... (so a run that
+  keeps failing says so, and rarely). Store the result: the warning rides on it.
 
-  jax.lax.cond(happened & _is_power_of_ten(total),
-               lambda: jax.debug.callback(warn, total), lambda: None)
+  The warning is a `jax.pure_callback` that gives `total` back, not a
+  `jax.debug.callback`: an effect in the program turns off `jax.jit`'s C++ dispatch, which
+  cost 1.8 ms a step (0.7x an Adam step) on a 784-512-256-10 MLP at batch 128. A pure
+  callback whose result is used is kept; it checks the condition again itself, so a
+  `vmap`, which turns the `lax.cond` into a select, warns only where it should.
+  """
+  def warn(fire, count):
+    if np.any(fire):
+      warnings.warn(message.format(count=int(np.max(count))), RuntimeWarning, stacklevel=1)
+    return np.asarray(count)
+
+  fire = happened & _is_power_of_ten(total)
+  return jax.lax.cond(
+      fire, lambda: jax.pure_callback(warn, jax.ShapeDtypeStruct(total.shape, total.dtype),
+                                      fire, total, vmap_method="sequential"),
+      lambda: total)
 
 
 SKIPPING_MESSAGE = (
@@ -57,6 +70,6 @@ SKIPPING_MESSAGE = (
     "larger), or use jkfac.kfac's adaptive default, which rejects steps that raise the loss.")
 
 
-def warn_if_skipping(skipped: Array, skipped_steps: Array) -> None:
-  """`warn_rarely` for steps skipped as not finite."""
-  warn_rarely(skipped, skipped_steps, SKIPPING_MESSAGE)
+def warn_if_skipping(skipped: Array, skipped_steps: Array) -> Array:
+  """`warn_rarely` for steps skipped as not finite: `skipped_steps`, to store."""
+  return warn_rarely(skipped, skipped_steps, SKIPPING_MESSAGE)

@@ -174,6 +174,41 @@ def test_skipped_steps_warn_from_inside_the_compiled_step():
   assert int(jkfac.diagnostics(state)["skipped_steps"]) == 1
 
 
+def test_a_rejected_step_warns_from_inside_the_compiled_step():
+  params, batch = mlp_params(), mlp_batch(0)
+  tx = jkfac.kfac(mlp_loss, batch, learning_rate=1e3, damping=0.5, adapt_damping=True)
+  with pytest.warns(RuntimeWarning, match="rejected 1 steps"):
+    _, state, _, _ = jitted_step(tx, mlp_loss)(params, tx.init(params), batch)
+    jax.effects_barrier()
+  assert int(state.rejected_steps) == 1
+
+
+def test_the_compiled_step_has_no_effects():
+  """The warnings are pure callbacks: an effect (jax.debug.callback) would turn off jit's
+  C++ dispatch path, 1.8 ms a step on a 784-512-256-10 MLP."""
+  params, batch = mlp_params(), mlp_batch()
+  for tx in (jkfac.kfac(mlp_loss, batch), jkfac.kfac(mlp_loss, batch, learning_rate=0.1,
+                                                        damping=1e-2)):
+    step = jitted_step(tx, mlp_loss)
+    assert jax.make_jaxpr(step)(params, tx.init(params), batch).effects == set()
+
+
+def test_under_vmap_only_the_skipped_copy_warns():
+  """vmap turns the warning's `lax.cond` into a select: the callback checks again."""
+  params = mlp_params()
+  tx = jkfac.kfac(mlp_loss, mlp_batch(), learning_rate=0.1, damping=1e-2)
+  good, bad = mlp_batch(1), dict(mlp_batch(1), x=mlp_batch(1)["x"].at[0, 0].set(jnp.nan))
+  stack = lambda *trees: jax.tree_util.tree_map(lambda *x: jnp.stack(x), *trees)
+  step = jax.vmap(jitted_step(tx, mlp_loss), in_axes=(None, 0, 0))
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    _, state, _, _ = step(params, stack(tx.init(params), tx.init(params)), stack(good, bad))
+    jax.effects_barrier()
+  assert [str(w.message)[:24] for w in caught if w.category is RuntimeWarning] == [
+      "jkfac skipped 1 steps so"]
+  np.testing.assert_array_equal(jkfac.diagnostics(state)["skipped_steps"], [0, 1])
+
+
 def test_a_factor_wider_than_max_factor_dim_is_kept_diagonal_with_a_warning():
   params = {"w": jnp.ones((3, 40)) * 0.1, "b": jnp.zeros(40)}
   batch = {"x": jnp.ones((4, 3)), "t": jnp.zeros((4, 40))}

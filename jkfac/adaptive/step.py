@@ -268,7 +268,7 @@ def _unless_rejected(rejected: Array, update: PyTree, new: AdaptiveState,
   """A rejected step: zero update, every state as it was (the preconditioner's too) but
   the raised damping, the diagnostics and the rejection count."""
   rejected_steps = old.rejected_steps + rejected.astype(old.rejected_steps.dtype)
-  warn_rarely(rejected, rejected_steps, REJECTING_MESSAGE)
+  rejected_steps = warn_rarely(rejected, rejected_steps, REJECTING_MESSAGE)
   restored = old._replace(damping=new.damping, diagnostics=new.diagnostics,
                           rejected_steps=rejected_steps)
   return zero_if(rejected, update), keep_unless(rejected, new, restored)
