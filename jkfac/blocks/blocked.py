@@ -41,16 +41,27 @@ def to_blocks(matrix: Array, size: int) -> Array:
   return padded.reshape(count, side, count, side)[index, :, index, :]
 
 
+def _spans(factor: Array, features: int) -> list[tuple[int, int, int]]:
+  """`(block, start, stop)` of each diagonal block of a 3-D `factor` over `features`."""
+  count, side, _ = factor.shape
+  return [(k, k * side, min((k + 1) * side, features)) for k in range(count)]
+
+
+# Blocks are applied one by one as plain matrix products: XLA:CPU ran the batched einsum
+# over padded blocks with a transposed copy of the gradient, 2.8 ms against 2.0 ms for
+# an MLP's 785 x 512 first layer in 128-feature blocks (25-38% slower at other shapes).
+# A padded last block is used through its top-left corner, over the real features: the
+# padding would meet zeros of a padded gradient.
+
+
 def apply_left(factor: Array, x: Array) -> Array:
   """`factor @ x` for a factor kept as a matrix, its diagonal (1-D) or its blocks (3-D)."""
   if factor.ndim == 1:
     return factor[:, None] * x
   if factor.ndim == 2:
     return factor @ x
-  count, side, _ = factor.shape
-  rows = x.shape[0]
-  padded = jnp.pad(x, [(0, count * side - rows), (0, 0)]).reshape(count, side, -1)
-  return jnp.einsum("kij,kjc->kic", factor, padded).reshape(count * side, -1)[:rows]
+  return jnp.concatenate([factor[k, :stop - start, :stop - start] @ x[start:stop]
+                          for k, start, stop in _spans(factor, x.shape[0])], axis=0)
 
 
 def apply_right(x: Array, factor: Array) -> Array:
@@ -59,10 +70,8 @@ def apply_right(x: Array, factor: Array) -> Array:
     return x * factor[None, :]
   if factor.ndim == 2:
     return x @ factor
-  count, side, _ = factor.shape
-  columns = x.shape[-1]
-  padded = jnp.pad(x, [(0, 0), (0, count * side - columns)]).reshape(-1, count, side)
-  return jnp.einsum("rki,kij->rkj", padded, factor).reshape(-1, count * side)[:, :columns]
+  return jnp.concatenate([x[..., start:stop] @ factor[k, :stop - start, :stop - start]
+                          for k, start, stop in _spans(factor, x.shape[-1])], axis=-1)
 
 
 def _blocks_of(factors: Arrays, size: int) -> Arrays:
