@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from jkfac import conv_layout, jaxprs, tags
+from jkfac import conv_layout, jaxprs, tags, window_max
 from jkfac.layer_table import make_jaxpr
 
 Array = jax.Array
@@ -58,8 +58,9 @@ def _evaluate(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any],
               perturbations: Sequence[Array], in_branch: bool = False
               ) -> tuple[list[Any], _Recorded]:
   """`jax.core.eval_jaxpr` that adds `perturbations` at the layer tags' outputs (in tag
-  order, also in sub-jaxprs) and records what the tags see. `in_branch`: the pass runs
-  inside control flow, so convolutions use `conv_layout.conv`."""
+  order, also in sub-jaxprs) and records what the tags see. Max pools go through
+  `window_max.max_pool`; `in_branch`: the pass runs inside control flow, so convolutions
+  use `conv_layout.conv`."""
   env: dict = {}
   env.update(zip(jaxpr.constvars, consts))
   env.update(zip(jaxpr.invars, args))
@@ -98,6 +99,8 @@ def _evaluate(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any],
         mine.extend(theirs)
     elif in_branch and eqn.primitive is jax.lax.conv_general_dilated_p:
       outvals = [conv_layout.conv(*invals, **eqn.params)]
+    elif eqn.primitive is jax.lax.reduce_window_max_p:
+      outvals = [window_max.max_pool(*invals, **eqn.params)]
     else:
       out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
       outvals = out if eqn.primitive.multiple_results else [out]
