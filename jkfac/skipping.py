@@ -45,10 +45,11 @@ def warn_rarely(happened: Array, total: Array, message: str) -> Array:
   keeps failing says so, and rarely). Store the result: the warning rides on it.
 
   The warning is a `jax.pure_callback` that gives `total` back, not a
-  `jax.debug.callback`: an effect in the program turns off `jax.jit`'s C++ dispatch, which
-  cost 1.8 ms a step (0.7x an Adam step) on a 784-512-256-10 MLP at batch 128. A pure
-  callback whose result is used is kept; it checks the condition again itself, so a
-  `vmap`, which turns the `lax.cond` into a select, warns only where it should.
+  `jax.debug.callback`: an effect in the program turns off `jax.jit`'s C++ dispatch,
+  which cost 1.4-1.8 ms a step (0.6-0.7x an Adam step) on a 784-512-256-10 MLP at batch
+  128. A pure callback whose result is used is kept; it checks the condition again
+  itself, so a `vmap`, which turns the `lax.cond` into a select, warns only where it
+  should.
   """
   def warn(fire, count):
     if np.any(fire):
