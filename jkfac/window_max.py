@@ -9,8 +9,9 @@ convnet's 124 ms step (batch 128), the pooling itself 3 ms.
 `max_pool` computes the same value with the same primitive. Its tangent takes, in each
 window, the tangent of the first maximal entry (the one JAX's rule takes), from the
 window's `K` entries seen as `K` strided slices of the padded input: a JVP, and a
-transpose of it, made of slices, pads, comparisons and selects. Pools with dilations,
-negative padding or windows of more than `MAX_WINDOW` entries bind the primitive as it is.
+transpose of it, made of slices, pads, comparisons and selects. Pools of integers, with
+dilations, negative padding or windows of more than `MAX_WINDOW` entries bind the
+primitive as it is.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def max_pool(operand: Array, **params: Any) -> Array:
   """`lax.reduce_window_max_p.bind(operand, **params)`, differentiated as the module
   says."""
   bind = jax.lax.reduce_window_max_p.bind
-  if not supported(params):
+  if not supported(params) or not jnp.issubdtype(operand.dtype, jnp.floating):
     return bind(operand, **params)
 
   @jax.custom_jvp

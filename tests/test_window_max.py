@@ -50,7 +50,7 @@ def test_max_pool_matches_lax_in_value_jvp_and_vjp(case):
                                   jax.vjp(reference, x)[1](cotangent)[0])
 
 
-def test_dilated_pools_keep_jaxs_rule():
+def test_dilated_large_and_integer_pools_keep_jaxs_rule():
   x = jnp.ones((1, 9, 9, 1))
   params = _params(lambda h: jax.lax.reduce_window(
       h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 1, 1, 1), "VALID",
@@ -58,6 +58,12 @@ def test_dilated_pools_keep_jaxs_rule():
   assert not window_max.supported(params)
   assert not window_max.supported({**params, "window_dilation": (1,) * 4,
                                    "window_dimensions": (1, 5, 5, 1)})  # 25 > MAX_WINDOW
+  ints = jnp.arange(16, dtype=jnp.int32).reshape(1, 4, 4, 1)
+  params = _params(lambda h: nn.max_pool(h, (2, 2), (2, 2)), ints.astype(jnp.float32))
+  pool_of_ints = lambda scale: window_max.max_pool((scale * ints).astype(jnp.int32), **params)
+  value, tangent = jax.jvp(pool_of_ints, (1.0,), (1.0,))  # an integer tangent: float0
+  np.testing.assert_array_equal(value, jax.lax.reduce_window_max_p.bind(ints, **params))
+  assert tangent.dtype == jax.dtypes.float0
 
 
 class _PoolNet(nn.Module):
