@@ -94,8 +94,9 @@ def finite(params, loss) -> bool:
 
 
 def configurations(loss_fn, batch):
-  """`label -> (optimizer, fused, inverse period)`: Adam, the one-call default, grafting
-  (Adam's learning rate), and fixed K-FAC with statistics every step / inverses every 10."""
+  """`label -> (optimizer, fused, inverse period)`: Adam and the one-call default (each
+  also with its gradient from `jkfac.value_and_grad`), grafting (Adam's learning rate),
+  and fixed K-FAC with statistics every step / inverses every 10 (plain and fused)."""
   fixed = lambda: jkfac.kfac(loss_fn, batch, learning_rate=5e-4, damping=1e-3,
                              cov_update_every=1, invert_every=10, warm_start=False)
   return {
