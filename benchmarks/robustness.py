@@ -3,7 +3,8 @@ against Adam with a small learning-rate sweep: does it diverge, and how many ste
 seconds does it take to reach the best Adam's final loss?
 
     python -m benchmarks.robustness [--models mlp,autoencoder,regression,convnet,resnet]
-        [--steps 200] [--batch-sizes 128] [--data-dir examples/data/mnist]
+        [--steps 200] [--batch-sizes 128] [--adam-rates 3e-4,1e-3,3e-3,1e-2]
+        [--eigen-adam-rates 1e-3,3e-3,1e-2] [--data-dir examples/data/mnist]
 
 Models (real MNIST digits, the first 8,000 of the bundled test split): the MNIST convnet
 with the whole Flax variables dict as parameters, an MLP 784-512-256-10 (tanh), a
@@ -12,7 +13,8 @@ regression MLP with a 1-D output (the digit's value, squared error) and a small 
 with BatchNorm. Every optimizer sees the same initialisation and the same batches, in
 one process; seconds are those of real training steps (compilation excluded). The
 target is the best Adam run's final loss (mean of its last 10 steps); a run reaches it
-when the running mean of 10 steps does. Prints one table per batch size.
+when the running mean of 10 steps does. `--eigen-adam-rates` also runs
+`jkfac.eigen_adam` at each of these learning rates. Prints one table per batch size.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import jkfac
 import mnist_data  # the examples' data, importable through the benchmarks package
 
 WINDOW = 10
-ADAM_RATES = (3e-4, 1e-3, 3e-3)
+ADAM_RATES = (3e-4, 1e-3, 3e-3, 1e-2)
 
 
 class ConvNet(nn.Module):
@@ -181,17 +183,22 @@ def hit(losses: np.ndarray, seconds: np.ndarray, target: float):
   return index + 1, seconds[index]
 
 
-def compare(name: str, images, labels, batch_size: int, steps: int) -> list[str]:
+def compare(name: str, images, labels, batch_size: int, steps: int,
+            adam_rates: tuple[float, ...] = ADAM_RATES,
+            eigen_adam_rates: tuple[float, ...] = ()) -> list[str]:
   data = batches(name, images, labels, batch_size, steps)
   loss_fn, params = make_model(name, data[0]["x"][:2])
-  runs = {f"adam {lr:g}": train(loss_fn, params, optax.adam(lr), data) for lr in ADAM_RATES}
+  runs = {f"adam {lr:g}": train(loss_fn, params, optax.adam(lr), data) for lr in adam_rates}
   final = {k: float(running_mean(v[0])[-1]) if len(v[0]) == steps and np.isfinite(v[0]).all()
            else math.inf for k, v in runs.items()}
   best = min(final, key=final.get)
-  best_rate = ADAM_RATES[list(runs).index(best)]
+  best_rate = adam_rates[list(runs).index(best)]
   runs["kfac default"] = train(loss_fn, params, jkfac.kfac(loss_fn, data[0]), data)
   runs[f"kfac graft adam {best_rate:g}"] = train(
       loss_fn, params, jkfac.kfac(loss_fn, data[0], learning_rate=best_rate, graft="adam"), data)
+  for lr in eigen_adam_rates:
+    runs[f"eigen adam {lr:g}"] = train(loss_fn, params, jkfac.eigen_adam(loss_fn, data[0], lr),
+                                       data)
   target, (_, reference) = final[best], hit(*runs[best], final[best])
   lines = []
   for label, (losses, seconds) in runs.items():
@@ -211,16 +218,22 @@ def main() -> None:
   parser.add_argument("--models", default="mlp,autoencoder,regression,convnet,resnet")
   parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--batch-sizes", default="128")
+  parser.add_argument("--adam-rates", default=",".join(f"{lr:g}" for lr in ADAM_RATES))
+  parser.add_argument("--eigen-adam-rates", default="",
+                      help="also run jkfac.eigen_adam at these learning rates")
   parser.add_argument("--data-dir", default=mnist_data.BUNDLED_DIR)
   args = parser.parse_args()
+  rates = lambda text: tuple(float(x) for x in text.split(",") if x)
+  adam_rates, eigen_adam_rates = rates(args.adam_rates), rates(args.eigen_adam_rates)
   images, labels = load(args.data_dir)
-  print(f"target: the best Adam's final loss (lr in {ADAM_RATES}); ratios: steps / seconds "
+  print(f"target: the best Adam's final loss (lr in {adam_rates}); ratios: steps / seconds "
         "to it against that Adam run's")
   print(f"{'model':11s} {'batch':>5s} {'optimizer':24s} {'status':8s} {'final loss':>10s} "
         f"{'ms/step':>8s} {'to target':>13s}")
   for batch_size in map(int, args.batch_sizes.split(",")):
     for name in args.models.split(","):
-      for line in compare(name, images, labels, batch_size, args.steps):
+      for line in compare(name, images, labels, batch_size, args.steps, adam_rates,
+                          eigen_adam_rates):
         print(line, flush=True)
 
 

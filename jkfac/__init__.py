@@ -23,7 +23,8 @@ from jkfac.factor_sizes import LargeFactorWarning
 from jkfac.layer_table import GenericBlockWarning
 from jkfac.state import PreconditionState
 from jkfac.preconditioner import precondition
-from jkfac.alias import kfac
+from jkfac.alias import eigen_adam, kfac
+from jkfac.eigenbasis import EigenAdamState, scale_by_eigen_adam
 from jkfac.adaptive import AdaptiveState, diagnostics, preconditioner_state
 from jkfac import layer_collection, parallel
 
@@ -41,6 +42,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "AdaptiveState",
+    "EigenAdamState",
     "LargeFactorWarning",
     "GenericBlockWarning",
     "PreconditionConfig",
@@ -53,11 +55,13 @@ __all__ = [
     "curvature",
     "describe",
     "diagnostics",
+    "eigen_adam",
     "flax",
     "layer_collection",
     "parallel",
     "kfac",
     "precondition",
+    "scale_by_eigen_adam",
     "preconditioner_state",
     "register_conv1d",
     "register_conv2d",

@@ -1,8 +1,9 @@
-"""`jkfac.kfac`: the K-FAC optimizer people call, built from the pieces below it.
+"""The optimizers people call, built from the pieces below them.
 
 As `optax.adam` chains `scale_by_adam` with a learning rate, `kfac` wraps
 `jkfac.precondition` into the K-FAC step of `jkfac.adaptive` (quadratic model or fixed
-rate, damping, momentum), with the defaults of the one-call configuration.
+rate, damping, momentum), with the defaults of the one-call configuration, and
+`eigen_adam` chains `jkfac.scale_by_eigen_adam` with weight decay and a learning rate.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, Callable
 import optax
 
 from jkfac import adaptive
+from jkfac.eigenbasis import scale_by_eigen_adam
 from jkfac.config import with_curvature_settings
 from jkfac.preconditioner import precondition
 from jkfac.schedules import ScalarOrSchedule
@@ -116,3 +118,36 @@ def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
 
 
 with_curvature_settings(kfac, KFAC_CURVATURE)
+
+
+def eigen_adam(loss_fn: Callable[..., Any], example_batch: PyTree,
+               learning_rate: ScalarOrSchedule, *, b1: float = 0.9, b2: float = 0.95,
+               eps: float = 1e-8, weight_decay: float = 0.0,
+               mask: Any = None, **curvature_settings: Any
+               ) -> optax.GradientTransformationExtraArgs:
+  """AdamW in the eigenbases of K-FAC's Kronecker factors (SOAP's idea on K-FAC's factors).
+
+  Each dense or conv layer runs Adam in the coordinates where its K-FAC curvature is
+  diagonal; everything else runs plain AdamW (see `jkfac.scale_by_eigen_adam`). It takes
+  an Adam-like learning rate and needs no damping. Use as any optax optimizer, passing
+  the batch: `tx.update(grads, opt_state, params, batch=batch)`.
+
+  Args:
+    loss_fn: `loss_fn(params, batch)`, with its layers tagged or recognised and its loss
+      registered, as for `jkfac.kfac`.
+    example_batch: a batch, or its shapes and dtypes.
+    learning_rate: a number or schedule, as for `optax.adamw`.
+    b1, b2, eps: Adam's moment decay rates and denominator constant; `b2` 0.95, as SOAP's.
+    weight_decay, mask: decoupled weight decay, as for `optax.adamw`.
+    **curvature_settings: fields of `jkfac.PreconditionConfig` but
+      `jkfac.eigenbasis.UNSUPPORTED_SETTINGS`; as `kfac`'s, `cov_update_every` 5,
+      `invert_every` (here: eigendecompositions) 50 and `warm_start` True by default.
+
+  Examples:
+    >>> tx = jkfac.eigen_adam(loss_fn, batch, learning_rate=1e-2)
+  """
+  return optax.chain(
+      scale_by_eigen_adam(loss_fn, example_batch, b1=b1, b2=b2, eps=eps,
+                          **{**KFAC_CURVATURE, **curvature_settings}),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate))

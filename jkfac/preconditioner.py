@@ -135,16 +135,13 @@ def inverses_due(config: PreconditionConfig, count: Array) -> Array:
   return (due & (count > 0)) | ((count < config.invert_every) & _is_power_of_two(count))
 
 
-def _update(config: PreconditionConfig, trace: Trace, updates: PyTree,
-            state: PreconditionState, params: PyTree, batch: PyTree,
-            curvature: interpreter.Linearization | None, damping: Array | None = None,
-            invert_now: Array | None = None) -> tuple[PyTree, PreconditionState]:
-  if config.device_axis is not None:
-    parallel.check_axis(config.device_axis)
-    updates = parallel.pmean(updates, config.device_axis)
-  check_state(trace, state)
-  # A batch whose gradients or statistics are not finite changes nothing but a counter.
-  grads_finite = tree_finite(updates)
+def refresh_statistics(config: PreconditionConfig, trace: Trace, state: PreconditionState,
+                       params: PyTree, batch: PyTree,
+                       curvature: interpreter.Linearization | None, grads_finite: Array
+                       ) -> tuple[PreconditionState, Array]:
+  """`state` with this batch's statistics folded in when they are due, and whether the
+  batch is finite (its gradients, `grads_finite`, and statistics): a batch that is not
+  leaves the statistics as they were."""
 
   def statistics_step(s: PreconditionState) -> tuple[PreconditionState, Array]:
     new = update_statistics(config, trace, s, params, batch, curvature)
@@ -154,7 +151,28 @@ def _update(config: PreconditionConfig, trace: Trace, updates: PyTree,
 
   new, finite = jax.lax.cond(grads_finite & statistics_due(config, state.count),
                              statistics_step, lambda s: (s, jnp.asarray(True)), state)
-  finite = finite & grads_finite
+  return new, finite & grads_finite
+
+
+def count_step(new: PreconditionState, old: PreconditionState, finite: Array
+               ) -> PreconditionState:
+  """`new` with the step counted: taken if `finite`, else skipped (and warned about)."""
+  skipped_steps = old.skipped_steps + jnp.logical_not(finite).astype(old.skipped_steps.dtype)
+  return new._replace(count=jnp.where(finite, optax.safe_increment(old.count), old.count),
+                      skipped_steps=warn_if_skipping(~finite, skipped_steps))
+
+
+def _update(config: PreconditionConfig, trace: Trace, updates: PyTree,
+            state: PreconditionState, params: PyTree, batch: PyTree,
+            curvature: interpreter.Linearization | None, damping: Array | None = None,
+            invert_now: Array | None = None) -> tuple[PyTree, PreconditionState]:
+  if config.device_axis is not None:
+    parallel.check_axis(config.device_axis)
+    updates = parallel.pmean(updates, config.device_axis)
+  check_state(trace, state)
+  # A batch whose gradients or statistics are not finite changes nothing but a counter.
+  new, finite = refresh_statistics(config, trace, state, params, batch, curvature,
+                                   tree_finite(updates))
   damping = value(config.damping, state.count) if damping is None else damping
   damping = jnp.maximum(damping, MIN_DAMPING)
   due = inverses_due(config, state.count)
@@ -162,13 +180,8 @@ def _update(config: PreconditionConfig, trace: Trace, updates: PyTree,
     due = due | invert_now
   new = jax.lax.cond(finite & due, lambda s: update_inverses(config, trace, s, damping),
                      lambda s: s, new)
-  preconditioned = precondition_gradients(trace, new.inverses, updates)
-  preconditioned = zero_if(~finite, preconditioned)
-  skipped_steps = state.skipped_steps + jnp.logical_not(finite).astype(state.skipped_steps.dtype)
-  skipped_steps = warn_if_skipping(~finite, skipped_steps)
-  new = new._replace(count=jnp.where(finite, optax.safe_increment(state.count), state.count),
-                     skipped_steps=skipped_steps)
-  return preconditioned, new
+  preconditioned = zero_if(~finite, precondition_gradients(trace, new.inverses, updates))
+  return preconditioned, count_step(new, state, finite)
 
 
 def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,

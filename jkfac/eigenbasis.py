@@ -1,0 +1,299 @@
+"""`jkfac.scale_by_eigen_adam`: Adam in the eigenbases of K-FAC's factors (SOAP's idea).
+
+A layer's gradient matrix `g` (inputs × outputs, as the blocks see it) is rotated into the
+eigenbases of its Kronecker factors, `g̃ = Q_Aᵀ g Q_G`, where Adam keeps its two moments;
+the step is rotated back, `Q_A (m̃ / (√ṽ + ε)) Q_Gᵀ`. The factors are K-FAC's (statistics
+every `cov_update_every` steps, as `jkfac.precondition` estimates them), their
+eigendecompositions are refreshed every `invert_every` steps, and in between the
+per-coordinate second moment keeps a stale basis useful (Vyas et al. 2024, SOAP; George et
+al. 2018, EKFAC). When a basis changes, the first moment is rotated into the new one
+exactly, and the second moment becomes the diagonal of the old diagonal rotated. A factor
+kept diagonal (`max_factor_dim`, "kron_in_diag", "kron_out_diag") is its own eigenbasis;
+one kept block-diagonal (`factor_block_size`) has one eigenbasis per block.
+Every parameter outside a Kronecker-factored layer (norms, embeddings, generic parameters)
+gets plain Adam. See docs/usage.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jkfac import interpreter, layer_matrices, layers, masking, parallel, tags
+from jkfac.blocks import blocked
+from jkfac.config import PreconditionConfig
+from jkfac.layer_info import LayerInfo, Trace
+from jkfac.preconditioner import count_step, inverses_due, refresh_statistics
+from jkfac.skipping import keep_unless, tree_finite, zero_if
+from jkfac.state import PreconditionState, check_state, init_state
+from jkfac.validation import abstract, check
+
+Array = jax.Array
+PyTree = Any
+
+# The approximations whose statistics are two Kronecker factors "A" and "G".
+KRONECKER_APPROXIMATIONS = ("kron", "kron_indep", "kron_reduce", "kron_in_diag",
+                            "kron_out_diag")
+# Settings of `PreconditionConfig` that `scale_by_eigen_adam` does not take: it inverts
+# nothing (no damping, method or placement) and sees every parameter.
+UNSUPPORTED_SETTINGS = ("inverse_method", "placement", "example_params")
+
+
+class Moments(NamedTuple):
+  """One Adam moment: per Kronecker-factored layer in its eigenbasis (`layers`), and for
+  every other parameter as optax keeps it (`others`: the parameters' tree, with
+  `optax.MaskedNode()` at the leaves of those layers)."""
+  layers: dict[str, Array]
+  others: PyTree
+
+
+class EigenAdamState(NamedTuple):
+  """The state of `scale_by_eigen_adam`: a plain pytree.
+
+  Attributes:
+    curvature: K-FAC's statistics of the Kronecker-factored layers, as
+      `jkfac.precondition` keeps them; its `inverses` hold each layer's eigenbases
+      ("A": `Q_A`, "G": `Q_G`; a diagonal factor's entry is unused), its `count` the
+      steps taken (Adam's bias correction) and `skipped_steps` the batches skipped as
+      not finite.
+    mu, nu: Adam's first and second moments.
+  """
+  curvature: PreconditionState
+  mu: Moments
+  nu: Moments
+
+
+def eigen_layers(trace: Trace) -> Trace:
+  """`trace` restricted to the layers Adam runs in the eigenbasis of: dense and conv
+  layers with two Kronecker factors and one feature group (and, if stacked by a scan,
+  whole factors); the rest of the parameters are left to plain Adam."""
+  chosen = tuple(layer for layer in trace.layers
+                 if (layer.kind == "dense" or layer.kind in tags.CONV_KINDS)
+                 and layer.approx in KRONECKER_APPROXIMATIONS
+                 and layers.feature_groups(layer) == 1
+                 and not (layer.stack and layer.block_size is not None))
+  return dataclasses.replace(trace, layers=chosen, generic=())
+
+
+def _covered(trace: Trace) -> frozenset[int]:
+  """The parameter leaves of `trace`'s layers."""
+  return frozenset(i for layer in trace.layers for i in (layer.weight, layer.bias)
+                   if i is not None)
+
+
+def _is_diagonal(factor: Array, layer: LayerInfo) -> bool:
+  """Whether a factor is kept as its diagonal: its own eigenbasis, never rotated."""
+  return factor.ndim == 1 + bool(layer.stack)
+
+
+def _transpose(q: Array) -> Array:
+  return jnp.swapaxes(q, -1, -2)
+
+
+def _left(q: Array, x: Array, layer: LayerInfo) -> Array:
+  """`q @ x` for `q` a matrix, one per slice of a stacked layer, or diagonal blocks."""
+  return q @ x if layer.stack else blocked.apply_left(q, x)
+
+
+def _right(x: Array, q: Array, layer: LayerInfo) -> Array:
+  return x @ q if layer.stack else blocked.apply_right(x, q)
+
+
+def rotate_in(bases: dict[str, Array], layer: LayerInfo, matrix: Array) -> Array:
+  """`Q_Aᵀ matrix Q_G`, skipping a side whose factor is diagonal."""
+  if not _is_diagonal(bases["A"], layer):
+    matrix = _left(_transpose(bases["A"]), matrix, layer)
+  if not _is_diagonal(bases["G"], layer):
+    matrix = _right(matrix, bases["G"], layer)
+  return matrix
+
+
+def rotate_out(bases: dict[str, Array], layer: LayerInfo, matrix: Array) -> Array:
+  """`Q_A matrix Q_Gᵀ`, skipping a side whose factor is diagonal."""
+  if not _is_diagonal(bases["A"], layer):
+    matrix = _left(bases["A"], matrix, layer)
+  if not _is_diagonal(bases["G"], layer):
+    matrix = _right(matrix, _transpose(bases["G"]), layer)
+  return matrix
+
+
+def _eigenvectors(factor: Array, features: int, layer: LayerInfo) -> Array:
+  """The eigenvectors of a factor: of the matrix (of each slice), or of each diagonal
+  block over its real features (a padded last block's padding keeps the standard basis,
+  never mixed into the real features)."""
+  if layer.stack or factor.ndim == 2:
+    return jnp.linalg.eigh(factor)[1]
+  count, side, _ = factor.shape
+  last = features - (count - 1) * side
+  if last == side:
+    return jnp.linalg.eigh(factor)[1]
+  padded = jnp.eye(side, dtype=factor.dtype).at[:last, :last].set(
+      jnp.linalg.eigh(factor[-1, :last, :last])[1])
+  return jnp.concatenate([jnp.linalg.eigh(factor[:-1])[1], padded[None]], axis=0)
+
+
+def eigenbases(statistics: dict[str, Array], ema_weight: Array, old: dict[str, Array],
+               layer: LayerInfo) -> dict[str, Array]:
+  """The eigenvectors of the layer's bias-corrected factors (a diagonal factor's entry
+  kept as it is)."""
+  features = dict(zip(("A", "G"), layers.matrix_shape(layer)))
+  return {name: old[name] if _is_diagonal(factor, layer) else _eigenvectors(
+              factor / ema_weight, features[name], layer).astype(old[name].dtype)
+          for name, factor in statistics.items()}
+
+
+def change_basis(old: dict[str, Array], new: dict[str, Array], layer: LayerInfo,
+                 mu: Array, nu: Array) -> tuple[Array, Array]:
+  """The moments of one layer moved from basis `old` to `new`: `mu` exactly (`R_A mu
+  R_Gᵀ` with `R = Q_newᵀ Q_old`), `nu` as the diagonal of the rotated diagonal matrix
+  (`R_A² nu R_G²ᵀ`, entrywise squares)."""
+  if not _is_diagonal(new["A"], layer):
+    rotation = _transpose(new["A"]) @ old["A"]
+    mu, nu = _left(rotation, mu, layer), _left(rotation ** 2, nu, layer)
+  if not _is_diagonal(new["G"], layer):
+    rotation = _transpose(_transpose(new["G"]) @ old["G"])
+    mu, nu = _right(mu, rotation, layer), _right(nu, rotation ** 2, layer)
+  return mu, nu
+
+
+def _refresh_bases(trace: Trace, state: EigenAdamState, curvature: PreconditionState
+                   ) -> EigenAdamState:
+  """New eigenbases from `curvature`'s statistics, with the moments moved into them; a
+  layer whose new bases are not finite keeps its old ones (and is counted)."""
+  bases, mu, nu = dict(curvature.inverses), dict(state.mu.layers), dict(state.nu.layers)
+  fallbacks = curvature.inverse_fallbacks
+  for layer in trace.layers:
+    old = curvature.inverses[layer.name]
+    new = eigenbases(curvature.statistics[layer.name], curvature.ema_weight, old, layer)
+    finite = tree_finite(new)
+    new = keep_unless(~finite, new, old)
+    fallbacks = fallbacks + (~finite).astype(fallbacks.dtype)
+    bases[layer.name] = new
+    mu[layer.name], nu[layer.name] = change_basis(old, new, layer, mu[layer.name],
+                                                  nu[layer.name])
+  curvature = curvature._replace(inverses=bases, inverse_fallbacks=fallbacks)
+  return state._replace(curvature=curvature, mu=state.mu._replace(layers=mu),
+                        nu=state.nu._replace(layers=nu))
+
+
+def _others(params: PyTree, covered: frozenset[int], fill: Callable[[Array], Array]
+            ) -> PyTree:
+  """`params`' tree with `fill(leaf)` outside `covered` and `optax.MaskedNode()` in it."""
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  return treedef.unflatten([optax.MaskedNode() if i in covered else fill(x)
+                            for i, x in enumerate(leaves)])
+
+
+def _moments(trace: Trace, params: PyTree) -> Moments:
+  leaves = jax.tree_util.tree_leaves(params)
+  return Moments({layer.name: jnp.zeros_like(layer_matrices.layer_matrix(layer, leaves))
+                  for layer in trace.layers},
+                 _others(params, _covered(trace), jnp.zeros_like))
+
+
+def init(config: PreconditionConfig, params: PyTree) -> EigenAdamState:
+  """Zero statistics and moments, the standard basis for every layer."""
+  check(not masking.is_masked(params), "jkfac.scale_by_eigen_adam does not take a subset "
+        "of the parameters (optax.masked / multi_transform): give it all of them.")
+  curvature = init_state(config, params)
+  trace = eigen_layers(config.trace(abstract(params), config.example_batch))
+  names = [layer.name for layer in trace.layers]
+  curvature = curvature._replace(  # kron's identity inverses: the standard basis
+      statistics={name: curvature.statistics[name] for name in names},
+      inverses={name: curvature.inverses[name] for name in names})
+  moments = _moments(trace, jax.tree_util.tree_map(jnp.asarray, params))
+  return EigenAdamState(curvature, moments, moments)
+
+
+def update(config: PreconditionConfig, b1: float, b2: float, eps: float, grads: PyTree,
+           state: EigenAdamState, params: PyTree, batch: PyTree,
+           curvature: interpreter.Linearization | None = None
+           ) -> tuple[PyTree, EigenAdamState]:
+  """One step: statistics and eigenbases when due, then Adam in the bases."""
+  check(jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params),
+        "The gradients and the parameters passed to jkfac have different tree structures.")
+  trace = eigen_layers(config.trace(params, batch))
+  check_state(trace, state.curvature)
+  if config.device_axis is not None:
+    parallel.check_axis(config.device_axis)
+    grads = parallel.pmean(grads, config.device_axis)
+  old = state.curvature
+  new_curvature, finite = refresh_statistics(config, trace, old, params, batch, curvature,
+                                             tree_finite(grads))
+  new = jax.lax.cond(finite & inverses_due(config, old.count),
+                     functools.partial(_refresh_bases, trace), lambda s, c: s._replace(
+                         curvature=c), state, new_curvature)
+  bases = new.curvature.inverses
+  step = optax.safe_increment(old.count)
+  leaves, treedef = jax.tree_util.tree_flatten(grads)
+  # Adam on the layers' rotated gradients, then on every other leaf.
+  mu_layers, nu_layers, out = {}, {}, list(leaves)
+  for layer in trace.layers:
+    g = rotate_in(bases[layer.name], layer, layer_matrices.layer_matrix(layer, leaves).astype(
+        new.mu.layers[layer.name].dtype))
+    mu_layers[layer.name] = b1 * new.mu.layers[layer.name] + (1 - b1) * g
+    nu_layers[layer.name] = b2 * new.nu.layers[layer.name] + (1 - b2) * g * g
+    direction = _adam_direction(mu_layers[layer.name], nu_layers[layer.name], b1, b2, eps,
+                                step)
+    layer_matrices.place_matrix(layer, rotate_out(bases[layer.name], layer, direction), out)
+  covered = _covered(trace)
+  mu_others, nu_others = (treedef.flatten_up_to(m.others) for m in (new.mu, new.nu))
+  for i, g in enumerate(leaves):
+    if i not in covered:
+      mu_others[i] = b1 * mu_others[i] + (1 - b1) * g
+      nu_others[i] = b2 * nu_others[i] + (1 - b2) * g * g
+      out[i] = _adam_direction(mu_others[i], nu_others[i], b1, b2, eps, step).astype(g.dtype)
+  stepped = EigenAdamState(new.curvature, Moments(mu_layers, treedef.unflatten(mu_others)),
+                           Moments(nu_layers, treedef.unflatten(nu_others)))
+  kept = keep_unless(~finite, stepped, state)
+  kept = kept._replace(curvature=count_step(kept.curvature, old, finite))
+  return zero_if(~finite, treedef.unflatten(out)), kept
+
+
+def _adam_direction(mu: Array, nu: Array, b1: float, b2: float, eps: float, step: Array
+                    ) -> Array:
+  """Adam's bias-corrected `m / (√v + ε)` after `step` steps."""
+  mu_hat = optax.tree_utils.tree_bias_correction(mu, b1, step)
+  nu_hat = optax.tree_utils.tree_bias_correction(nu, b2, step)
+  return mu_hat / (jnp.sqrt(nu_hat) + eps)
+
+
+def scale_by_eigen_adam(loss_fn: Callable[..., Any], example_batch: PyTree, *,
+                        b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
+                        **settings: Any) -> optax.GradientTransformationExtraArgs:
+  """Rescales updates by Adam run in the eigenbases of K-FAC's Kronecker factors.
+
+  Args:
+    loss_fn: `loss_fn(params, batch)`, with its layers tagged or recognised and its loss
+      registered, as for `jkfac.precondition`.
+    example_batch: a batch, or `jax.ShapeDtypeStruct`s with its shapes and dtypes.
+    b1, b2, eps: Adam's decay rates of the moments and its denominator's constant.
+    **settings: curvature settings of `jkfac.PreconditionConfig` (`cov_update_every`,
+      `invert_every` for the eigendecompositions, `warm_start`, `estimation`,
+      `approximations`, `max_factor_dim`, `axis_name`, ...), except
+      `UNSUPPORTED_SETTINGS`.
+
+  Returns:
+    An optax transformation: `update(grads, state, params, batch=batch)`, optionally with
+    `curvature=` from `jkfac.value_and_grad`. A batch whose gradients or statistics are
+    not finite gives a zero update and changes nothing but `skipped_steps`.
+  """
+  for name in UNSUPPORTED_SETTINGS:
+    check(name not in settings, f"jkfac.scale_by_eigen_adam does not take {name!r}.")
+  check(0 <= b1 < 1 and 0 <= b2 < 1 and eps >= 0,
+        f"b1 and b2 must be in [0, 1) and eps >= 0; got b1={b1}, b2={b2}, eps={eps}.")
+  config = PreconditionConfig(loss_fn, example_batch, damping=1.0, **settings)
+
+  def update_fn(updates, state, params=None, *, batch=None, curvature=None, **extra_args):
+    del extra_args
+    check(params is not None and batch is not None,
+          "jkfac needs the parameters and the batch: "
+          "tx.update(grads, state, params, batch=batch).")
+    return update(config, b1, b2, eps, updates, state, params, batch, curvature)
+
+  return optax.GradientTransformationExtraArgs(functools.partial(init, config), update_fn)
