@@ -10,8 +10,9 @@ the same seeded batches, it trains:
 - the model's baselines, each over a small learning-rate sweep (every sweep is printed):
   Adam and SGD-momentum for the MNIST models, AdamW and Muon for the LM, Adam for the LSTM;
 - every K-FAC configuration of the model's table (`jkfac.kfac` keyword arguments): adaptive
-  ones (untuned) and fixed ones; a configuration the installed jkfac cannot build is
-  reported as skipped.
+  ones (untuned) and fixed ones, and for the sequence models `jkfac.eigen_adam` at two
+  learning rates (`optimizer="eigen_adam"`); a configuration the installed jkfac cannot
+  build is reported as skipped.
 It then prints the steps and seconds each run takes to reach the target, and their ratios
 to the first baseline's best run (the reference): that run's final training loss (mean of
 its last `WINDOW` steps), for the LM AdamW's final eval loss after the fixed budget
@@ -81,9 +82,16 @@ _LSTM_FIXED = dict(learning_rate=lstm.OPTIMIZERS["kfac"].learning_rate, damping=
 NORM_CONSTRAINT = 1e-3  # KL clipping; untuned
 
 
+# `jkfac.eigen_adam` (Adam in K-FAC's eigenbases) at two learning rates, with AdamW's
+# weight decay (benchmarks/compare.py's default).
+EIGEN_ADAM = {f"eigen adam lr {lr:g}": dict(optimizer="eigen_adam", learning_rate=lr,
+                                           weight_decay=0.01) for lr in (3e-3, 1e-2)}
+
+
 def _sequence_kfac(fixed: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
   return {
       **DEFAULT,
+      **EIGEN_ADAM,
       "kfac adaptive": dict(_ADAPTIVE, cov_update_every=1, invert_every=10),
       "kfac cov 1 / inv 10, norm constraint": dict(fixed, norm_constraint=NORM_CONSTRAINT,
                                                    cov_update_every=1, invert_every=10),
@@ -123,13 +131,21 @@ class Problem:
 
 
 def is_adaptive(config: Mapping[str, Any]) -> bool:
-  return ("learning_rate" not in config or any(k in config for k in ADAPTIVE_KEYWORDS)
+  """Whether a configuration is untuned: adaptive K-FAC (or not K-FAC with a fixed rate)."""
+  return ("optimizer" in config or "learning_rate" not in config or any(k in config for k in ADAPTIVE_KEYWORDS)
           or str(config.get("momentum_type", "")).startswith("qmodel"))
 
 
 def _kfac_builder(loss_fn, example, seed: int) -> Callable[[Mapping[str, Any]], Any]:
-  return lambda config: _harness.try_build(jkfac.kfac, loss_fn, example,
-                                           **{"seed": seed, **config})
+  """`config -> tx`: `jkfac.kfac(**config)`, or `jkfac.eigen_adam` where the config says
+  `optimizer="eigen_adam"`."""
+
+  def build(config: Mapping[str, Any]):
+    config = dict(config)
+    factory = jkfac.eigen_adam if config.pop("optimizer", None) == "eigen_adam" else jkfac.kfac
+    return _harness.try_build(factory, loss_fn, example, **{"seed": seed, **config})
+
+  return build
 
 
 def _mnist_batches(data: mnist_data.Dataset, batch_size: int, seed: int

@@ -96,7 +96,8 @@ def finite(params, loss) -> bool:
 def configurations(loss_fn, batch):
   """`label -> (optimizer, fused, inverse period)`: Adam and the one-call default (each
   also with its gradient from `jkfac.value_and_grad`), grafting (Adam's learning rate),
-  and fixed K-FAC with statistics every step / inverses every 10 (plain and fused)."""
+  `jkfac.eigen_adam`, and fixed K-FAC with statistics every step / inverses every 10
+  (plain and fused)."""
   fixed = lambda: jkfac.kfac(loss_fn, batch, learning_rate=5e-4, damping=1e-3,
                              cov_update_every=1, invert_every=10, warm_start=False)
   return {
@@ -106,6 +107,7 @@ def configurations(loss_fn, batch):
       "kfac default, fused": (jkfac.kfac(loss_fn, batch), True, 50),
       "kfac graft adam": (jkfac.kfac(loss_fn, batch, learning_rate=1e-3, graft="adam"),
                           False, 50),
+      "eigen adam": (jkfac.eigen_adam(loss_fn, batch, learning_rate=1e-3), False, 50),
       "kfac fixed, cov 1 / inv 10": (fixed(), False, 10),
       "kfac fixed, cov 1 / inv 10, fused": (fixed(), True, 10),
   }

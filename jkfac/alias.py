@@ -137,8 +137,11 @@ def eigen_adam(loss_fn: Callable[..., Any], example_batch: PyTree,
       registered, as for `jkfac.kfac`.
     example_batch: a batch, or its shapes and dtypes.
     learning_rate: a number or schedule, as for `optax.adamw`.
-    b1, b2, eps: Adam's moment decay rates and denominator constant; `b2` 0.95, as SOAP's.
-    weight_decay, mask: decoupled weight decay, as for `optax.adamw`.
+    b1: the decay rate of Adam's first moment.
+    b2: the decay rate of Adam's second moment; 0.95, as SOAP's.
+    eps: the constant added to Adam's denominator.
+    weight_decay: decoupled weight decay, as for `optax.adamw`.
+    mask: the parameters that `weight_decay` applies to, as for `optax.adamw`.
     **curvature_settings: fields of `jkfac.PreconditionConfig` but
       `jkfac.eigenbasis.UNSUPPORTED_SETTINGS`; as `kfac`'s, `cov_update_every` 5,
       `invert_every` (here: eigendecompositions) 50 and `warm_start` True by default.

@@ -26,7 +26,7 @@ import optax
 
 from jkfac import interpreter, layer_matrices, layers, masking, parallel, tags
 from jkfac.blocks import blocked
-from jkfac.config import PreconditionConfig
+from jkfac.config import PreconditionConfig, state_dtype
 from jkfac.layer_info import LayerInfo, Trace
 from jkfac.preconditioner import count_step, inverses_due, refresh_statistics
 from jkfac.skipping import keep_unless, tree_finite, zero_if
@@ -56,14 +56,14 @@ class EigenAdamState(NamedTuple):
   """The state of `scale_by_eigen_adam`: a plain pytree.
 
   Attributes:
-    curvature: K-FAC's statistics of the Kronecker-factored layers, as
+    preconditioner: K-FAC's statistics of the Kronecker-factored layers, as
       `jkfac.precondition` keeps them; its `inverses` hold each layer's eigenbases
       ("A": `Q_A`, "G": `Q_G`; a diagonal factor's entry is unused), its `count` the
       steps taken (Adam's bias correction) and `skipped_steps` the batches skipped as
       not finite.
     mu, nu: Adam's first and second moments.
   """
-  curvature: PreconditionState
+  preconditioner: PreconditionState
   mu: Moments
   nu: Moments
 
@@ -122,19 +122,30 @@ def rotate_out(bases: dict[str, Array], layer: LayerInfo, matrix: Array) -> Arra
   return matrix
 
 
+def _eigh_each(matrices: Array) -> Array:
+  """The eigenvectors of each matrix of `(..., d, d)`, one LAPACK call per matrix.
+
+  A batched `jnp.linalg.eigh` inside the compiled step deadlocked on XLA:CPU (jax 0.10.2,
+  2 cores): jaxlib's batched kernel waits for the thread pool that is running it.
+  """
+  if matrices.ndim == 2:
+    return jnp.linalg.eigh(matrices)[1]
+  return jnp.stack([_eigh_each(m) for m in matrices])
+
+
 def _eigenvectors(factor: Array, features: int, layer: LayerInfo) -> Array:
   """The eigenvectors of a factor: of the matrix (of each slice), or of each diagonal
   block over its real features (a padded last block's padding keeps the standard basis,
   never mixed into the real features)."""
   if layer.stack or factor.ndim == 2:
-    return jnp.linalg.eigh(factor)[1]
+    return _eigh_each(factor)
   count, side, _ = factor.shape
   last = features - (count - 1) * side
   if last == side:
-    return jnp.linalg.eigh(factor)[1]
+    return _eigh_each(factor)
   padded = jnp.eye(side, dtype=factor.dtype).at[:last, :last].set(
-      jnp.linalg.eigh(factor[-1, :last, :last])[1])
-  return jnp.concatenate([jnp.linalg.eigh(factor[:-1])[1], padded[None]], axis=0)
+      _eigh_each(factor[-1, :last, :last]))
+  return jnp.concatenate([_eigh_each(factor[:-1]), padded[None]], axis=0)
 
 
 def eigenbases(statistics: dict[str, Array], ema_weight: Array, old: dict[str, Array],
@@ -161,23 +172,24 @@ def change_basis(old: dict[str, Array], new: dict[str, Array], layer: LayerInfo,
   return mu, nu
 
 
-def _refresh_bases(trace: Trace, state: EigenAdamState, curvature: PreconditionState
+def _refresh_bases(trace: Trace, state: EigenAdamState, preconditioner: PreconditionState
                    ) -> EigenAdamState:
-  """New eigenbases from `curvature`'s statistics, with the moments moved into them; a
-  layer whose new bases are not finite keeps its old ones (and is counted)."""
-  bases, mu, nu = dict(curvature.inverses), dict(state.mu.layers), dict(state.nu.layers)
-  fallbacks = curvature.inverse_fallbacks
+  """New eigenbases from `preconditioner`'s statistics, with the moments moved into them;
+  a layer whose new bases are not finite keeps its old ones (and is counted)."""
+  bases, mu, nu = dict(preconditioner.inverses), dict(state.mu.layers), dict(state.nu.layers)
+  fallbacks = preconditioner.inverse_fallbacks
   for layer in trace.layers:
-    old = curvature.inverses[layer.name]
-    new = eigenbases(curvature.statistics[layer.name], curvature.ema_weight, old, layer)
+    old = preconditioner.inverses[layer.name]
+    new = eigenbases(preconditioner.statistics[layer.name], preconditioner.ema_weight, old,
+                     layer)
     finite = tree_finite(new)
     new = keep_unless(~finite, new, old)
     fallbacks = fallbacks + (~finite).astype(fallbacks.dtype)
     bases[layer.name] = new
     mu[layer.name], nu[layer.name] = change_basis(old, new, layer, mu[layer.name],
                                                   nu[layer.name])
-  curvature = curvature._replace(inverses=bases, inverse_fallbacks=fallbacks)
-  return state._replace(curvature=curvature, mu=state.mu._replace(layers=mu),
+  preconditioner = preconditioner._replace(inverses=bases, inverse_fallbacks=fallbacks)
+  return state._replace(preconditioner=preconditioner, mu=state.mu._replace(layers=mu),
                         nu=state.nu._replace(layers=nu))
 
 
@@ -190,9 +202,11 @@ def _others(params: PyTree, covered: frozenset[int], fill: Callable[[Array], Arr
 
 
 def _moments(trace: Trace, params: PyTree) -> Moments:
-  leaves = jax.tree_util.tree_leaves(params)
-  return Moments({layer.name: jnp.zeros_like(layer_matrices.layer_matrix(layer, leaves))
-                  for layer in trace.layers},
+  """Zero moments: the layers' in the curvature's dtype (float32 for low-precision
+  parameters), the others' in the parameters' (as optax's)."""
+  leaves, dtype = jax.tree_util.tree_leaves(params), state_dtype(params)
+  return Moments({layer.name: jnp.zeros(jnp.shape(layer_matrices.layer_matrix(layer, leaves)),
+                                        dtype) for layer in trace.layers},
                  _others(params, _covered(trace), jnp.zeros_like))
 
 
@@ -200,64 +214,67 @@ def init(config: PreconditionConfig, params: PyTree) -> EigenAdamState:
   """Zero statistics and moments, the standard basis for every layer."""
   check(not masking.is_masked(params), "jkfac.scale_by_eigen_adam does not take a subset "
         "of the parameters (optax.masked / multi_transform): give it all of them.")
-  curvature = init_state(config, params)
+  preconditioner = init_state(config, params)
   trace = eigen_layers(config.trace(abstract(params), config.example_batch))
   names = [layer.name for layer in trace.layers]
-  curvature = curvature._replace(  # kron's identity inverses: the standard basis
-      statistics={name: curvature.statistics[name] for name in names},
-      inverses={name: curvature.inverses[name] for name in names})
+  preconditioner = preconditioner._replace(  # kron's identity inverses: the standard basis
+      statistics={name: preconditioner.statistics[name] for name in names},
+      inverses={name: preconditioner.inverses[name] for name in names})
   moments = _moments(trace, jax.tree_util.tree_map(jnp.asarray, params))
-  return EigenAdamState(curvature, moments, moments)
+  return EigenAdamState(preconditioner, moments, moments)
 
 
 def update(config: PreconditionConfig, b1: float, b2: float, eps: float, grads: PyTree,
            state: EigenAdamState, params: PyTree, batch: PyTree,
            curvature: interpreter.Linearization | None = None
            ) -> tuple[PyTree, EigenAdamState]:
-  """One step: statistics and eigenbases when due, then Adam in the bases."""
+  """One step: statistics and eigenbases when due, then Adam in the bases; a batch that
+  is not finite changes nothing but `skipped_steps`."""
   check(jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params),
         "The gradients and the parameters passed to jkfac have different tree structures.")
   trace = eigen_layers(config.trace(params, batch))
-  check_state(trace, state.curvature)
+  check_state(trace, state.preconditioner)
   if config.device_axis is not None:
     parallel.check_axis(config.device_axis)
     grads = parallel.pmean(grads, config.device_axis)
-  old = state.curvature
-  new_curvature, finite = refresh_statistics(config, trace, old, params, batch, curvature,
-                                             tree_finite(grads))
+  old = state.preconditioner
+  preconditioner, finite = refresh_statistics(config, trace, old, params, batch, curvature,
+                                              tree_finite(grads))
   new = jax.lax.cond(finite & inverses_due(config, old.count),
-                     functools.partial(_refresh_bases, trace), lambda s, c: s._replace(
-                         curvature=c), state, new_curvature)
-  bases = new.curvature.inverses
-  step = optax.safe_increment(old.count)
+                     functools.partial(_refresh_bases, trace),
+                     lambda s, p: s._replace(preconditioner=p), state, preconditioner)
+  adam = functools.partial(_adam, b1, b2, eps, optax.safe_increment(old.count))
   leaves, treedef = jax.tree_util.tree_flatten(grads)
-  # Adam on the layers' rotated gradients, then on every other leaf.
-  mu_layers, nu_layers, out = {}, {}, list(leaves)
-  for layer in trace.layers:
-    g = rotate_in(bases[layer.name], layer, layer_matrices.layer_matrix(layer, leaves).astype(
-        new.mu.layers[layer.name].dtype))
-    mu_layers[layer.name] = b1 * new.mu.layers[layer.name] + (1 - b1) * g
-    nu_layers[layer.name] = b2 * new.nu.layers[layer.name] + (1 - b2) * g * g
-    direction = _adam_direction(mu_layers[layer.name], nu_layers[layer.name], b1, b2, eps,
-                                step)
-    layer_matrices.place_matrix(layer, rotate_out(bases[layer.name], layer, direction), out)
-  covered = _covered(trace)
+  out, mu, nu = list(leaves), {}, {}
+  for layer in trace.layers:  # in the layer's eigenbasis
+    bases = new.preconditioner.inverses[layer.name]
+    g = layer_matrices.layer_matrix(layer, leaves).astype(new.mu.layers[layer.name].dtype)
+    direction, mu[layer.name], nu[layer.name] = adam(
+        rotate_in(bases, layer, g), new.mu.layers[layer.name], new.nu.layers[layer.name])
+    layer_matrices.place_matrix(layer, rotate_out(bases, layer, direction), out)
   mu_others, nu_others = (treedef.flatten_up_to(m.others) for m in (new.mu, new.nu))
-  for i, g in enumerate(leaves):
+  covered = _covered(trace)
+  for i, g in enumerate(leaves):  # every other parameter: plain Adam
     if i not in covered:
-      mu_others[i] = b1 * mu_others[i] + (1 - b1) * g
-      nu_others[i] = b2 * nu_others[i] + (1 - b2) * g * g
-      out[i] = _adam_direction(mu_others[i], nu_others[i], b1, b2, eps, step).astype(g.dtype)
-  stepped = EigenAdamState(new.curvature, Moments(mu_layers, treedef.unflatten(mu_others)),
-                           Moments(nu_layers, treedef.unflatten(nu_others)))
+      out[i], mu_others[i], nu_others[i] = adam(g, mu_others[i], nu_others[i])
+  stepped = EigenAdamState(new.preconditioner, Moments(mu, treedef.unflatten(mu_others)),
+                           Moments(nu, treedef.unflatten(nu_others)))
   kept = keep_unless(~finite, stepped, state)
-  kept = kept._replace(curvature=count_step(kept.curvature, old, finite))
+  kept = kept._replace(preconditioner=count_step(kept.preconditioner, old, finite))
   return zero_if(~finite, treedef.unflatten(out)), kept
+
+
+def _adam(b1: float, b2: float, eps: float, step: Array, g: Array, mu: Array, nu: Array
+          ) -> tuple[Array, Array, Array]:
+  """Adam's bias-corrected direction `m / (√v + ε)` at `step` (in `g`'s dtype), and the
+  new moments."""
+  mu = b1 * mu + (1 - b1) * g
+  nu = b2 * nu + (1 - b2) * g * g
+  return _adam_direction(mu, nu, b1, b2, eps, step).astype(g.dtype), mu, nu
 
 
 def _adam_direction(mu: Array, nu: Array, b1: float, b2: float, eps: float, step: Array
                     ) -> Array:
-  """Adam's bias-corrected `m / (√v + ε)` after `step` steps."""
   mu_hat = optax.tree_utils.tree_bias_correction(mu, b1, step)
   nu_hat = optax.tree_utils.tree_bias_correction(nu, b2, step)
   return mu_hat / (jnp.sqrt(nu_hat) + eps)
@@ -272,7 +289,9 @@ def scale_by_eigen_adam(loss_fn: Callable[..., Any], example_batch: PyTree, *,
     loss_fn: `loss_fn(params, batch)`, with its layers tagged or recognised and its loss
       registered, as for `jkfac.precondition`.
     example_batch: a batch, or `jax.ShapeDtypeStruct`s with its shapes and dtypes.
-    b1, b2, eps: Adam's decay rates of the moments and its denominator's constant.
+    b1: the decay rate of Adam's first moment.
+    b2: the decay rate of Adam's second moment.
+    eps: the constant added to Adam's denominator.
     **settings: curvature settings of `jkfac.PreconditionConfig` (`cov_update_every`,
       `invert_every` for the eigendecompositions, `warm_start`, `estimation`,
       `approximations`, `max_factor_dim`, `axis_name`, ...), except

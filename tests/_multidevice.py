@@ -330,7 +330,43 @@ def group_scan():
   print("ok pmap-scanned-layers")
 
 
-GROUPS = {"pmap": group_pmap, "mesh": group_mesh, "scan": group_scan}
+# --- jkfac.eigen_adam --------------------------------------------------------------------------
+
+EIGEN_KW = dict(estimation="empirical", cov_update_every=1, invert_every=INVERT_EVERY,
+                warm_start=False)
+
+
+def group_eigen_adam():
+  """`jkfac.eigen_adam` pmapped over 8 devices equals one device on the whole batch: the
+  parameters and the K-FAC statistics after each step (new bases at steps 0, 2, 4). The
+  bases are not compared: an eigenvector's sign may differ, which changes no update."""
+  tx = jkfac.eigen_adam(loss_fn, BATCH, 0.01, **EIGEN_KW)
+  step = jax.jit(make_step(tx, "eigen-single"))
+  params, state, history = PARAMS, tx.init(PARAMS), []
+  for _ in range(STEPS):
+    params, state = step(params, state, BATCH)
+    history.append((params, state[0].preconditioner.statistics))
+  devices = jax.devices()[:DEVICES]
+  batch = jkfac.parallel.split_batch(BATCH, DEVICES)
+  local = jax.tree_util.tree_map(lambda x: x[0], batch)
+  tx = jkfac.eigen_adam(loss_fn, local, 0.01, axis_name=AXIS, **EIGEN_KW)
+  step = jax.pmap(make_step(tx, "eigen-pmap"), axis_name=AXIS, devices=devices)
+  params = flax.jax_utils.replicate(PARAMS, devices, axis_name=AXIS)
+  state = flax.jax_utils.replicate(tx.init(PARAMS), devices, axis_name=AXIS)
+  for i in range(STEPS):
+    params, state = step(params, state, batch)
+    assert_same_on_every_device((params, state), f"eigen_adam pmap step {i}")
+    expected_params, expected_statistics = history[i]
+    assert_close(flax.jax_utils.unreplicate(params), expected_params,
+                 f"eigen_adam pmap step {i} params")
+    assert_close(flax.jax_utils.unreplicate(state[0].preconditioner.statistics),
+                 expected_statistics, f"eigen_adam pmap step {i} statistics")
+  take_calls()
+  print("ok pmap-eigen-adam")
+
+
+GROUPS = {"pmap": group_pmap, "mesh": group_mesh, "scan": group_scan,
+          "eigen_adam": group_eigen_adam}
 
 if __name__ == "__main__":
   assert jax.device_count() >= DEVICES, (

@@ -81,6 +81,14 @@ def test_pmap_with_scanned_layers_matches_single_device():
   assert "ok pmap-scanned-layers" in out, out
 
 
+@pytest.mark.multidevice
+def test_eigen_adam_under_pmap_matches_single_device():
+  """`jkfac.eigen_adam` with `axis_name` on 8 devices: the same parameters and statistics
+  as one device on the whole batch, over 5 steps with new bases every 2."""
+  out = run_multidevice("eigen_adam")
+  assert "ok pmap-eigen-adam" in out, out
+
+
 # --- assign_round_robin ----------------------------------------------------------------------
 
 
