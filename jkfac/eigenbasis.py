@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -78,6 +79,20 @@ def eigen_layers(trace: Trace) -> Trace:
                  and layers.feature_groups(layer) == 1
                  and not (layer.stack and layer.block_size is not None))
   return dataclasses.replace(trace, layers=chosen, generic=())
+
+
+def _warn_if_left_to_adam(full: Trace, chosen: Trace) -> None:
+  """Warns naming the Kronecker-factored layers of `full` that `chosen` leaves to plain
+  Adam (a grouped conv, a scanned layer with block-diagonal factors)."""
+  kept = {layer.name for layer in chosen.layers}
+  left = [layer.name for layer in full.layers if layer.name not in kept
+          and (layer.kind == "dense" or layer.kind in tags.CONV_KINDS)
+          and layer.approx in KRONECKER_APPROXIMATIONS]
+  if left:
+    warnings.warn(f"jkfac.eigen_adam runs plain Adam, not Adam in an eigenbasis, on {left}: "
+                  "grouped convs and scanned layers with block-diagonal factors "
+                  "(factor_block_size=None keeps a scanned layer's factors whole).",
+                  stacklevel=3)
 
 
 def _covered(trace: Trace) -> frozenset[int]:
@@ -215,7 +230,9 @@ def init(config: PreconditionConfig, params: PyTree) -> EigenAdamState:
   check(not masking.is_masked(params), "jkfac.scale_by_eigen_adam does not take a subset "
         "of the parameters (optax.masked / multi_transform): give it all of them.")
   preconditioner = init_state(config, params)
-  trace = eigen_layers(config.trace(abstract(params), config.example_batch))
+  full = config.trace(abstract(params), config.example_batch)
+  trace = eigen_layers(full)
+  _warn_if_left_to_adam(full, trace)
   names = [layer.name for layer in trace.layers]
   preconditioner = preconditioner._replace(  # kron's identity inverses: the standard basis
       statistics={name: preconditioner.statistics[name] for name in names},

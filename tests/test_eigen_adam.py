@@ -244,3 +244,27 @@ def test_block_diagonal_bases_refresh_in_a_compiled_step():
                           text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
   assert np.isfinite(float(result.stdout.strip().splitlines()[-1]))
+
+
+def test_grouped_conv_is_named_when_left_to_adam():
+  import flax.linen as nn
+
+  class Grouped(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = jnp.tanh(nn.Conv(4, (3, 3), feature_group_count=2)(x))
+      return nn.Dense(CLASSES)(x.reshape(x.shape[0], -1))
+
+  model = Grouped()
+  batch = {"x": jnp.ones((BATCH, 5, 5, 2)), "y": jnp.zeros((BATCH, CLASSES))}
+  params = model.init(jax.random.PRNGKey(0), batch["x"])["params"]
+
+  def grouped_loss(params, batch):
+    out = model.apply({"params": params}, batch["x"])
+    jkfac.register_squared_error(out, batch["y"])
+    return 0.5 * jnp.mean(jnp.sum((out - batch["y"]) ** 2, axis=-1))
+
+  tx = jkfac.scale_by_eigen_adam(grouped_loss, batch)
+  with pytest.warns(UserWarning, match=r"plain Adam.*Conv_0"):
+    state = tx.init(params)
+  assert list(state.preconditioner.inverses) == ["Dense_0"]
