@@ -70,6 +70,8 @@ SMOKE_EXTRA = {
         ["--models", "lstm"],
     'python -m benchmarks.convergence --models lm,lstm --kfac-configs "kfac default"':
         ["--models", "lstm"],
+    'python -m benchmarks.convergence --models lm,lstm --kfac-configs '
+    '"kfac default,eigen adam lr 0.003,eigen adam lr 0.01"': ["--models", "lstm"],
 }
 # Scripts that need a process of their own: parallel.py sets XLA_FLAGS before JAX loads.
 OWN_PROCESS = {"benchmarks.parallel"}
