@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jkfac import interpreter, layer_matrices, layers, masking, parallel, tags
+from jkfac import interpreter, layer_matrices, layers, linalg, masking, parallel, tags
 from jkfac.blocks import blocked
 from jkfac.config import PreconditionConfig, state_dtype
 from jkfac.layer_info import LayerInfo, Trace
@@ -137,30 +137,19 @@ def rotate_out(bases: dict[str, Array], layer: LayerInfo, matrix: Array) -> Arra
   return matrix
 
 
-def _eigh_each(matrices: Array) -> Array:
-  """The eigenvectors of each matrix of `(..., d, d)`, one LAPACK call per matrix.
-
-  A batched `jnp.linalg.eigh` inside the compiled step deadlocked on XLA:CPU (jax 0.10.2,
-  2 cores): jaxlib's batched kernel waits for the thread pool that is running it.
-  """
-  if matrices.ndim == 2:
-    return jnp.linalg.eigh(matrices)[1]
-  return jnp.stack([_eigh_each(m) for m in matrices])
-
-
 def _eigenvectors(factor: Array, features: int, layer: LayerInfo) -> Array:
   """The eigenvectors of a factor: of the matrix (of each slice), or of each diagonal
   block over its real features (a padded last block's padding keeps the standard basis,
   never mixed into the real features)."""
   if layer.stack or factor.ndim == 2:
-    return _eigh_each(factor)
+    return linalg.eigh(factor)[1]
   count, side, _ = factor.shape
   last = features - (count - 1) * side
   if last == side:
-    return _eigh_each(factor)
+    return linalg.eigh(factor)[1]
   padded = jnp.eye(side, dtype=factor.dtype).at[:last, :last].set(
-      _eigh_each(factor[-1, :last, :last]))
-  return jnp.concatenate([_eigh_each(factor[:-1]), padded[None]], axis=0)
+      linalg.eigh(factor[-1, :last, :last])[1])
+  return jnp.concatenate([linalg.eigh(factor[:-1])[1], padded[None]], axis=0)
 
 
 def eigenbases(statistics: dict[str, Array], ema_weight: Array, old: dict[str, Array],

@@ -1,4 +1,4 @@
-"""Damped inverses of symmetric positive semi-definite matrices."""
+"""Damped inverses and eigendecompositions of symmetric positive semi-definite matrices."""
 
 from __future__ import annotations
 
@@ -22,9 +22,42 @@ def damped_inverse(matrix: Array, damping: Array, method: str = "cholesky") -> A
     inverse_factor = inverse_cholesky_factor(matrix + damping * eye)
     return inverse_factor.T @ inverse_factor
   if method == "eigh":
-    values, vectors = jnp.linalg.eigh(matrix)
+    values, vectors = eigh(matrix)
     return (vectors / (jnp.maximum(values, 0) + damping)) @ vectors.T
   raise ValueError(f"Unknown inverse method {method!r}; expected one of {INVERSE_METHODS}.")
+
+
+def eigh(matrices: Array) -> tuple[Array, Array]:
+  """`(eigenvalues, eigenvectors)` of each symmetric matrix of `(..., d, d)`, as
+  `jnp.linalg.eigh`, but one LAPACK call per matrix, also under `jax.vmap`.
+
+  A batched eigh inside a compiled step can deadlock on XLA:CPU (jax 0.10.2, 2 cores):
+  jaxlib's batched kernel waits for the thread pool that is running it. It hung a
+  training step with EK-FAC or `inverse_method="eigh"` on scanned layers.
+  """
+  lead = matrices.shape[:-2]
+  if not lead:
+    return _eigh_one(matrices)
+  flat = matrices.reshape(-1, *matrices.shape[-2:])
+  values, vectors = jax.lax.map(_eigh_one, flat)
+  return values.reshape(*lead, -1), vectors.reshape(matrices.shape)
+
+
+@jax.custom_batching.custom_vmap
+def _eigh_one(matrix: Array) -> tuple[Array, Array]:
+  values, vectors = jnp.linalg.eigh(matrix)
+  return values, vectors
+
+
+@_eigh_one.def_vmap
+def _eigh_one_batched(axis_size: int, in_batched: list[bool], matrix: Array
+                      ) -> tuple[tuple[Array, Array], tuple[bool, bool]]:
+  """Under `vmap`: a loop of single-matrix calls (`_eigh_one` again, so that an outer
+  `vmap` of the loop is a loop of loops)."""
+  del axis_size
+  if not in_batched[0]:
+    return _eigh_one(matrix), (False, False)
+  return jax.lax.map(_eigh_one, matrix), (True, True)
 
 
 # Matrices up to this size are handled by small XLA loops, larger ones split in two.

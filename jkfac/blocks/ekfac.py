@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from jkfac import linalg
+
 from jkfac.blocks import diagonal, kron
 from jkfac.blocks.base import Arrays, Array, Block, rows
 from jkfac.layers import LayerInputs
@@ -35,8 +37,8 @@ def invert(covariances: Arrays, damping: Array, method: str = "eigh") -> Arrays:
   """A new basis from the factors' eigenvectors, with their eigenvalue products as the
   scaling (`method` is unused: this is always an eigendecomposition)."""
   del method
-  values_a, basis_a = jnp.linalg.eigh(covariances["A"])
-  values_g, basis_g = jnp.linalg.eigh(covariances["G"])
+  values_a, basis_a = linalg.eigh(covariances["A"])
+  values_g, basis_g = linalg.eigh(covariances["G"])
   scaling = jnp.outer(jnp.maximum(values_a, 0), jnp.maximum(values_g, 0))
   return {"QA": basis_a, "QG": basis_g, "scaling": scaling,
           "damping": jnp.asarray(damping, scaling.dtype)}

@@ -42,10 +42,10 @@ def invert(covariances: Arrays, damping: Array, method: str = "eigh") -> Arrays:
   d1, g1, d2, a2 = (covariances[k] for k in ("D1", "G1", "D2", "A2"))
   pi = linalg.pi_correction(d2, a2)
   root = jnp.sqrt(damping)
-  values, vectors = jnp.linalg.eigh(a2)
+  values, vectors = linalg.eigh(a2)
   values = jnp.maximum(values, 0) + root / pi
   a2_inv_sqrt = (vectors * values ** -0.5) @ vectors.T
-  s, u = jnp.linalg.eigh(a2_inv_sqrt @ g1 @ a2_inv_sqrt)
+  s, u = linalg.eigh(a2_inv_sqrt @ g1 @ a2_inv_sqrt)
   return {"Q": a2_inv_sqrt @ u, "s": jnp.maximum(s, 0), "D1": d1, "D2": d2 + pi * root}
 
 

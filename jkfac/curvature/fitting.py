@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 
-from jkfac import blocks, config, interpreter, layer_table, layers, losses
+from jkfac import blocks, config, interpreter, layer_table, layers, linalg, losses
 from jkfac import statistics as layer_stats
 from jkfac.layer_info import LayerInfo, Trace
 from jkfac.validation import check
@@ -159,7 +159,7 @@ def _factor_eigen(factor: Array, lead: int) -> tuple[Array, Array | None]:
   """Eigenvalues (clipped at 0) and eigenvectors of a factor; a 1-D one is its diagonal."""
   if factor.ndim - lead == 1:
     return jnp.maximum(factor, 0), None
-  values, vectors = jnp.linalg.eigh(factor)
+  values, vectors = linalg.eigh(factor)
   return jnp.maximum(values, 0), vectors
 
 
@@ -169,7 +169,7 @@ def eigen_block(layer: LayerInfo, stats: Arrays) -> Arrays:
   if set(stats) == {"diagonal"}:
     return {"values": stats["diagonal"]}
   if set(stats) == {"F"}:
-    values, vectors = jnp.linalg.eigh(stats["F"])
+    values, vectors = linalg.eigh(stats["F"])
     return {"values": jnp.maximum(values, 0), "Q": vectors}
   if set(stats) in ({"A", "G"}, {"A", "G", "scaling"}):
     values_a, basis_a = _factor_eigen(stats["A"], lead)
