@@ -218,7 +218,7 @@ def init(config: PreconditionConfig, params: PyTree) -> EigenAdamState:
   """Zero statistics and moments, the standard basis for every layer."""
   check(not masking.is_masked(params), "jkfac.scale_by_eigen_adam does not take a subset "
         "of the parameters (optax.masked / multi_transform): give it all of them.")
-  preconditioner = init_state(config, params)
+  preconditioner = init_state(config, params, generic_consequence="plain Adam")
   full = config.trace(abstract(params), config.example_batch)
   trace = eigen_layers(full)
   _warn_if_left_to_adam(full, trace)

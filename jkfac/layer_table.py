@@ -110,15 +110,17 @@ def weak_blocks(trace: Trace) -> list[str]:
           if len(layer.weight_shape) >= 2 and layer.weight not in trace.marked]
 
 
-def check_coverage(trace: Trace, strict: bool) -> None:
-  """Warns once (or with `strict`, raises `ValueError`) naming the `weak_blocks`."""
+def check_coverage(trace: Trace, strict: bool,
+                   consequence: str = "generic diagonal blocks") -> None:
+  """Warns once (or with `strict`, raises `ValueError`) naming the `weak_blocks`, which
+  get `consequence` instead of a layer's block."""
   paths = weak_blocks(trace)
   if not paths:
     return
   message = (f"jkfac found no dense, conv, embedding or norm layer using the parameters "
-             f"{paths}, so they get generic diagonal blocks. Tag their layers (e.g. "
-             "jkfac.register_dense), mark them with jkfac.register_generic to accept the "
-             "diagonal block, or see jkfac.describe for what was recognised (layers inside "
+             f"{paths}, so they get {consequence}. Tag their layers (e.g. "
+             "jkfac.register_dense), mark them with jkfac.register_generic to accept that, "
+             "or see jkfac.describe for what was recognised (layers inside "
              "lax.cond or lax.while_loop are not recognised).")
   if strict:
     raise ValueError(message)

@@ -45,8 +45,10 @@ class PreconditionState(NamedTuple):
   curvature_scale: Array
 
 
-def init_state(config: PreconditionConfig, params: PyTree) -> PreconditionState:
-  """Zero statistics and identity inverses for every layer of `config.loss_fn`."""
+def init_state(config: PreconditionConfig, params: PyTree,
+               generic_consequence: str = "generic diagonal blocks") -> PreconditionState:
+  """Zero statistics and identity inverses for every layer of `config.loss_fn`; warns
+  that parameters of two or more dimensions outside any layer get `generic_consequence`."""
   check_floating(params)
   if masking.is_masked(params):
     check(config.example_params is not None,
@@ -55,7 +57,7 @@ def init_state(config: PreconditionConfig, params: PyTree) -> PreconditionState:
                          warn=True)
   else:
     trace = config.trace(abstract(params), config.example_batch, warn=True)
-  layer_table.check_coverage(trace, config.strict)
+  layer_table.check_coverage(trace, config.strict, generic_consequence)
   loss_check.check_if_concrete(config.loss_fn, params, config._concrete_batch, config.strict)
   dtype = state_dtype(params)
   statistics = {layer.name: jax.tree_util.tree_map(

@@ -268,3 +268,19 @@ def test_grouped_conv_is_named_when_left_to_adam():
   with pytest.warns(UserWarning, match=r"plain Adam.*Conv_0"):
     state = tx.init(params)
   assert list(state.preconditioner.inverses) == ["Dense_0"]
+
+
+def test_untagged_matrix_is_named_as_left_to_adam():
+  """A 2-D parameter of no layer gets plain Adam here, and the warning says so (not the
+  generic diagonal block that `jkfac.kfac` would give it)."""
+
+  def mixed_loss(params, batch):
+    x = jnp.sum(batch["x"][:, :, None] * params["mix"], axis=1)  # elementwise: no layer
+    return loss_fn(params, {**batch, "x": x})
+
+  params = {**make_params(), "mix": jnp.eye(D_IN)}
+  tx = jkfac.scale_by_eigen_adam(mixed_loss, make_batch(0))
+  with pytest.warns(jkfac.GenericBlockWarning, match=r"\['mix'\], so they get plain Adam"):
+    tx.init(params)
+  with pytest.raises(ValueError, match="get plain Adam"):
+    jkfac.scale_by_eigen_adam(mixed_loss, make_batch(0), strict=True).init(params)
