@@ -4,7 +4,8 @@ seconds does it take to reach the best Adam's final loss?
 
     python -m benchmarks.robustness [--models mlp,autoencoder,regression,convnet,resnet]
         [--steps 200] [--batch-sizes 128] [--adam-rates 3e-4,1e-3,3e-3,1e-2]
-        [--eigen-adam-rates 1e-3,3e-3,1e-2] [--data-dir examples/data/mnist]
+        [--eigen-adam-rates 1e-3,3e-3,1e-2] [--kfac-variants "invert_every=20;..."]
+        [--data-dir examples/data/mnist]
 
 Models (real MNIST digits, the first 8,000 of the bundled test split): the MNIST convnet
 with the whole Flax variables dict as parameters, an MLP 784-512-256-10 (tanh), a
@@ -14,12 +15,15 @@ with BatchNorm. Every optimizer sees the same initialisation and the same batche
 one process; seconds are those of real training steps (compilation excluded). The
 target is the best Adam run's final loss (mean of its last 10 steps); a run reaches it
 when the running mean of 10 steps does. `--eigen-adam-rates` also runs
-`jkfac.eigen_adam` at each of these learning rates. Prints one table per batch size.
+`jkfac.eigen_adam` at each of these learning rates; `--kfac-variants` the default with
+other settings (`;` between variants, `,` between settings). Prints one table per batch
+size.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import time
 
@@ -185,7 +189,8 @@ def hit(losses: np.ndarray, seconds: np.ndarray, target: float):
 
 def compare(name: str, images, labels, batch_size: int, steps: int,
             adam_rates: tuple[float, ...] = ADAM_RATES,
-            eigen_adam_rates: tuple[float, ...] = ()) -> list[str]:
+            eigen_adam_rates: tuple[float, ...] = (),
+            kfac_variants: tuple[str, ...] = ()) -> list[str]:
   data = batches(name, images, labels, batch_size, steps)
   loss_fn, params = make_model(name, data[0]["x"][:2])
   runs = {f"adam {lr:g}": train(loss_fn, params, optax.adam(lr), data) for lr in adam_rates}
@@ -196,6 +201,9 @@ def compare(name: str, images, labels, batch_size: int, steps: int,
   runs["kfac default"] = train(loss_fn, params, jkfac.kfac(loss_fn, data[0]), data)
   runs[f"kfac graft adam {best_rate:g}"] = train(
       loss_fn, params, jkfac.kfac(loss_fn, data[0], learning_rate=best_rate, graft="adam"), data)
+  for variant in kfac_variants:
+    runs[f"kfac {variant}"] = train(loss_fn, params,
+                                    jkfac.kfac(loss_fn, data[0], **settings(variant)), data)
   for lr in eigen_adam_rates:
     runs[f"eigen adam {lr:g}"] = train(loss_fn, params, jkfac.eigen_adam(loss_fn, data[0], lr),
                                        data)
@@ -213,6 +221,15 @@ def compare(name: str, images, labels, batch_size: int, steps: int,
   return lines
 
 
+def settings(variant: str) -> dict[str, object]:
+  """`"invert_every=20, approximations={'*': 'ekfac'}"` -> keyword arguments, each value
+  a Python literal."""
+  call = ast.parse(f"kfac({variant})", mode="eval").body
+  if call.args or any(keyword.arg is None for keyword in call.keywords):
+    raise ValueError(f"A K-FAC variant is keyword=literal pairs, got {variant!r}.")
+  return {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--models", default="mlp,autoencoder,regression,convnet,resnet")
@@ -221,10 +238,14 @@ def main() -> None:
   parser.add_argument("--adam-rates", default=",".join(f"{lr:g}" for lr in ADAM_RATES))
   parser.add_argument("--eigen-adam-rates", default="",
                       help="also run jkfac.eigen_adam at these learning rates")
+  parser.add_argument("--kfac-variants", default="",
+                      help="also run the default with these settings, e.g. "
+                           "'invert_every=20;invert_every=10,cov_update_every=2'")
   parser.add_argument("--data-dir", default=mnist_data.BUNDLED_DIR)
   args = parser.parse_args()
   rates = lambda text: tuple(float(x) for x in text.split(",") if x)
   adam_rates, eigen_adam_rates = rates(args.adam_rates), rates(args.eigen_adam_rates)
+  variants = tuple(variant for variant in args.kfac_variants.split(";") if variant)
   images, labels = load(args.data_dir)
   print(f"target: the best Adam's final loss (lr in {adam_rates}); ratios: steps / seconds "
         "to it against that Adam run's")
@@ -233,7 +254,7 @@ def main() -> None:
   for batch_size in map(int, args.batch_sizes.split(",")):
     for name in args.models.split(","):
       for line in compare(name, images, labels, batch_size, args.steps, adam_rates,
-                          eigen_adam_rates):
+                          eigen_adam_rates, variants):
         print(line, flush=True)
 
 

@@ -277,3 +277,12 @@ def test_lstm_problem_builds_or_skips_each_kfac_config(convergence):
       assert tx.reason.startswith("unsupported"), tx
     else:
       assert callable(tx.update), label
+
+
+def test_robustness_variant_settings_are_keyword_literals():
+  from benchmarks import robustness
+  assert robustness.settings("invert_every=20, approximations={'*': 'ekfac', 'x': 'kron'}") == {
+      "invert_every": 20, "approximations": {"*": "ekfac", "x": "kron"}}
+  for bad in ("20", "**extra", "invert_every=lambda: 1"):
+    with pytest.raises(ValueError):
+      robustness.settings(bad)
