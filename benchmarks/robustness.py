@@ -11,7 +11,11 @@ Models (real MNIST digits, the first 8,000 of the bundled test split): the MNIST
 with the whole Flax variables dict as parameters, an MLP 784-512-256-10 (tanh), a
 784-256-64-256-784 autoencoder whose loss sums sigmoid cross-entropy over the pixels, a
 regression MLP with a 1-D output (the digit's value, squared error) and a small ResNet
-with BatchNorm. Every optimizer sees the same initialisation and the same batches, in
+with BatchNorm. Five more kinds, not in the default `--models`: `deepmlp` (eight
+256-wide Dense-LayerNorm-ReLU layers), `convae` (a conv / transposed-conv autoencoder,
+squared error summed over the pixels), `vit` (a two-block transformer over 7×7 patches),
+`gru` (a GRU reading the image's rows) and `dropout` (an MLP with dropout, its key in the
+batch). Every optimizer sees the same initialisation and the same batches, in
 one process; seconds are those of real training steps (compilation excluded). The
 target is the best Adam run's final loss (mean of its last 10 steps); a run reaches it
 when the running mean of 10 steps does. `--eigen-adam-rates` also runs
@@ -78,6 +82,54 @@ class ResNet(nn.Module):
     return nn.Dense(10)(x.mean(axis=(1, 2)))
 
 
+class DeepMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for _ in range(8):
+      x = nn.relu(nn.LayerNorm()(nn.Dense(256)(x)))
+    return nn.Dense(10)(x)
+
+
+class ConvAutoEncoder(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(16, (3, 3), strides=2)(x))
+    x = nn.relu(nn.Conv(32, (3, 3), strides=2)(x))
+    x = nn.relu(nn.ConvTranspose(16, (3, 3), strides=(2, 2))(x))
+    return nn.ConvTranspose(1, (3, 3), strides=(2, 2))(x)
+
+
+class ViT(nn.Module):
+  """Two pre-LayerNorm transformer blocks over the 16 patches of 7×7 pixels."""
+
+  @nn.compact
+  def __call__(self, x):
+    n = x.shape[0]
+    patches = x.reshape(n, 4, 7, 4, 7).transpose(0, 1, 3, 2, 4).reshape(n, 16, 49)
+    h = nn.Dense(64)(patches) + self.param("position", nn.initializers.normal(0.02), (16, 64))
+    for _ in range(2):
+      h = h + nn.MultiHeadDotProductAttention(num_heads=4)(nn.LayerNorm()(h))
+      h = h + nn.Dense(64)(nn.gelu(nn.Dense(128)(nn.LayerNorm()(h))))
+    return nn.Dense(10)(nn.LayerNorm()(h).mean(axis=1))
+
+
+class GRUClassifier(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    hidden = nn.RNN(nn.GRUCell(64))(x.reshape(x.shape[0], 28, 28))
+    return nn.Dense(10)(hidden[:, -1])
+
+
+class DropoutMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x, key):
+    x = x.reshape(x.shape[0], -1)
+    for width in (512, 512):
+      x = nn.Dropout(0.2, deterministic=False)(nn.relu(nn.Dense(width)(x)), rng=key)
+    return nn.Dense(10)(x)
+
+
 def classifier(model, whole_variables=False):
   def loss_fn(params, batch):
     variables = params if whole_variables else {"params": params}
@@ -93,6 +145,23 @@ def autoencoder_loss(model):
     pixels = batch["x"].reshape(logits.shape)
     jkfac.register_sigmoid_cross_entropy(logits, pixels)  # a row's loss sums its outputs
     return optax.sigmoid_binary_cross_entropy(logits, pixels).sum(-1).mean()
+  return loss_fn
+
+
+def pixel_loss(model):
+  def loss_fn(params, batch):
+    out = model.apply({"params": params}, batch["x"])
+    rows, targets = out.reshape(out.shape[0], -1), batch["x"].reshape(out.shape[0], -1)
+    jkfac.register_squared_error(rows, targets)  # one row per image: the sum over pixels
+    return 0.5 * jnp.mean(jnp.sum((rows - targets) ** 2, axis=-1))
+  return loss_fn
+
+
+def dropout_classifier(model):
+  def loss_fn(params, batch):
+    logits = model.apply({"params": params}, batch["x"], batch["key"])
+    jkfac.register_softmax_cross_entropy(logits, batch["y"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
   return loss_fn
 
 
@@ -122,6 +191,15 @@ def make_model(name: str, x0: jax.Array):
   if name == "resnet":
     model = ResNet()
     return classifier(model), model.init(key, x0)["params"]
+  if name in ("deepmlp", "vit", "gru"):
+    model = {"deepmlp": DeepMLP, "vit": ViT, "gru": GRUClassifier}[name]()
+    return classifier(model), model.init(key, x0)["params"]
+  if name == "convae":
+    model = ConvAutoEncoder()
+    return pixel_loss(model), model.init(key, x0)["params"]
+  if name == "dropout":
+    model = DropoutMLP()
+    return dropout_classifier(model), model.init(key, x0, key)["params"]
   raise ValueError(f"unknown model {name!r}")
 
 
@@ -134,13 +212,15 @@ def load(data_dir: str) -> tuple[np.ndarray, np.ndarray]:
 def batches(name: str, images, labels, batch_size: int, steps: int, seed: int = 0):
   rng = np.random.RandomState(seed)
   out = []
-  for _ in range(steps):
+  for step in range(steps):
     index = rng.randint(0, len(images), batch_size)
     batch = {"x": jnp.asarray(images[index])}
     if name == "regression":
       batch["t"] = jnp.asarray(labels[index] / 4.5 - 1.0, jnp.float32)
-    elif name != "autoencoder":
+    elif name not in ("autoencoder", "convae"):
       batch["y"] = jnp.asarray(labels[index])
+    if name == "dropout":
+      batch["key"] = jax.random.PRNGKey(seed * steps + step)
     out.append(batch)
   return out
 

@@ -62,8 +62,13 @@ def _hint(ratio: float, rows: list[tuple[str, tuple[int, ...], float]]) -> str:
                                ("a sum over the batch", shape[0]),
                                ("a sum over all rows", counted)) if close(k)]
   if sums:
-    return (f" This looks like {' or '.join(dict.fromkeys(sums))}: use the mean over all rows "
-            "(masked: the masked sum over the mask sum).")
+    hint = (f" This looks like {' or '.join(dict.fromkeys(sums))}: use the mean over all rows "
+            "(masked: the masked sum over the mask sum)")
+    if len(shape) > 2 and close(counted / shape[0]):
+      hint += (", or, where a sum over each example's positions is the loss you mean (e.g. "
+               "a reconstruction summed over an image's pixels), register the prediction and "
+               "its targets reshaped to (batch, -1), so that each example is one row")
+    return hint + "."
   total = math.prod(shape[:-1]) if len(shape) > 1 else shape[0]
   if counted < total and abs(ratio * total / counted - 1) < 0.15:
     return (f" This looks like a mean over all {total} rows, padded ones included, while the "

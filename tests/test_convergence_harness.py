@@ -286,3 +286,25 @@ def test_robustness_variant_settings_are_keyword_literals():
   for bad in ("20", "**extra", "invert_every=lambda: 1"):
     with pytest.raises(ValueError):
       robustness.settings(bad)
+
+
+@pytest.mark.parametrize("name", ["deepmlp", "convae", "vit", "gru", "dropout"])
+def test_robustness_models_register_their_whole_loss(name):
+  """Each added benchmark model's registered losses describe the loss it returns (no
+  `LossScaleWarning`, which would turn into an error here), and every layer is found
+  (the ViT's position embedding is no layer's)."""
+  import warnings
+  import jkfac
+  from benchmarks import robustness
+  rng = np.random.default_rng(0)
+  images = rng.random((16, 28, 28, 1), dtype=np.float32)
+  labels = rng.integers(0, 10, 16).astype(np.int32)
+  data = robustness.batches(name, images, labels, 8, 2)
+  loss_fn, params = robustness.make_model(name, data[0]["x"][:2])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", jkfac.LossScaleWarning)
+    loss, registered = jkfac.check_loss_scale(loss_fn, params, data[0])
+  np.testing.assert_allclose(registered, loss, rtol=1e-5)
+  generic = [p.path for p in jkfac.describe(loss_fn, params, data[0]).parameters
+             if p.kind == "generic"]
+  assert generic == (["position"] if name == "vit" else [])

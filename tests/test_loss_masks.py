@@ -422,6 +422,29 @@ def test_a_per_sequence_sum_warns_at_init_and_strict_raises(masked):
   np.testing.assert_allclose(registered, loss, rtol=1e-6)
 
 
+def test_an_image_loss_summed_over_pixels_is_told_to_register_rows_of_pixels():
+  """A reconstruction summed over pixels, its `(N, H, W, C)` prediction registered as is:
+  the hint says how to register that sum (one row per example), and doing so is silent."""
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  params = {"w": 0.1 * jax.random.normal(k1, (3, 3))}
+  batch = {"x": jax.random.normal(k2, (N, 4, 4, 3))}
+
+  def summed_loss(flatten):
+    def loss_fn(params, batch):
+      out = batch["x"] @ params["w"]
+      if flatten:
+        jkfac.register_squared_error(out.reshape(N, -1), batch["x"].reshape(N, -1))
+      else:
+        jkfac.register_squared_error(out, batch["x"])
+      return 0.5 * jnp.mean(jnp.sum((out - batch["x"]) ** 2, axis=(1, 2, 3)))
+    return loss_fn
+
+  with pytest.warns(jkfac.LossScaleWarning, match=r"reshaped to \(batch, -1\)"):
+    jkfac.check_loss_scale(summed_loss(False), params, batch)
+  loss, registered = jkfac.check_loss_scale(summed_loss(True), params, batch)
+  np.testing.assert_allclose(registered, loss, rtol=1e-6)
+
+
 def test_the_mean_over_rows_does_not_warn_also_with_aux():
   params, (batch, _) = _params(), _padded((N, T))
   for loss_fn in (_token_loss(_MEAN), _token_loss(_MEAN, has_aux=True)):
