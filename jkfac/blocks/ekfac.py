@@ -12,7 +12,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jkfac import linalg
-
 from jkfac.blocks import diagonal, kron
 from jkfac.blocks.base import Arrays, Array, Block, rows
 from jkfac.layers import LayerInputs
