@@ -91,6 +91,70 @@ for settings in ({"inverse_method": "eigh"}, {"approximations": {"*": "ekfac"}})
 """
 
 
+def _training_step_jaxpr(model_name: str, make_tx) -> str:
+  """The jaxpr of a whole training step (gradient and update) of a blocked MLP
+  784-512-256-10 or of four scanned 256-wide layers, as text."""
+  import flax.linen as nn
+  import optax
+
+  import jkfac
+
+  class Body(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+      return jnp.tanh(nn.Dense(256)(h)), None
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      if model_name == "scanned":
+        x = jnp.tanh(nn.Dense(256)(x))
+        x, _ = nn.scan(Body, variable_axes={"params": 0}, split_rngs={"params": True},
+                       length=4)()(x, None)
+      else:
+        for width in (512, 256):
+          x = jnp.tanh(nn.Dense(width)(x))
+      return nn.Dense(10)(x)
+
+  model, key = Model(), jax.random.PRNGKey(0)
+  batch = {"x": jnp.ones((128, 784)), "y": jnp.arange(128) % 10}
+  params = model.init(key, batch["x"])["params"]
+
+  def loss_fn(params, batch):
+    logits = model.apply({"params": params}, batch["x"])
+    jkfac.register_softmax_cross_entropy(logits, batch["y"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+  tx = make_tx(loss_fn, batch)
+
+  def step(params, state):
+    grads = jax.grad(loss_fn)(params, batch)
+    return tx.update(grads, state, params, batch=batch)
+
+  return str(jax.make_jaxpr(step)(params, tx.init(params)))
+
+
+def _eigh_ranks_in(text):
+  return [len(dims.split(",")) for dims in
+          re.findall(r"\w+:f32\[([\d,]+)\] \w+:f32\[[\d,]+\] = eigh\[", text)]
+
+
+STEPS = {
+    "kfac eigh": lambda loss_fn, batch: __import__("jkfac").kfac(
+        loss_fn, batch, inverse_method="eigh"),
+    "ekfac": lambda loss_fn, batch: __import__("jkfac").kfac(
+        loss_fn, batch, approximations={"*": "ekfac"}),
+    "eigen_adam": lambda loss_fn, batch: __import__("jkfac").eigen_adam(loss_fn, batch, 1e-3),
+}
+
+
+@pytest.mark.parametrize("model_name", ["blocked", "scanned"])
+@pytest.mark.parametrize("optimizer", STEPS)
+def test_no_training_step_has_a_batched_eigh(model_name, optimizer):
+  ranks = _eigh_ranks_in(_training_step_jaxpr(model_name, STEPS[optimizer]))
+  assert ranks and set(ranks) == {2}, ranks
+
+
 def test_eigendecompositions_of_scanned_layers_finish_in_a_compiled_step():
   """Regression: with `jnp.linalg.eigh` vmapped over the stack, step 1 hung on XLA:CPU
   (jax 0.10.2) with `inverse_method="eigh"` and with EK-FAC."""
