@@ -17,7 +17,7 @@ How a command of a ```bash / ```sh block is treated (`classify`):
 
 All of them run in the default suite. The README's first command runs on its own (its
 output is checked); the other single-process commands, once each however many pages show
-them, run one after the other in one of two Python processes (`tests/_doc_command_runner.py`:
+them, run one after the other in one of three Python processes (`tests/_doc_command_runner.py`:
 JAX is imported once per process); a block that starts several processes (`&`), and the scripts of
 `OWN_PROCESS`, run through bash. Keep the smoke flags small: every second here is a second
 of every CI run.
@@ -52,7 +52,8 @@ SMOKE_FLAGS = {
                                "--classifier-adam-lrs", "1e-3", "--classifier-sgd-lrs", "0.1",
                                "--lstm-adam-lrs", "1e-3"],
     "benchmarks.step_time": ["--model", "mlp", "--rounds", "1", "--steps", "2"],
-    "benchmarks.robustness": ["--models", "regression", "--steps", "12"],
+    "benchmarks.robustness": ["--models", "regression", "--steps", "12", "--adam-rates",
+                              "1e-3"],
     "benchmarks.batch_scaling": ["--models", "mlp", "--batch-sizes", "32", "--steps", "12"],
     "benchmarks.inverse_time": ["--sizes", "65", "--rounds", "1"],
     "benchmarks.step_breakdown": ["--model", "tiny", "--rounds", "1", "--steps", "1"],
@@ -72,6 +73,8 @@ SMOKE_EXTRA = {
         ["--models", "lstm"],
     'python -m benchmarks.convergence --models lm,lstm --kfac-configs '
     '"kfac default,eigen adam lr 0.003,eigen adam lr 0.01"': ["--models", "lstm"],
+    "python -m benchmarks.robustness --models deepmlp,convae,vit,gru,dropout --steps 200 "
+    "--batch-sizes 32,512": ["--batch-sizes", "32"],
 }
 # Scripts that need a process of their own: parallel.py sets XLA_FLAGS before JAX loads.
 OWN_PROCESS = {"benchmarks.parallel"}
@@ -209,11 +212,14 @@ def test_readme_first_command_trains_and_reports(tmp_path):
   assert (tmp_path / "mnist.png").is_file()
 
 
-@pytest.mark.parametrize("half", [0, 1])
-def test_documented_commands_run_in_one_process(half, tmp_path):
+PROCESS_PARTS = 3
+
+
+@pytest.mark.parametrize("part", range(PROCESS_PARTS))
+def test_documented_commands_run_in_one_process(part, tmp_path):
   """The single-process commands of README.md and docs/*.md, in smoke mode, in turn: every
-  other one in each of two tests, which the suite's two workers can run side by side."""
-  argvs = _plan()[0][half::2]
+  third one in each of three tests, which the suite's workers fit between the others."""
+  argvs = _plan()[0][part::PROCESS_PARTS]
   assert argvs
   env = _scratch(tmp_path)
   run = subprocess.run([sys.executable, str(ROOT / "tests" / "_doc_command_runner.py"),
