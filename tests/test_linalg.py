@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jkfac
 from jkfac import linalg
 
 
@@ -19,11 +20,14 @@ def _matrices(shape):
   return x @ jnp.swapaxes(x, -1, -2)
 
 
-def _eigh_operand_ranks(fn, matrices):
-  """The rank of the eigenvector output of every eigh in `fn`'s jaxpr, nested ones too."""
-  text = str(jax.make_jaxpr(fn)(matrices))
+def _eigh_ranks(jaxpr_text):
+  """The rank of the eigenvector output of every eigh in a printed jaxpr, nested too."""
   return [len(dims.split(",")) for dims in
-          re.findall(r"\w+:f32\[([\d,]+)\] \w+:f32\[[\d,]+\] = eigh\[", text)]
+          re.findall(r"\w+:f32\[([\d,]+)\] \w+:f32\[[\d,]+\] = eigh\[", jaxpr_text)]
+
+
+def _eigh_operand_ranks(fn, matrices):
+  return _eigh_ranks(str(jax.make_jaxpr(fn)(matrices)))
 
 
 FORMS = {
@@ -97,8 +101,6 @@ def _training_step_jaxpr(model_name: str, make_tx) -> str:
   import flax.linen as nn
   import optax
 
-  import jkfac
-
   class Body(nn.Module):
     @nn.compact
     def __call__(self, h, _):
@@ -134,24 +136,17 @@ def _training_step_jaxpr(model_name: str, make_tx) -> str:
   return str(jax.make_jaxpr(step)(params, tx.init(params)))
 
 
-def _eigh_ranks_in(text):
-  return [len(dims.split(",")) for dims in
-          re.findall(r"\w+:f32\[([\d,]+)\] \w+:f32\[[\d,]+\] = eigh\[", text)]
-
-
 STEPS = {
-    "kfac eigh": lambda loss_fn, batch: __import__("jkfac").kfac(
-        loss_fn, batch, inverse_method="eigh"),
-    "ekfac": lambda loss_fn, batch: __import__("jkfac").kfac(
-        loss_fn, batch, approximations={"*": "ekfac"}),
-    "eigen_adam": lambda loss_fn, batch: __import__("jkfac").eigen_adam(loss_fn, batch, 1e-3),
+    "kfac eigh": lambda loss_fn, batch: jkfac.kfac(loss_fn, batch, inverse_method="eigh"),
+    "ekfac": lambda loss_fn, batch: jkfac.kfac(loss_fn, batch, approximations={"*": "ekfac"}),
+    "eigen_adam": lambda loss_fn, batch: jkfac.eigen_adam(loss_fn, batch, 1e-3),
 }
 
 
 @pytest.mark.parametrize("model_name", ["blocked", "scanned"])
 @pytest.mark.parametrize("optimizer", STEPS)
 def test_no_training_step_has_a_batched_eigh(model_name, optimizer):
-  ranks = _eigh_ranks_in(_training_step_jaxpr(model_name, STEPS[optimizer]))
+  ranks = _eigh_ranks(_training_step_jaxpr(model_name, STEPS[optimizer]))
   assert ranks and set(ranks) == {2}, ranks
 
 
