@@ -141,11 +141,9 @@ def _eigenvectors(factor: Array, features: int, layer: LayerInfo) -> Array:
   """The eigenvectors of a factor: of the matrix (of each slice), or of each diagonal
   block over its real features (a padded last block's padding keeps the standard basis,
   never mixed into the real features)."""
-  if layer.stack or factor.ndim == 2:
-    return linalg.eigh(factor)[1]
-  count, side, _ = factor.shape
+  count, side = factor.shape[0], factor.shape[-1]
   last = features - (count - 1) * side
-  if last == side:
+  if layer.stack or factor.ndim == 2 or last == side:
     return linalg.eigh(factor)[1]
   padded = jnp.eye(side, dtype=factor.dtype).at[:last, :last].set(
       linalg.eigh(factor[-1, :last, :last])[1])
