@@ -1,6 +1,7 @@
 """Times a jitted train step of jkfac against optax Adam, in one process.
 
     python -m benchmarks.step_time [--model convnet|mlp|both] [--rounds 3] [--data-dir DIR]
+                                   [--configs "adam,kfac default"]
 
 For each model (the seed convnet and an MLP 784-512-256-10, batch 128) it times
 Adam, the one-call default `jkfac.kfac(loss_fn, batch)` (statistics every 5 steps,
@@ -114,12 +115,20 @@ def configurations(loss_fn, batch):
 
 
 def run_model(name: str, model: nn.Module, batches: list, rounds: int, min_steps: int,
-              steps: int | None = None) -> None:
+              steps: int | None = None, labels: tuple[str, ...] | None = None) -> None:
+  """Times the `configurations` named in `labels` (all by default; Adam always, the
+  ratios' baseline)."""
   key = jax.random.PRNGKey(0)
   params = model.init(key, batches[0]["image"])["params"]
   loss_fn = make_loss(model)
+  chosen = configurations(loss_fn, batches[0])
+  if labels is not None:
+    unknown = set(labels) - set(chosen)
+    if unknown:
+      raise SystemExit(f"--configs: unknown {sorted(unknown)}; choose from {list(chosen)}")
+    chosen = {k: v for k, v in chosen.items() if k == "adam" or k in labels}
   runs = {}
-  for label, (tx, fused, period) in configurations(loss_fn, batches[0]).items():
+  for label, (tx, fused, period) in chosen.items():
     step = make_step(loss_fn, tx, fused)
     start = time.perf_counter()
     p, s, loss = step(params, tx.init(params), batches[0])
@@ -165,12 +174,16 @@ def main(argv=None) -> None:
   parser.add_argument("--steps", type=int, default=None,
                       help="time exactly this many steps per round (a quick check)")
   parser.add_argument("--data-dir", default=mnist_data.BUNDLED_DIR)
+  parser.add_argument("--configs", type=lambda s: tuple(s.split(",")), default=None,
+                      help="comma-separated configuration labels to time (default: all; "
+                      "Adam always)")
   args = parser.parse_args(argv)
   batches = load_batches(args.data_dir)
+  timing = (args.rounds, args.min_steps, args.steps, args.configs)
   if args.model in ("convnet", "both"):
-    run_model("seed convnet", ConvNet(), batches, args.rounds, args.min_steps, args.steps)
+    run_model("seed convnet", ConvNet(), batches, *timing)
   if args.model in ("mlp", "both"):
-    run_model("MLP 784-512-256-10", MLP(), batches, args.rounds, args.min_steps, args.steps)
+    run_model("MLP 784-512-256-10", MLP(), batches, *timing)
 
 
 if __name__ == "__main__":

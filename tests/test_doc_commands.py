@@ -51,7 +51,8 @@ SMOKE_FLAGS = {
     "benchmarks.convergence": ["--steps", "2", "--eval-every", "1", "--batch-size", "16",
                                "--classifier-adam-lrs", "1e-3", "--classifier-sgd-lrs", "0.1",
                                "--lstm-adam-lrs", "1e-3"],
-    "benchmarks.step_time": ["--model", "mlp", "--rounds", "1", "--steps", "2"],
+    "benchmarks.step_time": ["--model", "mlp", "--rounds", "1", "--steps", "2", "--configs",
+                             "kfac default"],
     "benchmarks.robustness": ["--models", "regression", "--steps", "12", "--adam-rates",
                               "1e-3"],
     "benchmarks.batch_scaling": ["--models", "mlp", "--batch-sizes", "32", "--steps", "12"],
@@ -75,6 +76,8 @@ SMOKE_EXTRA = {
     '"kfac default,eigen adam lr 0.003,eigen adam lr 0.01"': ["--models", "lstm"],
     "python -m benchmarks.robustness --models deepmlp,convae,vit,gru,dropout --steps 200 "
     "--batch-sizes 32,512": ["--batch-sizes", "32"],
+    "python -m benchmarks.robustness --steps 200 --eigen-adam-rates 3e-3,1e-2":
+        ["--eigen-adam-rates", "1e-2"],
 }
 # Scripts that need a process of their own: parallel.py sets XLA_FLAGS before JAX loads.
 OWN_PROCESS = {"benchmarks.parallel"}
