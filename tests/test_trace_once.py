@@ -1,5 +1,7 @@
-"""`loss_fn` is traced at most once by jkfac per compiled step: the jaxpr traced at
-`init` is reused by every statistics, curvature-product and line-search evaluation."""
+"""What a model costs to start: `loss_fn` is traced at most once by jkfac per compiled step
+(the jaxpr traced at `init` is reused by every statistics, curvature-product and
+line-search evaluation), and `tx.init` compiles a handful of programs, not one per
+operation."""
 
 import jax
 import pytest
@@ -41,3 +43,27 @@ def test_loss_fn_traced_at_most_once_per_compiled_step(make_tx):
   jkfac_calls, user_calls = _count_traces(make_tx)
   assert user_calls == 1
   assert jkfac_calls <= 1
+
+
+@pytest.mark.parametrize("make_tx", [
+    lambda loss_fn, batch: jkfac.kfac(loss_fn, batch),
+    lambda loss_fn, batch: jkfac.kfac(loss_fn, batch, factor_block_size=4),
+    lambda loss_fn, batch: jkfac.eigen_adam(loss_fn, batch, learning_rate=1e-3),
+], ids=["kfac", "blocked", "eigen_adam"])
+def test_init_compiles_few_programs(make_tx):
+  """Built op by op, the MLP's state compiled over 150 programs (5 s on CPU); its
+  identities and zeros are built in one. Cached small programs only lower the count."""
+  _, params, batch, loss_fn = _nets.make_problem(_nets.NETS["mlp"])
+  tx = make_tx(loss_fn, batch)
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(duration)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    jax.block_until_ready(tx.init(params))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert 1 <= len(compiles) <= 20, len(compiles)
