@@ -381,9 +381,10 @@ def test_damped_inverse(method, rank):
                 np.linalg.inv(matrix + damping * np.eye(5)), rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("n", [1, 7, 64, 65, 130, 201])
+@pytest.mark.parametrize("n", [1, 7, linalg._LEAF, linalg._LEAF + 1, 2 * linalg._LEAF + 3,
+                               4 * linalg._LEAF + 9])
 def test_inverse_cholesky_factor_by_halves(n):
-  # Sizes at, around and past the leaf size (64), odd splits included; float64.
+  # Sizes at, around and past the leaf size, odd splits, two levels of halves; float64.
   rng = np.random.default_rng(n)
   x = rng.standard_normal((2 * n, n))
   matrix = x.T @ x / (2 * n) + 0.1 * np.eye(n)
