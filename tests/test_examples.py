@@ -60,7 +60,7 @@ def test_kfac_learns_fake_data(mnist, capsys):
                         "--batch-size", "32", "--log-every", "5", "--plot", ""])
   out = capsys.readouterr().out
   assert [line.split()[2] for line in out.splitlines() if line.startswith("kfac step")] == [
-      "5/20", "10/20", "15/20", "20/20"]
+      "5/20:", "10/20:", "15/20:", "20/20:"]
   result = results["kfac"]
   assert result["test_accuracy"] > 0.5, result["test_accuracy"]
   assert result["test_loss"] < 0.75 * math.log(10)
