@@ -142,8 +142,9 @@ def _eigenvectors(factor: Array, features: int, layer: LayerInfo) -> Array:
   block over its real features (a padded last block's padding keeps the standard basis,
   never mixed into the real features)."""
   count, side = factor.shape[0], factor.shape[-1]
-  last = features - (count - 1) * side
-  if layer.stack or factor.ndim == 2 or last == side:
+  blocked = not layer.stack and factor.ndim == 3
+  last = features - (count - 1) * side if blocked else side  # the last block's real features
+  if last == side:
     return linalg.eigh(factor)[1]
   padded = jnp.eye(side, dtype=factor.dtype).at[:last, :last].set(
       linalg.eigh(factor[-1, :last, :last])[1])

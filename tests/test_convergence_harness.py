@@ -6,12 +6,14 @@ from __future__ import annotations
 import math
 import pathlib
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jkfac
 from tests import _nets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -293,8 +295,6 @@ def test_robustness_models_register_their_whole_loss(name):
   """Each added benchmark model's registered losses describe the loss it returns (no
   `LossScaleWarning`, which would turn into an error here), and every layer is found
   (the ViT's position embedding is no layer's)."""
-  import warnings
-  import jkfac
   from benchmarks import robustness
   rng = np.random.default_rng(0)
   images = rng.random((16, 28, 28, 1), dtype=np.float32)
