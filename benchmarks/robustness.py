@@ -15,7 +15,12 @@ with BatchNorm. Five more kinds, not in the default `--models`: `deepmlp` (eight
 256-wide Dense-LayerNorm-ReLU layers), `convae` (a conv / transposed-conv autoencoder,
 squared error summed over the pixels), `vit` (a two-block transformer over 7×7 patches),
 `gru` (a GRU reading the image's rows) and `dropout` (an MLP with dropout, its key in the
-batch). Every optimizer sees the same initialisation and the same batches, in
+batch). Six more, also not in the default `--models`, each a kind the others lack:
+`conv1d` (1-D convolutions over the rows as a sequence), `tied` (one Dense layer applied
+in three residual blocks), `multilabel` (two sigmoid outputs, their mean cross-entropy),
+`onehot` (a GELU/LayerNorm MLP regressing one-hot targets), `zerohead` (a ReLU MLP with
+a zero-initialised output layer) and `bf16` (an MLP with bfloat16 parameters and
+activations). Every optimizer sees the same initialisation and the same batches, in
 one process; seconds are those of real training steps (compilation excluded). The
 target is the best Adam run's final loss (mean of its last 10 steps); a run reaches it
 when the running mean of 10 steps does. `--eigen-adam-rates` also runs
@@ -30,6 +35,7 @@ import argparse
 import ast
 import math
 import time
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -55,13 +61,14 @@ class ConvNet(nn.Module):
 class MLP(nn.Module):
   widths: tuple[int, ...] = (512, 256)
   outputs: int = 10
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x):
     x = x.reshape(x.shape[0], -1)
     for width in self.widths:
-      x = jnp.tanh(nn.Dense(width)(x))
-    return nn.Dense(self.outputs)(x)
+      x = jnp.tanh(nn.Dense(width, dtype=self.dtype, param_dtype=self.dtype or jnp.float32)(x))
+    return nn.Dense(self.outputs, dtype=self.dtype, param_dtype=self.dtype or jnp.float32)(x)
 
 
 class AutoEncoder(nn.Module):
@@ -130,6 +137,50 @@ class DropoutMLP(nn.Module):
     return nn.Dense(10)(x)
 
 
+class Conv1DNet(nn.Module):
+  """1-D convolutions over the image's rows read as a sequence of 28 steps."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(32, (5,))(x.reshape(x.shape[0], 28, 28)))
+    x = nn.relu(nn.Conv(64, (3,), strides=2)(x))
+    return nn.Dense(10)(x.mean(axis=1))
+
+
+class TiedResidualMLP(nn.Module):
+  """One Dense layer applied three times in residual blocks (a tied, multi-use weight)."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(128)(x.reshape(x.shape[0], -1))
+    block = nn.Dense(128)
+    for _ in range(3):
+      h = h + jnp.tanh(block(h))
+    return nn.Dense(10)(h)
+
+
+class GeluLayerNormMLP(nn.Module):
+  outputs: int = 10
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for _ in range(2):
+      x = nn.gelu(nn.LayerNorm()(nn.Dense(256)(x)))
+    return nn.Dense(self.outputs)(x)
+
+
+class ZeroHeadMLP(nn.Module):
+  """ReLU MLP whose output layer starts at zero (so do its hidden layers' gradients)."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for width in (256, 128):
+      x = nn.relu(nn.Dense(width)(x))
+    return nn.Dense(10, kernel_init=nn.initializers.zeros)(x)
+
+
 def classifier(model, whole_variables=False):
   def loss_fn(params, batch):
     variables = params if whole_variables else {"params": params}
@@ -160,6 +211,34 @@ def pixel_loss(model):
 def dropout_classifier(model):
   def loss_fn(params, batch):
     logits = model.apply({"params": params}, batch["x"], batch["key"])
+    jkfac.register_softmax_cross_entropy(logits, batch["y"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+  return loss_fn
+
+
+def multilabel_loss(model):
+  """Two labels per digit (at least 5, even), the mean of their sigmoid cross-entropies."""
+  def loss_fn(params, batch):
+    logits = model.apply({"params": params}, batch["x"])
+    targets = jnp.stack([batch["y"] >= 5, batch["y"] % 2 == 0], -1).astype(jnp.float32)
+    jkfac.register_sigmoid_cross_entropy(logits, targets, weight=0.5)  # mean of 2 outputs
+    return optax.sigmoid_binary_cross_entropy(logits, targets).mean()
+  return loss_fn
+
+
+def one_hot_regression_loss(model):
+  def loss_fn(params, batch):
+    out = model.apply({"params": params}, batch["x"])
+    targets = jax.nn.one_hot(batch["y"], 10)
+    jkfac.register_squared_error(out, targets)
+    return 0.5 * jnp.mean(jnp.sum((out - targets) ** 2, axis=-1))
+  return loss_fn
+
+
+def bfloat16_classifier(model):
+  def loss_fn(params, batch):
+    logits = model.apply({"params": params}, batch["x"].astype(jnp.bfloat16))
+    logits = logits.astype(jnp.float32)
     jkfac.register_softmax_cross_entropy(logits, batch["y"])
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
   return loss_fn
@@ -200,6 +279,18 @@ def make_model(name: str, x0: jax.Array):
   if name == "dropout":
     model = DropoutMLP()
     return dropout_classifier(model), model.init(key, x0, key)["params"]
+  if name in ("conv1d", "tied", "zerohead"):
+    model = {"conv1d": Conv1DNet, "tied": TiedResidualMLP, "zerohead": ZeroHeadMLP}[name]()
+    return classifier(model), model.init(key, x0)["params"]
+  if name == "multilabel":
+    model = MLP(widths=(256,), outputs=2)
+    return multilabel_loss(model), model.init(key, x0)["params"]
+  if name == "onehot":
+    model = GeluLayerNormMLP()
+    return one_hot_regression_loss(model), model.init(key, x0)["params"]
+  if name == "bf16":
+    model = MLP(widths=(256,), dtype=jnp.bfloat16)
+    return bfloat16_classifier(model), model.init(key, x0)["params"]
   raise ValueError(f"unknown model {name!r}")
 
 
