@@ -21,7 +21,8 @@ from jkfac.schedules import ScalarOrSchedule
 
 # `kfac`'s curvature settings that differ from `PreconditionConfig`'s defaults: statistics
 # every 5 steps and inverses every 50, and no inverse from a single batch.
-KFAC_CURVATURE = dict(cov_update_every=5, invert_every=50, warm_start=True)
+KFAC_CURVATURE = dict(cov_update_every=5, invert_every=50, warm_start=True,
+                      max_statistics_examples="auto")
 
 PyTree = Any
 
@@ -90,8 +91,9 @@ def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       one of these glob patterns, or for which `l2_reg_exclude(path)` is true.
     num_burnin_steps: the first this many steps update the statistics only.
     **curvature_settings: fields of `jkfac.PreconditionConfig` (cadences, estimation,
-      approximations, parallelism, ...). `kfac`'s defaults differ in three:
-      `cov_update_every` 5, `invert_every` 50 and `warm_start` True (`KFAC_CURVATURE`).
+      approximations, parallelism, ...). `kfac`'s defaults differ in four:
+      `cov_update_every` 5, `invert_every` 50, `warm_start` True and
+      `max_statistics_examples` "auto", 512 (`KFAC_CURVATURE`).
 
   Examples:
     >>> tx = jkfac.kfac(loss_fn, batch)
@@ -144,7 +146,8 @@ def eigen_adam(loss_fn: Callable[..., Any], example_batch: PyTree,
     mask: the parameters that `weight_decay` applies to, as for `optax.adamw`.
     **curvature_settings: fields of `jkfac.PreconditionConfig` but
       `jkfac.eigenbasis.UNSUPPORTED_SETTINGS`; as `kfac`'s, `cov_update_every` 5,
-      `invert_every` (here: eigendecompositions) 50 and `warm_start` True by default.
+      `invert_every` (here: eigendecompositions) 50, `warm_start` True and
+      `max_statistics_examples` "auto" (512) by default.
 
   Examples:
     >>> tx = jkfac.eigen_adam(loss_fn, batch, learning_rate=1e-2)

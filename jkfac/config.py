@@ -16,7 +16,8 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from jkfac import blocks, factor_sizes, layer_table, linalg, losses, masking, parallel
+from jkfac import (blocks, factor_sizes, layer_table, linalg, losses, masking, parallel,
+                   statistics_examples)
 from jkfac.layer_info import Trace
 from jkfac.schedules import ScalarOrSchedule
 from jkfac.validation import abstract, check, is_integer, is_number
@@ -117,6 +118,12 @@ class PreconditionConfig:
       (`preconditioner.WARM_START_STATISTICS`), inverses at steps 1, 2, 4, 8, ... below
       `invert_every`,
       and none at step 0 (whose preconditioner is the identity). `jkfac.kfac` turns it on.
+    max_statistics_examples: a statistics step without `jkfac.value_and_grad` (which
+      reuses the gradient's pass over the whole batch) reads at most this many of the
+      batch's examples, drawn without replacement on every statistics step
+      (`jkfac.statistics_examples`: the leaves of the batch's leading size are cut, where
+      that shrinks every layer alike, else a warning); "auto" (`jkfac.kfac`'s default):
+      512 (`statistics_examples.AUTO_EXAMPLES`); None: every example. Static.
   """
   loss_fn: Callable[..., Any]
   example_batch: PyTree
@@ -138,6 +145,7 @@ class PreconditionConfig:
   warm_start: bool = False
   max_factor_dim: int | None = None
   factor_block_size: int | str | None = "auto"
+  max_statistics_examples: int | str | None = None
 
   def __post_init__(self):
     check(is_number(self.damping) or callable(self.damping)
@@ -179,6 +187,11 @@ class PreconditionConfig:
                                           and self.max_factor_dim >= 1),
           f"max_factor_dim must be None or an integer >= 1 (a static value: under "
           f"optax.inject_hyperparams, list it in static_args), got {self.max_factor_dim!r}.")
+    check(self.max_statistics_examples in (None, "auto") or (
+        is_integer(self.max_statistics_examples) and self.max_statistics_examples >= 1),
+          f"max_statistics_examples must be 'auto', None or an integer >= 1 (a static value: "
+          f"under optax.inject_hyperparams, list it in static_args), got "
+          f"{self.max_statistics_examples!r}.")
     check(self.factor_block_size in (None, "auto") or (
         is_integer(self.factor_block_size) and self.factor_block_size >= 1),
           f"factor_block_size must be 'auto', None or an integer >= 1 (a static value), got "
@@ -193,6 +206,13 @@ class PreconditionConfig:
       object.__setattr__(self, "example_params", abstract(self.example_params))
     object.__setattr__(self, "placement",
                        self.placement or ("round_robin" if self.axis_name else "replicated"))
+
+  @property
+  def examples_bound(self) -> int | None:
+    """`max_statistics_examples`, "auto" resolved."""
+    if self.max_statistics_examples == "auto":
+      return statistics_examples.AUTO_EXAMPLES
+    return self.max_statistics_examples
 
   @property
   def factor_bound(self) -> int:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from jkfac import blocks, interpreter, layer_matrices, masking, parallel
+from jkfac import statistics_examples
 from jkfac import statistics as layer_stats
 from jkfac.config import MASKED_HINT, MIN_DAMPING, PreconditionConfig, with_curvature_settings
 from jkfac.inverses import update_inverses
@@ -40,6 +41,9 @@ def update_statistics(config: PreconditionConfig, trace: Trace, state: Precondit
   if config.sub_sample_patches is not None:
     sample_key, patch_key = jax.random.split(sample_key)
   if curvature is None:
+    batch, sample_key = statistics_examples.for_statistics(
+        config.loss_fn, params, batch, config.examples_bound, sample_key,
+        config.auto_register)
     curvature = interpreter.linearize(config.loss_fn, params, batch, config.auto_register,
                                       in_branch=True)
   found = layer_stats.layer_statistics(trace, curvature, sample_key, config.estimation)
