@@ -1,13 +1,14 @@
 """The examples a statistics step reads: at most `max_statistics_examples` of the batch's.
 
 A statistics step evaluates the network again with sampled targets (the plain path,
-without `jkfac.value_and_grad`); at large batches that pass costs more than the K-FAC
-step's other work, while the factors, averages over rows kept in EMAs, need far fewer
-rows. The batch's examples lie along the leading axis of its leaves: the batch size is
-the leading size most leaves share (ties: the larger), and every leaf of that leading
-size is cut to the same rows, drawn without replacement. A cut is used only where it
-shrinks every layer's inputs and outputs by the same factor (checked on the traced
-shapes), so a leaf that only looks like a batch axis cannot change what a layer sees.
+without `jkfac.value_and_grad`); at large batches that pass is a large part of the step,
+while the factors, averages over rows kept in EMAs, need far fewer rows. The batch's
+examples lie along the leading axis of its leaves: the batch size is the leading size
+most leaves share (ties: the larger), and every leaf of that leading size is cut to the
+same rows, drawn without replacement. A cut is used only where every layer's inputs and
+outputs (every use) and every registered loss's predictions shrink by the same factor on
+the traced shapes. A leaf that is as long as the batch but not indexed by example (a
+table) would be cut as well: such batches need `max_statistics_examples=None`.
 """
 
 from __future__ import annotations
