@@ -78,6 +78,9 @@ SMOKE_EXTRA = {
     "--batch-sizes 32,512": ["--batch-sizes", "32"],
     "python -m benchmarks.robustness --steps 200 --eigen-adam-rates 3e-3,1e-2":
         ["--eigen-adam-rates", "1e-2"],
+    "python -m benchmarks.robustness --models deepmlp,convae,vit,gru,dropout,conv1d,tied,"
+    "multilabel,onehot,zerohead,bf16 --steps 100 --batch-sizes 1024 --adam-rates 3e-3,1e-2 "
+    '--kfac-variants "max_statistics_examples=None"': ["--models", "tied"],
     "python -m benchmarks.robustness --models conv1d,tied,multilabel,onehot,zerohead,bf16 "
     "--steps 200 --batch-sizes 32,128 --adam-rates 3e-4,1e-3,3e-3,1e-2,3e-2":
         ["--models", "bf16", "--batch-sizes", "32"],
