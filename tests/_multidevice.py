@@ -167,9 +167,9 @@ def assert_same_on_every_device(tree, what):
                                     err_msg=f"{what}: device {d} differs at {where}")
 
 
-def reference(batch=BATCH, steps=STEPS):
+def reference(batch=BATCH, steps=STEPS, **settings):
   """Params and optimizer state after each step, jitted on one device, whole batch."""
-  tx = jkfac.kfac(loss_fn, batch, **KW)
+  tx = jkfac.kfac(loss_fn, batch, **KW, **settings)
   step = jax.jit(make_step(tx, "single"))
   params, state, history = PARAMS, tx.init(PARAMS), []
   for i in range(steps):
@@ -262,6 +262,9 @@ def group_mesh():
   run_mesh(history, "jit-mesh-round_robin", use_mesh=True, axis_name=AXIS)
   run_mesh(history, "jit-mesh-replicated", use_mesh=True, axis_name=AXIS,
            placement="replicated")
+  # Statistics from 16 of the 48 sharded examples: the same rows as on one device.
+  run_mesh(reference(max_statistics_examples=16), "jit-mesh-statistics-examples",
+           use_mesh=True, axis_name=AXIS, max_statistics_examples=16)
 
 
 # --- scanned layers ------------------------------------------------------------------------------

@@ -66,9 +66,12 @@ def test_jit_with_sharded_batch_matches_single_device():
 
   Without an axis (XLA partitions alone), and with `mesh=`/`axis_name=` in both
   placements; with round robin each inverse runs on its one owner inside shard_map.
+  Statistics from part of the sharded batch (`max_statistics_examples`) read the rows
+  that one device reads.
   """
   out = run_multidevice("mesh")
-  for name in ("jit-sharded-batch", "jit-mesh-round_robin", "jit-mesh-replicated"):
+  for name in ("jit-sharded-batch", "jit-mesh-round_robin", "jit-mesh-replicated",
+               "jit-mesh-statistics-examples"):
     assert f"ok {name}" in out, out
 
 

@@ -8,7 +8,6 @@ example.
 """
 
 import inspect
-import warnings
 
 import flax.linen as nn
 import jax
