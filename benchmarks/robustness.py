@@ -68,7 +68,8 @@ class MLP(nn.Module):
     x = x.reshape(x.shape[0], -1)
     for width in self.widths:
       x = jnp.tanh(nn.Dense(width, dtype=self.dtype, param_dtype=self.dtype or jnp.float32)(x))
-    return nn.Dense(self.outputs, dtype=self.dtype, param_dtype=self.dtype or jnp.float32)(x)
+    x = nn.Dense(self.outputs, dtype=self.dtype, param_dtype=self.dtype or jnp.float32)(x)
+    return x.astype(jnp.float32)  # the loss in float32 (Dense casts its inputs to dtype)
 
 
 class AutoEncoder(nn.Module):
@@ -235,15 +236,6 @@ def one_hot_regression_loss(model):
   return loss_fn
 
 
-def bfloat16_classifier(model):
-  def loss_fn(params, batch):
-    logits = model.apply({"params": params}, batch["x"].astype(jnp.bfloat16))
-    logits = logits.astype(jnp.float32)
-    jkfac.register_softmax_cross_entropy(logits, batch["y"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
-  return loss_fn
-
-
 def regression_loss(model):
   def loss_fn(params, batch):
     y = model.apply({"params": params}, batch["x"])[:, 0]
@@ -290,7 +282,7 @@ def make_model(name: str, x0: jax.Array):
     return one_hot_regression_loss(model), model.init(key, x0)["params"]
   if name == "bf16":
     model = MLP(widths=(256,), dtype=jnp.bfloat16)
-    return bfloat16_classifier(model), model.init(key, x0)["params"]
+    return classifier(model), model.init(key, x0)["params"]
   raise ValueError(f"unknown model {name!r}")
 
 
