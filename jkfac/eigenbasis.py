@@ -313,6 +313,7 @@ def scale_by_eigen_adam(loss_fn: Callable[..., Any], example_batch: PyTree, *,
         f"b1 and b2 must be in [0, 1) and eps >= 0; got b1={b1}, b2={b2}, eps={eps}.")
   config = PreconditionConfig(loss_fn, example_batch, damping=1.0, **settings)
 
+  @parallel.on_auto_axes
   def update_fn(updates, state, params=None, *, batch=None, curvature=None, **extra_args):
     del extra_args
     check(params is not None and batch is not None,

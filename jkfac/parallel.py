@@ -9,15 +9,20 @@ is inverted by one device, chosen to balance the cubic cost, and shared by `psum
 
 Under `jax.jit` with a batch sharded over a `Mesh`, arrays are global and XLA
 averages by itself; the same placement runs inside `jax.shard_map` over the mesh axis.
+On a mesh with `Explicit` axes (`jax.make_mesh`'s default) the step runs with those
+axes made `Auto` (`on_auto_axes`), so XLA chooses how the batch contractions of the
+statistics are sharded, and the results keep their input shardings.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import functools
+
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 PLACEMENTS = ("round_robin", "replicated")
 
@@ -75,6 +80,9 @@ def run_tasks(tasks: Sequence[Task], costs: Sequence[float], *, axis_name: str |
     owners = assign_round_robin(costs, jax.lax.axis_size(axis_name))
     return _owned(tasks, owners, axis_name)
   owners = assign_round_robin(costs, mesh.shape[axis_name])
+  context = jax.sharding.get_abstract_mesh()
+  if not context.empty:  # e.g. `mesh` with its axes made Auto by `on_auto_axes`
+    mesh = context
   functions = [fn for fn, _ in tasks]
   arguments = [args for _, args in tasks]
 
@@ -83,6 +91,58 @@ def run_tasks(tasks: Sequence[Task], costs: Sequence[float], *, axis_name: str |
 
   return jax.shard_map(on_each_device, mesh=mesh, in_specs=PartitionSpec(),
                        out_specs=PartitionSpec())(arguments)
+
+
+def _explicit_mesh(tree: Any) -> AbstractMesh | None:
+  """The mesh of the context or of any leaf's sharding type, if it has Explicit axes."""
+  meshes = [jax.sharding.get_abstract_mesh()] + [
+      getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+      for leaf in jax.tree_util.tree_leaves(tree)]
+  return next((m for m in meshes if m is not None and not m.empty and m.explicit_axes), None)
+
+
+def on_auto_axes(update_fn: Callable[..., Any]) -> Callable[..., Any]:
+  """An optax `update_fn` that runs with a mesh's Explicit axes made Auto.
+
+  With Explicit axes every contraction over the sharded batch axis (a covariance
+  `a.T @ a`) would need its output sharding spelled out; with Auto axes XLA propagates
+  it. Updates and state come back with the shardings of `updates` and `state` (a leaf
+  on no mesh comes back replicated). Without Explicit axes, `update_fn` unchanged.
+  `curvature=` from `jkfac.value_and_grad` is refused there: its pullback was built
+  for the Explicit axes.
+  """
+
+  @functools.wraps(update_fn)
+  def wrapped(updates, state, params=None, **extra_args):
+    arguments = (updates, state, params, extra_args)
+    mesh = _explicit_mesh(arguments)
+    if mesh is None:
+      return update_fn(updates, state, params, **extra_args)
+    if extra_args.get("curvature") is not None:
+      raise ValueError(
+          "On a mesh with Explicit axes, jkfac cannot reuse jkfac.value_and_grad's "
+          "curvature= (its pullback was built for the Explicit axes): leave out "
+          "curvature= (K-FAC then runs its own forward pass), or build the mesh with "
+          "axis_types=(jax.sharding.AxisType.Auto,).")
+    leaves, tree = jax.tree_util.tree_flatten(arguments)
+    is_array = [isinstance(x, jax.Array) for x in leaves]   # static leaves stay static
+
+    def run(arrays):
+      arrays = iter(arrays)
+      leaves_in = [next(arrays) if a else x for x, a in zip(leaves, is_array)]
+      updates, state, params, extra_args = jax.tree_util.tree_unflatten(tree, leaves_in)
+      return update_fn(updates, state, params, **extra_args)
+
+    def same_sharding(x):
+      sharding = jax.typeof(x).sharding
+      on_mesh = getattr(sharding, "mesh", None) == mesh
+      return NamedSharding(mesh, sharding.spec if on_mesh else PartitionSpec())
+
+    out_sharding = jax.tree_util.tree_map(same_sharding, (updates, state))
+    arrays = [x for x, a in zip(leaves, is_array) if a]
+    return jax.sharding.auto_axes(run, out_sharding=out_sharding)(arrays)
+
+  return wrapped
 
 
 def split_batch(batch: Any, num_devices: int) -> Any:

@@ -213,6 +213,7 @@ def precondition(loss_fn: Callable[..., Any], example_batch: PyTree, *,
   """
   config = PreconditionConfig(loss_fn, example_batch, damping=damping, **settings)
 
+  @parallel.on_auto_axes
   def update_fn(updates, state, params=None, *, batch=None, curvature=None,
                 model_params=None, damping=None, invert_now=None, **extra_args):
     del extra_args

@@ -229,18 +229,21 @@ def group_pmap():
 # --- jit with a sharded batch ---------------------------------------------------------------------
 
 
-def run_mesh(history, name, *, use_mesh, **kwargs):
+def run_mesh(history, name, *, use_mesh, axis_type=jax.sharding.AxisType.Auto, **kwargs):
   """jit on a batch sharded over an 8-device mesh; checks it against `history`.
 
   With `use_mesh`, `mesh=` goes to jkfac: round robin then runs each inverse on its
-  owner inside shard_map, which the recorded calls show.
+  owner inside shard_map, which the recorded calls show. With Explicit axes, params
+  and state are placed with one spec entry per axis, the types the step returns.
   """
-  mesh = jax.make_mesh((DEVICES,), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = jax.make_mesh((DEVICES,), (AXIS,), axis_types=(axis_type,))
   tx = jkfac.kfac(loss_fn, BATCH, **({"mesh": mesh} if use_mesh else {}), **kwargs, **KW)
   step = jax.jit(make_step(tx, name))
   batch = jax.device_put(BATCH, NamedSharding(mesh, P(AXIS)))
   assert len(batch["x"].sharding.device_set) == DEVICES
-  params, state = jax.device_put((PARAMS, tx.init(PARAMS)), NamedSharding(mesh, P()))
+  params, state = jax.tree_util.tree_map(
+      lambda x: jax.device_put(x, NamedSharding(mesh, P(*[None] * x.ndim))),
+      (PARAMS, tx.init(PARAMS)))
   round_robin = use_mesh and kwargs.get("placement", "round_robin") == "round_robin"
   for i in range(STEPS):
     params, state = step(params, state, batch)
@@ -265,6 +268,11 @@ def group_mesh():
   # Statistics from 16 of the 48 sharded examples: the same rows as on one device.
   run_mesh(reference(max_statistics_examples=16), "jit-mesh-statistics-examples",
            use_mesh=True, axis_name=AXIS, max_statistics_examples=16)
+  # Explicit axes (jax.make_mesh's default): the same steps, with the axes made Auto.
+  explicit = jax.sharding.AxisType.Explicit
+  run_mesh(history, "jit-explicit-sharded-batch", use_mesh=False, axis_type=explicit)
+  run_mesh(history, "jit-explicit-mesh-round_robin", use_mesh=True, axis_name=AXIS,
+           axis_type=explicit)
 
 
 # --- scanned layers ------------------------------------------------------------------------------

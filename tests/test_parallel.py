@@ -67,11 +67,13 @@ def test_jit_with_sharded_batch_matches_single_device():
   Without an axis (XLA partitions alone), and with `mesh=`/`axis_name=` in both
   placements; with round robin each inverse runs on its one owner inside shard_map.
   Statistics from part of the sharded batch (`max_statistics_examples`) read the rows
-  that one device reads.
+  that one device reads. A mesh with Explicit axes (`jax.make_mesh`'s default) gives
+  the same steps, without and with `mesh=`.
   """
   out = run_multidevice("mesh")
   for name in ("jit-sharded-batch", "jit-mesh-round_robin", "jit-mesh-replicated",
-               "jit-mesh-statistics-examples"):
+               "jit-mesh-statistics-examples", "jit-explicit-sharded-batch",
+               "jit-explicit-mesh-round_robin"):
     assert f"ok {name}" in out, out
 
 
@@ -226,3 +228,63 @@ def test_unknown_placement_raises():
   with pytest.raises(ValueError, match="placement"):
     jkfac.kfac(_loss_fn, _BATCH, learning_rate=0.1, damping=1e-2, axis_name="data",
                placement="everywhere")
+
+
+# --- a mesh with Explicit axes (jax.make_mesh's default), on one device ----------------------------
+
+
+def _explicit_mesh_run(tx, *, mesh, steps=3):
+  """`steps` jitted steps on a random batch, sharded over `mesh` (if any) by rows."""
+  x = jax.random.normal(jax.random.PRNGKey(1), (8, 5))
+  batch = {"x": x, "y": jnp.arange(8) % 3}
+  params = _params()
+  state = tx.init(params)
+  if mesh is not None:
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
+    # Specs with one entry per axis: the step's outputs have them, so no retrace.
+    params, state = jax.tree_util.tree_map(
+        lambda a: jax.device_put(a, NamedSharding(mesh, P(*[None] * a.ndim))), (params, state))
+  step = jax.jit(_step(tx))
+  for _ in range(steps):
+    params, state = step(params, state, batch)
+  return params, state, step
+
+
+@pytest.mark.parametrize("make_tx", [
+    lambda batch: jkfac.kfac(_loss_fn, batch),
+    lambda batch: jkfac.eigen_adam(_loss_fn, batch, learning_rate=1e-2),
+    lambda batch: optax.chain(jkfac.precondition(_loss_fn, batch, damping=1e-2),
+                              optax.sgd(0.1)),
+], ids=["kfac", "eigen_adam", "precondition"])
+def test_explicit_mesh_axes_give_the_steps_without_a_mesh(make_tx):
+  """On a mesh with Explicit axes the statistics' batch contractions (`a.T @ a` over
+  the sharded rows) would need an output sharding; jkfac runs them with the axes made
+  Auto. Oracle: the same steps with no mesh. Parameters come back with their input
+  sharding (the step is traced once)."""
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  tx = make_tx(_BATCH)
+  expected_params, expected_state, _ = _explicit_mesh_run(tx, mesh=None)
+  params, state, step = _explicit_mesh_run(tx, mesh=mesh)
+  for actual, expected in zip(jax.tree_util.tree_leaves((params, state)),
+                              jax.tree_util.tree_leaves((expected_params, expected_state))):
+    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=1e-5, atol=1e-6)
+  for leaf in jax.tree_util.tree_leaves((params, state)):
+    assert leaf.sharding.mesh.axis_types == (jax.sharding.AxisType.Explicit,)
+    assert leaf.sharding.spec == jax.sharding.PartitionSpec(*[None] * leaf.ndim)
+  assert step._cache_size() == 1
+
+
+def test_explicit_mesh_axes_refuse_the_fused_curvature():
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  tx = jkfac.kfac(_loss_fn, _BATCH)
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  batch = jax.device_put(_BATCH, NamedSharding(mesh, P("data")))
+  params = jax.device_put(_params(), NamedSharding(mesh, P()))
+
+  def step(params, state, batch):
+    _, grads, curvature = jkfac.value_and_grad(_loss_fn)(params, batch)
+    return tx.update(grads, state, params, batch=batch, curvature=curvature)
+
+  with pytest.raises(ValueError, match="Explicit axes.*curvature="):
+    jax.jit(step)(params, tx.init(params), batch)

@@ -289,6 +289,7 @@ def adaptive(config: AdaptiveConfig, preconditioner: optax.GradientTransformatio
   def init_fn(params):
     return init(config, preconditioner, params)
 
+  @parallel.on_auto_axes
   def update_fn(updates, state, params=None, *, batch=None, curvature=None,
                 model_params=None, **extra_args):
     del extra_args
