@@ -16,9 +16,8 @@ statistics are sharded, and the results keep their input shardings.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
-
 import functools
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -81,8 +80,8 @@ def run_tasks(tasks: Sequence[Task], costs: Sequence[float], *, axis_name: str |
     return _owned(tasks, owners, axis_name)
   owners = assign_round_robin(costs, mesh.shape[axis_name])
   context = jax.sharding.get_abstract_mesh()
-  if not context.empty:  # e.g. `mesh` with its axes made Auto by `on_auto_axes`
-    mesh = context
+  if not context.empty and context.shape_tuple == mesh.shape_tuple:
+    mesh = context  # `mesh` with its axes made Auto by `on_auto_axes`
   functions = [fn for fn, _ in tasks]
   arguments = [args for _, args in tasks]
 
@@ -93,11 +92,16 @@ def run_tasks(tasks: Sequence[Task], costs: Sequence[float], *, axis_name: str |
                        out_specs=PartitionSpec())(arguments)
 
 
+def _abstract_mesh(x: Any) -> AbstractMesh | None:
+  """The (abstract) mesh of `x`'s sharding type, if it has one."""
+  mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+  return getattr(mesh, "abstract_mesh", mesh)
+
+
 def _explicit_mesh(tree: Any) -> AbstractMesh | None:
   """The mesh of the context or of any leaf's sharding type, if it has Explicit axes."""
   meshes = [jax.sharding.get_abstract_mesh()] + [
-      getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
-      for leaf in jax.tree_util.tree_leaves(tree)]
+      _abstract_mesh(leaf) for leaf in jax.tree_util.tree_leaves(tree)]
   return next((m for m in meshes if m is not None and not m.empty and m.explicit_axes), None)
 
 
@@ -134,9 +138,8 @@ def on_auto_axes(update_fn: Callable[..., Any]) -> Callable[..., Any]:
       return update_fn(updates, state, params, **extra_args)
 
     def same_sharding(x):
-      sharding = jax.typeof(x).sharding
-      on_mesh = getattr(sharding, "mesh", None) == mesh
-      return NamedSharding(mesh, sharding.spec if on_mesh else PartitionSpec())
+      on_mesh = _abstract_mesh(x) == mesh
+      return NamedSharding(mesh, jax.typeof(x).sharding.spec if on_mesh else PartitionSpec())
 
     out_sharding = jax.tree_util.tree_map(same_sharding, (updates, state))
     arrays = [x for x, a in zip(leaves, is_array) if a]
