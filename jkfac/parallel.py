@@ -105,6 +105,22 @@ def _explicit_mesh(tree: Any) -> AbstractMesh | None:
   return next((m for m in meshes if m is not None and not m.empty and m.explicit_axes), None)
 
 
+def _call_on_auto_axes(fn: Callable[..., Any], arguments: tuple, mesh: AbstractMesh,
+                       out_sharding: Any) -> Any:
+  """`fn(*arguments)` with `mesh`'s axes made Auto; outputs resharded to `out_sharding`
+  (a tree prefix of them). Leaves that are not arrays are passed through as they are."""
+  leaves, tree = jax.tree_util.tree_flatten(arguments)
+  is_array = [isinstance(x, jax.Array) for x in leaves]
+
+  def run(arrays):
+    arrays = iter(arrays)
+    return fn(*jax.tree_util.tree_unflatten(
+        tree, [next(arrays) if a else x for x, a in zip(leaves, is_array)]))
+
+  arrays = [x for x, a in zip(leaves, is_array) if a]
+  return jax.sharding.auto_axes(run, out_sharding=out_sharding)(arrays)
+
+
 def on_auto_axes(update_fn: Callable[..., Any]) -> Callable[..., Any]:
   """An optax `update_fn` that runs with a mesh's Explicit axes made Auto.
 
@@ -118,8 +134,7 @@ def on_auto_axes(update_fn: Callable[..., Any]) -> Callable[..., Any]:
 
   @functools.wraps(update_fn)
   def wrapped(updates, state, params=None, **extra_args):
-    arguments = (updates, state, params, extra_args)
-    mesh = _explicit_mesh(arguments)
+    mesh = _explicit_mesh((updates, state, params, extra_args))
     if mesh is None:
       return update_fn(updates, state, params, **extra_args)
     if extra_args.get("curvature") is not None:
@@ -128,22 +143,28 @@ def on_auto_axes(update_fn: Callable[..., Any]) -> Callable[..., Any]:
           "curvature= (its pullback was built for the Explicit axes): leave out "
           "curvature= (K-FAC then runs its own forward pass), or build the mesh with "
           "axis_types=(jax.sharding.AxisType.Auto,).")
-    leaves, tree = jax.tree_util.tree_flatten(arguments)
-    is_array = [isinstance(x, jax.Array) for x in leaves]   # static leaves stay static
-
-    def run(arrays):
-      arrays = iter(arrays)
-      leaves_in = [next(arrays) if a else x for x, a in zip(leaves, is_array)]
-      updates, state, params, extra_args = jax.tree_util.tree_unflatten(tree, leaves_in)
-      return update_fn(updates, state, params, **extra_args)
 
     def same_sharding(x):
       on_mesh = _abstract_mesh(x) == mesh
       return NamedSharding(mesh, jax.typeof(x).sharding.spec if on_mesh else PartitionSpec())
 
     out_sharding = jax.tree_util.tree_map(same_sharding, (updates, state))
-    arrays = [x for x, a in zip(leaves, is_array) if a]
-    return jax.sharding.auto_axes(run, out_sharding=out_sharding)(arrays)
+    return _call_on_auto_axes(lambda u, s, p, kw: update_fn(u, s, p, **kw),
+                              (updates, state, params, extra_args), mesh, out_sharding)
+
+  return wrapped
+
+
+def replicated_on_auto_axes(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """`fn`, whose outputs are replicated (statistics of a batch), run with a mesh's
+  Explicit axes made Auto, as `on_auto_axes`; unchanged without Explicit axes."""
+
+  @functools.wraps(fn)
+  def wrapped(*arguments):
+    mesh = _explicit_mesh(arguments)
+    if mesh is None:
+      return fn(*arguments)
+    return _call_on_auto_axes(fn, arguments, mesh, NamedSharding(mesh, PartitionSpec()))
 
   return wrapped
 

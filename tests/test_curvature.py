@@ -36,6 +36,22 @@ def test_fit_is_the_factors_averaged_over_all_examples(name):
       np.testing.assert_allclose(fitted.statistics[layer_name]["G"], g, rtol=1e-9, atol=1e-12)
 
 
+def test_fit_on_a_mesh_with_explicit_axes_is_the_hand_computed_factors():
+  """Batches sharded over a mesh with Explicit axes (`jax.make_mesh`'s default): the
+  statistics' batch contractions run with the axes made Auto. Oracle: the factors by hand."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  net = _nets.NETS["mlp"]
+  _, params, batch, loss_fn = _nets.make_problem(net, batch=N)
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  rows = NamedSharding(mesh, P("data"))
+  sharded = [jax.device_put(b, rows) for b in _split(batch, (8, 4))]
+  fitted = curvature.fit(loss_fn, jax.device_put(params, NamedSharding(mesh, P())), sharded)
+  want = _nets.kron_factors_by_hand(net, params, batch, "exact")
+  for layer_name, (a, g) in want.items():
+    np.testing.assert_allclose(fitted.statistics[layer_name]["A"], a, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(fitted.statistics[layer_name]["G"], g, rtol=1e-4, atol=1e-6)
+
+
 def _regression(n=N, d_in=3, d_out=2, seed=0):
   """One dense layer under squared error, where K-FAC with the exact GGN is exact."""
   rng = np.random.default_rng(seed)

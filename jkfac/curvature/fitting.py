@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 
-from jkfac import blocks, config, interpreter, layer_table, layers, linalg, losses
+from jkfac import blocks, config, interpreter, layer_table, layers, linalg, losses, parallel
 from jkfac import statistics as layer_stats
 from jkfac.layer_info import LayerInfo, Trace
 from jkfac.validation import check
@@ -127,8 +127,8 @@ def _average(loss_fn, trace: Trace, params: PyTree, batches, num_batches, estima
              label: str) -> tuple[dict[str, Arrays], int]:
   """The size-weighted mean of every block's statistics over all batches, and N."""
   dtype = config.state_dtype(params)
-  one_batch = jax.jit(functools.partial(_batch_statistics, loss_fn, trace, estimation,
-                                        auto_register, dtype))
+  one_batch = jax.jit(parallel.replicated_on_auto_axes(functools.partial(
+      _batch_statistics, loss_fn, trace, estimation, auto_register, dtype)))
   total, count, started, shown = None, 0, time.monotonic(), 0.0
   for index, batch in enumerate(iterate_batches(batches, num_batches)):
     size = batch_size(batch)
