@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import re
 import sys
 
 import flax.jax_utils
@@ -257,22 +258,37 @@ def run_mesh(history, name, *, use_mesh, axis_type=jax.sharding.AxisType.Auto, *
     assert_close(state, expected_state, f"{name} step {i} state")
   assert TRACES[name] == 1, f"{name}: the jitted step was traced {TRACES[name]} times"
   print(f"ok {name}")
+  return compiled_ops(step.lower(params, state, batch).compile().as_text())
+
+
+_OPCODE = re.compile(r"= \S+ ([a-z][a-z0-9-]*)\(")
+
+
+def compiled_ops(hlo: str) -> collections.Counter:
+  """How many instructions of each opcode a compiled program has."""
+  return collections.Counter(_OPCODE.findall(hlo))
 
 
 def group_mesh():
   history = reference()
-  run_mesh(history, "jit-sharded-batch", use_mesh=False)       # XLA alone, no axis
-  run_mesh(history, "jit-mesh-round_robin", use_mesh=True, axis_name=AXIS)
-  run_mesh(history, "jit-mesh-replicated", use_mesh=True, axis_name=AXIS,
-           placement="replicated")
+  auto = {"sharded-batch": run_mesh(history, "jit-sharded-batch", use_mesh=False),  # XLA alone
+          "mesh-round_robin": run_mesh(history, "jit-mesh-round_robin", use_mesh=True,
+                                       axis_name=AXIS)}
+  replicated = run_mesh(history, "jit-mesh-replicated", use_mesh=True, axis_name=AXIS,
+                        placement="replicated")
+  assert replicated != auto["mesh-round_robin"]  # the comparison below sees placements
   # Statistics from 16 of the 48 sharded examples: the same rows as on one device.
   run_mesh(reference(max_statistics_examples=16), "jit-mesh-statistics-examples",
            use_mesh=True, axis_name=AXIS, max_statistics_examples=16)
-  # Explicit axes (jax.make_mesh's default): the same steps, with the axes made Auto.
+  # Explicit axes (jax.make_mesh's default): the same steps, with the axes made Auto, and
+  # the same compiled program (as many instructions of each opcode).
   explicit = jax.sharding.AxisType.Explicit
-  run_mesh(history, "jit-explicit-sharded-batch", use_mesh=False, axis_type=explicit)
-  run_mesh(history, "jit-explicit-mesh-round_robin", use_mesh=True, axis_name=AXIS,
-           axis_type=explicit)
+  for name, use_mesh, settings in (("sharded-batch", False, {}),
+                                   ("mesh-round_robin", True, {"axis_name": AXIS})):
+    ops = run_mesh(history, f"jit-explicit-{name}", use_mesh=use_mesh, axis_type=explicit,
+                   **settings)
+    assert ops == auto[name], f"{name}: Explicit axes compile to {ops}, Auto ones to {auto[name]}"
+    print(f"same program {name}: {sum(ops.values())} instructions")
 
 
 # --- scanned layers ------------------------------------------------------------------------------
