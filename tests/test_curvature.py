@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jkfac
 import jkfac.flax
@@ -39,7 +40,6 @@ def test_fit_is_the_factors_averaged_over_all_examples(name):
 def test_fit_on_a_mesh_with_explicit_axes_is_the_hand_computed_factors():
   """Batches sharded over a mesh with Explicit axes (`jax.make_mesh`'s default): the
   statistics' batch contractions run with the axes made Auto. Oracle: the factors by hand."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
   net = _nets.NETS["mlp"]
   _, params, batch, loss_fn = _nets.make_problem(net, batch=N)
   mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))

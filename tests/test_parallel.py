@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jkfac
 from jkfac.parallel import assign_round_robin, split_batch
@@ -235,6 +236,10 @@ def test_unknown_placement_raises():
 # --- a mesh with Explicit axes (jax.make_mesh's default), on one device ----------------------------
 
 
+def _one_device_explicit_mesh():
+  return jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+
+
 def _explicit_mesh_run(tx, *, mesh, steps=3):
   """`steps` jitted steps on a random batch, sharded over `mesh` (if any) by rows."""
   x = jax.random.normal(jax.random.PRNGKey(1), (8, 5))
@@ -242,7 +247,6 @@ def _explicit_mesh_run(tx, *, mesh, steps=3):
   params = _params()
   state = tx.init(params)
   if mesh is not None:
-    from jax.sharding import NamedSharding, PartitionSpec as P
     batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
     # Specs with one entry per axis: the step's outputs have them, so no retrace.
     params, state = jax.tree_util.tree_map(
@@ -264,7 +268,7 @@ def test_explicit_mesh_axes_give_the_steps_without_a_mesh(make_tx):
   the sharded rows) would need an output sharding; jkfac runs them with the axes made
   Auto. Oracle: the same steps with no mesh. Parameters come back with their input
   sharding (the step is traced once)."""
-  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  mesh = _one_device_explicit_mesh()
   tx = make_tx(_BATCH)
   expected_params, expected_state, _ = _explicit_mesh_run(tx, mesh=None)
   params, state, step = _explicit_mesh_run(tx, mesh=mesh)
@@ -273,14 +277,13 @@ def test_explicit_mesh_axes_give_the_steps_without_a_mesh(make_tx):
     np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=1e-5, atol=1e-6)
   for leaf in jax.tree_util.tree_leaves((params, state)):
     assert leaf.sharding.mesh.axis_types == (jax.sharding.AxisType.Explicit,)
-    assert leaf.sharding.spec == jax.sharding.PartitionSpec(*[None] * leaf.ndim)
+    assert leaf.sharding.spec == P(*[None] * leaf.ndim)
   assert step._cache_size() == 1
 
 
 def test_explicit_mesh_axes_refuse_the_fused_curvature():
-  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  mesh = _one_device_explicit_mesh()
   tx = jkfac.kfac(_loss_fn, _BATCH)
-  from jax.sharding import NamedSharding, PartitionSpec as P
   batch = jax.device_put(_BATCH, NamedSharding(mesh, P("data")))
   params = jax.device_put(_params(), NamedSharding(mesh, P()))
 
