@@ -107,8 +107,18 @@ def jitted_step(tx, loss_fn):
 # --- the quadratic model and ρ on an exact quadratic -------------------------------------
 
 
+def fused_update(tx, loss_fn):
+  """`tx.update` with the curvature of `jkfac.value_and_grad`'s pass, jitted."""
+  def update(params, state, batch, grads):
+    _, _, curvature = jkfac.value_and_grad(loss_fn)(params, batch)
+    return tx.update(grads, state, params, batch=batch, curvature=curvature)
+  return jax.jit(update)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
 @pytest.mark.parametrize("l2_reg", [None, 0.3], ids=["no_l2", "l2_except_bias"])
-def test_qmodel_solves_the_2x2_system_and_rho_is_one(l2_reg):
+def test_qmodel_solves_the_2x2_system_and_rho_is_one(l2_reg, fused):
+  """Fused: the step gets `jkfac.value_and_grad`'s pass as `curvature=`."""
   extra = {} if l2_reg is None else dict(l2_reg=l2_reg, l2_reg_exclude=("b",))
   settings = dict(estimation="exact", cov_update_every=1, invert_every=1)
   tx = jkfac.kfac(linear_loss, linear_batch(), momentum_type="qmodel", damping=0.05,
@@ -117,7 +127,8 @@ def test_qmodel_solves_the_2x2_system_and_rho_is_one(l2_reg):
   pre = jkfac.precondition(linear_loss, linear_batch(), damping=1.0, **settings)
   params = linear_params()
   state, pre_state = tx.init(params), pre.init(params)
-  step = jax.jit(lambda p, s, b, g: tx.update(g, s, p, batch=b))
+  step = (fused_update(tx, linear_loss) if fused
+          else jax.jit(lambda p, s, b, g: tx.update(g, s, p, batch=b)))
   # The leaves are b, then w; l2 leaves out b.
   keep = np.concatenate([np.full(D_OUT, l2_reg is None), np.full(D_IN * D_OUT, True)])
   l2 = 0.0 if l2_reg is None else l2_reg
