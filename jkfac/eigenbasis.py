@@ -225,8 +225,9 @@ def init(config: PreconditionConfig, params: PyTree) -> EigenAdamState:
   preconditioner = preconditioner._replace(  # kron's identity inverses: the standard basis
       statistics={name: preconditioner.statistics[name] for name in names},
       inverses={name: preconditioner.inverses[name] for name in names})
-  moments = _moments(trace, jax.tree_util.tree_map(jnp.asarray, params))
-  return EigenAdamState(preconditioner, moments, moments)
+  params = jax.tree_util.tree_map(jnp.asarray, params)
+  # Two calls: a donated state (`donate_argnums`) may not hold one buffer twice.
+  return EigenAdamState(preconditioner, _moments(trace, params), _moments(trace, params))
 
 
 def update(config: PreconditionConfig, b1: float, b2: float, eps: float, grads: PyTree,

@@ -73,11 +73,14 @@ def init_state(config: PreconditionConfig, params: PyTree,
   # One compiled program: run eagerly, the blocks' many small operations compile one by
   # one (the MLP's state took 5 s).
   statistics, inverses = jax.jit(initial_blocks)()
-  zero = jnp.zeros([], jnp.int32)
-  return PreconditionState(count=zero, key=jax.random.PRNGKey(config.seed),
+  # A buffer of its own for every leaf: a state donated to a jitted step
+  # (`donate_argnums`) may not hold one buffer twice.
+  counter = lambda: jnp.zeros([], jnp.int32)
+  return PreconditionState(count=counter(), key=jax.random.PRNGKey(config.seed),
                            ema_weight=jnp.zeros([], dtype), damping=jnp.zeros([], dtype),
-                           statistics=statistics, inverses=inverses, skipped_steps=zero,
-                           inverse_fallbacks=zero, curvature_scale=jnp.zeros([], jnp.float32))
+                           statistics=statistics, inverses=inverses, skipped_steps=counter(),
+                           inverse_fallbacks=counter(),
+                           curvature_scale=jnp.zeros([], jnp.float32))
 
 
 def check_state(trace: Trace, state: PreconditionState) -> None:

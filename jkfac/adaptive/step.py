@@ -181,15 +181,18 @@ def init(config: AdaptiveConfig, preconditioner: optax.GradientTransformation,
            f"{config.adapt_damping} need the loss's predictions, but no loss is registered in "
            "loss_fn: call e.g. jkfac.register_softmax_cross_entropy(logits, labels) inside it.")
   dtype = state_dtype(params)
-  zero = jnp.zeros([], jnp.float32)
-  damping = jnp.asarray(schedules.value(config.initial_damping, jnp.zeros([], jnp.int32)),
-                        dtype)
+  # A buffer of its own for every leaf: a state donated to a jitted step
+  # (`donate_argnums`) may not hold one buffer twice.
+  zero = lambda: jnp.zeros([], jnp.float32)
+  damping = lambda: jnp.asarray(
+      schedules.value(config.initial_damping, jnp.zeros([], jnp.int32)), dtype)
   return AdaptiveState(
-      count=jnp.zeros([], jnp.int32), damping=damping,
+      count=jnp.zeros([], jnp.int32), damping=damping(),
       velocity=jax.tree_util.tree_map(jnp.zeros_like, params),
       preconditioner=preconditioner.init(params),
-      diagnostics=Diagnostics(damping=damping, rho=zero, alpha=zero, mu=zero,
-                              quad_change=zero, update_norm=zero, norm_scale=zero + 1),
+      diagnostics=Diagnostics(damping=damping(), rho=zero(), alpha=zero(), mu=zero(),
+                              quad_change=zero(), update_norm=zero(),
+                              norm_scale=jnp.ones([], jnp.float32)),
       rejected_steps=jnp.zeros([], jnp.int32),
       graft=optax.scale_by_adam().init(params) if config.graft == "adam"
       else optax.EmptyState())
