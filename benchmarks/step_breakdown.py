@@ -1,13 +1,17 @@
-"""Where a K-FAC step's time goes: its periodic work switched on one part at a time.
+"""Where a K-FAC step's time goes: its parts switched on one at a time.
 
-    python -m benchmarks.step_breakdown [--model mlp|convnet|tiny] [--rounds 5] [--steps 20]
+    python -m benchmarks.step_breakdown [--model mlp|convnet|tiny] [--parts fixed|default]
+        [--batch-size 128] [--rounds 5] [--steps N]
 
 In one process, real training steps of the model of `benchmarks/step_time.py` at a
-learning rate that stays finite: Adam; K-FAC preconditioning only (statistics and
-inverses once, at step 0); statistics every step without new inverses (plain and
-fused); statistics every step and inverses every 10. Differences between rows are the
-cost of each part; medians over interleaved rounds of `--steps` steps (default 20: two
-inverse periods).
+learning rate that stays finite. `--parts fixed` (the fixed-rate step): Adam; K-FAC
+preconditioning only (statistics and inverses once, at step 0); statistics every step
+without new inverses (plain and fused); statistics every step and inverses every 10.
+`--parts default` (the one-call default): Adam; preconditioning only; the quadratic model
+(α and μ, without the rejection test); the rejection test as well; the default with its
+statistics every 5 steps and inverses every 50. Differences between rows are the cost of
+each part; medians over interleaved rounds of `--steps` steps (default: 20, two inverse
+periods, with `fixed`; 50, one, with `default`).
 """
 
 from __future__ import annotations
@@ -46,9 +50,21 @@ class TinyMLP(nn.Module):
 MODELS = {"mlp": MLP, "convnet": ConvNet, "tiny": TinyMLP}
 
 
-def configurations(loss_fn, batch):
+def configurations(loss_fn, batch, parts: str = "fixed"):
+  """`label -> (optimizer, fused)`, one part added per row (see the module docstring)."""
   kfac = lambda cov, inv: jkfac.kfac(loss_fn, batch, learning_rate=5e-4, damping=1e-3,
                                      cov_update_every=cov, invert_every=inv)
+  if parts == "default":
+    once = dict(cov_update_every=NEVER, invert_every=NEVER, warm_start=False)
+    return {
+        "adam": (optax.adam(1e-3), False),
+        "kfac: preconditioning only": (kfac(NEVER, NEVER), False),
+        "default: + quadratic model": (jkfac.kfac(
+            loss_fn, batch, reject_steps=False, damping_adaptation_interval=NEVER, **once),
+                                       False),
+        "default: + rejection test": (jkfac.kfac(loss_fn, batch, **once), False),
+        "default: + statistics / 5, inverses / 50": (jkfac.kfac(loss_fn, batch), False),
+    }
   return {
       "adam": (optax.adam(1e-3), False),
       "kfac: preconditioning only": (kfac(NEVER, NEVER), False),
@@ -61,16 +77,20 @@ def configurations(loss_fn, batch):
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", choices=tuple(MODELS), default="mlp")
+  parser.add_argument("--parts", choices=("fixed", "default"), default="fixed")
+  parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--rounds", type=int, default=5)
-  parser.add_argument("--steps", type=int, default=20, help="steps per round (default: 20)")
+  parser.add_argument("--steps", type=int, default=None,
+                      help="steps per round (default: 20 with fixed, 50 with default)")
   parser.add_argument("--data-dir", default=mnist_data.BUNDLED_DIR)
   args = parser.parse_args(argv)
-  batches = load_batches(args.data_dir)
+  steps = args.steps or (50 if args.parts == "default" else 20)
+  batches = load_batches(args.data_dir, args.batch_size)
   model = MODELS[args.model]()
   params = model.init(jax.random.PRNGKey(0), batches[0]["image"])["params"]
   loss_fn = make_loss(model)
   runs = {}
-  for label, (tx, fused) in configurations(loss_fn, batches[0]).items():
+  for label, (tx, fused) in configurations(loss_fn, batches[0], args.parts).items():
     step = make_step(loss_fn, tx, fused)
     p, s, loss = step(params, tx.init(params), batches[0])
     jax.block_until_ready(loss)
@@ -79,14 +99,15 @@ def main(argv=None) -> None:
     for run in runs.values():
       p, s = run["state"]
       start = time.perf_counter()
-      for _ in range(args.steps):
+      for _ in range(steps):
         p, s, loss = run["step"](p, s, batches[run["seen"] % len(batches)])
         run["seen"] += 1
       jax.block_until_ready(loss)
-      run["times"].append((time.perf_counter() - start) / args.steps)
+      run["times"].append((time.perf_counter() - start) / steps)
       run["state"], run["loss"] = (p, s), loss
   adam = statistics.median(runs["adam"]["times"])
-  print(f"{args.model}, batch 128, {jax.devices()[0].platform}, median of {args.rounds} rounds")
+  print(f"{args.model}, batch {args.batch_size}, {jax.devices()[0].platform}, median of "
+        f"{args.rounds} rounds of {steps} steps")
   print(f"{'configuration':40s} {'ms/step':>8s} {'x adam':>7s} {'finite':>7s}")
   for label, run in runs.items():
     ms = statistics.median(run["times"])

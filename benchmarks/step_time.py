@@ -75,18 +75,20 @@ def make_step(loss_fn, tx, fused: bool):
   return step
 
 
-def load_batches(data_dir: str) -> list[dict[str, jax.Array]]:
-  """`NUM_BATCHES` batches of real digits (or random images if the files are absent)."""
+def load_batches(data_dir: str, batch_size: int = BATCH_SIZE) -> list[dict[str, jax.Array]]:
+  """Up to `NUM_BATCHES` batches of real digits, as many as the files hold (or random
+  images if the files are absent)."""
   try:
     images, labels = mnist_data.load_idx(data_dir)["train"]
   except FileNotFoundError:
     print(f"no MNIST IDX files in {data_dir}: timing on random images")
     key = jax.random.PRNGKey(0)
-    images = jax.random.uniform(key, (BATCH_SIZE * NUM_BATCHES, 28, 28, 1))
-    labels = jax.random.randint(key, (BATCH_SIZE * NUM_BATCHES,), 0, 10)
-  return [{"image": jnp.asarray(images[i * BATCH_SIZE:(i + 1) * BATCH_SIZE]),
-           "label": jnp.asarray(labels[i * BATCH_SIZE:(i + 1) * BATCH_SIZE])}
-          for i in range(NUM_BATCHES)]
+    images = jax.random.uniform(key, (batch_size * NUM_BATCHES, 28, 28, 1))
+    labels = jax.random.randint(key, (batch_size * NUM_BATCHES,), 0, 10)
+  count = min(NUM_BATCHES, len(images) // batch_size)
+  return [{"image": jnp.asarray(images[i * batch_size:(i + 1) * batch_size]),
+           "label": jnp.asarray(labels[i * batch_size:(i + 1) * batch_size])}
+          for i in range(count)]
 
 
 def finite(params, loss) -> bool:
