@@ -240,12 +240,14 @@ def test_jitted_train_step_is_traced_once():
     lambda: jkfac.kfac(loss_fn, make_batch()),
     lambda: jkfac.kfac(loss_fn, make_batch(), learning_rate=1e-2, graft="adam"),
     lambda: jkfac.eigen_adam(loss_fn, make_batch(), learning_rate=1e-2),
-], ids=["precondition", "kfac", "graft", "eigen_adam"])
+    lambda: optax.inject_hyperparams(jkfac.kfac, static_args=("loss_fn", "example_batch"))(
+        loss_fn=loss_fn, example_batch=make_batch(), damping=1e-2),
+], ids=["precondition", "kfac", "graft", "eigen_adam", "inject_hyperparams"])
 def test_a_donated_state_steps_as_a_kept_one(make_tx):
   """`jax.jit(step, donate_argnums=...)`, as Flax training loops write it: every leaf of
   the state has a buffer of its own (before: "Attempt to donate the same buffer twice"
-  at the first step, from counters and zeros shared by several leaves), and donating
-  changes no value."""
+  at the first step, from counters and zeros shared by several leaves, and from an
+  injected damping kept as it was given), and donating changes no value."""
   tx = make_tx()
 
   def step(params, opt_state, batch):

@@ -182,9 +182,10 @@ def init(config: AdaptiveConfig, preconditioner: optax.GradientTransformation,
            "loss_fn: call e.g. jkfac.register_softmax_cross_entropy(logits, labels) inside it.")
   dtype = state_dtype(params)
   # A buffer of its own for every leaf: a state donated to a jitted step
-  # (`donate_argnums`) may not hold one buffer twice.
+  # (`donate_argnums`) may not hold one buffer twice, nor one of the caller's (a damping
+  # injected by `optax.inject_hyperparams` is also in its state): `jnp.array` copies.
   zero = lambda: jnp.zeros([], jnp.float32)
-  damping = lambda: jnp.asarray(
+  damping = lambda: jnp.array(
       schedules.value(config.initial_damping, jnp.zeros([], jnp.int32)), dtype)
   return AdaptiveState(
       count=jnp.zeros([], jnp.int32), damping=damping(),
