@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import optax
 
-from jkfac import adaptive
+from jkfac import adaptive, eigenbasis
 from jkfac.eigenbasis import scale_by_eigen_adam
 from jkfac.config import with_curvature_settings
 from jkfac.preconditioner import precondition
@@ -157,3 +157,6 @@ def eigen_adam(loss_fn: Callable[..., Any], example_batch: PyTree,
                           **{**KFAC_CURVATURE, **curvature_settings}),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate))
+
+
+with_curvature_settings(eigen_adam, KFAC_CURVATURE, eigenbasis.UNSUPPORTED_SETTINGS)

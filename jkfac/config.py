@@ -242,15 +242,18 @@ CURVATURE_FIELDS = tuple(f.name for f in dataclasses.fields(PreconditionConfig)
                          if f.name not in ("loss_fn", "example_batch", "damping"))
 
 
-def with_curvature_settings(factory: Callable[..., Any], defaults: Mapping[str, Any]
-                            ) -> Callable[..., Any]:
+def with_curvature_settings(factory: Callable[..., Any], defaults: Mapping[str, Any],
+                            excluded: tuple[str, ...] = ()) -> Callable[..., Any]:
   """`factory` (which takes `**settings` for `PreconditionConfig`) with a signature that
-  lists every curvature setting as a keyword with its default (`defaults` first), so
-  `inspect` and `optax.inject_hyperparams` see them: the fields stay written once."""
+  lists every curvature setting but `excluded` as a keyword with its default (`defaults`
+  first), so `inspect` and `optax.inject_hyperparams` see them: the fields stay written
+  once."""
   signature = inspect.signature(factory)
   parameters = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
   fields = {f.name: f for f in dataclasses.fields(PreconditionConfig)}
   for name in CURVATURE_FIELDS:
+    if name in excluded:
+      continue
     default = defaults.get(name, fields[name].default)
     parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
                                         default=default, annotation=fields[name].type))

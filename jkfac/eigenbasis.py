@@ -27,12 +27,12 @@ import optax
 
 from jkfac import interpreter, layer_matrices, layers, linalg, masking, parallel, tags
 from jkfac.blocks import blocked
-from jkfac.config import PreconditionConfig, state_dtype
+from jkfac.config import PreconditionConfig, state_dtype, with_curvature_settings
 from jkfac.layer_info import LayerInfo, Trace
 from jkfac.preconditioner import count_step, inverses_due, refresh_statistics
 from jkfac.skipping import keep_unless, tree_finite, zero_if
 from jkfac.state import PreconditionState, check_state, init_state
-from jkfac.validation import abstract, check
+from jkfac.validation import abstract, check, is_number
 
 Array = jax.Array
 PyTree = Any
@@ -310,7 +310,8 @@ def scale_by_eigen_adam(loss_fn: Callable[..., Any], example_batch: PyTree, *,
   """
   for name in UNSUPPORTED_SETTINGS:
     check(name not in settings, f"jkfac.scale_by_eigen_adam does not take {name!r}.")
-  check(0 <= b1 < 1 and 0 <= b2 < 1 and eps >= 0,
+  # Python numbers are checked; arrays (from `optax.inject_hyperparams`) may be traced.
+  check(all(0 <= b < 1 for b in (b1, b2) if is_number(b)) and not (is_number(eps) and eps < 0),
         f"b1 and b2 must be in [0, 1) and eps >= 0; got b1={b1}, b2={b2}, eps={eps}.")
   config = PreconditionConfig(loss_fn, example_batch, damping=1.0, **settings)
 
@@ -323,3 +324,6 @@ def scale_by_eigen_adam(loss_fn: Callable[..., Any], example_batch: PyTree, *,
     return update(config, b1, b2, eps, updates, state, params, batch, curvature)
 
   return optax.GradientTransformationExtraArgs(functools.partial(init, config), update_fn)
+
+
+with_curvature_settings(scale_by_eigen_adam, {}, UNSUPPORTED_SETTINGS)

@@ -9,6 +9,8 @@ moment in the basis and, when the basis changes, replaced by the diagonal of
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,6 +171,34 @@ def test_alias_is_adamw_chain():
   expected = jax.tree_util.tree_map(lambda d, p: -0.1 * (d + 0.01 * p), direction, params)
   jax.tree_util.tree_map(lambda u, e: np.testing.assert_allclose(u, e, rtol=1e-6, atol=1e-8),
                          updates, expected)
+
+
+def test_inject_hyperparams_learning_rate_schedule_under_jit():
+  """`optax.inject_hyperparams(jkfac.eigen_adam, ...)`: the curvature settings are keywords
+  of the signature (not `**curvature_settings`, which inject passed on as one setting),
+  numbers become traced hyperparameters, and the steps equal eigen_adam's own."""
+  schedule = optax.linear_schedule(0.1, 0.01, transition_steps=3)
+  static = ("loss_fn", "example_batch", "cov_update_every", "invert_every")
+  tx = optax.inject_hyperparams(jkfac.eigen_adam, static_args=static)(
+      loss_fn=loss_fn, example_batch=make_batch(0), learning_rate=schedule,
+      weight_decay=1e-3, cov_update_every=1, invert_every=2)
+  reference = jkfac.eigen_adam(loss_fn, make_batch(0), learning_rate=schedule,
+                               weight_decay=1e-3, cov_update_every=1, invert_every=2)
+  step = lambda tx: jax.jit(lambda p, s, b: tx.update(jax.grad(loss_fn)(p, b), s, p, batch=b))
+  ours, theirs = (make_params(), tx.init(make_params())), (make_params(),
+                                                           reference.init(make_params()))
+  for i in range(4):
+    updates, state = step(tx)(*ours, make_batch(i))
+    expected, ref_state = step(reference)(*theirs, make_batch(i))
+    # b1, b2 and eps arrive as float32 arrays: bias corrections rounded differently
+    jax.tree_util.tree_map(lambda u, e: np.testing.assert_allclose(u, e, rtol=1e-3, atol=1e-6),
+                           updates, expected)
+    np.testing.assert_allclose(float(state.hyperparams["learning_rate"]), schedule(i),
+                               rtol=1e-6)
+    ours = (optax.apply_updates(ours[0], updates), state)
+    theirs = (optax.apply_updates(theirs[0], expected), ref_state)
+  assert "inverse_method" not in inspect.signature(jkfac.eigen_adam).parameters
+  assert inspect.signature(jkfac.eigen_adam).parameters["invert_every"].default == 50
 
 
 def test_non_finite_batch_is_skipped():
