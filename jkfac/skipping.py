@@ -34,15 +34,16 @@ def zero_if(skipped: Array, updates: PyTree) -> PyTree:
   return jax.tree_util.tree_map(lambda u: jnp.where(skipped, jnp.zeros_like(u), u), updates)
 
 
-def _is_power_of_ten(count: Array) -> Array:
-  powers = jnp.asarray([10 ** k for k in range(10)], count.dtype)
+def _is_power_of_ten(count: Array, first: int) -> Array:
+  powers = jnp.asarray([10 ** k for k in range(10) if 10 ** k >= first], count.dtype)
   return jnp.any(count == powers)
 
 
-def warn_rarely(happened: Array, total: Array, message: str) -> Array:
+def warn_rarely(happened: Array, total: Array, message: str, first: int = 1) -> Array:
   """`total`, with a `RuntimeWarning` (`message` formatted with `count=total`) raised from
-  inside the compiled step when `happened` and `total` is 1, 10, 100, ... (so a run that
-  keeps failing says so, and rarely). Store the result: the warning rides on it.
+  inside the compiled step when `happened` and `total` is a power of ten from `first` on
+  (1, 10, 100, ... by default: a run that keeps failing says so, and rarely). Store the
+  result: the warning rides on it.
 
   The warning is a `jax.pure_callback` that gives `total` back, not a
   `jax.debug.callback`: an effect in the program turns off `jax.jit`'s C++ dispatch,
@@ -56,7 +57,7 @@ def warn_rarely(happened: Array, total: Array, message: str) -> Array:
       warnings.warn(message.format(count=int(np.max(count))), RuntimeWarning, stacklevel=1)
     return np.asarray(count)
 
-  fire = happened & _is_power_of_ten(total)
+  fire = happened & _is_power_of_ten(total, first)
   return jax.lax.cond(
       fire, lambda: jax.pure_callback(warn, jax.ShapeDtypeStruct(total.shape, total.dtype),
                                       fire, total, vmap_method="sequential"),

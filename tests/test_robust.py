@@ -174,13 +174,23 @@ def test_skipped_steps_warn_from_inside_the_compiled_step():
   assert int(jkfac.diagnostics(state)["skipped_steps"]) == 1
 
 
-def test_a_rejected_step_warns_from_inside_the_compiled_step():
+def test_rejected_steps_warn_from_inside_the_compiled_step_from_the_tenth_on():
+  """A rejection is part of adapting the damping: the first nine pass without a word,
+  the tenth warns (a step this large is rejected every time)."""
   params, batch = mlp_params(), mlp_batch(0)
-  tx = jkfac.kfac(mlp_loss, batch, learning_rate=1e3, damping=0.5, adapt_damping=True)
-  with pytest.warns(RuntimeWarning, match="rejected 1 steps"):
-    _, state, _, _ = jitted_step(tx, mlp_loss)(params, tx.init(params), batch)
+  tx = jkfac.kfac(mlp_loss, batch, learning_rate=1e12, damping=0.5, adapt_damping=True)
+  step, state = jitted_step(tx, mlp_loss), tx.init(params)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(9):
+      _, state, _, _ = step(params, state, batch)
+      jax.effects_barrier()
+  assert int(state.rejected_steps) == 9
+  assert not [w for w in caught if "rejected" in str(w.message)]
+  with pytest.warns(RuntimeWarning, match="rejected 10 steps"):
+    _, state, _, _ = step(params, state, batch)
     jax.effects_barrier()
-  assert int(state.rejected_steps) == 1
+  assert int(state.rejected_steps) == 10
 
 
 def test_the_compiled_step_has_no_effects():

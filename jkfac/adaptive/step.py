@@ -29,8 +29,11 @@ ScalarOrSchedule = schedules.ScalarOrSchedule
 
 REJECTING_MESSAGE = (
     "jkfac rejected {count} steps so far because they raised the batch loss (or made it "
-    "not finite); each raises the damping. If most steps are rejected, the loss may not be "
-    "the registered losses' (see jkfac.check_loss_scale) or max_damping is too low.")
+    "not finite); each raises the damping. A few are part of adapting it; if most steps "
+    "are rejected, the loss may not be the registered losses' (see jkfac.check_loss_scale) "
+    "or max_damping is too low.")
+# Rejections are part of Levenberg-Marquardt damping: warn from the 10th on, not the 1st.
+FIRST_REJECTION_WARNING = 10
 
 
 class _Inputs(NamedTuple):
@@ -272,7 +275,8 @@ def _unless_rejected(rejected: Array, update: PyTree, new: AdaptiveState,
   """A rejected step: zero update, every state as it was (the preconditioner's too) but
   the raised damping, the diagnostics and the rejection count."""
   rejected_steps = old.rejected_steps + rejected.astype(old.rejected_steps.dtype)
-  rejected_steps = warn_rarely(rejected, rejected_steps, REJECTING_MESSAGE)
+  rejected_steps = warn_rarely(rejected, rejected_steps, REJECTING_MESSAGE,
+                               FIRST_REJECTION_WARNING)
   restored = old._replace(damping=new.damping, diagnostics=new.diagnostics,
                           rejected_steps=rejected_steps)
   return zero_if(rejected, update), keep_unless(rejected, new, restored)
