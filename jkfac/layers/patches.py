@@ -31,7 +31,9 @@ def sample_rows(layer: LayerInfo, per_dimension: float, key: Array) -> Array | N
   count = max(1, int(per_dimension * (matrix_shape(layer)[0] - (layer.bias is not None))))
   if count >= total:
     return None
-  return jax.random.choice(key, total, (count,), replace=False)
+  # The `count` largest of `total` uniform keys: a uniform subset without replacement,
+  # 10-200x faster on CPU than `jax.random.choice(replace=False)`, which sorts them all.
+  return jax.lax.top_k(jax.random.uniform(key, (total,)), count)[1]
 
 
 def _padded(x: Array, conv: ConvParams) -> Array:
