@@ -30,6 +30,9 @@ Array = jax.Array
 PyTree = Any
 
 
+PATCH_STREAM = 1  # `fold_in` tag of the key that draws `sub_sample_patches`'s rows
+
+
 def update_statistics(config: PreconditionConfig, trace: Trace, state: PreconditionState,
                       params: PyTree, batch: PyTree,
                       curvature: interpreter.Linearization | None) -> PreconditionState:
@@ -37,9 +40,9 @@ def update_statistics(config: PreconditionConfig, trace: Trace, state: Precondit
   key, sample_key = jax.random.split(state.key)
   if config.device_axis is not None:  # different targets on every device
     sample_key = jax.random.fold_in(sample_key, jax.lax.axis_index(config.device_axis))
-  patch_key = None
-  if config.sub_sample_patches is not None:
-    sample_key, patch_key = jax.random.split(sample_key)
+  # Patch rows from their own stream: sub-sampling leaves the sampled targets as they were.
+  patch_key = (None if config.sub_sample_patches is None
+               else jax.random.fold_in(sample_key, PATCH_STREAM))
   if curvature is None:
     batch, sample_key = statistics_examples.for_statistics(
         config.loss_fn, params, batch, config.examples_bound, sample_key,

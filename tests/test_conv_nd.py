@@ -626,10 +626,11 @@ def test_sampled_rows_are_patch_rows_and_unbiased(name, x64):
 
 
 def test_sub_sample_patches_in_the_transform():
-  """Only the conv input factors change; G and dense layers are as without sub-sampling;
-  every statistics step draws new rows; compiled updates are finite."""
+  """Only the conv input factors change; G (from the same sampled targets: the rows are
+  drawn from their own key) and dense layers are as without sub-sampling; every
+  statistics step draws new rows; compiled updates are finite."""
   auto_loss, _, params, batch = _linen_problem(Linen2dGrouped, (7, 6, 4))
-  kwargs = dict(damping=1e-2, estimation="empirical", invert_every=1, cov_ema_decay=0.0)
+  kwargs = dict(damping=1e-2, estimation="fisher", invert_every=1, cov_ema_decay=0.0)
 
   def two_steps(**extra):
     tx = jkfac.precondition(auto_loss, batch, **kwargs, **extra)
