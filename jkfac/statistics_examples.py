@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from jkfac import jaxprs, layer_table, tags
+from jkfac.sampling import random_subset
 
 Array = jax.Array
 PyTree = Any
@@ -47,7 +48,7 @@ def cut(batch: PyTree, max_examples: int, key: Array) -> PyTree:
   size = batch_size(batch)
   if size is None or size <= max_examples:
     return batch
-  rows = jax.random.choice(key, size, (max_examples,), replace=False)
+  rows = random_subset(key, size, max_examples)
   return jax.tree_util.tree_map(
       lambda x: x[rows] if np.ndim(x) >= 1 and np.shape(x)[0] == size else x, batch)
 

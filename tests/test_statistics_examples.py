@@ -7,6 +7,7 @@ a batch whose cut would change a layer gives a warning and the statistics of eve
 example.
 """
 
+import collections
 import inspect
 
 import flax.linen as nn
@@ -17,7 +18,7 @@ import optax
 import pytest
 
 import jkfac
-from jkfac import statistics_examples
+from jkfac import sampling, statistics_examples
 
 N, D, CUT = 16, 16, 4
 
@@ -158,3 +159,22 @@ def test_auto_reads_512_examples_of_a_larger_batch():
   whole = np.diag(np.asarray(_statistics(_loss, batch)["hidden"]["A"]))[:D]
   np.testing.assert_allclose(whole, whole[0], rtol=1e-5)
   assert np.ptp(cut) > 0.1 * cut.mean()
+
+
+def test_random_subsets_are_distinct_uniform_draws():
+  """`sampling.random_subset`: distinct indices in range; over many keys each index is
+  drawn with probability count/total (within 5 standard errors), and each of the
+  C(5, 2) = 10 pairs of a 2-of-5 draw with probability 1/10."""
+  total, count, draws = 40, 7, 4000
+  subsets = np.asarray(jax.jit(jax.vmap(lambda k: sampling.random_subset(k, total, count)))(
+      jax.random.split(jax.random.PRNGKey(0), draws)))
+  assert subsets.shape == (draws, count) and subsets.min() >= 0 and subsets.max() < total
+  assert all(len(set(row)) == count for row in subsets)
+  p = count / total
+  frequency = np.bincount(subsets.ravel(), minlength=total) / draws
+  assert np.abs(frequency - p).max() <= 5 * np.sqrt(p * (1 - p) / draws)
+  pairs = np.sort(np.asarray(jax.vmap(lambda k: sampling.random_subset(k, 5, 2))(
+      jax.random.split(jax.random.PRNGKey(1), draws))), axis=1)
+  counts = collections.Counter(map(tuple, pairs))
+  assert len(counts) == 10
+  assert max(abs(c / draws - 0.1) for c in counts.values()) <= 5 * np.sqrt(0.09 / draws)

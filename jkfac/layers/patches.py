@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from jkfac.layer_info import LayerInfo
 from jkfac.layers.matrices import matrix_shape
+from jkfac.sampling import random_subset
 from jkfac.tags import ConvParams
 
 Array = jax.Array
@@ -31,9 +32,7 @@ def sample_rows(layer: LayerInfo, per_dimension: float, key: Array) -> Array | N
   count = max(1, int(per_dimension * (matrix_shape(layer)[0] - (layer.bias is not None))))
   if count >= total:
     return None
-  # The `count` largest of `total` uniform keys: a uniform subset without replacement,
-  # 10-200x faster on CPU than `jax.random.choice(replace=False)`, which sorts them all.
-  return jax.lax.top_k(jax.random.uniform(key, (total,)), count)[1]
+  return random_subset(key, total, count)
 
 
 def _padded(x: Array, conv: ConvParams) -> Array:
