@@ -20,9 +20,11 @@ from jkfac.preconditioner import precondition
 from jkfac.schedules import ScalarOrSchedule
 
 # `kfac`'s curvature settings that differ from `PreconditionConfig`'s defaults: statistics
-# every 5 steps and inverses every 50, and no inverse from a single batch.
+# every 5 steps and inverses every 50, no inverse from a single batch, statistics from at
+# most 512 examples, and conv input factors from at most 3·d_in patch rows (the same
+# steps and losses on the benchmarks' conv models, in less time: docs/benchmarks.md).
 KFAC_CURVATURE = dict(cov_update_every=5, invert_every=50, warm_start=True,
-                      max_statistics_examples="auto")
+                      max_statistics_examples="auto", sub_sample_patches="auto")
 
 PyTree = Any
 
@@ -91,9 +93,10 @@ def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       one of these glob patterns, or for which `l2_reg_exclude(path)` is true.
     num_burnin_steps: the first this many steps update the statistics only.
     **curvature_settings: fields of `jkfac.PreconditionConfig` (cadences, estimation,
-      approximations, parallelism, ...). `kfac`'s defaults differ in four:
-      `cov_update_every` 5, `invert_every` 50, `warm_start` True and
-      `max_statistics_examples` "auto", 512 (`KFAC_CURVATURE`).
+      approximations, parallelism, ...). `kfac`'s defaults differ in five:
+      `cov_update_every` 5, `invert_every` 50, `warm_start` True,
+      `max_statistics_examples` "auto", 512, and `sub_sample_patches` "auto", 3
+      (`KFAC_CURVATURE`).
 
   Examples:
     >>> tx = jkfac.kfac(loss_fn, batch)

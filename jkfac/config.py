@@ -16,8 +16,8 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from jkfac import (blocks, factor_sizes, layer_table, linalg, losses, masking, parallel,
-                   statistics_examples)
+from jkfac import (blocks, factor_sizes, layer_table, layers, linalg, losses, masking,
+                   parallel, statistics_examples)
 from jkfac.layer_info import Trace
 from jkfac.schedules import ScalarOrSchedule
 from jkfac.validation import abstract, check, is_integer, is_number
@@ -94,7 +94,9 @@ class PreconditionConfig:
       without replacement with a fresh key on every statistics step; G still uses
       every position. Cheaper A for large images, unbiased but noisier. Applies to
       conv layers of one use under "kron", "kron_in_diag" and "kron_out_diag"; None
-      uses every patch.
+      (default) uses every patch; "auto" (`jkfac.kfac`'s default) is 3, tensorflow/kfac's
+      `max_num_patches_per_dimension`. Static: under `optax.inject_hyperparams`, list
+      a number in `static_args`.
     example_params: the whole model's parameters (or their shapes), needed only inside
       `optax.masked` / `optax.multi_transform`, which show jkfac part of them; then pass
       `model_params=params` (the whole model's) to `update` as well. Layers with
@@ -139,7 +141,7 @@ class PreconditionConfig:
   axis_name: str | None = None
   placement: str | None = None
   mesh: jax.sharding.Mesh | None = None
-  sub_sample_patches: float | None = None
+  sub_sample_patches: float | str | None = None
   example_params: PyTree | None = None
   strict: bool = False
   warm_start: bool = False
@@ -177,10 +179,11 @@ class PreconditionConfig:
       check(approx in blocks.APPROXIMATIONS,
              f"Unknown approximation {approx!r} for {pattern!r}; expected one of "
              f"{blocks.APPROXIMATIONS}.")
-    check(self.sub_sample_patches is None or (is_number(self.sub_sample_patches)
-                                               and self.sub_sample_patches > 0),
-           f"sub_sample_patches must be None or a positive number, got "
-           f"{self.sub_sample_patches!r}.")
+    check(self.sub_sample_patches in (None, "auto") or (
+        is_number(self.sub_sample_patches) and self.sub_sample_patches > 0),
+          f"sub_sample_patches must be 'auto', None or a positive number (a static value: "
+          f"under optax.inject_hyperparams, list it in static_args), got "
+          f"{self.sub_sample_patches!r}.")
     check(self.placement is None or self.placement in parallel.PLACEMENTS,
            f"Unknown placement {self.placement!r}; expected one of {parallel.PLACEMENTS}.")
     check(self.max_factor_dim is None or (is_integer(self.max_factor_dim)
@@ -213,6 +216,13 @@ class PreconditionConfig:
     if self.max_statistics_examples == "auto":
       return statistics_examples.AUTO_EXAMPLES
     return self.max_statistics_examples
+
+  @property
+  def patch_rows_per_dimension(self) -> float | None:
+    """`sub_sample_patches`, "auto" resolved."""
+    if self.sub_sample_patches == "auto":
+      return layers.AUTO_PATCH_ROWS_PER_DIMENSION
+    return self.sub_sample_patches
 
   @property
   def factor_bound(self) -> int:

@@ -35,8 +35,10 @@ DEVICES = 8
 GLOBAL_BATCH = 48   # divisible by 8 and by 3
 STEPS = 5           # inverses at steps 0, 2 and 4
 INVERT_EVERY = 2
+# Every patch row (sub_sample_patches=None): a device's sample of its shard's rows is not
+# one device's sample of the whole batch.
 KW = dict(learning_rate=0.1, damping=1e-2, invert_every=INVERT_EVERY, estimation="empirical",
-          warm_start=False)
+          warm_start=False, sub_sample_patches=None)
 RTOL, ATOL = 2e-4, 2e-5
 
 
@@ -360,7 +362,7 @@ def group_scan():
 # --- jkfac.eigen_adam --------------------------------------------------------------------------
 
 EIGEN_KW = dict(estimation="empirical", cov_update_every=1, invert_every=INVERT_EVERY,
-                warm_start=False)
+                warm_start=False, sub_sample_patches=None)
 
 
 def group_eigen_adam():

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import functools
 
 import flax.linen as nn
@@ -665,6 +666,35 @@ def test_sub_sample_patches_in_the_transform():
                             KEY).shape == (9,)
 
 
+def test_kfac_samples_three_patch_rows_per_dimension_by_default():
+  """`jkfac.kfac`'s `sub_sample_patches="auto"` is 3 (`jkfac.precondition`'s default
+  keeps every row): the same statistics as `3.0`, other than every row's. Under
+  `optax.inject_hyperparams` "auto" stays static; a number must be listed in
+  `static_args`, and the error says so."""
+  assert inspect.signature(jkfac.kfac).parameters["sub_sample_patches"].default == "auto"
+  assert inspect.signature(jkfac.precondition).parameters["sub_sample_patches"].default is None
+  auto_loss, _, params, batch = _linen_problem(Linen2dGrouped, (15, 14, 4))  # 7x6 outputs
+  assert jkfac.PreconditionConfig(auto_loss, batch, damping=1e-2,
+                                  sub_sample_patches="auto").patch_rows_per_dimension == 3.0
+
+  def statistics(**extra):
+    tx = jkfac.kfac(auto_loss, batch, learning_rate=0.1, damping=1e-2, **extra)
+    _, state = jax.jit(lambda: tx.update(jax.grad(auto_loss)(params, batch), tx.init(params),
+                                         params, batch=batch))()
+    return jkfac.preconditioner_state(state).statistics
+
+  auto, three, every = statistics(), statistics(sub_sample_patches=3.0), statistics(
+      sub_sample_patches=None)
+  assert_trees_close(auto, three)
+  assert np.abs(auto["Conv_0"]["A"] - every["Conv_0"]["A"]).max() > 1e-3
+  inject = functools.partial(optax.inject_hyperparams(
+      jkfac.kfac, static_args=("loss_fn", "example_batch")), auto_loss, batch,
+      learning_rate=0.1, damping=1e-2)
+  inject().init(params)
+  with pytest.raises(ValueError, match="list it in static_args"):
+    inject(sub_sample_patches=3.0).init(params)
+
+
 # --- training ---------------------------------------------------------------------------------
 
 
@@ -695,7 +725,7 @@ def test_first_kfac_step_of_3d_grouped_and_dense_general_models(model_cls, input
   apply = lambda p, x: model.apply({"params": p}, x)
   loss_fn = _loss(apply)
   tx = jkfac.kfac(loss_fn, batch, learning_rate=lr, damping=damping, estimation="empirical",
-                  invert_every=1, warm_start=False)
+                  invert_every=1, warm_start=False, sub_sample_patches=None)
   grads = jax.jit(jax.grad(loss_fn))(params, batch)
   updates, _ = jax.jit(lambda g: tx.update(g, tx.init(params), params, batch=batch))(grads)
   calls = _nets.linen_layer_calls(lambda x: apply(params, x), batch[0],
@@ -771,5 +801,5 @@ def test_bad_inputs_raise():
     jkfac.register_dense(y, x, w, in_axes=4)                             # no output axes
   loss_fn, params, batch, _ = _case("conv2d_grouped")
   for bad in (0, -1.0, "half", True):
-    with pytest.raises(ValueError, match="sub_sample_patches must be None or a positive"):
+    with pytest.raises(ValueError, match="sub_sample_patches must be 'auto', None or a positive"):
       jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-2, sub_sample_patches=bad)

@@ -352,9 +352,11 @@ class ConvBatchNorm(nn.Module):
 
 def _first_step(loss_fn, params, batch, **kwargs):
   """`(grads, updates, state)` of one jitted `jkfac.kfac` step of a `loss_fn` that
-  returns `(loss, batch_stats updates)`, inverting at once, with the true targets."""
+  returns `(loss, batch_stats updates)`, inverting at once, with the true targets and
+  every conv patch row."""
   tx = jkfac.kfac(loss_fn, batch, **{**dict(estimation="empirical", invert_every=1,
-                                             warm_start=False), **kwargs})
+                                             warm_start=False, sub_sample_patches=None),
+                                      **kwargs})
   grads = jax.jit(jax.grad(loss_fn, has_aux=True))(params, batch)[0]
   updates, state = jax.jit(lambda g: tx.update(g, tx.init(params), params, batch=batch))(grads)
   return grads, updates, state
