@@ -667,12 +667,14 @@ def test_sub_sample_patches_in_the_transform():
 
 
 def test_kfac_samples_three_patch_rows_per_dimension_by_default():
-  """`jkfac.kfac`'s `sub_sample_patches="auto"` is 3 (`jkfac.precondition`'s default
-  keeps every row): the same statistics as `3.0`, other than every row's. Under
+  """`jkfac.kfac`'s `sub_sample_patches="auto"` is 3 (`jkfac.precondition`'s and
+  `jkfac.eigen_adam`'s defaults keep every row): the same statistics as `3.0`, other
+  than every row's. Under
   `optax.inject_hyperparams` "auto" stays static; a number must be listed in
   `static_args`, and the error says so."""
   assert inspect.signature(jkfac.kfac).parameters["sub_sample_patches"].default == "auto"
   assert inspect.signature(jkfac.precondition).parameters["sub_sample_patches"].default is None
+  assert inspect.signature(jkfac.eigen_adam).parameters["sub_sample_patches"].default is None
   auto_loss, _, params, batch = _linen_problem(Linen2dGrouped, (15, 14, 4))  # 7x6 outputs
   assert jkfac.PreconditionConfig(auto_loss, batch, damping=1e-2,
                                   sub_sample_patches="auto").patch_rows_per_dimension == 3.0
