@@ -21,8 +21,9 @@ from jkfac.schedules import ScalarOrSchedule
 
 # `kfac`'s curvature settings that differ from `PreconditionConfig`'s defaults: statistics
 # every 5 steps and inverses every 50, no inverse from a single batch, statistics from at
-# most 512 examples, and conv input factors from at most 3·d_in patch rows (the same
-# steps and losses on the benchmarks' conv models, in less time: docs/benchmarks.md).
+# most 512 examples, and the input factors of wide-input convs from at most 3·d_in patch
+# rows (the same steps and losses on the benchmarks' conv models, in less time:
+# docs/benchmarks.md).
 KFAC_CURVATURE = dict(cov_update_every=5, invert_every=50, warm_start=True,
                       max_statistics_examples="auto", sub_sample_patches="auto")
 # `eigen_adam`'s: `kfac`'s, but with every patch row. Its eigenbases follow A's noise: on
@@ -99,8 +100,8 @@ def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
     **curvature_settings: fields of `jkfac.PreconditionConfig` (cadences, estimation,
       approximations, parallelism, ...). `kfac`'s defaults differ in five:
       `cov_update_every` 5, `invert_every` 50, `warm_start` True,
-      `max_statistics_examples` "auto", 512, and `sub_sample_patches` "auto", 3
-      (`KFAC_CURVATURE`).
+      `max_statistics_examples` "auto", 512, and `sub_sample_patches` "auto", 3 on
+      convs with `d_in >= 4 d_out` (`KFAC_CURVATURE`).
 
   Examples:
     >>> tx = jkfac.kfac(loss_fn, batch)

@@ -16,8 +16,8 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from jkfac import (blocks, factor_sizes, layer_table, layers, linalg, losses, masking,
-                   parallel, statistics_examples)
+from jkfac import (blocks, factor_sizes, layer_table, linalg, losses, masking, parallel,
+                   statistics_examples)
 from jkfac.layer_info import Trace
 from jkfac.schedules import ScalarOrSchedule
 from jkfac.validation import abstract, check, is_integer, is_number
@@ -95,7 +95,8 @@ class PreconditionConfig:
       every position. Cheaper A for large images, unbiased but noisier. Applies to
       conv layers of one use under "kron", "kron_in_diag" and "kron_out_diag"; None
       (default) uses every patch; "auto" (`jkfac.kfac`'s default) is 3, tensorflow/kfac's
-      `max_num_patches_per_dimension`. Static: under `optax.inject_hyperparams`, list
+      `max_num_patches_per_dimension`, for layers with `d_in >= 4 * d_out` (where A
+      costs well above the layer's product; the others keep every row). Static: under `optax.inject_hyperparams`, list
       a number in `static_args`.
     example_params: the whole model's parameters (or their shapes), needed only inside
       `optax.masked` / `optax.multi_transform`, which show jkfac part of them; then pass
@@ -216,13 +217,6 @@ class PreconditionConfig:
     if self.max_statistics_examples == "auto":
       return statistics_examples.AUTO_EXAMPLES
     return self.max_statistics_examples
-
-  @property
-  def patch_rows_per_dimension(self) -> float | None:
-    """`sub_sample_patches`, "auto" resolved."""
-    if self.sub_sample_patches == "auto":
-      return layers.AUTO_PATCH_ROWS_PER_DIMENSION
-    return self.sub_sample_patches
 
   @property
   def factor_bound(self) -> int:

@@ -41,7 +41,7 @@ def update_statistics(config: PreconditionConfig, trace: Trace, state: Precondit
   if config.device_axis is not None:  # different targets on every device
     sample_key = jax.random.fold_in(sample_key, jax.lax.axis_index(config.device_axis))
   # Patch rows from their own stream: sub-sampling leaves the sampled targets as they were.
-  patch_key = (None if config.patch_rows_per_dimension is None
+  patch_key = (None if config.sub_sample_patches is None
                else jax.random.fold_in(sample_key, PATCH_STREAM))
   if curvature is None:
     batch, sample_key = statistics_examples.for_statistics(
@@ -52,7 +52,7 @@ def update_statistics(config: PreconditionConfig, trace: Trace, state: Precondit
   found = layer_stats.layer_statistics(trace, curvature, sample_key, config.estimation)
   found = layer_stats.astype(found, state.ema_weight.dtype)  # low precision: float32
   new = {layer.name: layer_stats.block_statistics(
-             layer, found[layer.name], config.patch_rows_per_dimension,
+             layer, found[layer.name], config.sub_sample_patches,
              None if patch_key is None else jax.random.fold_in(patch_key, index),
              state.inverses[layer.name])
          for index, layer in enumerate(trace.every_layer)}

@@ -83,7 +83,7 @@ def astype(found: dict[str, LayerStatistics], dtype) -> dict[str, LayerStatistic
 
 
 def block_statistics(layer: LayerInfo, statistics: LayerStatistics,
-                     sub_sample_patches: float | None = None, key: Array | None = None,
+                     sub_sample_patches: float | str | None = None, key: Array | None = None,
                      inverses: dict[str, Array] | None = None):
   """The block statistics of one layer for one batch, from every use of the layer; see
   `jkfac.precondition` for `sub_sample_patches` (`key` draws the patch rows). A block

@@ -666,18 +666,22 @@ def test_sub_sample_patches_in_the_transform():
                             KEY).shape == (9,)
 
 
-def test_kfac_samples_three_patch_rows_per_dimension_by_default():
-  """`jkfac.kfac`'s `sub_sample_patches="auto"` is 3 (`jkfac.precondition`'s and
-  `jkfac.eigen_adam`'s defaults keep every row): the same statistics as `3.0`, other
-  than every row's. Under
-  `optax.inject_hyperparams` "auto" stays static; a number must be listed in
-  `static_args`, and the error says so."""
+def test_kfac_samples_three_patch_rows_per_dimension_of_wide_input_convs_by_default():
+  """`jkfac.kfac`'s `sub_sample_patches="auto"` (`jkfac.precondition`'s and
+  `jkfac.eigen_adam`'s defaults keep every row) is 3 rows per input feature on a conv
+  with `d_in >= 4 d_out` and every row on a narrower one: here the grouped conv
+  (d_in 18, d_out 3 per group) gets `3.0`'s statistics and the depthwise conv (d_in 6,
+  d_out 2) every row's. Under `optax.inject_hyperparams` "auto" stays static; a number
+  must be listed in `static_args`, and the error says so."""
   assert inspect.signature(jkfac.kfac).parameters["sub_sample_patches"].default == "auto"
   assert inspect.signature(jkfac.precondition).parameters["sub_sample_patches"].default is None
   assert inspect.signature(jkfac.eigen_adam).parameters["sub_sample_patches"].default is None
+  assert layers.AUTO_PATCH_ROWS_PER_DIMENSION == 3.0 and layers.AUTO_MIN_INPUT_RATIO == 4
   auto_loss, _, params, batch = _linen_problem(Linen2dGrouped, (15, 14, 4))  # 7x6 outputs
-  assert jkfac.PreconditionConfig(auto_loss, batch, damping=1e-2,
-                                  sub_sample_patches="auto").patch_rows_per_dimension == 3.0
+  wide, narrow = layer_table.trace_layers(auto_loss, params, batch).layers[:2]
+  assert layers.sample_rows(wide, "auto", KEY).shape == (3 * 18,)
+  assert layers.sample_rows(narrow, "auto", KEY) is None
+  assert layers.sample_rows(narrow, 3.0, KEY).shape == (3 * 6,)
 
   def statistics(**extra):
     tx = jkfac.kfac(auto_loss, batch, learning_rate=0.1, damping=1e-2, **extra)
@@ -687,8 +691,10 @@ def test_kfac_samples_three_patch_rows_per_dimension_by_default():
 
   auto, three, every = statistics(), statistics(sub_sample_patches=3.0), statistics(
       sub_sample_patches=None)
-  assert_trees_close(auto, three)
-  assert np.abs(auto["Conv_0"]["A"] - every["Conv_0"]["A"]).max() > 1e-3
+  assert_trees_close(auto["Conv_0"], three["Conv_0"])
+  assert_trees_close(auto["Conv_1"], every["Conv_1"])
+  for name in ("Conv_0", "Conv_1"):  # 3.0 samples both
+    assert np.abs(three[name]["A"] - every[name]["A"]).max() > 1e-3
   inject = functools.partial(optax.inject_hyperparams(
       jkfac.kfac, static_args=("loss_fn", "example_batch")), auto_loss, batch,
       learning_rate=0.1, damping=1e-2)

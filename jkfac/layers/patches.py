@@ -23,20 +23,30 @@ def conv_kernel_size(layer: LayerInfo) -> tuple[int, ...]:
 
 
 # `sub_sample_patches="auto"` (`jkfac.kfac`'s default): tensorflow/kfac's
-# `max_num_patches_per_dimension`. On the benchmarks' four conv models at batch 32, 128
-# and 512 it gave the same steps to Adam's loss as every row, in less time
-# (docs/benchmarks.md).
+# `max_num_patches_per_dimension`, on the layers whose input factor costs at least this
+# many times their own product per row (d_in² against d_in·d_out), where sampling saves
+# time. A narrow-input layer (a first conv over pixels) keeps every row: sampling it saved
+# nothing and made batch-16 runs worse (docs/benchmarks.md).
 AUTO_PATCH_ROWS_PER_DIMENSION = 3.0
+AUTO_MIN_INPUT_RATIO = 4
 
 
-def sample_rows(layer: LayerInfo, per_dimension: float, key: Array) -> Array | None:
-  """Random patch rows for a conv's input factor: at most `int(per_dimension * d_in)`.
+def sample_rows(layer: LayerInfo, per_dimension: float | str, key: Array) -> Array | None:
+  """Random patch rows for a conv's input factor: at most `int(per_dimension * d_in)`,
+  or for "auto" `AUTO_PATCH_ROWS_PER_DIMENSION * d_in` where `d_in` is at least
+  `AUTO_MIN_INPUT_RATIO * d_out`.
 
-  Indices into the `batch * positions` rows, uniform without replacement (`d_in` the
-  patch size of one group, bias aside); None where that keeps every row.
+  Indices into the `batch * positions` rows, uniform without replacement (`d_in` and
+  `d_out` those of one group, bias aside); None where that keeps every row.
   """
+  rows, d_out = matrix_shape(layer)
+  d_in = rows - (layer.bias is not None)
+  if per_dimension == "auto":
+    if d_in < AUTO_MIN_INPUT_RATIO * d_out:
+      return None
+    per_dimension = AUTO_PATCH_ROWS_PER_DIMENSION
   total = math.prod(layer.output_shape[:-1])
-  count = max(1, int(per_dimension * (matrix_shape(layer)[0] - (layer.bias is not None))))
+  count = max(1, int(per_dimension * d_in))
   if count >= total:
     return None
   return random_subset(key, total, count)
