@@ -96,8 +96,8 @@ class PreconditionConfig:
       conv layers of one use under "kron", "kron_in_diag" and "kron_out_diag"; None
       (default) uses every patch; "auto" (`jkfac.kfac`'s default) is 3, tensorflow/kfac's
       `max_num_patches_per_dimension`, for layers with `d_in >= 4 * d_out` (where A
-      costs well above the layer's product; the others keep every row). Static: under `optax.inject_hyperparams`, list
-      a number in `static_args`.
+      costs well above the layer's product; the others keep every row). Static: under
+      `optax.inject_hyperparams`, list a number in `static_args`.
     example_params: the whole model's parameters (or their shapes), needed only inside
       `optax.masked` / `optax.multi_transform`, which show jkfac part of them; then pass
       `model_params=params` (the whole model's) to `update` as well. Layers with

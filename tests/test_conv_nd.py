@@ -14,8 +14,8 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import functools
+import inspect
 
 import flax.linen as nn
 import jax
