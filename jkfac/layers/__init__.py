@@ -38,6 +38,6 @@ from jkfac.layers.uses import block_inputs, scan_axes_first, tied_inputs
 __all__ = [
     "AUTO_MIN_INPUT_RATIO", "AUTO_PATCH_ROWS_PER_DIMENSION", "LayerInputs", "block_inputs",
     "conv_kernel_size", "covariance_diagonal", "embedding_counts", "feature_groups",
-    "layer_inputs", "matrix_shape", "output_rows", "param_matrix", "patch_slices", "sample_rows", "scan_axes_first", "split_param_matrix",
-    "stack_features", "tied_inputs",
+    "layer_inputs", "matrix_shape", "output_rows", "param_matrix", "patch_slices",
+    "sample_rows", "scan_axes_first", "split_param_matrix", "stack_features", "tied_inputs",
 ]
