@@ -86,8 +86,8 @@ def _target(leaf: Any) -> Any:
   processes (a checkpoint of a `jax.distributed` run) or not exist at all (restored on
   another topology).
   """
-  if getattr(leaf, "sharding", None) is not None:
-    return leaf
+  if getattr(leaf, "sharding", None) is not None or not hasattr(leaf, "dtype"):
+    return leaf  # placed already, or a Python scalar (restored as saved)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=device)
 

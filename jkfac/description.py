@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jkfac import layers
 from jkfac import blocks
 from jkfac import factor_sizes
+from jkfac.config import state_dtype
 from jkfac.layer_table import trace_with_approximations
 
 PyTree = Any
@@ -105,7 +106,7 @@ def describe(loss_fn: Callable[..., Any], params: PyTree, batch: PyTree, *,
       loss_fn, params, batch, approximations=approximations, auto_register=auto_register),
       max_factor_dim, factor_block_size=factor_block_size)
   leaves = jax.tree_util.tree_leaves(params)
-  itemsize = jnp.zeros(()).dtype.itemsize
+  itemsize = jnp.dtype(state_dtype(params)).itemsize
   rows: dict[int, ParameterInfo] = {}
   for layer in trace.every_layer:
     block = blocks.for_layer(layer)

@@ -46,24 +46,9 @@ def layer_statistics(trace: Trace, curvature: interpreter.Linearization, key: Ar
     raise ValueError(f"The curvature has {len(curvature.inputs)} layer tags but the transform "
                      f"traced {num_tags}: use the same auto_register setting in "
                      "jkfac.value_and_grad and the transform.")
-  sign_key, *keys = jax.random.split(key, len(curvature.predictions) + 1)
-  masks, row_weights = _per_loss(curvature.masks, trace), _per_loss(curvature.row_weights, trace)
-  cotangents = [losses.cotangents(info.kind, p, t, losses.row_scales(p, info.weight, m, w),
-                                  estimation, k)
-                for info, p, t, m, w, k in zip(trace.losses, curvature.predictions,
-                                               curvature.targets, masks, row_weights, keys)]
-  if trace.generic and estimation != "fisher":
-    cotangents = _random_example_signs(cotangents, sign_key)
-  if len(cotangents) > 1 and any(c.shape[0] > 1 for c in cotangents):
-    # Deterministic columns of several losses would cross: give each its own columns.
-    # (Single sampled or empirical columns may share: their sum is the right gradient.)
-    cotangents = _pad_columns(cotangents)
-  if cotangents[0].shape[0] == 1:  # one column: a single backward pass, no vmap.
-    param_grads, output_grads = jax.tree_util.tree_map(
-        lambda g: g[None], curvature.pullback([c[0] for c in cotangents]))
-  else:
-    param_grads, output_grads = jax.vmap(curvature.pullback)(cotangents)
-  param_grads = jax.tree_util.tree_leaves(param_grads)
+  cotangents = _cotangents(trace, curvature, key, estimation,
+                           example_signs=bool(trace.generic) and estimation != "fisher")
+  param_grads, output_grads = _pull_back(curvature, cotangents)
   input_weights = input_masks(trace, curvature)
   found = {layer.name: LayerStatistics(tuple(curvature.inputs[i] for i in layer.tags),
                                        tuple(output_grads[i] for i in layer.tags),
@@ -72,6 +57,63 @@ def layer_statistics(trace: Trace, curvature: interpreter.Linearization, key: Ar
   found.update({layer.name: LayerStatistics((), (param_grads[layer.weight],))
                 for layer in trace.generic})
   return found
+
+
+def exact_generic_statistics(trace: Trace, curvature: interpreter.Linearization, key: Array,
+                             estimation: str) -> dict[str, dict[str, Array]]:
+  """Per generic parameter (`trace.generic`), its diagonal block from the squares of its
+  per-example gradients: one backward pass per example, where `layer_statistics`
+  squares one gradient of randomly signed examples (unbiased, not exact). For
+  `jkfac.curvature.fit`, which averages exactly; the same targets as `layer_statistics`
+  draws with `key`. Losses of different row counts are different examples."""
+  if not trace.generic:
+    return {}
+  cotangents = _cotangents(trace, curvature, key, estimation, example_signs=False)
+  total = None
+  for rows in sorted({c.shape[1] for c in cotangents}):
+    def one_example(index, rows=rows):
+      def keep(c):
+        if c.shape[1] != rows:
+          return jnp.zeros_like(c)
+        return c * (jnp.arange(rows) == index).astype(c.dtype).reshape(
+            (1, rows) + (1,) * (c.ndim - 2))
+      param_grads, _ = _pull_back(curvature, [keep(c) for c in cotangents])
+      return [diagonal.generic_statistics(param_grads[layer.weight])["diagonal"]
+              for layer in trace.generic]
+    found = [jnp.sum(x, axis=0) for x in jax.lax.map(one_example, jnp.arange(rows))]
+    total = found if total is None else [a + b for a, b in zip(total, found)]
+  return {layer.name: {"diagonal": x} for layer, x in zip(trace.generic, total)}
+
+
+def _cotangents(trace: Trace, curvature: interpreter.Linearization, key: Array,
+                estimation: str, example_signs: bool) -> list[Array]:
+  """Each registered loss's estimator cotangents `(columns, *prediction shape)`, on a
+  shared column axis; with `example_signs`, each example's times a random sign."""
+  sign_key, *keys = jax.random.split(key, len(curvature.predictions) + 1)
+  masks, row_weights = _per_loss(curvature.masks, trace), _per_loss(curvature.row_weights, trace)
+  cotangents = [losses.cotangents(info.kind, p, t, losses.row_scales(p, info.weight, m, w),
+                                  estimation, k)
+                for info, p, t, m, w, k in zip(trace.losses, curvature.predictions,
+                                               curvature.targets, masks, row_weights, keys)]
+  if example_signs:
+    cotangents = _random_example_signs(cotangents, sign_key)
+  if len(cotangents) > 1 and any(c.shape[0] > 1 for c in cotangents):
+    # Deterministic columns of several losses would cross: give each its own columns.
+    # (Single sampled or empirical columns may share: their sum is the right gradient.)
+    cotangents = _pad_columns(cotangents)
+  return cotangents
+
+
+def _pull_back(curvature: interpreter.Linearization, cotangents: list[Array]
+               ) -> tuple[list[Array], list[Array]]:
+  """`(parameter gradients, layer output gradients)` of every column, as leaves with a
+  leading column axis."""
+  if cotangents[0].shape[0] == 1:  # one column: a single backward pass, no vmap.
+    param_grads, output_grads = jax.tree_util.tree_map(
+        lambda g: g[None], curvature.pullback([c[0] for c in cotangents]))
+  else:
+    param_grads, output_grads = jax.vmap(curvature.pullback)(cotangents)
+  return jax.tree_util.tree_leaves(param_grads), output_grads
 
 
 def astype(found: dict[str, LayerStatistics], dtype) -> dict[str, LayerStatistics]:

@@ -134,6 +134,15 @@ def test_helpers_restore_into_an_abstract_tree_from_a_relative_path(kfac_run, tm
   assert_trees_equal(run(step, restored, BATCHES[K:]), expected)
 
 
+def test_restore_passes_python_scalars_through(tmp_path):
+  """`save`'s example tree holds `"step": step`; `restore` gives it back as saved."""
+  tree = {"params": {"w": jnp.arange(3.0)}, "step": 5}
+  jkfac.checkpoint.save(tmp_path / "ckpt", tree)
+  restored = jkfac.checkpoint.restore(tmp_path / "ckpt", tree)
+  assert restored["step"] == 5
+  np.testing.assert_array_equal(restored["params"]["w"], tree["params"]["w"])
+
+
 def test_state_of_other_blocks_raises_naming_factor_block_size(tmp_path):
   """The state of blocked factors (as "auto" picks at a small batch) does not restore into
   whole factors (as at a large batch): the error says why."""

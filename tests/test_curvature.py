@@ -137,6 +137,89 @@ def test_sample_covariance_matches_the_kronecker_posterior():
                                atol=5 * float(jnp.sqrt(jnp.max(jnp.diag(want)) / num)))
 
 
+def _generic_scale_problem(n=10, vocab=4, d=3, seed=0):
+  """An embedding, then a scalar that no layer covers (a generic parameter) times it,
+  under squared error; its leaves by name and the model's outputs as a function."""
+  rng = np.random.default_rng(seed)
+  ids = jnp.asarray(rng.integers(0, vocab, n))
+  y = jnp.asarray(rng.standard_normal((n, d)))
+  params = {"emb": jnp.asarray(rng.standard_normal((vocab, d))), "s": jnp.asarray(1.3)}
+
+  def apply(params, ids):
+    h = jkfac.register_embedding(params["emb"][ids], ids, params["emb"])
+    return jkfac.register_generic(params["s"]) * h
+
+  def loss_fn(params, batch):
+    ids, y = batch
+    prediction = jkfac.register_squared_error(apply(params, ids), y)
+    return 0.5 * jnp.mean(jnp.sum((prediction - y) ** 2, axis=-1))
+
+  return apply, params, (ids, y), loss_fn
+
+
+@pytest.mark.parametrize("estimation", ["exact", "empirical"])
+def test_a_generic_parameters_block_is_its_exact_per_example_diagonal(estimation):
+  """The optimizer's generic blocks square one gradient of randomly signed examples; `fit`
+  averages exactly: the same for every key and batching. Oracles: the dense GGN's diagonal
+  ("exact"), the mean squared per-example gradient ("empirical")."""
+  with jax.enable_x64(True):
+    apply, params, batch, loss_fn = _generic_scale_problem()
+    if estimation == "exact":
+      flat, unravel = ravel_pytree(params)
+      jac = jax.jacfwd(lambda f: apply(unravel(f), batch[0]).reshape(-1))(flat)
+      want = (jac[:, -1] @ jac[:, -1]) / len(batch[0])  # "s" is the last leaf
+    else:
+      per_example = jax.vmap(lambda i, y: jax.grad(loss_fn)(params, (i[None], y[None]))["s"])(
+          *batch)
+      want = jnp.mean(per_example ** 2)
+    for key, sizes in ((0, (10,)), (1, (10,)), (2, (6, 4))):
+      fitted = curvature.fit(loss_fn, params, _split(batch, sizes), estimation=estimation,
+                             key=jax.random.PRNGKey(key))
+      np.testing.assert_allclose(fitted.statistics["s"]["diagonal"].reshape(()), want,
+                                 rtol=1e-10)
+
+
+def test_fit_counts_examples_from_the_registered_predictions():
+  """A batch whose first leaf is not indexed by example (a model state, as in the
+  stateful models' docs) still counts the loss's rows. Oracle: the plain batch's fit."""
+  with jax.enable_x64(True):
+    _, params, batch, loss_fn = _regression()
+
+    def with_state(params, batch):
+      return loss_fn(params, batch["data"]) + 0.0 * jnp.sum(batch["a_state"])
+
+    plain = curvature.fit(loss_fn, params, _split(batch, (8, 4)))
+    stateful = curvature.fit(with_state, params, [{"a_state": jnp.zeros(32), "data": b}
+                                                  for b in _split(batch, (8, 4))])
+    assert float(stateful.num_examples) == float(plain.num_examples) == N
+    np.testing.assert_allclose(stateful.statistics["Dense_0"]["A"],
+                               plain.statistics["Dense_0"]["A"], rtol=1e-12)
+
+
+def test_fit_keeps_factors_over_max_factor_dim_diagonal_and_warns():
+  apply, params, batch, loss_fn = _regression(d_out=6)
+  with pytest.warns(jkfac.LargeFactorWarning, match="Dense_0"):
+    fitted = curvature.fit(loss_fn, params, [batch], max_factor_dim=4)
+  assert fitted.statistics["Dense_0"]["G"].shape == (6,)
+  assert fitted.trace.layers[0].approx == "kron_out_diag"
+
+
+def test_the_evidence_in_float32_is_accurate_at_a_large_prior_precision():
+  """`D/2 log τ − ½ Σ log(N s + τ)` cancels at large τ (here D = 620, θ = 0, so that the
+  prior's `τ‖θ‖²` is not all there is); oracle: the float64 evidence."""
+  with jax.enable_x64(True):
+    _, params, batch, loss_fn = _regression(d_in=30, d_out=20)
+    params = jax.tree_util.tree_map(jnp.zeros_like, params)
+    loss = loss_fn(params, batch)
+    fitted = curvature.fit(loss_fn, params, [batch])
+    taus = jnp.array([1e3, 1e4, 1e5, 1e6])
+    want = jax.vmap(lambda t: curvature.log_marginal_likelihood(fitted, params, loss, t))(taus)
+  to32 = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), tree)
+  got = jax.vmap(lambda t: curvature.log_marginal_likelihood(
+      to32(fitted), to32(params), jnp.float32(loss), t))(to32(taus))
+  np.testing.assert_allclose(got - got[0], want - want[0], atol=1e-5)
+
+
 def test_fit_rejects_bad_input():
   with jax.enable_x64(True):
     _, params, batch, loss_fn = _nets.make_problem(_nets.MLP, dtype=jnp.float64)

@@ -137,6 +137,18 @@ def test_describe_state_bytes_are_the_state_of_the_transform():
   assert rows["Conv_0/kernel"].state_bytes == 2 * 4 * 19 * 4
 
 
+def test_describe_state_bytes_follow_the_state_dtype_with_x64_on():
+  """float32 parameters keep a float32 state with `jax_enable_x64` on; float64 ones a
+  float64 state. Oracle: the bytes of `tx.init`'s state."""
+  with jax.enable_x64(True):
+    loss_fn, params, batch = _convnet_problem()
+    for dtype in (jnp.float32, jnp.float64):
+      params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+      description = jkfac.describe(loss_fn, params, batch)
+      state = jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-2).init(params)
+      assert description.state_bytes == sum(_state_bytes(state).values())
+
+
 def test_describe_approximations():
   loss_fn, params, batch = _convnet_problem()
   rows = _rows(jkfac.describe(loss_fn, params, batch,

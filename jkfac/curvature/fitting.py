@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 
-from jkfac import blocks, config, interpreter, layer_table, layers, linalg, losses, parallel
+from jkfac import config, factor_sizes, interpreter, layer_table, layers, linalg, losses
+from jkfac import parallel
 from jkfac import statistics as layer_stats
 from jkfac.layer_info import LayerInfo, Trace
 from jkfac.validation import check
@@ -74,9 +75,11 @@ def _subset(trace: Trace, layers_pattern: str | None) -> Trace:
 
 def trace_model(loss_fn: Callable[..., Any], params: PyTree, batch: PyTree,
                 approximation: str = "kron", layers_pattern: str | None = None,
-                auto_register: bool = True) -> Trace:
+                auto_register: bool = True,
+                max_factor_dim: int | None = factor_sizes.MAX_FACTOR_DIM) -> Trace:
   """The layer table `fit` uses: dense and conv layers whose tag names no approximation
-  get `approximation`; only the layers `layers_pattern` names (see `fit`)."""
+  get `approximation`, bounded by `max_factor_dim` (with a `jkfac.LargeFactorWarning`,
+  as in the optimizer); only the layers `layers_pattern` names (see `fit`)."""
   check(approximation in APPROXIMATIONS, f"Unknown approximation {approximation!r}; "
         f"expected one of {APPROXIMATIONS}.")
   plain = layer_table.trace_with_approximations(loss_fn, params, batch,
@@ -85,7 +88,9 @@ def trace_model(loss_fn: Callable[..., Any], params: PyTree, batch: PyTree,
   trace = layer_table.trace_with_approximations(
       loss_fn, params, batch, approximations=chosen or None, auto_register=auto_register)
   layer_table.check_coverage(trace, strict=False)
-  return _subset(trace, layers_pattern)
+  trace = factor_sizes.bound_factors(_subset(trace, layers_pattern), max_factor_dim, warn=True)
+  return dataclasses.replace(trace, layers=tuple(  # fit keeps whole factors
+      dataclasses.replace(l, block_size=None) for l in trace.layers))
 
 
 def _as_kron(trace: Trace) -> Trace:
@@ -97,12 +102,18 @@ def _as_kron(trace: Trace) -> Trace:
 
 def _batch_statistics(loss_fn, trace: Trace, estimation: str, auto_register: bool,
                       dtype, params: PyTree, batch: PyTree, key: Array,
-                      bases: dict[str, Arrays]) -> dict[str, Arrays]:
-  """Every block's statistics of one batch (means over its examples)."""
+                      bases: dict[str, Arrays]) -> tuple[dict[str, Arrays], Array]:
+  """Every block's statistics of one batch (means over its examples), and its number of
+  examples: the leading axis of the first registered loss's predictions."""
   linear = interpreter.linearize(loss_fn, params, batch, auto_register)
   found = layer_stats.astype(layer_stats.layer_statistics(trace, linear, key, estimation), dtype)
-  return {l.name: layer_stats.block_statistics(l, found[l.name], inverses=bases.get(l.name))
-          for l in trace.every_layer}
+  statistics = {l.name: layer_stats.block_statistics(l, found[l.name],
+                                                     inverses=bases.get(l.name))
+                for l in trace.layers}
+  statistics.update(jax.tree_util.tree_map(
+      lambda x: x.astype(dtype),
+      layer_stats.exact_generic_statistics(trace, linear, key, estimation)))
+  return statistics, jnp.asarray(linear.predictions[0].shape[0], jnp.int32)
 
 
 def iterate_batches(batches: Iterable[PyTree] | Callable[[int], PyTree],
@@ -115,13 +126,6 @@ def iterate_batches(batches: Iterable[PyTree] | Callable[[int], PyTree],
   return batches
 
 
-def batch_size(batch: PyTree) -> int:
-  """The number of examples in `batch`: the leading axis of its first leaf."""
-  leaves = jax.tree_util.tree_leaves(batch)
-  check(bool(leaves) and jnp.ndim(leaves[0]) >= 1, "A batch needs a leading example axis.")
-  return int(jnp.shape(leaves[0])[0])
-
-
 def _average(loss_fn, trace: Trace, params: PyTree, batches, num_batches, estimation: str,
              key: Array, auto_register: bool, bases: dict[str, Arrays], progress: bool,
              label: str) -> tuple[dict[str, Arrays], int]:
@@ -131,8 +135,8 @@ def _average(loss_fn, trace: Trace, params: PyTree, batches, num_batches, estima
       _batch_statistics, loss_fn, trace, estimation, auto_register, dtype)))
   total, count, started, shown = None, 0, time.monotonic(), 0.0
   for index, batch in enumerate(iterate_batches(batches, num_batches)):
-    size = batch_size(batch)
-    found = one_batch(params, batch, jax.random.fold_in(key, index), bases)
+    found, size = one_batch(params, batch, jax.random.fold_in(key, index), bases)
+    size = int(size)
     weighted = jax.tree_util.tree_map(lambda x: x * size, found)
     total = weighted if total is None else jax.tree_util.tree_map(jnp.add, total, weighted)
     count += size
@@ -186,7 +190,8 @@ def fit(loss_fn: Callable[..., Any], params: PyTree,
         batches: Iterable[PyTree] | Callable[[int], PyTree], *,
         num_batches: int | None = None, approximation: str = "kron",
         estimation: str = "exact", layers: str | None = None, key: Array | None = None,
-        auto_register: bool = True, progress: bool = False) -> FittedCurvature:
+        auto_register: bool = True, max_factor_dim: int | None = factor_sizes.MAX_FACTOR_DIM,
+        progress: bool = False) -> FittedCurvature:
   """The curvature of a trained model, averaged exactly over a dataset.
 
   Args:
@@ -194,8 +199,10 @@ def fit(loss_fn: Callable[..., Any], params: PyTree,
       its loss registered (as for `jkfac.kfac`); it may return `(loss, aux)`.
     params: the trained parameters.
     batches: an iterable of batches, or a function of the batch index (with
-      `num_batches`). Each batch's statistics are weighted by its size (the leading axis
-      of its first leaf), so the result is the mean over all examples.
+      `num_batches`). Each batch's statistics are weighted by its number of examples
+      (the leading axis of the first registered loss's predictions), so the result is
+      the mean over all examples. A parameter that no layer covers (a "generic" one in
+      `jkfac.describe`) takes one backward pass per example for its exact diagonal.
     approximation: the block of dense and conv layers whose tag names none: "kron"
       (K-FAC), "ekfac" (eigenvalue-corrected, one more pass over `batches`), "diagonal",
       "full", "kron_in_diag" or "kron_out_diag". Other layers get their default block, as
@@ -205,6 +212,8 @@ def fit(loss_fn: Callable[..., Any], params: PyTree,
     layers: None (every layer), "last" (the last layer, laplace-torch's default), or a
       glob on layer names (e.g. "Dense_*"); the other parameters are left out.
     key: PRNG key for "fisher" (each batch folds in its index).
+    max_factor_dim: as for `jkfac.kfac`: a layer side wider than this keeps a diagonal
+      factor, with a `jkfac.LargeFactorWarning` (None: no bound).
     progress: print the batches done to stderr, about once a second.
 
   Returns:
@@ -217,7 +226,8 @@ def fit(loss_fn: Callable[..., Any], params: PyTree,
   key = jax.random.PRNGKey(0) if key is None else key
   first = next(iter(iterate_batches(batches, num_batches)), None)
   check(first is not None, "fit got no batches.")
-  trace = trace_model(loss_fn, params, first, approximation, layers, auto_register)
+  trace = trace_model(loss_fn, params, first, approximation, layers, auto_register,
+                      max_factor_dim)
   run = functools.partial(_average, loss_fn, params=params, batches=batches,
                           num_batches=num_batches, estimation=estimation, key=key,
                           auto_register=auto_register, progress=progress)
@@ -226,7 +236,8 @@ def fit(loss_fn: Callable[..., Any], params: PyTree,
   ekfac = [l for l in trace.layers if l.approx == "ekfac"]
   if ekfac:  # second pass: the per-example gradients' second moment in the bases
     bases = {l.name: {"QA": eigen[l.name]["QA"], "QG": eigen[l.name]["QG"]} for l in ekfac}
-    second, _ = run(trace=trace, bases=bases, label="fit (EK-FAC)")
+    second, _ = run(trace=dataclasses.replace(trace, layers=tuple(ekfac), generic=()),
+                    bases=bases, label="fit (EK-FAC)")
     for l in ekfac:
       statistics[l.name] = second[l.name]
       eigen[l.name] = {**bases[l.name], "values": second[l.name]["scaling"]}

@@ -41,9 +41,10 @@ def _squared_norm(curvature: FittedCurvature, params: PyTree) -> Array:
 def _evidence(values: Array, num_examples: Array, loss: Array, squared_norm: Array,
               prior_precision: Array) -> Array:
   """The Laplace log evidence from `F`'s eigenvalues (see the module docstring)."""
+  # `D/2 log τ − ½ Σ log(N s + τ)` as one sum of `log1p`: in float32 the two terms
+  # cancel to a few digits at large τ.
   return (-num_examples * loss - 0.5 * prior_precision * squared_norm
-          + 0.5 * values.size * jnp.log(prior_precision)
-          - 0.5 * jnp.sum(jnp.log(num_examples * values + prior_precision)))
+          - 0.5 * jnp.sum(jnp.log1p(num_examples * values / prior_precision)))
 
 
 @jax.jit
