@@ -20,7 +20,7 @@ from jkfac import (blocks, factor_sizes, layer_table, linalg, losses, masking, p
                    statistics_examples)
 from jkfac.layer_info import Trace
 from jkfac.schedules import ScalarOrSchedule
-from jkfac.validation import abstract, check, is_integer, is_number
+from jkfac.validation import abstract, check, is_integer, is_number, same_shapes
 
 PyTree = Any
 
@@ -233,9 +233,19 @@ class PreconditionConfig:
     """The checked layer table of `loss_fn` at these shapes, factors bounded by
     `max_factor_dim` (`warn`: say which); with `masked` (the view `optax.masked` gives of
     `params`), only its layers."""
-    trace = factor_sizes.bound_factors(layer_table.trace_with_approximations(
-        self.loss_fn, params, batch, approximations=self.approximations,
-        auto_register=self.auto_register), self.factor_bound, warn, self.factor_block_size)
+    def traced(batch):
+      return layer_table.trace_with_approximations(
+          self.loss_fn, params, batch, approximations=self.approximations,
+          auto_register=self.auto_register)
+
+    trace = traced(batch)
+    block_size = self.factor_block_size
+    if block_size == "auto":  # chosen at the example batch's rows: the state's layout
+      # must not change with the batch (an epoch's smaller last batch).
+      example = trace if same_shapes(batch, self.example_batch) else traced(self.example_batch)
+      block_size = factor_sizes.auto_block_size(
+          factor_sizes.bound_factors(example, self.factor_bound))
+    trace = factor_sizes.bound_factors(trace, self.factor_bound, warn, block_size)
     if masked is None:
       return trace
     return masking.only_present(trace, masking.present_leaves(masked, params))

@@ -33,6 +33,12 @@ def abstract(tree: PyTree) -> PyTree:
                                 tree)
 
 
+def same_shapes(a: PyTree, b: PyTree) -> bool:
+  """`a` and `b` have one tree structure and the same shapes and dtypes."""
+  return (jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+          and jax.tree_util.tree_leaves(abstract(a)) == jax.tree_util.tree_leaves(abstract(b)))
+
+
 def check_floating(params: PyTree) -> None:
   """Raises `ValueError` naming the first parameter leaf that is not floating point: K-FAC
   has no curvature for an integer leaf (e.g. a step counter), and its gradient is float0."""

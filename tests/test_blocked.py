@@ -141,6 +141,34 @@ def test_auto_block_size_is_the_largest_whose_inverses_cost_at_most_the_gradient
   assert bounded.layers[0].block_size == expected
 
 
+@pytest.mark.parametrize("example_rows,rows,layout", [(256, 32, None), (32, 256, 128)])
+def test_auto_blocks_follow_the_example_batch_not_each_batch(example_rows, rows, layout):
+  """A 300 -> 300 layer keeps whole factors at 256 rows and 128-blocks at 32: an update
+  on a batch of the other size (an epoch's last batch) keeps the layout of `tx.init`.
+  Oracle: the same update with that layout given explicitly."""
+  rng = np.random.RandomState(0)
+  params = {"w": jnp.asarray(rng.randn(300, 300) * 0.05, jnp.float32)}
+
+  def loss_fn(params, batch):
+    y = jkfac.register_dense(batch["x"] @ params["w"], batch["x"], params["w"])
+    jkfac.register_squared_error(y, batch["t"])
+    return 0.5 * jnp.mean(jnp.sum((y - batch["t"]) ** 2, -1))
+
+  def batch_of(n):
+    return {"x": jnp.asarray(rng.randn(n, 300), jnp.float32),
+            "t": jnp.asarray(rng.randn(n, 300), jnp.float32)}
+
+  example, batch = batch_of(example_rows), batch_of(rows)
+  grads = jax.grad(loss_fn)(params, batch)
+  settings = dict(damping=0.1, invert_every=1, cov_update_every=1, estimation="exact")
+  updates = {}
+  for block_size in ("auto", layout):
+    tx = jkfac.precondition(loss_fn, example, factor_block_size=block_size, **settings)
+    updates[block_size], state = tx.update(grads, tx.init(params), params, batch=batch)
+    assert state.statistics["w"]["A"].ndim == (2 if layout is None else 3)
+  np.testing.assert_allclose(updates["auto"]["w"], updates[layout]["w"], rtol=1e-6)
+
+
 def test_describe_shows_blocks_and_a_bad_block_size_is_an_error():
   loss_fn, params, batch = _problem()
   rows = jkfac.describe(loss_fn, params, batch, factor_block_size=4).parameters
