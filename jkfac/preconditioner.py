@@ -91,12 +91,15 @@ def precondition_gradients(trace: Trace, inverses, updates: PyTree) -> PyTree:
 
 def update(config: PreconditionConfig, updates: PyTree, state: PreconditionState,
            params: PyTree, batch: PyTree, curvature: interpreter.Linearization | None = None,
-           model_params: PyTree | None = None, damping: Array | None = None,
+           model_params: PyTree | None = None,
+           damping: Array | Callable[[Array], Array] | None = None,
            invert_now: Array | None = None) -> tuple[PyTree, PreconditionState]:
   """One step of `precondition`: statistics and inverses when due, then `F^-1 g`.
 
-  `damping`, if given, replaces `config.damping` (an adaptive optimizer's, from its state);
-  `invert_now`, if true, recomputes the inverses at this step even when none are due.
+  `damping`, if given, replaces `config.damping`: an array (an adaptive optimizer's, from
+  its state), or a function of the curvature scale of the statistics this step refreshed
+  (a damping calibrated to them); `invert_now`, if true, recomputes the inverses at this
+  step even when none are due.
   """
   check(jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(params),
          "The gradients and the parameters passed to jkfac have different tree structures.")
@@ -171,7 +174,8 @@ def count_step(new: PreconditionState, old: PreconditionState, finite: Array
 
 def _update(config: PreconditionConfig, trace: Trace, updates: PyTree,
             state: PreconditionState, params: PyTree, batch: PyTree,
-            curvature: interpreter.Linearization | None, damping: Array | None = None,
+            curvature: interpreter.Linearization | None,
+            damping: Array | Callable[[Array], Array] | None = None,
             invert_now: Array | None = None) -> tuple[PyTree, PreconditionState]:
   if config.device_axis is not None:
     parallel.check_axis(config.device_axis)
@@ -180,6 +184,8 @@ def _update(config: PreconditionConfig, trace: Trace, updates: PyTree,
   # A batch whose gradients or statistics are not finite changes nothing but a counter.
   new, finite = refresh_statistics(config, trace, state, params, batch, curvature,
                                    tree_finite(updates))
+  if callable(damping):
+    damping = damping(new.curvature_scale)
   damping = value(config.damping, state.count) if damping is None else damping
   damping = jnp.maximum(damping, MIN_DAMPING)
   due = inverses_due(config, state.count)

@@ -52,6 +52,22 @@ def test_first_step_is_the_model_step_along_the_gradient_with_calibrated_damping
   assert int(found["rejected_steps"]) == 0  # an exact quadratic: the step is accepted
 
 
+@pytest.mark.parametrize("settings", [{}, {"learning_rate": 1e-2, "graft": "adam"}],
+                         ids=["adaptive", "graft"])
+def test_first_inverses_without_warm_start_use_the_calibrated_damping(settings):
+  """With `warm_start=False` step 0 inverts: with the damping calibrated to the statistics
+  it has just measured (before: the previous state's scale, 0, so 1e-8). Oracle: the
+  closed-form mean eigenvalue of the linear model's K-FAC curvature, as above."""
+  params, batch = linear_params(), linear_batch(0)
+  tx = jkfac.kfac(linear_loss, batch, estimation="exact", warm_start=False, **settings)
+  _, state, _, _ = _step(tx, linear_loss, params, tx.init(params), batch)
+  x = np.asarray(batch["x"], np.float64)
+  scale = np.mean(np.sum(x ** 2, axis=1) + 1.0) / (D_IN + 1)
+  inverted_with = jkfac.preconditioner_state(state).damping
+  np.testing.assert_allclose(inverted_with, adaptive_config.CALIBRATED_DAMPING * scale,
+                             rtol=1e-5)
+
+
 def test_the_old_untuned_first_step_uses_one_batch_inverses_and_the_default_does_not():
   """The blow-up's cause, reproduced: with inverses from one batch and a damping far
   below the curvature's scale, the first update is many times longer than the default's

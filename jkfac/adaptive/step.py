@@ -231,25 +231,35 @@ def update(config: AdaptiveConfig, preconditioner: optax.GradientTransformationE
   if config.momentum_type == "adam":  # the trace of the device-averaged gradients
     source = parallel.pmean(grads, config.device_axis)
     velocity = source = scaled_sum([(momentum, state.velocity), (_f32(1.0), source)])
-  if config.adapt_damping:
-    damping = state.damping
-  elif config.calibrated:  # the last statistics' scale (the first inverses come after them)
-    damping = jnp.maximum(CALIBRATED_DAMPING * state.preconditioner.curvature_scale,
-                          MIN_DAMPING).astype(state.damping.dtype)
-  else:
-    damping = jnp.maximum(_value(config.damping, step), MIN_DAMPING).astype(state.damping.dtype)
+  dtype = state.damping.dtype
+  fixed = (None if config.adapt_damping or config.calibrated
+           else jnp.maximum(_value(config.damping, step), MIN_DAMPING).astype(dtype))
+
+  def damping_for(scale: Array) -> Array:
+    """λ, given the curvature scale of this step's statistics: the state's (adapted), a
+    calibrated one (the first of an adapted λ; every one of a fixed-rate step's), or
+    the `damping` setting."""
+    if fixed is not None:
+      return fixed
+    calibrated = jnp.where(scale > 0, jnp.maximum(CALIBRATED_DAMPING * scale, MIN_DAMPING),
+                           DEFAULT_ADAPTIVE_DAMPING).astype(dtype)
+    if not config.adapt_damping:
+      return calibrated
+    return jnp.where(state.damping > 0, state.damping, calibrated) if config.calibrated \
+        else state.damping
+
   l2 = 0.0 if problem.l2 is None else problem.l2
   inverted_with = state.preconditioner.damping
   # λ rose well above the inverses' (a rejection): refresh them now, not at the next due.
-  invert_now = ((inverted_with > 0) & (damping + l2 > 2 * inverted_with)
+  invert_now = ((inverted_with > 0) & (state.damping + l2 > 2 * inverted_with)
                 if config.adapt_damping else None)
   delta, preconditioner_state = preconditioner.update(
       source, state.preconditioner, params, batch=batch, curvature=curvature,
-      model_params=model_params, damping=damping + l2, invert_now=invert_now)
-  scale = preconditioner_state.curvature_scale.astype(damping.dtype)
-  if config.calibrated and config.adapt_damping:  # the first λ, once the scale is measured
-    calibrated = jnp.where(scale > 0, CALIBRATED_DAMPING * scale, DEFAULT_ADAPTIVE_DAMPING)
-    damping = jnp.where(state.damping > 0, damping, calibrated.astype(damping.dtype))
+      model_params=model_params,
+      damping=jax.tree_util.Partial(lambda scale: damping_for(scale) + l2),
+      invert_now=invert_now)
+  scale = preconditioner_state.curvature_scale.astype(dtype)
+  damping = damping_for(scale)
   min_damping = (jnp.maximum(RELATIVE_MIN_DAMPING * scale, MIN_DAMPING)
                  if config.min_damping is None else _f32(config.min_damping))
   inputs = _Inputs(grads, source, velocity, delta, damping, step,
