@@ -70,8 +70,10 @@ def kfac(loss_fn: Callable[..., Any], example_batch: PyTree, *,
       schedule: a fixed-rate step `-learning_rate * momentum(F̂⁻¹g)`.
     momentum: the momentum of a fixed-rate step (or the μ of "qmodel_fixedmu").
     momentum_type: "qmodel" (the default without a learning rate), "qmodel_fixedmu" (α
-      from the model, μ = `momentum`), "regular" (the default with a learning rate: the
-      trace of F̂⁻¹g) or "adam" (tensorflow/kfac's: F̂⁻¹ of the trace of g).
+      from the model, μ = `momentum`), "qmodel_trace" (α along the trace
+      `u = F̂⁻¹g + 0.5 u_prev`: one Jacobian-vector product a step instead of two),
+      "regular" (the default with a learning rate: the trace of F̂⁻¹g) or "adam"
+      (tensorflow/kfac's: F̂⁻¹ of the trace of g).
     graft: "adam": each parameter's step length is that of Adam's update (with this
       `learning_rate`), its direction K-FAC's (Shampoo's grafting): Adam users keep
       their learning rate. Needs a learning rate.

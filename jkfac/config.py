@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import numbers
 import warnings
 from typing import Any, Callable, Mapping
@@ -155,7 +156,8 @@ class PreconditionConfig:
            or isinstance(self.damping, jax.Array),
            f"damping must be a positive number, a schedule or an array, got {self.damping!r}.")
     if is_number(self.damping):
-      check(self.damping > 0, f"damping must be positive, got {self.damping}.")
+      check(0 < self.damping < math.inf,
+            f"damping must be positive and finite, got {self.damping}.")
     if self.damping is not None and is_number(self.damping) and self.damping < MIN_DAMPING:
       warnings.warn(f"damping {self.damping} is below jkfac.MIN_DAMPING "
                     f"({MIN_DAMPING}); it is raised to that floor.", stacklevel=3)

@@ -21,6 +21,7 @@ import pytest
 
 import jkfac
 from jkfac import adaptive
+from jkfac.adaptive import config as adaptive_config
 from tests import _nets
 
 D_IN, D_OUT, N = 4, 2, 16
@@ -181,6 +182,35 @@ def test_qmodel_fixedmu_solves_for_alpha_with_the_given_momentum():
   system = dense_ggn(params, batch) + 0.05 * np.eye(delta.size)
   alpha = -(grads @ delta + 0.5 * delta @ system @ flat(previous)) / (delta @ system @ delta)
   np.testing.assert_allclose(found["alpha"], alpha, rtol=2e-3)
+
+
+def test_qmodel_trace_steps_along_the_trace_by_the_exact_model():
+  """"qmodel_trace": u = F̂⁻¹g + 0.5 u_prev, α minimising the exact model along u.
+  Oracles: F̂⁻¹g from `jkfac.precondition` with the same settings on the same steps, α
+  from the dense `jax.jacfwd` GGN."""
+  settings = dict(damping=0.05, estimation="exact", invert_every=1, cov_update_every=1,
+                  warm_start=False)
+  tx = jkfac.kfac(linear_loss, linear_batch(), momentum_type="qmodel_trace", **settings)
+  pre = jkfac.precondition(linear_loss, linear_batch(), **settings)
+  params, step = linear_params(), jitted_step(tx, linear_loss)
+  state, pre_state, trace = tx.init(params), pre.init(params), np.zeros(flat(params).size)
+  for index in range(3):
+    batch = linear_batch(index)
+    grads = jax.grad(linear_loss)(params, batch)
+    delta, pre_state = jitted_update_with(pre, grads, pre_state, params, batch)
+    trace = flat(delta) + adaptive_config.TRACE_DECAY * trace
+    g = flat(grads)
+    system = dense_ggn(params, batch) + 0.05 * np.eye(g.size)
+    alpha = -(g @ trace) / (trace @ system @ trace)
+    params, state, updates, _ = step(params, state, batch)
+    found = jkfac.diagnostics(state)
+    np.testing.assert_allclose(found["alpha"], alpha, rtol=2e-3)
+    np.testing.assert_allclose(flat(updates), alpha * trace, rtol=2e-3, atol=1e-7)
+    assert float(found["mu"]) == pytest.approx(adaptive_config.TRACE_DECAY)
+
+
+def jitted_update_with(tx, grads, state, params, batch):
+  return jax.jit(lambda: tx.update(grads, state, params, batch=batch))()
 
 
 # --- Levenberg–Marquardt damping -----------------------------------------------------
@@ -540,6 +570,8 @@ def test_untuned_qmodel_steps_follow_the_measured_reduction_ratio():
     (dict(adapt_damping=True, min_damping=0.0), "min_damping"),
     (dict(adapt_damping=True, damping=10.0, max_damping=1.0), "damping"),
     (dict(adapt_damping=True, damping=lambda count: 1e-2), "schedule"),
+    (dict(adapt_damping=True, damping=None, max_damping=0.0), "max_damping"),
+    (dict(damping=math.inf), "finite"),
     (dict(l2_reg=-1.0), "l2_reg"),
     (dict(l2_reg_exclude=("*bias*",)), "l2_reg_exclude"),
     (dict(num_burnin_steps=-1), "num_burnin_steps"),

@@ -1,8 +1,7 @@
 """Adaptive K-FAC: quadratic-model step size and momentum, LM damping, norm constraint.
 
 `adaptive(config, preconditioner)` wraps `jkfac.precondition` into a whole optimizer
-(what `jkfac.kfac` returns when one of its adaptive keywords is used). docs/concepts.md
-has the maths.
+(what `jkfac.kfac` returns). docs/concepts.md has the maths.
 """
 
 from jkfac.adaptive.config import (DEFAULT_ADAPTIVE_DAMPING, MOMENTUM_TYPES, QMODEL_TYPES,

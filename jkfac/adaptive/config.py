@@ -14,9 +14,9 @@ from jkfac.validation import abstract, check, is_integer, is_number
 
 PyTree = Any
 
-MOMENTUM_TYPES = ("regular", "adam", "qmodel", "qmodel_fixedmu")
+MOMENTUM_TYPES = ("regular", "adam", "qmodel", "qmodel_fixedmu", "qmodel_trace")
 GRAFTS = ("adam",)
-QMODEL_TYPES = ("qmodel", "qmodel_fixedmu")
+QMODEL_TYPES = ("qmodel", "qmodel_fixedmu", "qmodel_trace")
 # The initial damping with `adapt_damping=True` when none is given and the curvature has
 # no scale to calibrate it to (no K-FAC block's statistics): a scale for a mean loss.
 DEFAULT_ADAPTIVE_DAMPING = 1e-3
@@ -33,6 +33,10 @@ REJECTION_BOOST = 4.0
 # The quadratic model's momentum coefficient μ is kept in [0, MAX_MU]: a negative μ
 # undoes the previous step, one above 1 compounds it (both seen on single batches).
 MAX_MU = 0.99
+# "qmodel_trace" steps along `u = F̂⁻¹g + TRACE_DECAY · u_prev`: at 0.5 and 0.3 it matched
+# "qmodel"'s steps on the five robustness models at batch 128; at 0.9 the MLP needed
+# 0.96x Adam's steps instead of 0.52x (docs/benchmarks.md, 2026-12-07).
+TRACE_DECAY = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +72,7 @@ class AdaptiveConfig:
            f"momentum_type must be one of {MOMENTUM_TYPES}, got {self.momentum_type!r}.")
     check(self.learning_rate is not None or self.qmodel,
            f"learning_rate is required with momentum_type={self.momentum_type!r}; only "
-           "'qmodel' and 'qmodel_fixedmu' choose the step size themselves.")
+           "the 'qmodel' types choose the step size themselves.")
     if is_number(self.learning_rate):
       check(self.learning_rate > 0, f"learning_rate must be positive, got "
              f"{self.learning_rate}.")
@@ -152,6 +156,8 @@ class AdaptiveConfig:
           "min_damping=None (a floor relative to the curvature) needs adapt_damping=True.")
     if is_number(low):
       check(low > 0, f"min_damping must be positive, got {low}.")
+    if is_number(high):
+      check(high > 0, f"max_damping must be positive, got {high}.")
     if is_number(low) and is_number(high):
       check(low <= high, f"min_damping ({low}) must not exceed max_damping ({high}).")
     low = low if is_number(low) else 0.0

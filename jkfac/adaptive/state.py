@@ -75,9 +75,9 @@ def diagnostics(opt_state: PyTree) -> dict[str, Array]:
 
   Keys `DIAGNOSTICS`: damping, rho, alpha, mu, quad_change, update_norm, norm_scale (see
   `Diagnostics`), rejected_steps (see `AdaptiveState`), skipped_steps, inverse_fallbacks
-  (the preconditioner's counters). For
-  `jkfac.kfac` without adaptive keywords or a bare `jkfac.precondition`: only damping
-  (of the inverses), skipped_steps and inverse_fallbacks.
+  (the preconditioner's counters). For a bare `jkfac.precondition` (or
+  `jkfac.eigen_adam`): only damping (of the inverses), skipped_steps and
+  inverse_fallbacks.
 
   Examples:
     >>> updates, opt_state = tx.update(grads, opt_state, params, batch=batch)

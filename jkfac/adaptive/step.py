@@ -13,7 +13,8 @@ import optax
 
 from jkfac import interpreter, masking, parallel, schedules
 from jkfac.adaptive.config import (CALIBRATED_DAMPING, DEFAULT_ADAPTIVE_DAMPING, MAX_MU,
-                                   REJECTION_BOOST, RELATIVE_MIN_DAMPING, AdaptiveConfig)
+                                   REJECTION_BOOST, RELATIVE_MIN_DAMPING, TRACE_DECAY,
+                                   AdaptiveConfig)
 from jkfac.adaptive.ggn import Problem, curvature_products, loss_change, model
 from jkfac.adaptive.qmodel import (adapted_damping, norm_scale, quadratic_change,
                                    reduction_ratio, solve_quadratic_model)
@@ -123,6 +124,26 @@ def _qmodel_step(config: AdaptiveConfig, problem: Problem, state: AdaptiveState,
                                           lambda: (loss_change(problem, loss, update), quad))
   return _Result(update, update, damping, rho, alpha, mu, quad, _f32(1.0), rejected,
                  state.graft)
+
+
+def _trace_step(config: AdaptiveConfig, problem: Problem, state: AdaptiveState,
+                inputs: _Inputs) -> _Result:
+  """δ = α u along the trace `u = Δ + TRACE_DECAY · u_prev` (the velocity keeps u), α
+  from the exact quadratic model along u: one Jacobian-vector product, where "qmodel"
+  takes two; `learning_rate`, if set, multiplies α."""
+  trace = scaled_sum([(_f32(TRACE_DECAY), state.velocity), (_f32(1.0), inputs.delta)])
+  loss, curvature = curvature_products(problem, [trace])
+  b = parallel.pmean(jnp.stack([dot(inputs.grads, trace)]), problem.axis)
+  h = curvature[0, 0] + _f32(inputs.damping) * dot(trace, trace)
+  alpha = jnp.where(h > 0, -b[0] / h, 0.0).astype(jnp.float32)
+  if inputs.learning_rate is not None:
+    alpha = inputs.learning_rate * alpha
+  update = scaled_sum([(alpha, trace)])
+  quad = _f32(quadratic_change(alpha[None], curvature, b))
+  damping, rho, _, rejected = _adaptation(config, state, inputs,
+                                          lambda: (loss_change(problem, loss, update), quad))
+  return _Result(update, trace, damping, rho, alpha, _f32(TRACE_DECAY), quad, _f32(1.0),
+                 rejected, state.graft)
 
 
 def _fixed_step(config: AdaptiveConfig, problem: Problem, state: AdaptiveState,
@@ -264,8 +285,9 @@ def update(config: AdaptiveConfig, preconditioner: optax.GradientTransformationE
                  if config.min_damping is None else _f32(config.min_damping))
   inputs = _Inputs(grads, source, velocity, delta, damping, step,
                    _value(config.learning_rate, step), momentum, min_damping)
-  take_step = functools.partial(_qmodel_step if config.qmodel else _fixed_step, config,
-                                problem, state, inputs)
+  step_kind = (_trace_step if config.momentum_type == "qmodel_trace"
+               else _qmodel_step if config.qmodel else _fixed_step)
+  take_step = functools.partial(step_kind, config, problem, state, inputs)
   result = take_step() if burnin is None else jax.lax.cond(
       state.count < burnin, lambda: _burn_in(state, inputs), take_step)
   diagnostics = Diagnostics(
