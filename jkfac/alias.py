@@ -18,6 +18,7 @@ from jkfac.eigenbasis import scale_by_eigen_adam
 from jkfac.config import with_curvature_settings
 from jkfac.preconditioner import precondition
 from jkfac.schedules import ScalarOrSchedule
+from jkfac.skipping import keep_unless, zero_if
 
 # `kfac`'s curvature settings that differ from `PreconditionConfig`'s defaults: statistics
 # every 5 steps and inverses every 50, no inverse from a single batch, statistics from at
@@ -163,11 +164,32 @@ def eigen_adam(loss_fn: Callable[..., Any], example_batch: PyTree,
   Examples:
     >>> tx = jkfac.eigen_adam(loss_fn, batch, learning_rate=1e-2)
   """
-  return optax.chain(
+  return _chain_unless_skipped(
       scale_by_eigen_adam(loss_fn, example_batch, b1=b1, b2=b2, eps=eps,
                           **{**EIGEN_ADAM_CURVATURE, **curvature_settings}),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate))
+
+
+def _chain_unless_skipped(first: optax.GradientTransformationExtraArgs,
+                          *rest: optax.GradientTransformation
+                          ) -> optax.GradientTransformationExtraArgs:
+  """`optax.chain(first, *rest)` (the same state), but on a batch that `first` skips
+  as not finite, a zero update and `rest`'s states as they were: weight decay does not
+  move the parameters, and a learning-rate schedule's count does not run ahead of
+  jkfac's."""
+  chained = optax.chain(*rest)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    updates, first_state = first.update(updates, state[0], params, **extra_args)
+    skipped = (first_state.preconditioner.skipped_steps
+               > state[0].preconditioner.skipped_steps)
+    updates, rest_state = chained.update(updates, tuple(state[1:]), params)
+    rest_state = keep_unless(skipped, rest_state, tuple(state[1:]))
+    return zero_if(skipped, updates), (first_state, *rest_state)
+
+  return optax.GradientTransformationExtraArgs(
+      lambda params: (first.init(params), *chained.init(params)), update_fn)
 
 
 with_curvature_settings(eigen_adam, EIGEN_ADAM_CURVATURE, eigenbasis.UNSUPPORTED_SETTINGS)

@@ -82,15 +82,17 @@ def eigen_layers(trace: Trace) -> Trace:
 
 
 def _warn_if_left_to_adam(full: Trace, chosen: Trace) -> None:
-  """Warns naming the Kronecker-factored layers of `full` that `chosen` leaves to plain
-  Adam (a grouped conv, a scanned layer with block-diagonal factors)."""
+  """Warns naming the dense and conv layers of `full` that `chosen` leaves to plain Adam
+  (another approximation than two Kronecker factors, a grouped conv, a scanned layer
+  with block-diagonal factors)."""
   kept = {layer.name for layer in chosen.layers}
-  left = [layer.name for layer in full.layers if layer.name not in kept
-          and (layer.kind == "dense" or layer.kind in tags.CONV_KINDS)
-          and layer.approx in KRONECKER_APPROXIMATIONS]
+  left = [f"{layer.name} ({layer.approx})" for layer in full.layers if layer.name not in kept
+          and (layer.kind == "dense" or layer.kind in tags.CONV_KINDS)]
   if left:
-    warnings.warn(f"jkfac.eigen_adam runs plain Adam, not Adam in an eigenbasis, on {left}: "
-                  "grouped convs and scanned layers with block-diagonal factors "
+    warnings.warn(f"jkfac.eigen_adam runs plain Adam, not Adam in an eigenbasis, on "
+                  f"{', '.join(left)}: layers whose approximation is not one of "
+                  f"{KRONECKER_APPROXIMATIONS} (\"ekfac\" keeps bases of its own), grouped "
+                  "convs and scanned layers with block-diagonal factors "
                   "(factor_block_size=None keeps a scanned layer's factors whole).",
                   stacklevel=3)
 

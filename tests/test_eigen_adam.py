@@ -19,6 +19,8 @@ import pytest
 
 import jkfac
 
+import _nets
+
 D_IN, HIDDEN, CLASSES, BATCH = 6, 4, 3, 8
 B1, B2, EPS = 0.9, 0.95, 1e-8
 
@@ -217,6 +219,23 @@ def test_non_finite_batch_is_skipped():
                          state._replace(preconditioner=state.preconditioner._replace(skipped_steps=0)))
 
 
+def test_a_skipped_batch_moves_no_parameter_and_no_schedule():
+  """`eigen_adam`'s weight decay and learning-rate schedule come after the skip: on a
+  batch skipped as not finite they must not move the parameters or count the step.
+  Oracle: the state before the batch."""
+  batch = make_batch(0)
+  schedule = optax.linear_schedule(1e-3, 1e-2, 100)
+  tx = jkfac.eigen_adam(loss_fn, batch, learning_rate=schedule, weight_decay=0.1,
+                        cov_update_every=1, invert_every=1)
+  params = make_params()
+  _, state = tx.update(jax.grad(loss_fn)(params, batch), tx.init(params), params, batch=batch)
+  bad = dict(batch, x=batch["x"].at[0, 0].set(jnp.nan))
+  updates, new = tx.update(jax.grad(loss_fn)(params, bad), state, params, batch=bad)
+  assert all(np.all(np.asarray(u) == 0) for u in jax.tree_util.tree_leaves(updates))
+  assert int(jkfac.preconditioner_state(new).skipped_steps) == 1
+  jax.tree_util.tree_map(np.testing.assert_array_equal, new[1:], state[1:])
+
+
 @pytest.mark.parametrize("settings, match", [
     (dict(inverse_method="eigh"), "inverse_method"),
     (dict(placement="round_robin"), "placement"),
@@ -257,6 +276,16 @@ def test_grouped_conv_is_named_when_left_to_adam():
   with pytest.warns(UserWarning, match=r"plain Adam.*Conv_0"):
     state = tx.init(params)
   assert list(state.preconditioner.inverses) == ["Dense_0"]
+
+
+def test_a_layer_of_another_approximation_is_named_as_left_to_adam():
+  """"ekfac" (or "diagonal") is no pair of Kronecker factors to rotate into: the layer
+  gets plain Adam, and `init` says so instead of running it silently."""
+  _, params, batch, loss_fn = _nets.make_problem(_nets.MLP, batch=BATCH)
+  tx = jkfac.scale_by_eigen_adam(loss_fn, batch, approximations={"Dense_0": "ekfac"})
+  with pytest.warns(UserWarning, match=r"plain Adam.*Dense_0 \(ekfac\)"):
+    state = tx.init(params)
+  assert "Dense_0" not in state.preconditioner.inverses
 
 
 def test_untagged_matrix_is_named_as_left_to_adam():
