@@ -20,6 +20,10 @@ CALL_PRIMITIVES = frozenset({"jit", "pjit", "closed_call", "core_call", "custom_
                              "checkpoint"})
 # Call-like primitives of `jax.checkpoint` / `nn.remat`, whose boundary the interpreter keeps.
 REMAT_PRIMITIVES = frozenset({"remat2", "checkpoint"})
+# Calls of `jax.custom_jvp` / `jax.custom_vjp` functions: their derivative is the user's
+# rule, not their primal code's, so layers inside are not recognised (`patterns.rewrite`).
+CUSTOM_RULE_PRIMITIVES = frozenset({"custom_jvp_call", "custom_vjp_call",
+                                    "custom_vjp_call_jaxpr"})
 _CALL_JAXPR_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 # Primitives through which a parameter keeps its identity (dtype casts, copies).
 TRANSPARENT_PRIMITIVES = frozenset({"convert_element_type", "copy", "copy_p"})
@@ -96,6 +100,27 @@ def has_tags(jaxpr: jcore.Jaxpr) -> bool:
     if is_tag(eqn) or any(has_tags(sub) for sub in jcore.jaxprs_in_params(eqn.params)):
       return True
   return False
+
+
+def tags_under_custom_rule(jaxpr: jcore.Jaxpr) -> bool:
+  """Whether a tag of `jaxpr` lies inside a `jax.custom_jvp` / `jax.custom_vjp` call: the
+  interpreter differentiates through its primal code there, not through its rule."""
+  for eqn in jaxpr.eqns:
+    subs = jcore.jaxprs_in_params(eqn.params)
+    if eqn.primitive.name in CUSTOM_RULE_PRIMITIVES and any(has_tags(sub) for sub in subs):
+      return True
+    if any(tags_under_custom_rule(sub) for sub in subs):
+      return True
+  return False
+
+
+CUSTOM_RULE_TAGS = (
+    "jkfac found K-FAC tags (jkfac.register_* calls) inside a jax.custom_vjp / "
+    "jax.custom_jvp function: jkfac differentiates through that function's primal code, "
+    "not through its custom rule, so jkfac.value_and_grad's gradients and K-FAC's "
+    "statistics there ignore the rule (e.g. a straight-through estimator's). Register "
+    "the layers and losses outside the custom-derivative function; jkfac does not "
+    "recognise untagged layers inside one, and leaves their parameters generic.")
 
 
 def tagged_sub_jaxpr(eqn: jcore.JaxprEqn) -> jcore.ClosedJaxpr | None:

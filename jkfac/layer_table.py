@@ -52,6 +52,8 @@ def make_jaxpr(loss_fn: LossFn, params: PyTree, batch: PyTree, auto_register: bo
                if site.eqn.primitive is tags.layer_tag_p
                for origin in site.claimed if origin is not None}
     closed = patterns.register_layers(closed, num_params, claimed)
+  if jaxprs.tags_under_custom_rule(closed.jaxpr):
+    warnings.warn(jaxprs.CUSTOM_RULE_TAGS, UserWarning, stacklevel=3)
   return closed, out_shape
 
 
@@ -121,7 +123,8 @@ def check_coverage(trace: Trace, strict: bool,
              f"{paths}, so they get {consequence}. Tag their layers (e.g. "
              "jkfac.register_dense), mark them with jkfac.register_generic to accept that, "
              "or see jkfac.describe for what was recognised (layers inside "
-             "lax.cond or lax.while_loop are not recognised).")
+             "lax.cond, lax.while_loop or jax.custom_vjp / custom_jvp functions are not "
+             "recognised).")
   if strict:
     raise ValueError(message)
   warnings.warn(message, GenericBlockWarning, stacklevel=4)

@@ -515,6 +515,67 @@ def test_fused_value_and_grad_with_other_auto_register_raises(grad_auto, tx_auto
     tx.update(grads, state, params, batch=batch, curvature=curvature)
 
 
+@jax.custom_vjp
+def _quantised_dense(x, w):
+  """`x @ w` rounded to quarters, with a straight-through backward rule (its primal
+  derivative is zero almost everywhere)."""
+  return jnp.round(4 * (x @ w)) / 4
+
+
+def _quantised_dense_fwd(x, w):
+  return _quantised_dense(x, w), (x, w)
+
+
+def _quantised_dense_bwd(residuals, g):
+  x, w = residuals
+  return g @ w.T, x.T @ g
+
+
+_quantised_dense.defvjp(_quantised_dense_fwd, _quantised_dense_bwd)
+
+
+def _quantised_problem():
+  rng = np.random.default_rng(5)
+  params = {"w1": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32),
+            "w2": jnp.asarray(rng.standard_normal((4, NUM_CLASSES)), jnp.float32)}
+  apply = lambda params, x: jnp.tanh(_quantised_dense(x, params["w1"])) @ params["w2"]
+  return params, _batch((6,)), _loss(apply)
+
+
+def test_layer_inside_custom_vjp_keeps_the_rule():
+  """A layer inside a `jax.custom_vjp` is not recognised (a tag there would differentiate
+  its primal code): `jkfac.value_and_grad` and K-FAC's update see the user's rule."""
+  params, batch, loss_fn = _quantised_problem()
+  expected = jax.value_and_grad(loss_fn)(params, batch)
+  loss, grads, curvature = jkfac.value_and_grad(loss_fn)(params, batch)
+  assert np.abs(expected[1]["w1"]).max() > 0
+  _assert_trees_close((loss, grads), expected)
+  trace = layer_table.trace_layers(loss_fn, params, batch)
+  assert [layer.name for layer in trace.layers] == ["w2"]
+  assert [layer.name for layer in trace.generic] == ["w1"]
+  tx = jkfac.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-1, estimation="empirical")
+  with pytest.warns(layer_table.GenericBlockWarning, match="w1"):
+    state = tx.init(params)
+  _, state = tx.update(grads, state, params, batch=batch, curvature=curvature)
+  diagonal = jkfac.preconditioner_state(state).statistics["w1"]["diagonal"]
+  assert np.abs(diagonal).max() > 0   # the straight-through gradients, not zeros
+
+
+def test_hand_tag_inside_custom_jvp_warns():
+  """A hand tag inside a `jax.custom_jvp` is followed into its primal code, with a warning
+  that the rule is not used there."""
+  @jax.custom_jvp
+  def layer(x, w):
+    return jnp.tanh(jkfac.register_dense(x @ w, x, w))
+
+  layer.defjvp(lambda primals, tangents: (layer(*primals), jnp.zeros((4, 4))))
+  params, batch, _ = _quantised_problem()
+  loss_fn = _loss(lambda params, x: layer(x, params["w1"]) @ params["w2"])
+  with pytest.warns(UserWarning, match="inside a jax.custom_vjp / jax.custom_jvp function"):
+    trace = layer_table.trace_layers(loss_fn, params, batch)
+  assert [layer.name for layer in trace.layers] == ["w1", "w2"]
+
+
 # --- Flax NNX ---------------------------------------------------------------------------------
 
 

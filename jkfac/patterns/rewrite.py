@@ -14,7 +14,13 @@ from jax import lax
 from jax.extend import core as jcore
 
 from jkfac import tags
-from jkfac.jaxprs import call_jaxpr, inner_origin, is_var, track_parameters
+from jkfac.jaxprs import (
+  CUSTOM_RULE_PRIMITIVES,
+  call_jaxpr,
+  inner_origin,
+  is_var,
+  track_parameters,
+)
 from jkfac.patterns.matching import find_layers
 from jkfac.patterns.records import Match, Split
 
@@ -205,8 +211,12 @@ def rewrite(jaxpr: jcore.Jaxpr, origin: dict, claimed: set, dropped_biases: set,
 def _rewrite_inner(eqn: jcore.JaxprEqn, origin: dict, claimed: set, dropped_biases: set,
                    found: collections.defaultdict, untied: frozenset,
                    dense: frozenset) -> jcore.JaxprEqn:
-  """A call-like or scan equation with its sub-jaxpr rewritten; other equations as they are."""
-  if (call := call_jaxpr(eqn)) is None:
+  """A call-like or scan equation with its sub-jaxpr rewritten; other equations as they are.
+
+  A `jax.custom_jvp` / `jax.custom_vjp` call stays as it is: a tag inside would make the
+  interpreter differentiate its primal code instead of the user's rule.
+  """
+  if eqn.primitive.name in CUSTOM_RULE_PRIMITIVES or (call := call_jaxpr(eqn)) is None:
     return eqn
   name, sub, inner = call
   new_inner = rewrite(inner, inner_origin(eqn, inner, origin), claimed, dropped_biases, found,
