@@ -283,6 +283,58 @@ def test_jnp_x64_dense_is_registered():
                                 steps=False)
 
 
+def _einsum_params(w_shape=(3, 5, 6)):
+  rng = np.random.default_rng(4)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape) / 3, jnp.float32)
+  return {"w": normal(*w_shape), "b": normal(6), "out": normal(4 * 6, NUM_CLASSES)}
+
+
+def _einsum_apply(tagged: bool, spec: str = "nthd,hdf->ntf"):
+  """An attention output projection `(N, T, heads, head_dim) -> (N, T, features)` by
+  `jnp.einsum` (untagged), or by `lax.dot_general` tagged by hand, then a dense head."""
+  def apply(params, x):
+    if tagged:
+      y = lax.dot_general(x, params["w"], (((2, 3), (0, 1)), ((), ()))) + params["b"]
+      y = jkfac.register_dense(y, x, params["w"], params["b"], in_axes=2)
+    else:
+      y = jnp.einsum(spec, x, params["w"]) + params["b"]
+    h = jnp.tanh(y).reshape(x.shape[0], -1)
+    out = h @ params["out"]
+    return jkfac.register_dense(out, h, params["out"]) if tagged else out
+  return apply
+
+
+def test_einsum_contracting_permuted_axes_is_a_dense_layer():
+  """`jnp.einsum("nthd,hdf->ntf")` contracts its axis pairs in permuted order
+  (`((3, 2), (1, 0))`); the pairs still flatten `(h, d)` alike on both sides, so it is
+  the `DenseGeneral` that `lax.dot_general` tagged by hand is, with the same factors."""
+  params, batch = _einsum_params(), _batch((4, 3, 5))
+  auto_loss = _loss(_einsum_apply(False))
+  jaxpr = jax.make_jaxpr(auto_loss)(params, batch).jaxpr
+  dims = [e.params["dimension_numbers"] for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert dims[0] == (((3, 2), (1, 0)), ((), ()))
+  _assert_same_as_hand_tagged(auto_loss, _loss(_einsum_apply(True)), params, batch,
+                              [("w", "dense", True, None), ("out", "dense", False, None)])
+  tx = jkfac.kfac(auto_loss, batch, learning_rate=0.1, damping=1e-2, estimation="empirical")
+  state = tx.init(params)
+  _, state = jax.jit(lambda g, s: tx.update(g, s, params, batch=batch))(
+      jax.grad(auto_loss)(params, batch), state)
+  state = jkfac.preconditioner_state(state)
+  rows = np.asarray(batch[0]).reshape(-1, 15)     # (N T, h d)
+  a = np.concatenate([rows, np.ones((len(rows), 1))], axis=1)
+  np.testing.assert_allclose(state.statistics["w"]["A"] / state.ema_weight, a.T @ a / len(a),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_einsum_pairing_axes_crosswise_is_not_a_dense_layer():
+  """`"nthd,dhf->ntf"` pairs the input's `(h, d)` with the weight's `(d, h)`: the two do
+  not flatten to the same rows, so the weight is left generic (no wrong factor)."""
+  params, batch = _einsum_params((5, 3, 6)), _batch((4, 3, 5))
+  trace = layer_table.trace_layers(_loss(_einsum_apply(False, "nthd,dhf->ntf")), params, batch)
+  assert [layer.name for layer in trace.layers] == ["out"]
+  assert sorted(layer.name for layer in trace.generic) == ["b", "w"]
+
+
 # --- hand tags win, shared weights ---------------------------------------------------------
 
 

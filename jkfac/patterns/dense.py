@@ -23,13 +23,15 @@ def _channels_last(ndim: int) -> tuple[tuple[int, ...], ...]:
 
 def _dense_in_axes(eqn: jcore.JaxprEqn, w_ndim: int) -> int | None:
   """`k` if the `dot_general` contracts the trailing `k` axes of its input (which has a
-  batch axis besides) with the leading `k` of an N-D weight, with no batch dimensions."""
+  batch axis besides) with the leading `k` of an N-D weight, in order, with no batch
+  dimensions. The pairs of contracted axes may come in any order (`jnp.einsum` permutes
+  them); the input's `i`-th trailing axis must pair with the weight's `i`-th, so that both
+  flatten to the same matrix row."""
   (contract_x, contract_w), (batch_x, batch_w) = eqn.params["dimension_numbers"]
   x_ndim, k = eqn.invars[0].aval.ndim, len(contract_w)
   if batch_x or batch_w or not 0 < k < w_ndim or x_ndim <= k:
     return None
-  if tuple(contract_x) != tuple(range(x_ndim - k, x_ndim)) or tuple(contract_w) != tuple(
-      range(k)):
+  if sorted(zip(contract_x, contract_w)) != list(zip(range(x_ndim - k, x_ndim), range(k))):
     return None
   return k
 
