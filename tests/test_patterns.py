@@ -747,3 +747,37 @@ def test_dense_of_parameters_alone_is_not_a_layer():
   trace = layer_table.trace_layers(_loss(apply), params, _batch((4,)))
   assert [layer.name for layer in trace.layers] == ["w"]
   assert sorted(layer.name for layer in trace.generic) == ["p", "v"]
+
+
+def _position_offset_apply(tagged: bool):
+  """A dense layer `(N, T, 3) -> (N, T, 4)` plus a parameter `b` of shape `(T,) = (4,)`
+  broadcast along the positions, not the features (a per-position offset); a dense head."""
+  def apply(params, x):
+    y = x @ params["w"]
+    y = jkfac.register_dense(y, x, params["w"]) if tagged else y
+    y = y + jnp.broadcast_to(params["b"][:, None], y.shape)
+    h = jnp.tanh(y).reshape(x.shape[0], -1)
+    out = h @ params["out"]
+    return jkfac.register_dense(out, h, params["out"]) if tagged else out
+  return apply
+
+
+def test_parameter_broadcast_along_positions_is_no_bias():
+  """A 1-D parameter the size of the features, broadcast along another axis, is no bias
+  of the layer: it stays generic, as when the layer is tagged by hand without it."""
+  rng = np.random.default_rng(8)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape) / 2, jnp.float32)
+  params = {"w": normal(3, 4), "b": normal(4), "out": normal(16, NUM_CLASSES)}
+  batch = _batch((4, 3))
+  auto_loss, hand_loss = _loss(_position_offset_apply(False)), _loss(_position_offset_apply(True))
+  auto = layer_table.trace_layers(auto_loss, params, batch)
+  hand = layer_table.trace_layers(hand_loss, params, batch, auto_register=False)
+  assert [(layer.name, layer.bias) for layer in auto.layers] == [("w", None), ("out", None)]
+  assert auto.layers == hand.layers and auto.generic == hand.generic
+  assert {p.path: p.kind for p in jkfac.describe(auto_loss, params, batch).parameters} == {
+      "w": "dense", "b": "generic", "out": "dense"}
+  auto_updates, auto_state = _kfac_steps(auto_loss, params, batch)
+  hand_updates, hand_state = _kfac_steps(hand_loss, params, batch, auto_register=False)
+  _assert_trees_close(auto_updates, hand_updates, rtol=1e-4, atol=1e-6)
+  _assert_trees_close(jkfac.preconditioner_state(auto_state).statistics,
+                      jkfac.preconditioner_state(hand_state).statistics, rtol=1e-4, atol=1e-6)

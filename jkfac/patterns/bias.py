@@ -52,16 +52,19 @@ def bias_add(level: Level, index: int, eqn: jcore.JaxprEqn) -> Match | None:
       continue
     match = level.matches[start]
     if (root.aval.shape == match.features
-        and _broadcasts_over_positions(b.aval.shape, match.features)
+        and _broadcasts_over_positions(level, b, match.features)
         and eqn.outvars[0].aval.shape == y.aval.shape
         and (extended := _with_bias(level, match, root, b, index)) is not None):
       return extended
   return None
 
 
-def _broadcasts_over_positions(shape: tuple[int, ...], features: tuple[int, ...]) -> bool:
-  """Whether an array of `shape` is the bias of `features` broadcast over leading axes."""
-  return tuple(shape[len(shape) - len(features):]) == features
+def _broadcasts_over_positions(level: Level, b: jcore.Var, features: tuple[int, ...]) -> bool:
+  """Whether `b` is the bias of `features` broadcast over leading axes: the bias's axes
+  lie along `b`'s trailing axes, in order (not along others of the same sizes)."""
+  ndim, k = b.aval.ndim, len(features)
+  return (tuple(b.aval.shape[ndim - k:]) == features
+          and level.bias_axes.get(b) == tuple(range(ndim - k, ndim)))
 
 
 def carried_bias(level: Level, eqn: jcore.JaxprEqn) -> None:

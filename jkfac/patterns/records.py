@@ -71,6 +71,8 @@ class Level:
   # -> the parameter (or join of parameters) it broadcasts, and the casts on the way
   bias_source: dict = dataclasses.field(default_factory=dict)
   bias_casts: dict = dataclasses.field(default_factory=dict)
+  # -> the axes along which its source's axes lie, in order (None: a reshape mixed them)
+  bias_axes: dict = dataclasses.field(default_factory=dict)
   ids_source: dict = dataclasses.field(default_factory=dict)  # gather indices `(..., 1)` -> ids
   last_axis: dict = dataclasses.field(default_factory=dict)  # -> the 1-D parameter laid last
   transposed: dict = dataclasses.field(default_factory=dict)  # `table.T` -> 2-D parameter

@@ -35,6 +35,21 @@ def _last_axis_source(eqn: jcore.JaxprEqn, origin: dict, last_axis: dict) -> jco
   return source
 
 
+def _bias_axes(eqn: jcore.JaxprEqn, axes: tuple[int, ...] | None) -> tuple[int, ...] | None:
+  """The axes of the output of `eqn` (a broadcast, reshape or cast) along which lie the
+  axes of a bias parameter that lie along `axes` of its operand: a reshape keeps them
+  only as a trailing block it leaves as it is (None: they are mixed with others)."""
+  if axes is not None and eqn.primitive.name == "broadcast_in_dim":
+    return tuple(eqn.params["broadcast_dimensions"][a] for a in axes)
+  if axes is None or eqn.primitive.name != "reshape":
+    return axes
+  before, after, k = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape, len(axes)
+  if (axes != tuple(range(len(before) - k, len(before)))
+      or tuple(after[len(after) - k:]) != tuple(before[len(before) - k:])):
+    return None
+  return tuple(range(len(after) - k, len(after)))
+
+
 def _join(eqn: jcore.JaxprEqn, origin: dict) -> Split | None:
   """The `Split` of a `concatenate` or `stack` of two or more parameters."""
   if (eqn.primitive.name not in JOINS or len(eqn.invars) < 2
@@ -59,6 +74,9 @@ def track(level: Level, eqn: jcore.JaxprEqn) -> None:
                               or first in level.joins):
     level.bias_source[eqn.outvars[0]] = level.bias_source.get(first, first)
     level.bias_casts[eqn.outvars[0]] = level.bias_casts.get(first, ()) + _cast(eqn)
+    axes = (level.bias_axes[first] if first in level.bias_source
+            else tuple(range(first.aval.ndim)))
+    level.bias_axes[eqn.outvars[0]] = _bias_axes(eqn, axes)
   if (name in ("broadcast_in_dim", "reshape") and first is not None
       and eqn.outvars[0].aval.shape == first.aval.shape + (1,)):
     level.ids_source[eqn.outvars[0]] = first
