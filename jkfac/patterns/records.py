@@ -67,7 +67,7 @@ class Level:
   """What the walk over one jaxpr level knows so far; the maps are keyed by variable."""
   origin: dict  # -> params leaf index (through casts)
   uses: collections.Counter
-  fixed: set  # parameters and the variables computed from them alone
+  fixed: set  # parameters, closed-over constants and the variables computed from them alone
   # -> the parameter (or join of parameters) it broadcasts, and the casts on the way
   bias_source: dict = dataclasses.field(default_factory=dict)
   bias_casts: dict = dataclasses.field(default_factory=dict)
@@ -92,7 +92,7 @@ class Level:
   def of(cls, jaxpr: jcore.Jaxpr, origin: dict) -> Level:
     uses = collections.Counter(v for eqn in jaxpr.eqns for v in eqn.invars if is_var(v))
     uses.update(v for v in jaxpr.outvars if is_var(v))
-    return cls(origin=origin, uses=uses, fixed=set(origin))
+    return cls(origin=origin, uses=uses, fixed=set(origin) | set(jaxpr.constvars))
 
   def add(self, match: Match) -> None:
     """Records a match, or its update (same `start`), keeping the order of first records."""
