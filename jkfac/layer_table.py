@@ -20,6 +20,7 @@ from jax.extend import core as jcore
 
 from jkfac import blocks, jaxprs, patterns, tags
 from jkfac.layer_info import LayerInfo, LossInfo, Trace, matrix_axes
+from jkfac.validation import check
 
 PyTree = Any
 LossFn = Callable[..., Any]
@@ -45,6 +46,10 @@ def make_jaxpr(loss_fn: LossFn, params: PyTree, batch: PyTree, auto_register: bo
         "them inside the same jax.pmap or jax.shard_map as the train step, with jkfac's "
         "axis_name= equal to the model's (e.g. BatchNorm(axis_name=...)), or describe a "
         "copy of the model without the collective.") from error
+  first = jax.tree_util.tree_leaves(out_shape)
+  check(bool(first) and first[0].shape == (), "loss_fn must return a scalar loss (the mean "
+        "over the batch of per-example losses), or (loss, aux); its first output has shape "
+        f"{first[0].shape if first else None}.")
   if auto_register:
     num_params = len(jax.tree_util.tree_leaves(params))
     claimed = {origin[0] for site in jaxprs.find_tags(closed.jaxpr,

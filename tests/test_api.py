@@ -108,3 +108,40 @@ def test_tags_in_cond_and_while_say_why_not(wrap, match):
   params, batch = {"w": jnp.eye(4)}, {"x": jnp.ones((5, 4)), "y": jnp.ones((5, 4))}
   with pytest.raises(NotImplementedError, match=match):
     jkfac.describe(loss, params, batch)
+
+
+def test_a_loss_that_is_not_a_scalar_is_refused_by_name():
+  """A per-example loss vector (the mean forgotten) with a shapes-only example batch:
+  `update` says what is wrong (before: a broadcasting `TypeError` inside the step)."""
+  params, batch = _params_and_batch()
+
+  def per_example(params, batch):
+    logits = jkfac.register_softmax_cross_entropy(batch["x"] @ params["w"], batch["y"])
+    return -jax.nn.log_softmax(logits)[jnp.arange(batch["y"].shape[0]), batch["y"]]
+
+  tx = jkfac.kfac(per_example, jax.eval_shape(lambda: batch))
+  with pytest.raises(ValueError, match="scalar loss"):
+    tx.update(params, tx.init(params), params, batch=batch)
+
+
+def test_a_python_float_parameter_steps_outside_jit():
+  """A Python-float leaf (a temperature) in the parameters, the default step run eagerly."""
+  params, batch = _params_and_batch()
+  params = {**params, "temp": 1.0}
+
+  def loss_fn(params, batch):
+    logits = jkfac.register_softmax_cross_entropy(
+        params["temp"] * (batch["x"] @ params["w"]), batch["y"])
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(batch["y"].shape[0]), batch["y"]])
+
+  tx = jkfac.kfac(loss_fn, batch)
+  updates, _ = tx.update(jax.grad(loss_fn)(params, batch), tx.init(params), params,
+                         batch=batch)
+  assert jnp.isfinite(updates["temp"])
+
+
+def _params_and_batch():
+  key = jax.random.PRNGKey(0)
+  params = {"w": jax.random.normal(key, (4, 3)) * 0.3}
+  batch = {"x": jax.random.normal(key, (8, 4)), "y": jnp.arange(8) % 3}
+  return params, batch

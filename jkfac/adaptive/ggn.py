@@ -92,8 +92,8 @@ def curvature_products(problem: Problem, vectors: Sequence[PyTree]) -> tuple[Arr
 
 def loss_change(problem: Problem, loss: Array, step: PyTree) -> Array:
   """`L(θ+δ) − L(θ)` on the batch, the `l2_reg` term included (one forward pass)."""
-  moved = jax.tree_util.tree_map(lambda p, d: p + d.astype(p.dtype), problem.full,
-                                 problem.to_full(step))
+  moved = jax.tree_util.tree_map(lambda p, d: p + d.astype(jnp.result_type(p)),
+                                 problem.full, problem.to_full(step))
   (new_loss, _), _ = problem.model.loss_and_predictions(moved)
   change = parallel.pmean(new_loss.astype(jnp.float32), problem.axis) - loss
   if problem.l2 is not None:
