@@ -32,7 +32,9 @@ def _scalar_loss(loss_fn: Callable[..., Any], params: PyTree, batch: PyTree) -> 
 
 
 def per_example_gradients(loss_fn: Callable[..., Any], params: PyTree, batch: PyTree) -> PyTree:
-  """Each example's loss gradient, `loss_fn` on a batch of one: leaves `(batch, *shape)`."""
+  """Each example's loss gradient, `loss_fn` on a batch of one: leaves `(batch, *shape)`.
+  Every leaf of `batch` is indexed by example along axis 0 (a model state that is not,
+  such as batch-norm statistics, belongs in `params` or a closure here)."""
   def one(example: PyTree) -> PyTree:
     single = jax.tree_util.tree_map(lambda x: x[None], example)
     return jax.grad(functools.partial(_scalar_loss, loss_fn))(params, single)
