@@ -784,23 +784,27 @@ def test_parameter_broadcast_along_positions_is_no_bias():
 
 
 def test_a_layer_over_a_closed_over_table_is_no_layer_with_examples():
-  """`coords @ w` over a constant table (a position-bias MLP) has no example axis: as a
-  dense layer its rows would be taken for examples and its G summed over the batch's
-  examples first. It stays generic, and the weight used on the table and on the batch
-  keeps one layer use (before: a crash in the statistics). Oracle: duplicating every
-  example leaves the exact Fisher, so every factor, unchanged."""
+  """`coords @ w` over a constant table (a position-bias MLP; closed over, or built from
+  `jnp.arange`) has no example axis: as a dense layer its rows would be taken for
+  examples and its G summed over the batch's examples first. It stays generic, and the
+  weight used on the table and on the batch keeps one layer use (before: a crash in the
+  statistics). Oracle: duplicating every example leaves the exact Fisher, so every
+  factor, unchanged."""
   rng = np.random.default_rng(9)
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape) / 2, jnp.float32)
   coords, table = normal(4, 2), normal(7, 3)
-  params = {"cpb": normal(2, 3), "w": normal(3, 3), "out": normal(12, NUM_CLASSES)}
+  params = {"cpb": normal(2, 3), "pe": normal(1, 3), "w": normal(3, 3),
+            "out": normal(12, NUM_CLASSES)}
 
   def apply(params, x):  # x: (N, 4, 3)
-    h = jnp.tanh(x @ params["w"] + (table @ params["w"]).mean(0) + coords @ params["cpb"])
+    positions = jnp.arange(4.0)[:, None] / 4
+    h = jnp.tanh(x @ params["w"] + (table @ params["w"]).mean(0) + coords @ params["cpb"]
+                 + positions @ params["pe"])
     return h.reshape(h.shape[0], -1) @ params["out"]
 
   loss_fn, batch = _loss(apply), _batch((4, 3))
   kinds = {p.path: p.kind for p in jkfac.describe(loss_fn, params, batch).parameters}
-  assert kinds == {"cpb": "generic", "w": "dense", "out": "dense"}
+  assert kinds == {"cpb": "generic", "pe": "generic", "w": "dense", "out": "dense"}
   def factors(batch):
     tx = jkfac.precondition(loss_fn, batch, damping=0.1, estimation="exact")
     grads = jax.grad(loss_fn)(params, batch)

@@ -65,8 +65,7 @@ def track(level: Level, eqn: jcore.JaxprEqn) -> None:
   first = eqn.invars[0] if eqn.invars and is_var(eqn.invars[0]) else None
   name = eqn.primitive.name
   track_parameters(eqn, level.origin)
-  operands = [v for v in eqn.invars if is_var(v)]
-  if operands and all(v in level.fixed for v in operands):
+  if all(v in level.fixed for v in eqn.invars if is_var(v)):  # also `iota`, constants
     level.fixed.update(eqn.outvars)
   if (source := _last_axis_source(eqn, level.origin, level.last_axis)) is not None:
     level.last_axis[eqn.outvars[0]] = source
