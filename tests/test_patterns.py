@@ -813,3 +813,25 @@ def test_a_layer_over_a_closed_over_table_is_no_layer_with_examples():
 
   doubled = jax.tree_util.tree_map(lambda x: jnp.concatenate([x, x]), batch)
   _assert_trees_close(factors(doubled), factors(batch), rtol=1e-5, atol=1e-6)
+
+
+def test_spectral_norms_power_iteration_is_no_layer():
+  """`nn.SpectralNorm(nn.Dense)`: `u @ kernel.T` of the power iteration, from the
+  statistics and the kernel alone, has no examples (before: a Kronecker block whose input
+  factor was `u uᵀ`, rank one and the same for every batch). The kernel's data use is
+  `x @ (kernel / σ)`, no layer of a parameter: the kernel gets a diagonal block, said."""
+  module = nn.SpectralNorm(nn.Dense(3))
+  x = jax.random.normal(KEY, (16, 5))
+  variables = module.init(KEY, x, update_stats=False)
+  stats = variables["batch_stats"]
+
+  def loss_fn(params, batch):
+    out, _ = module.apply({"params": params, "batch_stats": stats}, batch["x"],
+                          update_stats=True, mutable=["batch_stats"])
+    jkfac.register_squared_error(out, batch["y"])
+    return 0.5 * jnp.mean(jnp.sum((out - batch["y"]) ** 2, -1))
+
+  batch = {"x": x, "y": jnp.zeros((16, 3))}
+  assert layer_table.trace_layers(loss_fn, variables["params"], batch).layers == ()
+  with pytest.warns(jkfac.GenericBlockWarning, match="kernel"):
+    jkfac.precondition(loss_fn, batch, damping=1e-3).init(variables["params"])

@@ -140,7 +140,7 @@ def projection(level: Level, index: int, eqn: jcore.JaxprEqn) -> Match | None:
   """A tied embedding's output projection `x @ table.T`; without lookups of the table, a
   dense layer with a weight `(out, in)` (`register.register_layers` decides)."""
   table = _projection_table(eqn, level.origin, level.transposed, level.uses)
-  if table is None:
+  if table is None or not has_examples(level, eqn.invars[0]):
     return None
   return Match("embedding_projection", eqn, index, index, level.origin[table], table=table,
                features=(table.aval.shape[0],))
