@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jkfac import interpreter, jaxprs, layer_table, losses, masking, tags
+from jkfac.validation import shape_signature
 
 PyTree = Any
 LossFn = Callable[..., Any]
@@ -120,11 +121,6 @@ def _concrete(tree: PyTree) -> bool:
                               and not isinstance(x, jax.core.Tracer) for x in leaves)
 
 
-def _signature(tree: PyTree) -> tuple:
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  return treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
-
-
 @functools.lru_cache(maxsize=32)
 def _compiled(loss_fn: LossFn):
   """`registered_values` of `loss_fn` as one jitted program (op by op, a new model's first
@@ -133,7 +129,7 @@ def _compiled(loss_fn: LossFn):
 
   def arrays(params, batch):
     loss, registered, rows = registered_values(loss_fn, params, batch)
-    static[_signature((params, batch))] = [(kind, shape) for kind, shape, _ in rows]
+    static[shape_signature((params, batch))] = [(kind, shape) for kind, shape, _ in rows]
     return loss, registered, [jnp.asarray(counted) for _, _, counted in rows]
 
   return jax.jit(arrays), static
@@ -149,7 +145,7 @@ def _evaluated(loss_fn: LossFn, params: PyTree, batch: PyTree):
   loss, registered, counted = arrays(params, batch)
   if any(isinstance(x, jax.core.Tracer) for x in [loss, registered, *counted]):
     return None
-  rows = static[_signature((params, batch))]
+  rows = static[shape_signature((params, batch))]
   return loss, registered, [(kind, shape, c) for (kind, shape), c in zip(rows, counted)]
 
 

@@ -33,10 +33,16 @@ def abstract(tree: PyTree) -> PyTree:
                                 tree)
 
 
+def shape_signature(tree: PyTree) -> tuple:
+  """`tree`'s structure with its leaves' shapes and dtypes: hashable, equal for trees a
+  jitted function would trace the same way."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  return treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
+
+
 def same_shapes(a: PyTree, b: PyTree) -> bool:
   """`a` and `b` have one tree structure and the same shapes and dtypes."""
-  return (jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-          and jax.tree_util.tree_leaves(abstract(a)) == jax.tree_util.tree_leaves(abstract(b)))
+  return shape_signature(a) == shape_signature(b)
 
 
 def check_floating(params: PyTree) -> None:
