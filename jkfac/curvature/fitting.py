@@ -88,9 +88,7 @@ def trace_model(loss_fn: Callable[..., Any], params: PyTree, batch: PyTree,
   trace = layer_table.trace_with_approximations(
       loss_fn, params, batch, approximations=chosen or None, auto_register=auto_register)
   layer_table.check_coverage(trace, strict=False)
-  trace = factor_sizes.bound_factors(_subset(trace, layers_pattern), max_factor_dim, warn=True)
-  return dataclasses.replace(trace, layers=tuple(  # fit keeps whole factors
-      dataclasses.replace(l, block_size=None) for l in trace.layers))
+  return factor_sizes.bound_factors(_subset(trace, layers_pattern), max_factor_dim, warn=True)
 
 
 def _as_kron(trace: Trace) -> Trace:
@@ -136,7 +134,6 @@ def _average(loss_fn, trace: Trace, params: PyTree, batches, num_batches, estima
   total, count, started, shown = None, 0, time.monotonic(), 0.0
   for index, batch in enumerate(iterate_batches(batches, num_batches)):
     found, size = one_batch(params, batch, jax.random.fold_in(key, index), bases)
-    size = int(size)
     weighted = jax.tree_util.tree_map(lambda x: x * size, found)
     total = weighted if total is None else jax.tree_util.tree_map(jnp.add, total, weighted)
     count += size
@@ -148,6 +145,7 @@ def _average(loss_fn, trace: Trace, params: PyTree, batches, num_batches, estima
         print("\r" + line, end="", file=sys.stderr, flush=True)
       else:
         print(line, file=sys.stderr, flush=True)
+  count = int(count)  # one sync, after every batch is dispatched
   check(count > 0, "fit got no batches.")
   if progress and sys.stderr.isatty():
     print(file=sys.stderr)
