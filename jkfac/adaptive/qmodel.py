@@ -26,7 +26,7 @@ def solve_quadratic_model(curvature: Array, gram: Array, b: Array, damping: Arra
   to the 1-D minimiser.
   """
   h = curvature + damping * gram
-  alpha_1d = jnp.where(h[0, 0] > 0, -b[0] / h[0, 0], 0.0)
+  alpha_1d = line_minimiser(b[0], h[0, 0])
   if fixed_mu is not None:
     mu_2d = fixed_mu
     usable = gram[1, 1] > 0
@@ -42,6 +42,11 @@ def solve_quadratic_model(curvature: Array, gram: Array, b: Array, damping: Arra
     usable = usable & (alpha_2d <= 0)
   alpha = jnp.where(usable, alpha_2d, alpha_1d)
   return alpha.astype(jnp.float32), jnp.where(usable, mu_2d, 0.0).astype(jnp.float32)
+
+
+def line_minimiser(slope: Array, curvature: Array) -> Array:
+  """`α` minimising `slope·α + ½ curvature·α²`; 0 where the curvature is not positive."""
+  return jnp.where(curvature > 0, -slope / curvature, 0.0)
 
 
 def quadratic_change(coefficients: Array, curvature: Array, b: Array) -> Array:

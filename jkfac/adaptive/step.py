@@ -16,8 +16,8 @@ from jkfac.adaptive.config import (CALIBRATED_DAMPING, DEFAULT_ADAPTIVE_DAMPING,
                                    REJECTION_BOOST, RELATIVE_MIN_DAMPING, TRACE_DECAY,
                                    AdaptiveConfig)
 from jkfac.adaptive.ggn import Problem, curvature_products, loss_change, model
-from jkfac.adaptive.qmodel import (adapted_damping, norm_scale, quadratic_change,
-                                   reduction_ratio, solve_quadratic_model)
+from jkfac.adaptive.qmodel import (adapted_damping, line_minimiser, norm_scale,
+                                   quadratic_change, reduction_ratio, solve_quadratic_model)
 from jkfac.adaptive.state import AdaptiveState, Diagnostics
 from jkfac.adaptive.vectors import add_l2, dot, graft_norms, l2_mask, scaled_sum
 from jkfac.config import MASKED_HINT, MIN_DAMPING, state_dtype
@@ -134,8 +134,8 @@ def _trace_step(config: AdaptiveConfig, problem: Problem, state: AdaptiveState,
   trace = scaled_sum([(_f32(TRACE_DECAY), state.velocity), (_f32(1.0), inputs.delta)])
   loss, curvature = curvature_products(problem, [trace])
   b = parallel.pmean(jnp.stack([dot(inputs.grads, trace)]), problem.axis)
-  h = curvature[0, 0] + _f32(inputs.damping) * dot(trace, trace)
-  alpha = jnp.where(h > 0, -b[0] / h, 0.0).astype(jnp.float32)
+  alpha = line_minimiser(b[0], curvature[0, 0] + _f32(inputs.damping) * dot(trace, trace))
+  alpha = alpha.astype(jnp.float32)
   if inputs.learning_rate is not None:
     alpha = inputs.learning_rate * alpha
   update = scaled_sum([(alpha, trace)])

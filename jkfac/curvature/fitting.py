@@ -104,7 +104,9 @@ def _batch_statistics(loss_fn, trace: Trace, estimation: str, auto_register: boo
   """Every block's statistics of one batch (means over its examples), and its number of
   examples: the leading axis of the first registered loss's predictions."""
   linear = interpreter.linearize(loss_fn, params, batch, auto_register)
-  found = layer_stats.astype(layer_stats.layer_statistics(trace, linear, key, estimation), dtype)
+  layers_only = dataclasses.replace(trace, generic=())  # generic ones: exactly, below
+  found = layer_stats.astype(layer_stats.layer_statistics(layers_only, linear, key, estimation),
+                             dtype)
   statistics = {l.name: layer_stats.block_statistics(l, found[l.name],
                                                      inverses=bases.get(l.name))
                 for l in trace.layers}
