@@ -20,7 +20,8 @@ batch). Six more, also not in the default `--models`, each a kind the others lac
 in three residual blocks), `multilabel` (two sigmoid outputs, their mean cross-entropy),
 `onehot` (a GELU/LayerNorm MLP regressing one-hot targets), `zerohead` (a ReLU MLP with
 a zero-initialised output layer) and `bf16` (an MLP with bfloat16 parameters and
-activations). Every optimizer sees the same initialisation and the same batches, in
+activations). One more: `vae` (the Flax examples' variational autoencoder, its sampling
+key in the batch, the KL term not registered). Every optimizer sees the same initialisation and the same batches, in
 one process; seconds are those of real training steps (compilation excluded). The
 target is the best Adam run's final loss (mean of its last 10 steps); a run reaches it
 when the running mean of 10 steps does. `--eigen-adam-rates` also runs
@@ -138,6 +139,17 @@ class DropoutMLP(nn.Module):
     return nn.Dense(10)(x)
 
 
+class VAE(nn.Module):
+  """The Flax examples' VAE: 784-500-(20, 20) encoder, 20-500-784 decoder, one sample."""
+
+  @nn.compact
+  def __call__(self, x, key):
+    h = nn.relu(nn.Dense(500)(x.reshape(x.shape[0], -1)))
+    mean, logvar = nn.Dense(20)(h), nn.Dense(20)(h)
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, logvar.shape)
+    return nn.Dense(784)(nn.relu(nn.Dense(500)(z))), mean, logvar
+
+
 class Conv1DNet(nn.Module):
   """1-D convolutions over the image's rows read as a sequence of 28 steps."""
 
@@ -217,6 +229,19 @@ def dropout_classifier(model):
   return loss_fn
 
 
+def vae_loss(model):
+  """The evidence bound: pixels' sigmoid cross-entropy summed, plus the KL term, which
+  is left unregistered (the Gauss-Newton model then covers the reconstruction only)."""
+  def loss_fn(params, batch):
+    logits, mean, logvar = model.apply({"params": params}, batch["x"], batch["key"])
+    pixels = batch["x"].reshape(logits.shape)
+    jkfac.register_sigmoid_cross_entropy(logits, pixels)
+    reconstruction = optax.sigmoid_binary_cross_entropy(logits, pixels).sum(-1)
+    kl = -0.5 * jnp.sum(1 + logvar - mean ** 2 - jnp.exp(logvar), axis=-1)
+    return jnp.mean(reconstruction + kl)
+  return loss_fn
+
+
 def multilabel_loss(model):
   """Two labels per digit (at least 5, even), the mean of their sigmoid cross-entropies."""
   def loss_fn(params, batch):
@@ -271,6 +296,9 @@ def make_model(name: str, x0: jax.Array):
   if name == "dropout":
     model = DropoutMLP()
     return dropout_classifier(model), model.init(key, x0, key)["params"]
+  if name == "vae":
+    model = VAE()
+    return vae_loss(model), model.init(key, x0, key)["params"]
   if name in ("conv1d", "tied", "zerohead"):
     model = {"conv1d": Conv1DNet, "tied": TiedResidualMLP, "zerohead": ZeroHeadMLP}[name]()
     return classifier(model), model.init(key, x0)["params"]
@@ -300,9 +328,9 @@ def batches(name: str, images, labels, batch_size: int, steps: int, seed: int = 
     batch = {"x": jnp.asarray(images[index])}
     if name == "regression":
       batch["t"] = jnp.asarray(labels[index] / 4.5 - 1.0, jnp.float32)
-    elif name not in ("autoencoder", "convae"):
+    elif name not in ("autoencoder", "convae", "vae"):
       batch["y"] = jnp.asarray(labels[index])
-    if name == "dropout":
+    if name in ("dropout", "vae"):
       batch["key"] = jax.random.PRNGKey(seed * steps + step)
     out.append(batch)
   return out

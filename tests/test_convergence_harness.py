@@ -11,6 +11,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jkfac
@@ -308,3 +309,23 @@ def test_robustness_models_register_their_whole_loss(name):
   generic = [p.path for p in jkfac.describe(loss_fn, params, data[0]).parameters
              if p.kind == "generic"]
   assert generic == (["position"] if name == "vit" else [])
+
+
+def test_robustness_vae_registers_its_reconstruction():
+  """The VAE's registered loss is its reconstruction term (the KL term is not one of
+  the registered kinds), recomputed here from the model's logits; every layer is found."""
+  from benchmarks import robustness
+  rng = np.random.default_rng(0)
+  images = rng.random((16, 28, 28, 1), dtype=np.float32)
+  data = robustness.batches("vae", images, np.zeros(16, np.int32), 8, 2)
+  loss_fn, params = robustness.make_model("vae", data[0]["x"][:2])
+  logits, _, _ = robustness.VAE().apply({"params": params}, data[0]["x"], data[0]["key"])
+  pixels = data[0]["x"].reshape(8, -1)
+  reconstruction = optax.sigmoid_binary_cross_entropy(logits, pixels).sum(-1).mean()
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", jkfac.LossScaleWarning)
+    loss, registered = jkfac.check_loss_scale(loss_fn, params, data[0])
+  np.testing.assert_allclose(registered, reconstruction, rtol=1e-5)
+  assert loss > registered  # the KL term
+  assert [p.path for p in jkfac.describe(loss_fn, params, data[0]).parameters
+          if p.kind == "generic"] == []

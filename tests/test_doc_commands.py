@@ -84,6 +84,8 @@ SMOKE_EXTRA = {
     "python -m benchmarks.robustness --models conv1d,tied,multilabel,onehot,zerohead,bf16 "
     "--steps 200 --batch-sizes 32,128 --adam-rates 3e-4,1e-3,3e-3,1e-2,3e-2":
         ["--models", "bf16", "--batch-sizes", "32"],
+    "python -m benchmarks.robustness --models vae --batch-sizes 16,128,512":
+        ["--models", "vae", "--batch-sizes", "16"],
 }
 # Scripts that need a process of their own: parallel.py sets XLA_FLAGS before JAX loads.
 OWN_PROCESS = {"benchmarks.parallel"}
