@@ -786,10 +786,11 @@ def test_parameter_broadcast_along_positions_is_no_bias():
 def test_a_layer_over_a_closed_over_table_is_no_layer_with_examples():
   """`coords @ w` over a constant table (a position-bias MLP; closed over, or built from
   `jnp.arange`) has no example axis: as a dense layer its rows would be taken for
-  examples and its G summed over the batch's examples first. It stays generic, and the
-  weight used on the table and on the batch keeps one layer use (before: a crash in the
-  statistics). Oracle: duplicating every example leaves the exact Fisher, so every
-  factor, unchanged."""
+  examples and its G summed over the batch's examples first. It stays generic (before: a
+  crash in the statistics). The weight used on the table and on the batch moves the loss
+  through the table's use too, no layer, so it is generic as well (`patterns.leaks`).
+  Oracle: duplicating every example leaves the exact Fisher, so the factors of `out`,
+  unchanged."""
   rng = np.random.default_rng(9)
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape) / 2, jnp.float32)
   coords, table = normal(4, 2), normal(7, 3)
@@ -804,34 +805,56 @@ def test_a_layer_over_a_closed_over_table_is_no_layer_with_examples():
 
   loss_fn, batch = _loss(apply), _batch((4, 3))
   kinds = {p.path: p.kind for p in jkfac.describe(loss_fn, params, batch).parameters}
-  assert kinds == {"cpb": "generic", "pe": "generic", "w": "dense", "out": "dense"}
+  assert kinds == {"cpb": "generic", "pe": "generic", "w": "generic", "out": "dense"}
   def factors(batch):
     tx = jkfac.precondition(loss_fn, batch, damping=0.1, estimation="exact")
     grads = jax.grad(loss_fn)(params, batch)
     _, state = jax.jit(lambda: tx.update(grads, tx.init(params), params, batch=batch))()
-    return {k: state.statistics[k] for k in ("w", "out")}
+    return state.statistics["out"]
 
   doubled = jax.tree_util.tree_map(lambda x: jnp.concatenate([x, x]), batch)
   _assert_trees_close(factors(doubled), factors(batch), rtol=1e-5, atol=1e-6)
 
 
-def test_spectral_norms_power_iteration_is_no_layer():
+@pytest.mark.parametrize("stats_in_batch", [False, True])
+def test_spectral_norms_power_iteration_is_no_layer(stats_in_batch):
   """`nn.SpectralNorm(nn.Dense)`: `u @ kernel.T` of the power iteration, from the
   statistics and the kernel alone, has no examples (before: a Kronecker block whose input
   factor was `u uᵀ`, rank one and the same for every batch). The kernel's data use is
-  `x @ (kernel / σ)`, no layer of a parameter: the kernel gets a diagonal block, said."""
+  `x @ (kernel / σ)`, no layer of a parameter: the kernel gets a diagonal block, said.
+  With the statistics in the batch, `u` is no constant, but the kernel also moves the
+  loss through `kernel / σ`, no layer (before: the rank-one block again)."""
   module = nn.SpectralNorm(nn.Dense(3))
   x = jax.random.normal(KEY, (16, 5))
   variables = module.init(KEY, x, update_stats=False)
-  stats = variables["batch_stats"]
 
   def loss_fn(params, batch):
+    stats = batch["stats"] if stats_in_batch else variables["batch_stats"]
     out, _ = module.apply({"params": params, "batch_stats": stats}, batch["x"],
                           update_stats=True, mutable=["batch_stats"])
     jkfac.register_squared_error(out, batch["y"])
     return 0.5 * jnp.mean(jnp.sum((out - batch["y"]) ** 2, -1))
 
   batch = {"x": x, "y": jnp.zeros((16, 3))}
+  if stats_in_batch:
+    batch["stats"] = variables["batch_stats"]
   assert layer_table.trace_layers(loss_fn, variables["params"], batch).layers == ()
   with pytest.warns(jkfac.GenericBlockWarning, match="kernel"):
     jkfac.precondition(loss_fn, batch, damping=1e-3).init(variables["params"])
+
+
+@pytest.mark.parametrize("regulariser_only", [False, True])
+def test_weight_moving_the_loss_through_a_non_layer_use_is_generic(regulariser_only):
+  """`(x @ w) * sum(w²)`: the dense use of `w` is a layer, but `w` also moves the loss's
+  input through the scale `sum(w²)`, which its Kronecker block would miss: `w` is left
+  generic. The same `sum(w²)` added to the returned loss only (an L2 regulariser) moves
+  no loss input: `w` keeps its dense block."""
+  rng = np.random.default_rng(11)
+  params = {"w": jnp.asarray(rng.standard_normal((4, 5)), jnp.float32),
+            "out": jnp.asarray(rng.standard_normal((5, NUM_CLASSES)), jnp.float32)}
+  scale = lambda w: 1.0 if regulariser_only else jnp.sum(w ** 2)
+  apply = lambda params, x: jnp.tanh((x @ params["w"]) * scale(params["w"])) @ params["out"]
+  data_loss = _loss(apply)
+  loss_fn = lambda params, batch: data_loss(params, batch) + 1e-3 * jnp.sum(params["w"] ** 2)
+  kinds = {p.path: p.kind for p in jkfac.describe(loss_fn, params, _batch((4,))).parameters}
+  assert kinds == {"w": "dense" if regulariser_only else "generic", "out": "dense"}

@@ -14,6 +14,7 @@ from jkfac.jaxprs import (
   is_var,
   track_parameters,
 )
+from jkfac.patterns.leaks import leaking
 from jkfac.patterns.rewrite import rewrite
 
 
@@ -83,7 +84,9 @@ def register_layers(closed: jcore.ClosedJaxpr, num_params: int,
 
   The first `num_params` inputs of `closed` are the `params` leaves; `claimed` holds
   the indices of leaves already in a hand tag. A weight used by several layers of
-  the same kind is tagged at every use (the tracer makes it one multi-use layer).
+  the same kind is tagged at every use (the tracer makes it one multi-use layer). A
+  weight or bias that also moves a loss's inputs through a use that is no layer
+  (`leaks.leaking`) is left untagged: its layer block would miss that part.
   """
   origin = {v: i for i, v in enumerate(closed.jaxpr.invars[:num_params])}
   uses: collections.Counter = collections.Counter()
@@ -91,6 +94,9 @@ def register_layers(closed: jcore.ClosedJaxpr, num_params: int,
   found: collections.defaultdict = collections.defaultdict(list)
   jaxpr = rewrite(closed.jaxpr, origin, set(claimed), set(), found)
   weights, biases, untied, dense = _untaggable(found, uses)
+  leaked = leaking(closed.jaxpr, origin, lambda match: not (
+      match.kind == "embedding_projection" and match.weight in untied))
+  weights, biases = weights | (leaked & set(found)), biases | leaked
   if weights or biases or untied or dense:
     jaxpr = rewrite(closed.jaxpr, origin, set(claimed) | weights, biases,
                     collections.defaultdict(list), untied, dense)
