@@ -250,6 +250,45 @@ def test_which_norms_are_recognised(case, kinds, generic):
     assert trace.layers[1].bias is None
 
 
+@pytest.mark.parametrize("stats_in_batch", [False, True])
+def test_eval_batch_norm_with_float32_statistics_on_float64_activations(stats_in_batch):
+  """x64 on, `BatchNorm(use_running_average=True)` with float32 parameters and running
+  statistics (as `init` makes them) on float64 activations: the float64 cast of
+  `rsqrt(var + eps) * scale` comes before `centred * (...)`. Oracle: the same model with
+  float64 parameters and statistics. The layer's x_hat is the `(N, T, d)` normalised
+  activations, its shift in the layer, and its diagonal block the same (before: x_hat
+  `rsqrt(var + eps)` of shape `(1, 1, d)` and the shift generic, or both generic)."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((6, 3, 4)))
+    labels = jnp.asarray(rng.integers(0, NUM_CLASSES, 6))
+    model = nn.BatchNorm(use_running_average=True)
+    head = jnp.asarray(rng.standard_normal((12, NUM_CLASSES)))
+    vectors = {"scale": 1 + 0.3 * rng.standard_normal(4), "bias": 0.3 * rng.standard_normal(4),
+               "mean": 0.3 * rng.standard_normal(4), "var": 1 + rng.random(4)}
+
+    def block(dtype):
+      params, stats = ({k: jnp.asarray(vectors[k], dtype) for k in keys}
+                       for keys in (("scale", "bias"), ("mean", "var")))
+
+      def apply(params, batch):
+        state = {"batch_stats": batch[2] if stats_in_batch else stats}
+        return jnp.tanh(model.apply({"params": params, **state}, batch[0])).reshape(6, -1) @ head
+
+      batch = (x, labels, stats)
+      trace = layer_table.trace_layers(_loss(apply), params, batch)
+      _, state = _one_update(_loss(apply), params, batch, estimation="exact", cov_ema_decay=0.0)
+      layers = [(l.kind, l.input_shape, l.bias is not None) for l in trace.layers]
+      statistics = jkfac.preconditioner_state(state).statistics
+      return layers, statistics[trace.layers[0].name]["diagonal"]
+
+    layers, diagonal = block(jnp.float32)
+    expected_layers, expected = block(jnp.float64)
+    assert expected_layers == [("scale_and_shift", (6, 3, 4), True)]
+    assert layers == expected_layers
+    np.testing.assert_allclose(diagonal, expected, rtol=1e-5)
+
+
 def test_a_scaled_parameter_is_no_layer():
   """`x @ (w * g)` (weight norm): `w * g` has no examples, so `g` is no scale; `x * g` is."""
   params = {"g": jnp.ones(NUM_CLASSES), "w": jnp.ones((5, NUM_CLASSES))}

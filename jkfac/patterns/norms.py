@@ -14,7 +14,8 @@ def scale_layer(level: Level, index: int, eqn: jcore.JaxprEqn) -> Match | None:
 
   `x_hat * scale` is one if `x_hat` has the output's shape. A product `factor * scale`
   is kept in `level.partial`: if its only use is `centred * (factor * scale)` (flax's
-  norms), that `mul` ends the layer instead, with `x_hat = centred * factor`. An x_hat
+  norms; the product maybe cast to `centred`'s dtype, `tracking.track`), that `mul` ends
+  the layer instead, with `x_hat = centred * factor`. An x_hat
   computed from parameters alone (e.g. a weight-normed kernel `w * scale`) has no
   examples, so it is no such layer.
   """

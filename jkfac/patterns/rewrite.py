@@ -45,9 +45,7 @@ def _tag(match: Match, rename: dict, output: jcore.Var) -> list[jcore.JaxprEqn]:
     x, *factor = (rename.get(v, v) for v in match.x_hat)
     w = match.scale
     if factor:  # flax's `centred * (factor * scale)`: x_hat = centred * factor
-      before.append(jcore.new_jaxpr_eqn([x, *factor], [jcore.Var(x.aval)], eqn.primitive,
-                                        eqn.params, jcore.no_effects))
-      x = before[-1].outvars[0]
+      before, x = _times_factor(x, factor[0])
   else:
     weight_first = match.transposed and match.kind == "dense" and match.table is None
     x, w = (rename.get(v, v) for v in eqn.invars[::-1 if weight_first else 1])
@@ -65,6 +63,16 @@ def _tag(match: Match, rename: dict, output: jcore.Var) -> list[jcore.JaxprEqn]:
   if match.feature_axis is not None:
     return _moved_tag(operands, params, match.feature_axis, match.kind in tags.CONV_KINDS)
   return before + [_tag_eqn(operands, output, **params)]
+
+
+def _times_factor(centred: jcore.Var, factor: jcore.Var
+                  ) -> tuple[list[jcore.JaxprEqn], jcore.Var]:
+  """The equations of `centred * factor` (a norm's x_hat), the factor cast to `centred`'s
+  dtype (float32 statistics on float64 activations), and their result."""
+  dtype = centred.aval.dtype
+  x_hat = jcore.Var(centred.aval)
+  return _inline(lambda c, f: c * lax.convert_element_type(f, dtype), [centred, factor],
+                 x_hat), x_hat
 
 
 def _moved_tag(operands: list[jcore.Var], params: dict, feature_axis: int,

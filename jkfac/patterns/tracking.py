@@ -91,6 +91,8 @@ def track(level: Level, eqn: jcore.JaxprEqn) -> None:
     split = level.joins[first]
     level.joins[eqn.outvars[0]] = split._replace(casts=split.casts + _cast(eqn))
   _carry(level, eqn)
+  if name in TRANSPARENT_PRIMITIVES and first in level.partial and level.uses[first] == 1:
+    level.partial[eqn.outvars[0]] = level.partial[first]  # cast to the activations' dtype
 
 
 def _carry(level: Level, eqn: jcore.JaxprEqn) -> None:
