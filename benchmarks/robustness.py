@@ -20,8 +20,12 @@ batch). Six more, also not in the default `--models`, each a kind the others lac
 in three residual blocks), `multilabel` (two sigmoid outputs, their mean cross-entropy),
 `onehot` (a GELU/LayerNorm MLP regressing one-hot targets), `zerohead` (a ReLU MLP with
 a zero-initialised output layer) and `bf16` (an MLP with bfloat16 parameters and
-activations). One more: `vae` (the Flax examples' variational autoencoder, its sampling
-key in the batch, the KL term not registered). Every optimizer sees the same initialisation and the same batches, in
+activations). Six more: `vae` (the Flax examples' variational autoencoder, its sampling
+key in the batch, the KL term not registered), `groupnorm` (a convnet with GroupNorm),
+`deeptanh` (ten tanh layers without normalisation), `unet` (a small denoising U-Net:
+strided conv, transposed conv, a concatenated skip), `tiedae` (an autoencoder whose
+decoder is the encoder's transpose: a weight with a use that is no layer, so a diagonal
+block) and `tokenlstm` (an embedding and an LSTM over 49 grey-level tokens). Every optimizer sees the same initialisation and the same batches, in
 one process; seconds are those of real training steps (compilation excluded). The
 target is the best Adam run's final loss (mean of its last 10 steps); a run reaches it
 when the running mean of 10 steps does. `--eigen-adam-rates` also runs
@@ -150,6 +154,56 @@ class VAE(nn.Module):
     return nn.Dense(784)(nn.relu(nn.Dense(500)(z))), mean, logvar
 
 
+class GroupNormCNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for width in (32, 64):
+      x = nn.relu(nn.GroupNorm(num_groups=8)(nn.Conv(width, (3, 3), strides=2)(x)))
+    return nn.Dense(10)(x.mean(axis=(1, 2)))
+
+
+class DeepTanhMLP(nn.Module):
+  """Ten 128-wide tanh layers, no normalisation."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for _ in range(10):
+      x = jnp.tanh(nn.Dense(128)(x))
+    return nn.Dense(10)(x)
+
+
+class SmallUNet(nn.Module):
+  """A denoiser: one strided conv down, a transposed conv up, a skip joined by concat."""
+
+  @nn.compact
+  def __call__(self, x):
+    skip = nn.silu(nn.Conv(16, (3, 3))(x))
+    h = nn.silu(nn.Conv(32, (3, 3), strides=2)(skip))
+    h = nn.silu(nn.ConvTranspose(16, (3, 3), strides=(2, 2))(h))
+    return nn.Conv(1, (1, 1))(jnp.concatenate([h, skip], axis=-1))
+
+
+class TiedAutoEncoder(nn.Module):
+  """784-128-784 with the decoder's weight the encoder's transpose."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    w = self.param("w", nn.initializers.lecun_normal(), (784, 128))
+    h = nn.sigmoid(x @ w + self.param("c", nn.initializers.zeros, (128,)))
+    return h @ w.T + self.param("b", nn.initializers.zeros, (784,))
+
+
+class TokenLSTM(nn.Module):
+  """An LSTM over 49 tokens (16 grey levels of a 4×4-strided image), embedded."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    h = nn.RNN(nn.OptimizedLSTMCell(64))(nn.Embed(16, 32)(tokens))
+    return nn.Dense(10)(h[:, -1])
+
+
 class Conv1DNet(nn.Module):
   """1-D convolutions over the image's rows read as a sequence of 28 steps."""
 
@@ -229,6 +283,23 @@ def dropout_classifier(model):
   return loss_fn
 
 
+def denoising_loss(model):
+  def loss_fn(params, batch):
+    out = model.apply({"params": params}, batch["noisy"])
+    rows, targets = out.reshape(out.shape[0], -1), batch["x"].reshape(out.shape[0], -1)
+    jkfac.register_squared_error(rows, targets)
+    return 0.5 * jnp.mean(jnp.sum((rows - targets) ** 2, axis=-1))
+  return loss_fn
+
+
+def token_classifier(model):
+  def loss_fn(params, batch):
+    logits = model.apply({"params": params}, batch["tokens"])
+    jkfac.register_softmax_cross_entropy(logits, batch["y"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+  return loss_fn
+
+
 def vae_loss(model):
   """The evidence bound: pixels' sigmoid cross-entropy summed, plus the KL term, which
   is left unregistered (the Gauss-Newton model then covers the reconstruction only)."""
@@ -299,6 +370,18 @@ def make_model(name: str, x0: jax.Array):
   if name == "vae":
     model = VAE()
     return vae_loss(model), model.init(key, x0, key)["params"]
+  if name in ("groupnorm", "deeptanh"):
+    model = {"groupnorm": GroupNormCNN, "deeptanh": DeepTanhMLP}[name]()
+    return classifier(model), model.init(key, x0)["params"]
+  if name == "unet":
+    model = SmallUNet()
+    return denoising_loss(model), model.init(key, x0)["params"]
+  if name == "tiedae":
+    model = TiedAutoEncoder()
+    return autoencoder_loss(model), model.init(key, x0)["params"]
+  if name == "tokenlstm":
+    model = TokenLSTM()
+    return token_classifier(model), model.init(key, tokens(x0))["params"]
   if name in ("conv1d", "tied", "zerohead"):
     model = {"conv1d": Conv1DNet, "tied": TiedResidualMLP, "zerohead": ZeroHeadMLP}[name]()
     return classifier(model), model.init(key, x0)["params"]
@@ -328,12 +411,21 @@ def batches(name: str, images, labels, batch_size: int, steps: int, seed: int = 
     batch = {"x": jnp.asarray(images[index])}
     if name == "regression":
       batch["t"] = jnp.asarray(labels[index] / 4.5 - 1.0, jnp.float32)
-    elif name not in ("autoencoder", "convae", "vae"):
+    elif name not in ("autoencoder", "convae", "vae", "unet", "tiedae"):
       batch["y"] = jnp.asarray(labels[index])
+    if name == "unet":
+      batch["noisy"] = batch["x"] + jnp.asarray(0.3 * rng.randn(*batch["x"].shape), jnp.float32)
+    if name == "tokenlstm":
+      batch["tokens"] = tokens(batch["x"])
     if name in ("dropout", "vae"):
       batch["key"] = jax.random.PRNGKey(seed * steps + step)
     out.append(batch)
   return out
+
+
+def tokens(images: jax.Array) -> jax.Array:
+  """49 tokens per image: every fourth pixel's grey level in 16 steps."""
+  return (images[:, ::4, ::4, 0].reshape(images.shape[0], -1) * 15.99).astype(jnp.int32)
 
 
 def train(loss_fn, params, tx, data, stop_at: float | None = None):
