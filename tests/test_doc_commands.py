@@ -86,6 +86,8 @@ SMOKE_EXTRA = {
         ["--models", "bf16", "--batch-sizes", "32"],
     "python -m benchmarks.robustness --models vae --batch-sizes 16,128,512":
         ["--models", "vae", "--batch-sizes", "16"],
+    "python -m benchmarks.robustness --models groupnorm,deeptanh,unet,tiedae,tokenlstm "
+    "--batch-sizes 16,128,512": ["--models", "tokenlstm", "--batch-sizes", "16"],
 }
 # Scripts that need a process of their own: parallel.py sets XLA_FLAGS before JAX loads.
 OWN_PROCESS = {"benchmarks.parallel"}
