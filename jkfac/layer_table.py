@@ -125,12 +125,12 @@ def check_coverage(trace: Trace, strict: bool,
   if not paths:
     return
   message = (f"jkfac found no dense, conv, embedding or norm layer using the parameters "
-             f"{paths} (or found one, but the parameter also acts on the loss through a "
-             "use that is no layer, e.g. w / sigma or both x @ w and h @ w.T), so they get "
-             f"{consequence}. Tag their layers (e.g. jkfac.register_dense), mark them with "
-             "jkfac.register_generic to accept that, or see jkfac.describe for what was "
-             "recognised (layers inside lax.cond, lax.while_loop or jax.custom_vjp / "
-             "custom_jvp functions are not recognised).")
+             f"{paths}, so they get {consequence} (as does a parameter whose layer was "
+             "found but which also acts on the loss through a use that is no layer, e.g. "
+             "w / sigma, or both x @ w and h @ w.T). Tag their layers (e.g. "
+             "jkfac.register_dense), mark them with jkfac.register_generic to accept that, "
+             "or see jkfac.describe for what was recognised (layers inside lax.cond, "
+             "lax.while_loop or jax.custom_vjp / custom_jvp functions are not recognised).")
   if strict:
     raise ValueError(message)
   warnings.warn(message, GenericBlockWarning, stacklevel=4)
