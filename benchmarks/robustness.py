@@ -25,7 +25,8 @@ key in the batch, the KL term not registered), `groupnorm` (a convnet with Group
 `deeptanh` (ten tanh layers without normalisation), `unet` (a small denoising U-Net:
 strided conv, transposed conv, a concatenated skip), `tiedae` (an autoencoder whose
 decoder is the encoder's transpose: a weight with a use that is no layer, so a diagonal
-block) and `tokenlstm` (an embedding and an LSTM over 49 grey-level tokens). Every optimizer sees the same initialisation and the same batches, in
+block) and `tokenlstm` (an embedding and an LSTM over 49 grey-level tokens). Every
+optimizer sees the same initialisation and the same batches, in
 one process; seconds are those of real training steps (compilation excluded). The
 target is the best Adam run's final loss (mean of its last 10 steps); a run reaches it
 when the running mean of 10 steps does. `--eigen-adam-rates` also runs
@@ -266,9 +267,10 @@ def autoencoder_loss(model):
   return loss_fn
 
 
-def pixel_loss(model):
+def pixel_loss(model, inputs: str = "x"):
+  """Squared error against the clean pixels `batch["x"]`, from `batch[inputs]`."""
   def loss_fn(params, batch):
-    out = model.apply({"params": params}, batch["x"])
+    out = model.apply({"params": params}, batch[inputs])
     rows, targets = out.reshape(out.shape[0], -1), batch["x"].reshape(out.shape[0], -1)
     jkfac.register_squared_error(rows, targets)  # one row per image: the sum over pixels
     return 0.5 * jnp.mean(jnp.sum((rows - targets) ** 2, axis=-1))
@@ -280,15 +282,6 @@ def dropout_classifier(model):
     logits = model.apply({"params": params}, batch["x"], batch["key"])
     jkfac.register_softmax_cross_entropy(logits, batch["y"])
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
-  return loss_fn
-
-
-def denoising_loss(model):
-  def loss_fn(params, batch):
-    out = model.apply({"params": params}, batch["noisy"])
-    rows, targets = out.reshape(out.shape[0], -1), batch["x"].reshape(out.shape[0], -1)
-    jkfac.register_squared_error(rows, targets)
-    return 0.5 * jnp.mean(jnp.sum((rows - targets) ** 2, axis=-1))
   return loss_fn
 
 
@@ -375,7 +368,7 @@ def make_model(name: str, x0: jax.Array):
     return classifier(model), model.init(key, x0)["params"]
   if name == "unet":
     model = SmallUNet()
-    return denoising_loss(model), model.init(key, x0)["params"]
+    return pixel_loss(model, "noisy"), model.init(key, x0)["params"]
   if name == "tiedae":
     model = TiedAutoEncoder()
     return autoencoder_loss(model), model.init(key, x0)["params"]
